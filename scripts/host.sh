@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Brings this machine up as a Dolly host. Idempotent: a second run checks and changes nothing.
+#
+#  1. Debian packages: Docker Engine, CRIU's build dependencies, image-building tools.
+#  2. CRIU 4.2.1 built from Debian's source package when the installed criu is older or fails
+#     `criu check` (Debian 12's 3.17 cannot handle this kernel's vDSO; 4.1 cannot dump inet sockets).
+#  3. The `dolly` OCI runtime (scripts/dolly-runc, a wrapper around runc) as the engine's default.
+#  4. dockerd with experimental mode, started if it is not answering.
+#  5. The project's virtual environment .venv, with pycriu from the same CRIU source.
+#  6. The local images the demo and the tests use (no registry is reachable).
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+CRIU_VERSION=4.2.1
+CRIU_SHA256=29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9
+CACHE=/var/cache/dolly
+CRIU_SRC=$CACHE/criu-$CRIU_VERSION
+VENV=$here/.venv
+DAEMON_JSON=/etc/docker/daemon.json
+RUNTIME_BIN=/usr/local/sbin/dolly-runc
+
+log() { printf 'host: %s\n' "$*" >&2; }
+
+[ "$(id -u)" = 0 ] || { log "must run as root (CRIU and the Docker Engine need it)"; exit 1; }
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH
+export DEBIAN_FRONTEND=noninteractive
+
+# --- 1. packages ---------------------------------------------------------------------------------
+PACKAGES=(docker.io runc containerd iptables iproute2 busybox-static mmdebstrap zstd xz-utils
+  build-essential pkgconf libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev
+  libnl-3-dev libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler uuid-dev
+  python3-protobuf)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]}"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- 2. CRIU -------------------------------------------------------------------------------------
+criu_ok() {
+  local v
+  v=$(criu --version 2>/dev/null | awk '/^Version:/{print $2}') || return 1
+  [ -n "$v" ] || return 1
+  # 4.2 or newer
+  [ "$(printf '%s\n4.2\n' "$v" | sort -V | head -n1)" = "4.2" ] || return 1
+  criu check >/dev/null 2>&1
+}
+
+fetch_criu_source() {
+  # The orig tarball of Debian's unstable criu package; the mirror is the one this machine's apt
+  # already uses, so no host is named here.
+  local uri list tmp
+  uri=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  [ -n "$uri" ] || uri=$(awk '$1=="deb"{print $2; exit}' /etc/apt/sources.list)
+  list=/etc/apt/sources.list.d/dolly-criu-src.sources
+  printf 'Types: deb-src\nURIs: %s\nSuites: sid\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$uri" >"$list"
+  tmp=$(mktemp -d)
+  apt-get update -qq -o Dir::Etc::sourcelist="$list" -o Dir::Etc::sourceparts=- >/dev/null
+  # The debian.tar.xz may be missing on the mirror; the orig tarball is all that is needed.
+  (cd "$tmp" && apt-get source --download-only -qq "criu=$CRIU_VERSION-*" >/dev/null 2>&1 ||
+    apt-get source --download-only -qq criu >/dev/null 2>&1 || true)
+  rm -f "$list"
+  [ -f "$tmp/criu_$CRIU_VERSION.orig.tar.xz" ] || { log "could not download criu_$CRIU_VERSION.orig.tar.xz"; exit 1; }
+  echo "$CRIU_SHA256  $tmp/criu_$CRIU_VERSION.orig.tar.xz" | sha256sum -c --quiet
+  mkdir -p "$CACHE"
+  rm -rf "$CRIU_SRC"
+  tar -C "$CACHE" -xJf "$tmp/criu_$CRIU_VERSION.orig.tar.xz"
+  [ -d "$CRIU_SRC" ] || mv "$CACHE"/criu-"$CRIU_VERSION"* "$CRIU_SRC"
+  rm -rf "$tmp"
+}
+
+if ! criu_ok || [ ! -d "$CRIU_SRC/lib" ]; then
+  [ -f "$CRIU_SRC/Makefile" ] || fetch_criu_source
+  if ! criu_ok; then
+    log "building CRIU $CRIU_VERSION"
+    make -C "$CRIU_SRC" -j"$(nproc)" criu >/dev/null
+    install -m 0755 "$CRIU_SRC/criu/criu" /usr/sbin/criu
+    criu_ok || { criu check; exit 1; }
+  fi
+fi
+[ -f "$CRIU_SRC/lib/pycriu/images/images.py" ] && ls "$CRIU_SRC"/lib/pycriu/images/*_pb2.py >/dev/null 2>&1 ||
+  make -C "$CRIU_SRC" lib >/dev/null
+
+# --- 3. the dolly runtime ------------------------------------------------------------------------
+cmp -s "$here/scripts/dolly-runc" "$RUNTIME_BIN" || install -m 0755 "$here/scripts/dolly-runc" "$RUNTIME_BIN"
+
+# --- 4. dockerd ----------------------------------------------------------------------------------
+mkdir -p /etc/docker
+changed=$(python3 - "$DAEMON_JSON" "$RUNTIME_BIN" <<'EOF'
+import json, os, sys
+path, runtime = sys.argv[1], sys.argv[2]
+cfg = json.load(open(path)) if os.path.exists(path) and os.path.getsize(path) else {}
+want = dict(cfg)
+want["experimental"] = True
+want.setdefault("runtimes", {})["dolly"] = {"path": runtime}
+want["default-runtime"] = "dolly"
+if want != cfg:
+    with open(path + ".tmp", "w") as f:
+        json.dump(want, f, indent=2)
+    os.replace(path + ".tmp", path)
+    print("yes")
+EOF
+)
+
+docker_up() { timeout 5 docker version >/dev/null 2>&1; }
+start_dockerd() {
+  log "starting dockerd"
+  mkdir -p /var/log/dolly
+  setsid nohup dockerd >>/var/log/dolly/dockerd.log 2>&1 </dev/null &
+  for _ in $(seq 1 120); do docker_up && return 0; sleep 0.5; done
+  log "dockerd did not answer within 60 s; see /var/log/dolly/dockerd.log"; tail -n 20 /var/log/dolly/dockerd.log >&2; exit 1
+}
+if docker_up; then
+  if [ -n "$changed" ] || [ "$(docker info -f '{{.DefaultRuntime}}')" != dolly ] ||
+     [ "$(docker version -f '{{.Server.Experimental}}')" != true ]; then
+    log "restarting dockerd to apply $DAEMON_JSON"
+    pid=$(cat /var/run/docker.pid 2>/dev/null || pgrep -xo dockerd)
+    kill "$pid"
+    for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    start_dockerd
+  fi
+else
+  start_dockerd
+fi
+
+# --- 5. Python environment -----------------------------------------------------------------------
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+if ! "$VENV/bin/python" -c 'import dolly, pycriu, pytest' 2>/dev/null; then
+  log "installing the Python environment"
+  "$VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
+  "$VENV/bin/pip" install -q -e "$here[test]"
+  "$VENV/bin/pip" install -q "$CRIU_SRC/lib"
+fi
+
+# --- 6. images -----------------------------------------------------------------------------------
+"$here/scripts/images.sh"
+log "ready"
