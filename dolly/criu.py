@@ -1,0 +1,114 @@
+"""CRIU: the installed version, and rewriting CRIU images (with pycriu) before a restore.
+
+CRIU restores a container's UTS namespace from ``utsns-<id>.img``, so without a rewrite every clone
+comes up with the kernel hostname of the container it was cloned from (``uname -n`` and
+``/proc/sys/kernel/hostname``), even though Docker gives it its own ``/etc/hostname``.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Optional, Tuple
+
+from .errors import HostNotReady, ImageRewriteError, InvalidArgument
+
+MIN_VERSION = (4, 2)
+# Linux's __NEW_UTS_LEN; a longer nodename cannot be restored.
+HOSTNAME_MAX = 64
+_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*$")
+
+
+def version() -> Optional[Tuple[int, ...]]:
+    """The version of the ``criu`` on PATH, or None when there is none."""
+    exe = shutil.which("criu") or ("/usr/sbin/criu" if os.path.exists("/usr/sbin/criu") else None)
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"Version:\s*([\d.]+)", out)
+    return tuple(int(x) for x in m.group(1).split(".")) if m else None
+
+
+def require_version() -> Tuple[int, ...]:
+    """Raises:
+        HostNotReady: CRIU is missing or older than 4.2.
+    """
+    v = version()
+    if v is None:
+        raise HostNotReady("CRIU is not installed: run `make host` (builds CRIU 4.2.1)")
+    if v[:2] < MIN_VERSION:
+        raise HostNotReady(
+            f"CRIU {'.'.join(map(str, v))} is too old: 4.2 or newer is needed on this kernel "
+            "(3.17 fails on the vDSO, 4.1 on inet sockets); run `make host`"
+        )
+    return v
+
+
+def check_hostname(hostname: str) -> str:
+    """Raises:
+        InvalidArgument: not a hostname the kernel and DNS accept.
+    """
+    if not isinstance(hostname, str) or len(hostname) > HOSTNAME_MAX or not _HOSTNAME_RE.match(hostname):
+        raise InvalidArgument(f"not a valid hostname: {hostname!r}")
+    return hostname
+
+
+def uts_images(images_dir: Path) -> list[Path]:
+    return sorted(Path(images_dir).glob("utsns-*.img"))
+
+
+def read_hostname(images_dir: Path) -> str:
+    """The kernel hostname recorded in a checkpoint's UTS namespace image.
+
+    Raises:
+        ImageRewriteError: no UTS image, or one pycriu cannot read.
+    """
+    images = uts_images(images_dir)
+    if not images:
+        raise ImageRewriteError(f"no utsns-*.img in {images_dir}")
+    return _load(images[0])["entries"][0]["nodename"]
+
+
+def rewrite_hostname(src: Path, dst: Path, hostname: str) -> None:
+    """Write ``dst``, a copy of the UTS image ``src`` whose nodename is ``hostname``.
+
+    A new file, never an edit in place: the other files of a clone's checkpoint folder are hard
+    links into the shared checkpoint, and this one must not be.
+
+    Raises:
+        InvalidArgument: ``hostname`` is not a valid hostname.
+        ImageRewriteError: ``src`` is not a UTS image pycriu can read, or ``dst`` cannot be written.
+    """
+    check_hostname(hostname)
+    img = _load(src)
+    entries = img.get("entries") or []
+    if img.get("magic") != "UTSNS" or len(entries) != 1 or "nodename" not in entries[0]:
+        raise ImageRewriteError(f"{src} is not a UTS namespace image")
+    entries[0]["nodename"] = hostname
+    import pycriu.images
+
+    tmp = Path(dst).with_name(Path(dst).name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            pycriu.images.dump(img, f)
+        os.replace(tmp, dst)
+    except Exception as e:  # pycriu raises bare Exceptions and protobuf errors
+        tmp.unlink(missing_ok=True)
+        raise ImageRewriteError(f"cannot write {dst}: {e}") from e
+
+
+def _load(path: Path) -> dict:
+    try:
+        import pycriu.images
+    except ImportError as e:
+        raise HostNotReady(f"pycriu is not importable ({e}): run `make host`") from e
+    try:
+        with open(path, "rb") as f:
+            return pycriu.images.load(f)
+    except Exception as e:  # pycriu raises bare Exceptions, KeyErrors and protobuf DecodeErrors
+        raise ImageRewriteError(f"cannot read CRIU image {path}: {type(e).__name__}: {e}") from e

@@ -1,0 +1,309 @@
+"""Engine access: the only module that talks to the Docker Engine or reads its data root.
+
+docker-py has no methods for checkpoints, so the raw calls live here (``POST/GET/DELETE
+/containers/{id}/checkpoints``, ``POST /containers/{id}/start?checkpoint=``), on docker-py's
+low-level ``APIClient``. Everything above this module speaks in containers and checkpoints, and
+every engine error comes out of here already translated into :mod:`dolly.errors`.
+
+Dolly runs on the engine's host, as root: Docker keeps checkpoint images under its data root
+(``<DockerRootDir>/containers/<id>/checkpoints/<name>``) and refuses a custom checkpoint folder,
+so restoring into another container means placing files there.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Union
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.models.containers import Container
+
+from . import retry
+from .errors import (
+    CheckpointFailed,
+    ContainerNotFound,
+    DollyError,
+    EngineUnavailable,
+    HostNotReady,
+    ImageNotFound,
+    NameConflict,
+    RestoreFailed,
+)
+
+ContainerRef = Union[Container, str]
+
+# Where scripts/dolly-runc copies CRIU's log when CRIU fails (Docker deletes its own copy).
+CRIU_LOG_DIR = Path("/var/log/dolly/criu")
+RUNTIME = "dolly"
+
+_default_client: Optional[docker.DockerClient] = None
+_default_lock = threading.Lock()
+_engines: "weakref.WeakKeyDictionary[docker.DockerClient, Engine]" = weakref.WeakKeyDictionary()
+
+
+def default_client() -> docker.DockerClient:
+    """``docker.from_env()``, made once per process.
+
+    Raises:
+        EngineUnavailable: the engine does not answer.
+    """
+    global _default_client
+    with _default_lock:
+        if _default_client is None:
+            with translate_errors():
+                _default_client = docker.from_env()
+        return _default_client
+
+
+@contextlib.contextmanager
+def translate_errors() -> Iterator[None]:
+    """Turn docker-py's and requests' exceptions into :mod:`dolly.errors`."""
+    try:
+        yield
+    except DollyError:
+        raise
+    except docker.errors.ImageNotFound as e:
+        raise ImageNotFound(_explain(e)) from e
+    except docker.errors.NotFound as e:
+        raise ContainerNotFound(_explain(e)) from e
+    except docker.errors.APIError as e:
+        if e.status_code in (502, 503, 504):
+            raise EngineUnavailable(_explain(e)) from e
+        raise
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
+        raise EngineUnavailable(f"the Docker Engine did not answer: {e}") from e
+    except docker.errors.DockerException as e:
+        if "Connection" in str(e) or "FileNotFoundError" in str(e):
+            raise EngineUnavailable(f"the Docker Engine did not answer: {e}") from e
+        raise
+
+
+def _explain(e: docker.errors.APIError) -> str:
+    return str(e.explanation or e)
+
+
+def criu_log(container_id: str, command: str, *, limit: int = 25) -> tuple[list[str], Optional[Path]]:
+    """The lines of CRIU's log that explain a failure: every error line, else the last lines."""
+    path = CRIU_LOG_DIR / f"{container_id}.{command}.log"
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return [], None
+    errors = [line for line in lines if "Error" in line or "error" in line]
+    return (errors or lines)[-limit:], path
+
+
+class Engine:
+    """One Docker Engine as Dolly uses it. Get one with :meth:`of`."""
+
+    def __init__(self, client: docker.DockerClient) -> None:
+        self.client = client
+        self.api = client.api
+        self._info: Optional[Dict[str, Any]] = None
+
+    @classmethod
+    def of(cls, client: Optional[docker.DockerClient] = None) -> "Engine":
+        """The :class:`Engine` for ``client`` (default: ``docker.from_env()``), made once."""
+        client = client or default_client()
+        with _default_lock:
+            engine = _engines.get(client)
+            if engine is None:
+                engine = _engines[client] = cls(client)
+            return engine
+
+    # --- facts about the engine ------------------------------------------------------------------
+
+    def info(self, *, refresh: bool = False) -> Dict[str, Any]:
+        """``docker info``, cached."""
+        if self._info is None or refresh:
+            self._info = self._call(self.api.info)
+        return self._info
+
+    def experimental(self) -> bool:
+        return bool(self._call(self.api.version).get("Experimental"))
+
+    @property
+    def root_dir(self) -> Path:
+        return Path(self.info()["DockerRootDir"])
+
+    @property
+    def store_dir(self) -> Path:
+        """Where Dolly keeps this engine's checkpoints: beside Docker's own folders, on the same
+        filesystem, so that taking a checkpoint over from Docker is a rename, not a copy."""
+        return self.root_dir / "dolly" / "checkpoints"
+
+    def require_checkpoint_support(self) -> None:
+        """Raises:
+            HostNotReady: the engine is not in experimental mode, lacks Dolly's runtime, or its
+                data root is not on this machine.
+        """
+        if not self.experimental():
+            raise HostNotReady(
+                "the Docker Engine is not in experimental mode, which checkpoints need: "
+                'set {"experimental": true} in /etc/docker/daemon.json and restart dockerd '
+                "(make host does both)"
+            )
+        if RUNTIME not in (self.info().get("Runtimes") or {}):
+            raise HostNotReady(
+                f"the Docker Engine has no '{RUNTIME}' runtime: run `make host`, which registers "
+                "scripts/dolly-runc in /etc/docker/daemon.json"
+            )
+        if not (self.root_dir / "containers").is_dir():
+            raise HostNotReady(
+                f"the engine's data root {self.root_dir} is not on this machine: Dolly must run "
+                "as root on the engine's host"
+            )
+
+    # --- containers ------------------------------------------------------------------------------
+
+    def container(self, ref: ContainerRef) -> Container:
+        """The container ``ref`` names (a Container, a name or an ID), freshly inspected.
+
+        Raises:
+            ContainerNotFound: no such container.
+        """
+        key = ref.id if isinstance(ref, Container) else ref
+        if not isinstance(key, str) or not key:
+            raise ContainerNotFound(f"not a container name or ID: {ref!r}")
+        try:
+            return self._call(self.client.containers.get, key)
+        except ContainerNotFound:
+            raise ContainerNotFound(f"no such container: {key}") from None
+
+    def container_names(self) -> set[str]:
+        rows = self._call(self.api.containers, all=True)
+        return {n.lstrip("/") for row in rows for n in (row.get("Names") or [])}
+
+    def create(self, config: Dict[str, Any], name: str) -> str:
+        """Create a container from a raw Engine API config; returns its ID.
+
+        Raises:
+            NameConflict: ``name`` is taken.
+        """
+        try:
+            return self._call(self.api.create_container_from_config, config, name)["Id"]
+        except docker.errors.APIError as e:
+            if e.status_code == 409:
+                raise NameConflict(f"the container name {name!r} is already taken") from e
+            raise
+
+    def connect(self, container_id: str, network: str, endpoint: Dict[str, Any]) -> None:
+        def call() -> None:
+            url = self.api._url("/networks/{0}/connect", network)
+            res = self.api._post_json(url, data={"Container": container_id, "EndpointConfig": endpoint})
+            self.api._raise_for_status(res)
+
+        self._call(call)
+
+    def remove(self, container_id: str) -> None:
+        """Remove a container and its anonymous volumes; a missing one is not an error."""
+        with contextlib.suppress(ContainerNotFound):
+            self._call(self.api.remove_container, container_id, force=True, v=True)
+
+    def image_ref(self, image_id: str, name: Optional[str]) -> str:
+        """``name`` if it still names the image ``image_id`` (so ``docker ps`` shows a name),
+        else the ID itself.
+
+        Raises:
+            ImageNotFound: the engine has no image ``image_id``.
+        """
+        if name:
+            with contextlib.suppress(ImageNotFound, ContainerNotFound):
+                if self._call(self.client.images.get, name).id == image_id:
+                    return name
+        try:
+            self._call(self.client.images.get, image_id)
+        except (ImageNotFound, ContainerNotFound):
+            raise ImageNotFound(
+                f"the engine has no image {name or ''} ({image_id}), which the checkpoint's "
+                "container was created from"
+            ) from None
+        return image_id
+
+    def upper_dir(self, container: Container) -> Path:
+        """The writable layer of ``container`` as the storage driver keeps it.
+
+        Raises:
+            HostNotReady: the storage driver is not overlay2.
+        """
+        driver = container.attrs.get("GraphDriver") or {}
+        upper = (driver.get("Data") or {}).get("UpperDir")
+        if driver.get("Name") != "overlay2" or not upper:
+            raise HostNotReady(
+                f"container {container.name} uses the storage driver {driver.get('Name')!r}; "
+                "Dolly needs overlay2 to carry the writable layer"
+            )
+        return Path(upper)
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def checkpoints_dir(self, container_id: str) -> Path:
+        return self.root_dir / "containers" / container_id / "checkpoints"
+
+    def create_checkpoint(self, container_id: str, name: str, *, exit: bool) -> Path:
+        """Have Docker (runc, CRIU) dump the container; returns the folder of the images.
+
+        Raises:
+            CheckpointFailed: Docker or CRIU failed; carries CRIU's log.
+        """
+
+        def call() -> None:
+            url = self.api._url("/containers/{0}/checkpoints", container_id)
+            res = self.api._post_json(url, data={"CheckpointID": name, "Exit": exit})
+            self.api._raise_for_status(res)
+
+        try:
+            self._call(call)
+        except docker.errors.APIError as e:
+            lines, path = criu_log(container_id, "checkpoint")
+            raise CheckpointFailed(
+                f"checkpoint of container {container_id[:12]} failed: {_explain(e)}",
+                log_lines=lines,
+                log_path=path,
+            ) from e
+        return self.checkpoints_dir(container_id) / name
+
+    def start_from_checkpoint(self, container_id: str, name: str) -> None:
+        """Start a created container from the checkpoint in its own checkpoints folder.
+
+        Raises:
+            RestoreFailed: Docker or CRIU failed; carries CRIU's log.
+        """
+
+        def call() -> None:
+            url = self.api._url("/containers/{0}/start", container_id)
+            res = self.api._post(url, params={"checkpoint": name})
+            try:
+                self.api._raise_for_status(res)
+            except docker.errors.APIError as e:
+                if "already exists" in _explain(e) and "content" in _explain(e):
+                    raise retry.ContentConflict(_explain(e)) from e
+                raise
+
+        try:
+            for attempt in retry.checkpoint_upload():
+                with attempt:
+                    self._call(call)
+        except (docker.errors.APIError, retry.ContentConflict) as e:
+            lines, path = criu_log(container_id, "restore")
+            explanation = _explain(e) if isinstance(e, docker.errors.APIError) else str(e)
+            raise RestoreFailed(
+                f"restore into container {container_id[:12]} failed: {explanation}",
+                log_lines=lines,
+                log_path=path,
+            ) from e
+
+    # --- plumbing --------------------------------------------------------------------------------
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call the engine, retrying while it is unavailable, with errors translated."""
+        for attempt in retry.engine_calls():
+            with attempt:
+                with translate_errors():
+                    return fn(*args, **kwargs)
+        raise AssertionError("unreachable")  # pragma: no cover
+

@@ -1,0 +1,89 @@
+"""check_host: what is and is not ready on this machine for checkpoints, and how to fix it."""
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import docker
+
+from . import criu
+from .engine import RUNTIME, Engine
+from .errors import DollyError
+
+__all__ = ["Check", "HostReport", "check_host"]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report: what was checked, whether it passed, what was seen, the fix."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+@dataclass(frozen=True)
+class HostReport:
+    checks: List[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def __str__(self) -> str:
+        width = max((len(c.name) for c in self.checks), default=0)
+        lines = []
+        for c in self.checks:
+            lines.append(f"{'ok  ' if c.ok else 'FAIL'} {c.name:<{width}}  {c.detail}")
+            if not c.ok and c.fix:
+                lines.append(f"     {'':<{width}}  fix: {c.fix}")
+        return "\n".join(lines)
+
+
+def check_host(client: Optional[docker.DockerClient] = None) -> HostReport:
+    """Check the engine and CRIU; never raises for what it finds, it reports it.
+
+    Lines: engine reachable, experimental mode, the ``dolly`` runtime, the engine's data root
+    on this machine, CRIU version (4.2 or newer), ``criu check``, pycriu importable.
+    """
+    checks: List[Check] = []
+    make_host = "run `make host` as root"
+    try:
+        engine = Engine.of(client)
+        info = engine.info(refresh=True)
+        checks.append(Check("engine", True, f"Docker {info.get('ServerVersion')} at {engine.api.base_url}"))
+    except DollyError as e:
+        engine = None
+        checks.append(Check("engine", False, str(e), f"start dockerd ({make_host})"))
+    if engine is not None:
+        exp = engine.experimental()
+        checks.append(Check("experimental mode", exp, "on" if exp else "off",
+                            'set {"experimental": true} in /etc/docker/daemon.json and restart dockerd'))
+        runtimes = info.get("Runtimes") or {}
+        has = RUNTIME in runtimes
+        default = info.get("DefaultRuntime")
+        checks.append(Check(f"'{RUNTIME}' runtime", has and default == RUNTIME,
+                            f"registered: {has}, engine default: {default}", make_host))
+        root = engine.root_dir
+        local = (root / "containers").is_dir()
+        checks.append(Check("data root", local, f"{root} {'is' if local else 'is not'} on this machine",
+                            "run Dolly as root on the engine's host"))
+    v = criu.version()
+    new_enough = v is not None and v[:2] >= criu.MIN_VERSION
+    checks.append(Check("CRIU version", new_enough,
+                        "not installed" if v is None else ".".join(map(str, v)) + " (4.2 or newer needed)",
+                        make_host))
+    if v is not None:
+        res = subprocess.run(["criu", "check"], capture_output=True, text=True)
+        text = (res.stdout + res.stderr).strip().splitlines()
+        checks.append(Check("criu check", res.returncode == 0, text[-1] if text else f"exit {res.returncode}",
+                            make_host))
+    try:
+        import pycriu.images  # noqa: F401
+
+        checks.append(Check("pycriu", True, "importable"))
+    except ImportError as e:
+        checks.append(Check("pycriu", False, str(e), make_host + " (installs it into .venv)"))
+    return HostReport(checks)

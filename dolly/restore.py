@@ -1,0 +1,263 @@
+"""Restore and clone: a checkpoint started in new containers, each with its own identity.
+
+A clone is an ordinary Docker container, created from the source's recorded configuration, then
+prepared before its first start:
+
+1. the source's writable layer is unpacked into the clone's (``rootfs.apply_diff``);
+2. the checkpoint's CRIU images are hard-linked into the clone's own checkpoints folder (Docker
+   restores only from there), except the UTS image, rewritten with the clone's own hostname;
+3. Docker starts it from that checkpoint (``start?checkpoint=``), and the folder is removed.
+
+Docker gives the clone its own name, IP, MAC, ``/etc/hostname`` and free host ports; the rewritten
+UTS image gives it its own kernel hostname. Because every clone's UTS image differs, no two clones
+upload byte-identical checkpoints, which containerd would refuse as "already exists".
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import docker
+from docker.models.containers import Container
+
+from . import criu, rootfs
+from .checkpoint import Checkpoint, require
+from .engine import RUNTIME, Engine
+from .errors import InvalidArgument, NameConflict
+
+__all__ = ["restore", "clone", "allocate_names", "clone_config"]
+
+LABEL_SOURCE = "dolly.source"
+LABEL_CHECKPOINT = "dolly.checkpoint"
+# Docker's rule for container names.
+_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,200}$")
+MAX_WORKERS = 8
+
+# Names handed out in this process but perhaps not created yet: concurrent clone() calls in one
+# process must not pick the same ones. Other processes are caught by the engine's 409.
+_reserved: set[str] = set()
+_reserved_lock = threading.Lock()
+
+
+def restore(
+    checkpoint: Checkpoint,
+    *,
+    name: Optional[str] = None,
+    client: Optional[docker.DockerClient] = None,
+) -> Container:
+    """Start a new container from ``checkpoint``: the process continues where it was.
+
+    Args:
+        checkpoint: from :func:`dolly.checkpoint` or :func:`dolly.list_checkpoints`.
+        name: the new container's name; default ``<source>-clone-<k>`` with the lowest free k.
+        client: the engine; default ``docker.from_env()``.
+
+    Returns:
+        The running container, with its own name, hostname, IP and MAC, labelled with its source
+        and checkpoint. Ports the source published are published on free host ports
+        (``container.ports``).
+
+    Raises:
+        InvalidArgument: ``checkpoint`` is not a Checkpoint, or ``name`` is not a valid name.
+        CheckpointNotFound: the checkpoint's files are gone.
+        NameConflict: ``name`` is taken.
+        ImageNotFound: the engine lacks the source's image.
+        HostNotReady: the engine or CRIU cannot restore (see :func:`dolly.check_host`).
+        RestoreFailed: CRIU failed; carries CRIU's log. No container is left behind.
+    """
+    if name is not None:
+        _check_container_name(name)
+    return clone(checkpoint, 1, name_prefix=None, client=client, _names=[name] if name else None)[0]
+
+
+def clone(
+    checkpoint: Checkpoint,
+    n: int,
+    *,
+    name_prefix: Optional[str] = None,
+    client: Optional[docker.DockerClient] = None,
+    max_workers: int = MAX_WORKERS,
+    _names: Optional[List[str]] = None,
+) -> List[Container]:
+    """Restore ``checkpoint`` into ``n`` new containers at once, each with its own identity.
+
+    Args:
+        checkpoint: from :func:`dolly.checkpoint` or :func:`dolly.list_checkpoints`.
+        n: how many clones (1 or more).
+        name_prefix: clones are named ``<prefix>-<k>`` with the lowest free k's;
+            default prefix ``<source>-clone``.
+        client: the engine; default ``docker.from_env()``.
+        max_workers: how many clones are prepared and started concurrently.
+
+    Returns:
+        The running clones, in name order.
+
+    Raises:
+        InvalidArgument: ``n`` is not an int of 1 or more, or ``name_prefix`` is not valid.
+        CheckpointNotFound, ImageNotFound, HostNotReady, RestoreFailed: as :func:`restore`.
+        If any clone fails, every container this call created is removed before the error is
+        raised; the source and the checkpoint are not touched.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InvalidArgument(f"n must be an int of 1 or more, got {n!r}")
+    if name_prefix is not None:
+        _check_container_name(name_prefix)
+    if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+        raise InvalidArgument(f"max_workers must be an int of 1 or more, got {max_workers!r}")
+    require(checkpoint)
+    engine = Engine.of(client)
+    criu.require_version()
+    engine.require_checkpoint_support()
+    image = engine.image_ref(checkpoint.image_id, checkpoint.config["Config"].get("Image"))
+
+    explicit = _names is not None
+    prefix = name_prefix or f"{checkpoint.container_name}-clone"
+    names = list(_names) if explicit else _reserve(prefix, n, engine)
+    try:
+        with ThreadPoolExecutor(max_workers=min(n, max_workers), thread_name_prefix="dolly-clone") as pool:
+            futures = [pool.submit(_restore_one, engine, checkpoint, image, nm, explicit, prefix) for nm in names]
+            results: List[Tuple[Optional[Container], Optional[BaseException]]] = []
+            for f in futures:
+                try:
+                    results.append((f.result(), None))
+                except BaseException as e:  # noqa: B902 - collected, then re-raised below
+                    results.append((None, e))
+    finally:
+        with _reserved_lock:
+            _reserved.difference_update(names)
+
+    errors = [e for _, e in results if e is not None]
+    if errors:
+        for c, _ in results:
+            if c is not None:
+                engine.remove(c.id)
+        raise errors[0]
+    return [c for c, _ in results if c is not None]
+
+
+def _restore_one(
+    engine: Engine, cp: Checkpoint, image: str, name: str, explicit: bool, prefix: str
+) -> Container:
+    config, extra_networks = clone_config(cp.config, image=image, labels=_labels(cp))
+    for _ in range(20):
+        try:
+            cid = engine.create(config, name)
+            break
+        except NameConflict:
+            if explicit:
+                raise
+            # Another process took the name meanwhile: pick the next free one.
+            with _reserved_lock:
+                _reserved.discard(name)
+            name = _reserve(prefix, 1, engine)[0]
+    else:
+        raise NameConflict(f"could not find a free name with the prefix {prefix!r}")
+
+    try:
+        for network, endpoint in extra_networks.items():
+            engine.connect(cid, network, endpoint)
+        created = engine.container(cid)
+        rootfs.apply_diff(cp.rootfs_diff, engine.upper_dir(created))
+        folder = engine.checkpoints_dir(cid) / cp.name
+        _place_images(cp, folder, hostname=created.attrs["Config"]["Hostname"])
+        try:
+            engine.start_from_checkpoint(cid, cp.name)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return engine.container(cid)
+    except BaseException:
+        engine.remove(cid)
+        raise
+
+
+def _place_images(cp: Checkpoint, folder: "os.PathLike[str]", *, hostname: str) -> None:
+    """The checkpoint's images as hard links in ``folder`` (no data copied), except the UTS
+    image, which is rewritten with ``hostname``."""
+    os.makedirs(folder, mode=0o700)
+    uts = set(criu.uts_images(cp.images_dir))
+    for src in cp.images_dir.iterdir():
+        dst = os.path.join(folder, src.name)
+        if src in uts:
+            criu.rewrite_hostname(src, dst, hostname)
+        else:
+            os.link(src, dst)
+
+
+def _labels(cp: Checkpoint) -> Dict[str, str]:
+    return {LABEL_SOURCE: cp.container_id, LABEL_CHECKPOINT: cp.name}
+
+
+def clone_config(
+    recorded: Dict[str, Any] | Any, *, image: str, labels: Dict[str, str]
+) -> Tuple[Dict[str, Any], Dict[str, Dict[str, Any]]]:
+    """The Engine API create body for a clone of a container whose ``docker inspect`` is
+    ``recorded``, and the endpoint configs of the networks to connect after create (the API
+    takes one network at create time).
+
+    What makes the clone its own: no hostname or MAC address (Docker assigns new ones), host ports
+    left for Docker to choose, no fixed IP addresses, and the source's own ID dropped from its
+    network aliases. Everything else, command to mounts to labels, is the source's.
+    """
+    config = {k: v for k, v in recorded["Config"].items() if k not in ("Hostname", "MacAddress")}
+    config["Image"] = image
+    config["Labels"] = {**(config.get("Labels") or {}), **labels}
+
+    host = dict(recorded["HostConfig"])
+    host["Runtime"] = RUNTIME
+    host["ContainerIDFile"] = ""
+    host["PortBindings"] = {
+        port: [{"HostIp": b.get("HostIp", ""), "HostPort": ""} for b in (bindings or [])]
+        for port, bindings in (host.get("PortBindings") or {}).items()
+    }
+    config["HostConfig"] = host
+
+    source_id = recorded.get("Id", "")
+    networks = (recorded.get("NetworkSettings") or {}).get("Networks") or {}
+    mode = host.get("NetworkMode") or "default"
+    primary = "bridge" if mode == "default" else mode
+    endpoints = {
+        net: {
+            "Aliases": [a for a in (ep.get("Aliases") or []) if a != source_id[:12]] or None,
+            "Links": ep.get("Links"),
+            "DriverOpts": ep.get("DriverOpts"),
+        }
+        for net, ep in networks.items()
+    }
+    if mode in ("host", "none") or mode.startswith("container:"):
+        config["NetworkingConfig"] = {"EndpointsConfig": {}}
+        return config, {}
+    config["NetworkingConfig"] = {"EndpointsConfig": {primary: endpoints.pop(primary, {})}}
+    return config, endpoints
+
+
+def allocate_names(prefix: str, n: int, taken: Iterable[str]) -> List[str]:
+    """The ``n`` names ``<prefix>-<k>`` with the lowest k >= 1 not in ``taken``."""
+    taken = set(taken)
+    names: List[str] = []
+    k = 1
+    while len(names) < n:
+        candidate = f"{prefix}-{k}"
+        if candidate not in taken:
+            names.append(candidate)
+        k += 1
+    return names
+
+
+def _reserve(prefix: str, n: int, engine: Engine) -> List[str]:
+    with _reserved_lock:
+        names = allocate_names(prefix, n, engine.container_names() | _reserved)
+        _reserved.update(names)
+        return names
+
+
+def _check_container_name(name: Any) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise InvalidArgument(
+            f"not a valid container name: {name!r} (letters, digits and _.-, starting with a "
+            "letter or digit)"
+        )
+    return name

@@ -1,0 +1,52 @@
+"""Dolly's retry policies, all in one place.
+
+Only what is transient is retried: the engine briefly unreachable, and the engine's content-store
+conflict that clears by itself. A CRIU failure, a missing container or a bad argument is
+deterministic and is raised at once.
+"""
+from __future__ import annotations
+
+import logging
+
+from tenacity import (
+    Retrying,
+    before_sleep_log,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+    wait_random,
+)
+
+from .errors import DollyError, EngineUnavailable
+
+log = logging.getLogger("dolly")
+
+
+class ContentConflict(DollyError):
+    """containerd already holds a blob with the same digest as the checkpoint being uploaded
+    ("failed to upload checkpoint to containerd: commit failed: content sha256:...: already
+    exists"). It clears once the other upload or clone has let go of the blob."""
+
+
+def engine_calls() -> Retrying:
+    """For a single Engine API call: retry while the engine is unavailable, up to 30 s."""
+    return Retrying(
+        retry=retry_if_exception_type(EngineUnavailable),
+        stop=stop_after_delay(30),
+        wait=wait_exponential(multiplier=0.2, max=3),
+        before_sleep=before_sleep_log(log, logging.INFO),
+        reraise=True,
+    )
+
+
+def checkpoint_upload() -> Retrying:
+    """For starting a container from a checkpoint: content conflicts clear within seconds;
+    jitter keeps concurrent clones from meeting again."""
+    return Retrying(
+        retry=retry_if_exception_type(ContentConflict),
+        stop=stop_after_attempt(6),
+        wait=wait_exponential(multiplier=0.1, max=2) + wait_random(0, 0.3),
+        before_sleep=before_sleep_log(log, logging.INFO),
+        reraise=True,
+    )
