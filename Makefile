@@ -9,7 +9,7 @@ host:
 
 ## demo: start a warm Python HTTP service, checkpoint it, clone it into 3 replicas
 demo: host
-	$(PY) -m dolly.demo
+	@$(PY) -m dolly.demo
 
 ## test: the whole test suite against the real engine and CRIU
 test: host

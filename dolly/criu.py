@@ -23,7 +23,8 @@ _HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?(\.[A-Za
 
 def version() -> Optional[Tuple[int, ...]]:
     """The version of the ``criu`` on PATH, or None when there is none."""
-    exe = shutil.which("criu") or ("/usr/sbin/criu" if os.path.exists("/usr/sbin/criu") else None)
+    # The one on PATH is the one runc will run.
+    exe = shutil.which("criu")
     if exe is None:
         return None
     try:

@@ -27,6 +27,7 @@ from .errors import (
     CheckpointFailed,
     ContainerNotFound,
     DollyError,
+    EngineError,
     EngineUnavailable,
     HostNotReady,
     ImageNotFound,
@@ -73,7 +74,7 @@ def translate_errors() -> Iterator[None]:
     except docker.errors.APIError as e:
         if e.status_code in (502, 503, 504):
             raise EngineUnavailable(_explain(e)) from e
-        raise
+        raise EngineError(_explain(e), status_code=e.status_code) from e
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
         raise EngineUnavailable(f"the Docker Engine did not answer: {e}") from e
     except docker.errors.DockerException as e:
@@ -186,7 +187,7 @@ class Engine:
         """
         try:
             return self._call(self.api.create_container_from_config, config, name)["Id"]
-        except docker.errors.APIError as e:
+        except EngineError as e:
             if e.status_code == 409:
                 raise NameConflict(f"the container name {name!r} is already taken") from e
             raise
@@ -256,12 +257,14 @@ class Engine:
             res = self.api._post_json(url, data={"CheckpointID": name, "Exit": exit})
             self.api._raise_for_status(res)
 
+        # A log left by an earlier failure of the same container must not be read as this one's.
+        (CRIU_LOG_DIR / f"{container_id}.checkpoint.log").unlink(missing_ok=True)
         try:
             self._call(call)
-        except docker.errors.APIError as e:
+        except EngineError as e:
             lines, path = criu_log(container_id, "checkpoint")
             raise CheckpointFailed(
-                f"checkpoint of container {container_id[:12]} failed: {_explain(e)}",
+                f"checkpoint of container {container_id[:12]} failed: {e}",
                 log_lines=lines,
                 log_path=path,
             ) from e
@@ -288,11 +291,10 @@ class Engine:
             for attempt in retry.checkpoint_upload():
                 with attempt:
                     self._call(call)
-        except (docker.errors.APIError, retry.ContentConflict) as e:
+        except (EngineError, retry.ContentConflict) as e:
             lines, path = criu_log(container_id, "restore")
-            explanation = _explain(e) if isinstance(e, docker.errors.APIError) else str(e)
             raise RestoreFailed(
-                f"restore into container {container_id[:12]} failed: {explanation}",
+                f"restore into container {container_id[:12]} failed: {e}",
                 log_lines=lines,
                 log_path=path,
             ) from e

@@ -3,10 +3,12 @@
     DollyError
     ├── HostNotReady             the engine or CRIU is not set up for checkpoints (see check_host)
     ├── EngineUnavailable        the Docker Engine did not answer (transient: retried first)
+    ├── EngineError              the Docker Engine refused a request; carries its status code
     ├── InvalidArgument          a value that can never work (also a ValueError)
     ├── ContainerNotFound        no such container
     ├── ContainerNotRunning      the container exists but is not running
     ├── ImageNotFound            the engine lacks the image a checkpoint was taken from
+    ├── NotReady                 a service did not pass its readiness check in time
     ├── NameConflict             a container name that is already taken
     ├── CheckpointNotFound       no such checkpoint
     ├── CheckpointExists         a checkpoint of that name exists for that container
@@ -27,10 +29,12 @@ __all__ = [
     "DollyError",
     "HostNotReady",
     "EngineUnavailable",
+    "EngineError",
     "InvalidArgument",
     "ContainerNotFound",
     "ContainerNotRunning",
     "ImageNotFound",
+    "NotReady",
     "NameConflict",
     "CheckpointNotFound",
     "CheckpointExists",
@@ -53,6 +57,14 @@ class EngineUnavailable(DollyError):
     """The Docker Engine could not be reached, or answered that it is briefly unavailable."""
 
 
+class EngineError(DollyError):
+    """The Docker Engine refused a request for a reason Dolly has no better name for."""
+
+    def __init__(self, message: str, *, status_code: Optional[int] = None) -> None:
+        self.status_code = status_code
+        super().__init__(message)
+
+
 class InvalidArgument(DollyError, ValueError):
     """An argument that can never work, whatever the state of the engine."""
 
@@ -67,6 +79,14 @@ class ContainerNotRunning(DollyError):
 
 class ImageNotFound(DollyError):
     """The engine lacks the image that a checkpoint's container was created from."""
+
+
+class NotReady(DollyError):
+    """A service did not pass its readiness check in time; ``logs`` holds its last log lines."""
+
+    def __init__(self, message: str, *, logs: Sequence[str] = ()) -> None:
+        self.logs = list(logs)
+        super().__init__(message)
 
 
 class NameConflict(DollyError):

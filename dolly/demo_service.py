@@ -1,0 +1,49 @@
+"""The demo service: a Python HTTP server that holds state it built at start-up.
+
+Run inside the ``dolly/python`` image as ``python3 -c <this file's text>``; knobs by environment:
+STATE_MB (size of the in-memory table, default 64), WARMUP_S (extra warm-up seconds, default 0),
+PORT (default 8000). ``GET /`` answers JSON: the kernel hostname, the token drawn at start-up (a
+clone shares its source's), the table's size and checksum, and how many requests it has served.
+"""
+import hashlib
+import http.server
+import json
+import os
+import socket
+import time
+
+started = time.time()
+rows = int(os.environ.get("STATE_MB", "64")) * 1024
+table = [hashlib.sha256(i.to_bytes(8, "little")).digest() * 32 for i in range(rows)]  # 1 KiB rows
+checksum = hashlib.sha256(b"".join(table[:: max(1, rows // 64)])).hexdigest()[:16]
+token = os.urandom(8).hex()
+time.sleep(float(os.environ.get("WARMUP_S", "0")))
+warm_s = round(time.time() - started, 3)
+served = 0
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        global served
+        served += 1
+        body = json.dumps({
+            "hostname": socket.gethostname(),
+            "token": token,
+            "rows": len(table),
+            "checksum": checksum,
+            "served": served,
+            "warm_s": warm_s,
+        }).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+server = http.server.HTTPServer(("0.0.0.0", int(os.environ.get("PORT", "8000"))), Handler)
+print(f"listening on {server.server_port} after {warm_s} s", flush=True)
+server.serve_forever()
