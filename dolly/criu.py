@@ -10,10 +10,14 @@ import os
 import re
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Optional, Tuple
 
 from .errors import HostNotReady, ImageRewriteError, InvalidArgument
+
+# pycriu 4.2 calls protobuf's deprecated FieldDescriptor.label() for every field it converts.
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"pycriu\.")
 
 MIN_VERSION = (4, 2)
 # Linux's __NEW_UTS_LEN; a longer nodename cannot be restored.

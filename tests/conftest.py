@@ -1,0 +1,126 @@
+"""Fixtures for Dolly's own tests: a real engine, real CRIU, and nothing left behind.
+
+Every container a test starts carries the label ``dolly.test=<run id>``; clones copy their
+source's labels, so they carry it too. After each test, the containers that appeared during it are
+removed with their checkpoints; after the session, the engine must look as it did before.
+"""
+from __future__ import annotations
+
+import shutil
+import uuid
+from typing import Iterator, List
+
+import docker
+import pytest
+
+import dolly
+from dolly.engine import Engine
+
+from helpers import BUSYBOX, COUNTER, RUN_ID, TEST_LABEL
+
+
+@pytest.fixture(scope="session")
+def client() -> docker.DockerClient:
+    report = dolly.check_host()
+    if not report.ok:
+        pytest.exit(f"the host is not ready (run `make host`):\n{report}", returncode=3)
+    return docker.from_env()
+
+
+@pytest.fixture(scope="session")
+def engine(client: docker.DockerClient) -> Engine:
+    return Engine.of(client)
+
+
+def _engine_state(client: docker.DockerClient, engine: Engine) -> dict:
+    store = engine.store_dir
+    return {
+        "containers": sorted(c.id for c in client.containers.list(all=True)),
+        "networks": sorted(n.id for n in client.networks.list()),
+        "checkpoints": sorted(str(p.relative_to(store)) for p in store.glob("*/*")) if store.is_dir() else [],
+        "docker checkpoint folders": sorted(
+            str(p) for p in (engine.root_dir / "containers").glob("*/checkpoints/*")
+        ),
+    }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind(client: docker.DockerClient, engine: Engine) -> Iterator[None]:
+    """The suite leaves no containers, networks or checkpoints behind."""
+    before = _engine_state(client, engine)
+    yield
+    _remove_made(client, engine, set())
+    after = _engine_state(client, engine)
+    assert after == before, "the test suite left things behind on the engine"
+
+
+def _made(client: docker.DockerClient) -> List[docker.models.containers.Container]:
+    return client.containers.list(all=True, filters={"label": f"{TEST_LABEL}={RUN_ID}"})
+
+
+def _remove_made(client: docker.DockerClient, engine: Engine, keep: set) -> None:
+    for c in _made(client):
+        if c.id not in keep:
+            discard(c, engine)
+
+
+def discard(container, engine: Engine) -> None:
+    """Remove a container and the checkpoints Dolly keeps of it."""
+    container.remove(force=True, v=True)
+    shutil.rmtree(engine.store_dir / container.id, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def cleanup(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Remove what the test made (containers it started, their clones and checkpoints)."""
+    if "client" not in request.fixturenames:
+        yield
+        return
+    client = request.getfixturevalue("client")
+    engine = request.getfixturevalue("engine")
+    before = {c.id for c in _made(client)}
+    yield
+    _remove_made(client, engine, before)
+
+
+@pytest.fixture
+def run(client: docker.DockerClient):
+    """Start a container labelled for cleanup: ``run(image, command, **docker_run_kwargs)``."""
+
+    def start(image: str, command, **kwargs):
+        labels = {**kwargs.pop("labels", {}), TEST_LABEL: RUN_ID}
+        return client.containers.run(image, command, detach=True, labels=labels, **kwargs)
+
+    return start
+
+
+@pytest.fixture
+def network(client: docker.DockerClient, engine: Engine) -> Iterator:
+    """A user-defined bridge network with a subnet of its own, removed after the test."""
+    made = []
+
+    def create(subnet: str = "10.213.8.0/24"):
+        ipam = docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=subnet)])
+        net = client.networks.create(f"dolly-test-{uuid.uuid4().hex[:8]}", driver="bridge", ipam=ipam,
+                                     labels={TEST_LABEL: RUN_ID})
+        made.append(net)
+        return net
+
+    yield create
+    for net in made:
+        net.reload()
+        for c in net.containers:
+            discard(c, engine)
+        net.remove()
+
+
+@pytest.fixture(scope="session")
+def busybox_checkpoint(client: docker.DockerClient) -> Iterator[dolly.Checkpoint]:
+    """A real checkpoint of a busybox counter loop, shared by tests that only read it."""
+    c = client.containers.run(BUSYBOX, ["sh", "-c", COUNTER], detach=True,
+                              labels={TEST_LABEL: RUN_ID}, name=f"dolly-test-bb-{RUN_ID}")
+    try:
+        yield dolly.checkpoint(c, "shared")
+    finally:
+        discard(c, Engine.of(client))
+

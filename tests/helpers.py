@@ -1,0 +1,42 @@
+"""Constants and small functions shared by the tests."""
+from __future__ import annotations
+
+import http.client
+import json
+import uuid
+
+from dolly import ready
+
+TEST_LABEL = "dolly.test"
+RUN_ID = uuid.uuid4().hex[:10]
+BUSYBOX = "dolly/busybox"
+PYTHON = "dolly/python"
+
+# A counter that writes its value to stdout and to a file in the writable layer, 10 times a second.
+COUNTER = "i=0; while true; do i=$((i+1)); echo $i; echo $i > /tmp/count; sleep 0.1; done"
+
+
+def read_int(container, path: str = "/tmp/count") -> int:
+    res = container.exec_run(["cat", path])
+    assert res.exit_code == 0, res.output
+    return int(res.output.decode().strip())
+
+
+def get_json(host: str, port: int, path: str = "/") -> dict:
+    conn = http.client.HTTPConnection(host, port, timeout=5)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        assert resp.status == 200
+        return json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def ask(container, port: int = 8000, path: str = "/", network=None) -> dict:
+    container.reload()
+    return get_json(ready.ip_address(container, network), port, path)
+
+
+def kernel_hostname(container) -> str:
+    return container.exec_run(["cat", "/proc/sys/kernel/hostname"]).output.decode().strip()

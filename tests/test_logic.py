@@ -1,0 +1,96 @@
+"""Pure logic, no engine: name allocation, the clone's create body, CRIU version gating."""
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from dolly import criu
+from dolly.errors import HostNotReady, InvalidArgument
+from dolly.restore import allocate_names, clone_config
+
+SOURCE_ID = "0123456789ab" + "c" * 52
+
+
+def recorded(**host):
+    return {
+        "Id": SOURCE_ID,
+        "Image": "sha256:feed",
+        "Config": {"Hostname": "0123456789ab", "MacAddress": "02:42:ac:11:00:02", "Image": "web",
+                   "Cmd": ["serve"], "Env": ["A=1"], "Labels": {"team": "x"}},
+        "HostConfig": {"NetworkMode": "appnet", "Runtime": "runc",
+                       "PortBindings": {"8000/tcp": [{"HostIp": "127.0.0.1", "HostPort": "8080"}]},
+                       "Binds": ["/srv:/srv:ro"], **host},
+        "NetworkSettings": {"Networks": {
+            "appnet": {"Aliases": ["0123456789ab", "api"], "IPAMConfig": {"IPv4Address": "10.0.0.5"},
+                       "IPAddress": "10.0.0.5", "MacAddress": "02:42:0a:00:00:05"},
+            "backend": {"Aliases": None, "IPAddress": "10.1.0.5"},
+        }},
+    }
+
+
+def test_allocate_names_takes_the_lowest_free_numbers():
+    assert allocate_names("web", 3, {"web-1", "web-3", "other"}) == ["web-2", "web-4", "web-5"]
+    assert allocate_names("web", 1, set()) == ["web-1"]
+
+
+def test_clone_config_drops_the_source_identity_and_keeps_the_rest():
+    config, extra = clone_config(recorded(), image="web", labels={"dolly.source": SOURCE_ID})
+    assert "Hostname" not in config and "MacAddress" not in config
+    assert config["Cmd"] == ["serve"] and config["Env"] == ["A=1"] and config["Image"] == "web"
+    assert config["Labels"] == {"team": "x", "dolly.source": SOURCE_ID}
+    host = config["HostConfig"]
+    assert host["Runtime"] == "dolly"
+    assert host["Binds"] == ["/srv:/srv:ro"]
+    assert host["PortBindings"] == {"8000/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}]}
+    primary = config["NetworkingConfig"]["EndpointsConfig"]
+    assert list(primary) == ["appnet"]
+    assert primary["appnet"]["Aliases"] == ["api"]
+    assert "IPAMConfig" not in primary["appnet"] and "IPAddress" not in primary["appnet"]
+    assert list(extra) == ["backend"]
+
+
+def test_clone_config_does_not_touch_the_recorded_config():
+    rec = recorded()
+    clone_config(rec, image="web", labels={"k": "v"})
+    assert rec["Config"]["Hostname"] == "0123456789ab"
+    assert rec["HostConfig"]["PortBindings"]["8000/tcp"][0]["HostPort"] == "8080"
+
+
+def test_clone_config_with_a_shared_network_namespace_has_no_endpoints():
+    config, extra = clone_config(recorded(NetworkMode="container:abc"), image="web", labels={})
+    assert config["NetworkingConfig"] == {"EndpointsConfig": {}} and extra == {}
+
+
+@pytest.mark.parametrize("name", ["a" * 65, "-lead", "under_score", "", "a..b", 7])
+def test_bad_hostnames_are_refused(name):
+    with pytest.raises(InvalidArgument):
+        criu.check_hostname(name)
+
+
+def _fake_criu(tmp_path, text):
+    # A stand-in that only prints a version: this tests the version gate, not CRIU.
+    exe = tmp_path / "criu"
+    exe.write_text(f"#!/bin/sh\necho '{text}'\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    return str(tmp_path)
+
+
+def test_criu_older_than_4_2_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", _fake_criu(tmp_path, "Version: 4.1.1"))
+    assert criu.version() == (4, 1, 1)
+    with pytest.raises(HostNotReady, match="too old"):
+        criu.require_version()
+
+
+def test_missing_criu_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert criu.version() is None
+    with pytest.raises(HostNotReady, match="not installed"):
+        criu.require_version()
+
+
+def test_installed_criu_is_new_enough():
+    assert os.geteuid() == 0
+    assert criu.require_version()[:2] >= (4, 2)
