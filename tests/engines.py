@@ -1,0 +1,92 @@
+"""A second Docker Engine on this machine, started and stopped by the tests themselves.
+
+Its own data root, exec root, socket and pid file, and no iptables rules, so that it never
+touches the main engine. Used as an engine that lacks experimental mode, and as a second host.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+import docker
+
+
+class SecondEngine:
+    def __init__(self, name: str, *, experimental: bool, subnet: str) -> None:
+        """``subnet``: the bridge's address with its prefix length, like ``10.213.100.1/24``."""
+        self.name = name
+        self.experimental = experimental
+        # Its own bridge, always: dockerd started with `--bridge none` deletes docker0, the main
+        # engine's bridge, at start-up.
+        self.bridge = f"dt-{name}"[:15]
+        self.subnet = subnet
+        self.data_root = Path(f"/var/lib/dolly-test-{name}")
+        self.exec_root = Path(f"/run/dolly-test-{name}")
+        self.socket = Path(f"/run/dolly-test-{name}.sock")
+        self.pidfile = Path(f"/run/dolly-test-{name}.pid")
+        self.config = Path(f"/run/dolly-test-{name}.json")
+        self.log = Path(f"/var/log/dolly/test-engine-{name}.log")
+        self.proc: Optional[subprocess.Popen] = None
+        self.client: Optional[docker.DockerClient] = None
+
+    def start(self) -> docker.DockerClient:
+        config = {"experimental": self.experimental}
+        if self.experimental:
+            config.update({"runtimes": {"dolly": {"path": "/usr/local/sbin/dolly-runc"}},
+                           "default-runtime": "dolly"})
+        self.config.write_text(json.dumps(config))
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["ip", "link", "add", "name", self.bridge, "type", "bridge"], check=True)
+        subprocess.run(["ip", "addr", "add", self.subnet, "dev", self.bridge], check=True)
+        subprocess.run(["ip", "link", "set", self.bridge, "up"], check=True)
+        cmd = [
+            "dockerd", "--config-file", str(self.config),
+            "--data-root", str(self.data_root), "--exec-root", str(self.exec_root),
+            "-H", f"unix://{self.socket}", "--pidfile", str(self.pidfile),
+            "--bridge", self.bridge, "--iptables=false", "--ip-masq=false",
+        ]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"dockerd {self.name} exited: {self.log.read_text()[-2000:]}")
+            try:
+                client = docker.DockerClient(base_url=f"unix://{self.socket}", timeout=120)
+                client.ping()
+                self.client = client
+                return client
+            except Exception:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"dockerd {self.name} did not answer within 60 s")
+
+    def stop(self) -> None:
+        if self.client is not None:
+            for c in self.client.containers.list(all=True):
+                c.remove(force=True, v=True)
+            self.client.close()
+            self.client = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        # Anything still mounted below the data root (overlays, netns) goes before the folder.
+        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+                  if line.split()[1].startswith((str(self.data_root), str(self.exec_root)))]
+        for m in sorted(mounts, key=len, reverse=True):
+            subprocess.run(["umount", "-l", m], check=False)
+        for p in (self.data_root, self.exec_root):
+            shutil.rmtree(p, ignore_errors=True)
+        for p in (self.socket, self.pidfile, self.config):
+            p.unlink(missing_ok=True)
+        subprocess.run(["ip", "link", "del", self.bridge], check=False, capture_output=True)
