@@ -87,3 +87,4 @@ def check_host(client: Optional[docker.DockerClient] = None) -> HostReport:
     except ImportError as e:
         checks.append(Check("pycriu", False, str(e), make_host + " (installs it into .venv)"))
     return HostReport(checks)
+
