@@ -12,8 +12,9 @@ RUN_ID = uuid.uuid4().hex[:10]
 BUSYBOX = "dolly/busybox"
 PYTHON = "dolly/python"
 
-# A counter that writes its value to stdout and to a file in the writable layer, 10 times a second.
-COUNTER = "i=0; while true; do i=$((i+1)); echo $i; echo $i > /tmp/count; sleep 0.1; done"
+# A counter that writes its value to stdout and to a file in the writable layer, 10 times a second
+# (by rename, so that a reader never sees the file empty).
+COUNTER = "i=0; while true; do i=$((i+1)); echo $i; echo $i > /tmp/c.new; mv /tmp/c.new /tmp/count; sleep 0.1; done"
 
 
 def read_int(container, path: str = "/tmp/count") -> int:
