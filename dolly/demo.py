@@ -46,7 +46,8 @@ def get(container, path: str = "/") -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=3, help="how many replicas (default 3)")
-    parser.add_argument("--state-mb", type=int, default=64, help="in-memory state of the service, MB")
+    parser.add_argument("--state-mb", type=int, default=128, help="in-memory state of the service, MB")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up work after that")
     parser.add_argument("--keep", action="store_true", help="leave the source, the checkpoint and the replicas")
     args = parser.parse_args(argv)
 
@@ -62,12 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     cp = None
     try:
         t = time.perf_counter()
-        source = start_service(client, "dolly-demo-web", state_mb=args.state_mb)
+        source = start_service(client, "dolly-demo-web", state_mb=args.state_mb, warmup_s=args.warmup)
         made.append(source)
         ready.wait(source, ready.http(8000), timeout=120)
         cold = time.perf_counter() - t
         answer = get(source)
-        print(f"cold start   {cold:6.2f} s  {source.name}: {args.state_mb} MB of state, token {answer['token']}")
+        print(f"cold start   {cold:6.2f} s  {source.name}: {args.state_mb} MB table, "
+              f"{answer['indexed']} index entries, token {answer['token']}")
 
         t = time.perf_counter()
         cp = dolly.checkpoint(source, "demo")
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in replicas:
             a = get(r)
             print(f"{r.name:<22} {a['hostname']:<14} {ready.ip_address(r):<15} "
-                  f"token {a['token']} rows {a['rows']} served {a['served']}")
+                  f"token {a['token']} indexed {a['indexed']} served {a['served']}")
         if args.keep:
             made, cp = [], None
         return 0

@@ -1,7 +1,8 @@
 """The demo service: a Python HTTP server that holds state it built at start-up.
 
 Run inside the ``dolly/python`` image as ``python3 -c <this file's text>``; knobs by environment:
-STATE_MB (size of the in-memory table, default 64), WARMUP_S (extra warm-up seconds, default 0),
+STATE_MB (size of the in-memory table, default 64), WARMUP_S (seconds spent after that building an
+index of the table: real CPU work, standing in for a service's cache or JIT warm-up; default 0),
 PORT (default 8000). ``GET /`` answers JSON: the kernel hostname, the token drawn at start-up (a
 clone shares its source's), the table's size and checksum, and how many requests it has served.
 """
@@ -17,7 +18,12 @@ rows = int(os.environ.get("STATE_MB", "64")) * 1024
 table = [hashlib.sha256(i.to_bytes(8, "little")).digest() * 32 for i in range(rows)]  # 1 KiB rows
 checksum = hashlib.sha256(b"".join(table[:: max(1, rows // 64)])).hexdigest()[:16]
 token = os.urandom(8).hex()
-time.sleep(float(os.environ.get("WARMUP_S", "0")))
+index = {}
+deadline = time.time() + float(os.environ.get("WARMUP_S", "0"))
+while time.time() < deadline:
+    for _ in range(1000):
+        n = len(index)
+        index[hashlib.sha256(table[n % rows]).digest()[:8]] = n
 warm_s = round(time.time() - started, 3)
 served = 0
 
@@ -30,6 +36,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             "hostname": socket.gethostname(),
             "token": token,
             "rows": len(table),
+            "indexed": len(index),
             "checksum": checksum,
             "served": served,
             "warm_s": warm_s,
