@@ -83,6 +83,11 @@ class Checkpoint:
         return self.path / ROOTFS_DIFF
 
     @property
+    def size(self) -> int:
+        """Bytes on disk (images and writable layer)."""
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+    @property
     def image_id(self) -> str:
         """The ID of the image the source was created from."""
         return str(self.config["Image"])
@@ -203,21 +208,25 @@ def checkpoint(
 
 
 def list_checkpoints(
-    container: ContainerRef, client: Optional[docker.DockerClient] = None
+    container: Optional[ContainerRef] = None, client: Optional[docker.DockerClient] = None
 ) -> List[Checkpoint]:
-    """The checkpoints of ``container``, oldest first. The container may have been removed since:
-    its checkpoints are still listed by its name or ID.
+    """The checkpoints of ``container`` (of every container when None), oldest first. The
+    container may have been removed since: its checkpoints are still listed by its name or ID.
 
     Raises:
         ContainerNotFound: no such container, now or in the checkpoints Dolly keeps.
     """
     engine = Engine.of(client)
-    folder = _source_folder(engine, container)
+    if container is None:
+        folders = sorted(engine.store_dir.iterdir()) if engine.store_dir.is_dir() else []
+    else:
+        folders = [_source_folder(engine, container)]
     found = []
-    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if path.name.startswith(".") or not (path / METADATA).exists():
-            continue
-        found.append(Checkpoint.load(path))
+    for folder in folders:
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if path.name.startswith(".") or not (path / METADATA).exists():
+                continue
+            found.append(Checkpoint.load(path))
     return sorted(found, key=lambda cp: cp.created_at)
 
 

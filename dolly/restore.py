@@ -19,7 +19,7 @@ import re
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import docker
 from docker.models.containers import Container
@@ -81,6 +81,7 @@ def clone(
     name_prefix: Optional[str] = None,
     client: Optional[docker.DockerClient] = None,
     max_workers: int = MAX_WORKERS,
+    progress: Optional[Callable[[Container], None]] = None,
     _names: Optional[List[str]] = None,
 ) -> List[Container]:
     """Restore ``checkpoint`` into ``n`` new containers at once, each with its own identity.
@@ -92,6 +93,7 @@ def clone(
             default prefix ``<source>-clone``.
         client: the engine; default ``docker.from_env()``.
         max_workers: how many clones are prepared and started concurrently.
+        progress: called with each clone as soon as it runs (from a worker thread).
 
     Returns:
         The running clones, in name order.
@@ -119,7 +121,8 @@ def clone(
     names = list(_names) if explicit else _reserve(prefix, n, engine)
     try:
         with ThreadPoolExecutor(max_workers=min(n, max_workers), thread_name_prefix="dolly-clone") as pool:
-            futures = [pool.submit(_restore_one, engine, checkpoint, image, nm, explicit, prefix) for nm in names]
+            futures = [pool.submit(_restore_one, engine, checkpoint, image, nm, explicit, prefix, progress)
+                       for nm in names]
             results: List[Tuple[Optional[Container], Optional[BaseException]]] = []
             for f in futures:
                 try:
@@ -140,7 +143,13 @@ def clone(
 
 
 def _restore_one(
-    engine: Engine, cp: Checkpoint, image: str, name: str, explicit: bool, prefix: str
+    engine: Engine,
+    cp: Checkpoint,
+    image: str,
+    name: str,
+    explicit: bool,
+    prefix: str,
+    progress: Optional[Callable[[Container], None]],
 ) -> Container:
     config, extra_networks = clone_config(cp.config, image=image, labels=_labels(cp))
     for _ in range(20):
@@ -168,7 +177,10 @@ def _restore_one(
             engine.start_from_checkpoint(cid, cp.name)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        return engine.container(cid)
+        container = engine.container(cid)
+        if progress is not None:
+            progress(container)
+        return container
     except BaseException:
         engine.remove(cid)
         raise

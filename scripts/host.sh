@@ -129,11 +129,16 @@ fi
 
 # --- 5. Python environment -----------------------------------------------------------------------
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-if ! "$VENV/bin/python" -c 'import dolly, pycriu, pytest' 2>/dev/null; then
+# Reinstalled when the project's dependencies change (setup.cfg), not on every run.
+want=$(cat "$here/setup.cfg" "$CRIU_SRC/lib/setup.py" 2>/dev/null | sha256sum | cut -c1-16)
+if [ "$(cat "$VENV/.dolly-installed" 2>/dev/null)" != "$want" ] ||
+   ! "$VENV/bin/python" -c 'import dolly, pycriu.images, pytest' 2>/dev/null; then
   log "installing the Python environment"
-  "$VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
-  "$VENV/bin/pip" install -q -e "$here[test]"
-  "$VENV/bin/pip" install -q "$CRIU_SRC/lib"
+  pipl=$VENV/pip-install.log
+  { "$VENV/bin/pip" install --upgrade pip &&
+    "$VENV/bin/pip" install -e "$here[test]" &&
+    "$VENV/bin/pip" install "$CRIU_SRC/lib"; } >"$pipl" 2>&1 || { tail -n 30 "$pipl" >&2; exit 1; }
+  echo "$want" >"$VENV/.dolly-installed"
 fi
 
 # --- 6. images -----------------------------------------------------------------------------------

@@ -1,0 +1,217 @@
+"""The `dolly` command: checkpoint, restore and clone from a shell.
+
+Tables for people, ``--json`` for scripts, a progress bar for several clones, and errors in one
+line (``--debug`` shows the traceback). Exit codes: 0 success, 1 a Dolly error (or a failing
+``doctor``), 2 a usage error, 130 interrupted.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable, Dict, List, Optional
+
+import click
+import docker
+from docker.models.containers import Container
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import dolly
+from dolly import ready
+from dolly.checkpoint import Checkpoint
+from dolly.errors import CriuError, DollyError
+
+out = Console()
+err = Console(stderr=True)
+
+
+class Context:
+    def __init__(self, as_json: bool, debug: bool, host: Optional[str]) -> None:
+        self.as_json = as_json
+        self.debug = debug
+        self.host = host
+        self._client: Optional[docker.DockerClient] = None
+
+    @property
+    def client(self) -> Optional[docker.DockerClient]:
+        if self.host and self._client is None:
+            self._client = docker.DockerClient(base_url=self.host)
+        return self._client
+
+
+def command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn Dolly's errors into one line on stderr and exit code 1."""
+
+    @functools.wraps(fn)
+    @click.pass_obj
+    def wrapper(ctx: Context, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(ctx, *args, **kwargs)
+        except (DollyError, docker.errors.DockerException) as e:
+            if ctx.debug:
+                raise
+            line = str(e).splitlines()[0]
+            if isinstance(e, CriuError) and e.log_path:
+                line += f" (CRIU log: {e.log_path})"
+            err.print(f"[red]error:[/red] {type(e).__name__}: {line}", highlight=False, soft_wrap=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.option("-H", "--host", envvar="DOCKER_HOST", help="Docker Engine URL (default: DOCKER_HOST or the local socket).")
+@click.version_option(dolly.__version__, prog_name="dolly")
+@click.pass_context
+def cli(ctx: click.Context, as_json: bool, debug: bool, host: Optional[str]) -> None:
+    """Checkpoint, restore and clone running Docker containers with CRIU."""
+    ctx.obj = Context(as_json, debug, host)
+
+
+@cli.command()
+@command
+def doctor(ctx: Context) -> None:
+    """Check the engine and CRIU, with how to fix each failing line."""
+    report = dolly.check_host(ctx.client)
+    if ctx.as_json:
+        _print_json([c.__dict__ for c in report.checks])
+    else:
+        table = Table(box=None)
+        for col in ("", "check", "found", "fix"):
+            table.add_column(col)
+        for c in report.checks:
+            table.add_row("[green]ok[/green]" if c.ok else "[red]FAIL[/red]", c.name, c.detail, "" if c.ok else c.fix)
+        out.print(table)
+    if not report.ok:
+        sys.exit(1)
+
+
+@cli.command("checkpoint")
+@click.argument("container")
+@click.argument("name", required=False)
+@click.option("--stop", is_flag=True, help="Stop the container after the dump (default: it keeps running).")
+@command
+def checkpoint_cmd(ctx: Context, container: str, name: Optional[str], stop: bool) -> None:
+    """Checkpoint a running CONTAINER (memory and files) as NAME."""
+    with err.status(f"checkpointing {container}"):
+        cp = dolly.checkpoint(container, name, leave_running=not stop, client=ctx.client)
+    _print_checkpoints(ctx, [cp])
+
+
+@cli.command("restore")
+@click.argument("container")
+@click.argument("checkpoint")
+@click.option("--name", help="The new container's name (default <source>-clone-<k>).")
+@command
+def restore_cmd(ctx: Context, container: str, checkpoint: str, name: Optional[str]) -> None:
+    """Start a new container from CONTAINER's CHECKPOINT."""
+    cp = dolly.get_checkpoint(container, checkpoint, ctx.client)
+    with err.status(f"restoring {checkpoint}"):
+        c = dolly.restore(cp, name=name, client=ctx.client)
+    _print_containers(ctx, [c])
+
+
+@cli.command("clone")
+@click.argument("container")
+@click.argument("checkpoint")
+@click.option("-n", "count", type=click.IntRange(min=1), default=1, show_default=True, help="How many clones.")
+@click.option("--prefix", help="Name clones <prefix>-<k> (default <source>-clone).")
+@command
+def clone_cmd(ctx: Context, container: str, checkpoint: str, count: int, prefix: Optional[str]) -> None:
+    """Start COUNT new containers from CONTAINER's CHECKPOINT, each with its own identity."""
+    cp = dolly.get_checkpoint(container, checkpoint, ctx.client)
+    columns = [TextColumn("cloning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=err, transient=True, disable=count == 1) as bar:
+        task = bar.add_task("clone", total=count)
+        clones = dolly.clone(cp, count, name_prefix=prefix, client=ctx.client,
+                             progress=lambda _: bar.advance(task))
+    _print_containers(ctx, clones)
+
+
+@cli.command("ls")
+@click.argument("container", required=False)
+@command
+def ls_cmd(ctx: Context, container: Optional[str]) -> None:
+    """List the checkpoints of CONTAINER, or of every container."""
+    _print_checkpoints(ctx, dolly.list_checkpoints(container, ctx.client))
+
+
+@cli.command("rm")
+@click.argument("container")
+@click.argument("checkpoints", nargs=-1, required=True)
+@command
+def rm_cmd(ctx: Context, container: str, checkpoints: List[str]) -> None:
+    """Remove CONTAINER's CHECKPOINTS."""
+    for name in checkpoints:
+        dolly.remove_checkpoint(dolly.get_checkpoint(container, name, ctx.client), ctx.client)
+        if not ctx.as_json:
+            out.print(f"removed {name}")
+    if ctx.as_json:
+        _print_json({"removed": list(checkpoints)})
+
+
+def _checkpoint_dict(cp: Checkpoint) -> Dict[str, Any]:
+    return {
+        "container_id": cp.container_id,
+        "container": cp.container_name,
+        "name": cp.name,
+        "created_at": cp.created_at.isoformat(),
+        "hostname": cp.hostname,
+        "size_bytes": cp.size,
+        "path": str(cp.path),
+    }
+
+
+def _container_dict(c: Container) -> Dict[str, Any]:
+    try:
+        ip: Optional[str] = ready.ip_address(c)
+    except DollyError:
+        ip = None
+    return {"id": c.id, "name": c.name, "hostname": c.attrs["Config"]["Hostname"], "ip": ip,
+            "status": c.status, "ports": c.ports}
+
+
+def _print_checkpoints(ctx: Context, cps: List[Checkpoint]) -> None:
+    rows = [_checkpoint_dict(cp) for cp in cps]
+    if ctx.as_json:
+        _print_json(rows)
+        return
+    table = Table(box=None)
+    for col in ("container", "checkpoint", "created (UTC)", "size", "hostname"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["container"], r["name"], r["created_at"][:19].replace("T", " "),
+                      f"{r['size_bytes'] / 2**20:.1f} MiB", r["hostname"])
+    out.print(table)
+
+
+def _print_containers(ctx: Context, containers: List[Container]) -> None:
+    rows = [_container_dict(c) for c in containers]
+    if ctx.as_json:
+        _print_json(rows)
+        return
+    table = Table(box=None)
+    for col in ("name", "hostname", "IP", "ports"):
+        table.add_column(col)
+    for r in rows:
+        ports = ", ".join(f"{b['HostIp']}:{b['HostPort']}->{p}" for p, bs in (r["ports"] or {}).items() for b in (bs or []))
+        table.add_row(r["name"], r["hostname"], r["ip"] or "", ports)
+    out.print(table)
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()
