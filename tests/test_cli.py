@@ -1,0 +1,73 @@
+"""The `dolly` command, run as a user runs it: the installed console script, in a subprocess."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import BUSYBOX, COUNTER, RUN_ID, read_int
+
+DOLLY = shutil.which("dolly") or str(Path(sys.executable).with_name("dolly"))
+
+
+def dolly_cmd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([DOLLY, *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("sub", ["", "checkpoint", "restore", "clone", "ls", "rm", "doctor"])
+def test_help(sub):
+    res = dolly_cmd(*([sub] if sub else []), "--help")
+    assert res.returncode == 0 and "Usage: dolly" in res.stdout
+
+
+def test_doctor_passes_on_this_host():
+    res = dolly_cmd("doctor")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "criu check" in res.stdout and "FAIL" not in res.stdout
+    rows = json.loads(dolly_cmd("--json", "doctor").stdout)
+    assert {r["name"] for r in rows} >= {"engine", "experimental mode", "CRIU version", "pycriu"}
+    assert all(r["ok"] for r in rows)
+
+
+def test_checkpoint_clone_restore_ls_rm(run, client):
+    source = run(BUSYBOX, ["sh", "-c", COUNTER], name=f"cli-src-{RUN_ID}")
+    time.sleep(0.5)
+    made = json.loads(dolly_cmd("--json", "checkpoint", source.name, "c1").stdout)
+    assert made[0]["name"] == "c1" and made[0]["container_id"] == source.id
+
+    res = dolly_cmd("--json", "clone", source.name, "c1", "-n", "3", "--prefix", f"cli-{RUN_ID}")
+    assert res.returncode == 0, res.stderr
+    clones = json.loads(res.stdout)
+    assert [c["name"] for c in clones] == [f"cli-{RUN_ID}-{k}" for k in (1, 2, 3)]
+    assert len({c["hostname"] for c in clones}) == len({c["ip"] for c in clones}) == 3
+    for c in clones:
+        assert read_int(client.containers.get(c["id"])) >= 1
+
+    restored = json.loads(dolly_cmd("--json", "restore", source.name, "c1", "--name", f"cli-one-{RUN_ID}").stdout)
+    assert restored[0]["name"] == f"cli-one-{RUN_ID}" and restored[0]["status"] == "running"
+
+    table = dolly_cmd("ls", source.name).stdout
+    assert "c1" in table and source.name in table
+    assert [r["name"] for r in json.loads(dolly_cmd("--json", "ls", source.id).stdout)] == ["c1"]
+    assert dolly_cmd("rm", source.name, "c1").returncode == 0
+    assert json.loads(dolly_cmd("--json", "ls", source.name).stdout) == []
+
+
+def test_errors_are_one_line_with_exit_code_1(run):
+    source = run(BUSYBOX, ["sh", "-c", COUNTER])
+    res = dolly_cmd("clone", source.id, "no-such-checkpoint")
+    assert res.returncode == 1
+    assert res.stderr.strip().startswith("error: CheckpointNotFound")
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    res = dolly_cmd("--debug", "clone", source.id, "no-such-checkpoint")
+    assert res.returncode == 1 and "Traceback" in res.stderr
+
+
+def test_usage_errors_exit_2():
+    assert dolly_cmd("clone", "x", "y", "-n", "0").returncode == 2
+    assert dolly_cmd("no-such-command").returncode == 2

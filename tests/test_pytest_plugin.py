@@ -1,0 +1,107 @@
+"""The pytest plugin, run the way users run it: pytest in a subprocess, plain and with xdist."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import docker
+import pytest
+
+from dolly.testing import RUN_LABEL, STATE_ROOT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A quick service: it writes a token into its writable layer, says "ready", then ticks.
+SUITE_HEADER = '''
+import os
+import dolly.testing
+from dolly import ready
+
+svc = dolly.testing.warm_service(
+    image="dolly/busybox",
+    command=["sh", "-c", "echo $RANDOM$RANDOM > /tmp/token; echo ready; while true; do echo tick; sleep 0.2; done"],
+    ready=ready.log("ready"),
+)
+
+def token(c):
+    return c.exec_run(["cat", "/tmp/token"]).output.decode().strip()
+'''
+
+
+def pytest_run(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+
+
+def run_containers(client: docker.DockerClient) -> list:
+    return client.containers.list(all=True, filters={"label": RUN_LABEL})
+
+
+@pytest.mark.parametrize("xdist", [[], ["-n", "2"]], ids=["plain", "xdist"])
+def test_the_example_suite_gets_warm_clones(client, xdist):
+    res = pytest_run("examples/test_warm_web.py", "-q", *xdist, cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "3 passed" in res.stdout
+    assert "dolly warm replicas" in res.stdout and "web: 3 clone(s)" in res.stdout
+    assert "saved" in res.stdout
+    assert run_containers(client) == []
+    assert not STATE_ROOT.exists() or not any(STATE_ROOT.iterdir())
+
+
+def test_xdist_workers_share_one_warm_checkpoint(client, tmp_path):
+    log = tmp_path / "seen.txt"
+    suite = tmp_path / "test_share.py"
+    suite.write_text(SUITE_HEADER + "\n".join(
+        f"def test_{i}(svc):\n"
+        f"    with open(os.environ['SEEN'], 'a') as f:\n"
+        f"        f.write(os.environ.get('PYTEST_XDIST_WORKER', '-') + ' ' + token(svc) + ' ' + svc.id + '\\n')\n"
+        f"    import time; time.sleep(0.5)\n"
+        for i in range(6)
+    ))
+    res = pytest_run(str(suite), "-q", "-n", "2", cwd=tmp_path, env={"SEEN": str(log)})
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = [line.split() for line in log.read_text().splitlines()]
+    assert len(rows) == 6
+    assert len({r[1] for r in rows}) == 1, "workers warmed the service more than once"
+    assert len({r[2] for r in rows}) == 6, "two tests shared a clone"
+    assert {r[0] for r in rows} == {"gw0", "gw1"}
+    assert run_containers(client) == []
+
+
+def test_a_failed_test_shows_its_clone_log(client, tmp_path):
+    suite = tmp_path / "test_fail.py"
+    suite.write_text(SUITE_HEADER + "\ndef test_fails(svc):\n    import time; time.sleep(0.5)\n    assert False\n")
+    res = pytest_run(str(suite), "-q", cwd=tmp_path)
+    assert res.returncode == 1
+    assert "dolly clone" in res.stdout and "tick" in res.stdout, res.stdout
+    assert run_containers(client) == []
+
+
+def test_a_killed_run_is_reaped_by_the_next(client, tmp_path):
+    suite = tmp_path / "test_hang.py"
+    suite.write_text(SUITE_HEADER + "\ndef test_hangs(svc):\n    import time; time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", str(suite)],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any("dolly.source" in c.labels for c in run_containers(client)):
+            time.sleep(0.5)
+        assert any("dolly.source" in c.labels for c in run_containers(client)), "the clone never appeared"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    left = run_containers(client)
+    assert left, "nothing was left to reap"
+
+    ok = tmp_path / "test_ok.py"
+    ok.write_text(SUITE_HEADER + "\ndef test_ok(svc):\n    assert token(svc)\n")
+    res = pytest_run(str(ok), "-q", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert run_containers(client) == []
