@@ -1,8 +1,9 @@
 """The demo service: a Python HTTP server that holds state it built at start-up.
 
 Run inside the ``dolly/python`` image as ``python3 -c <this file's text>``; knobs by environment:
-STATE_MB (size of the in-memory table, default 64), WARMUP_S (seconds spent after that building an
-index of the table: real CPU work, standing in for a service's cache or JIT warm-up; default 0),
+STATE_MB (size of the in-memory table, default 64), WARMUP_S (CPU seconds spent after that building
+an index of the table: real work, standing in for a service's cache or JIT warm-up, and CPU time,
+not wall time, so that services warming up side by side take longer, as real ones do; default 0),
 PORT (default 8000). ``GET /`` answers JSON: the kernel hostname, the token drawn at start-up (a
 clone shares its source's), the table's size and checksum, and how many requests it has served.
 """
@@ -19,8 +20,8 @@ table = [hashlib.sha256(i.to_bytes(8, "little")).digest() * 32 for i in range(ro
 checksum = hashlib.sha256(b"".join(table[:: max(1, rows // 64)])).hexdigest()[:16]
 token = os.urandom(8).hex()
 index = {}
-deadline = time.time() + float(os.environ.get("WARMUP_S", "0"))
-while time.time() < deadline:
+deadline = time.process_time() + float(os.environ.get("WARMUP_S", "0"))
+while time.process_time() < deadline:
     for _ in range(1000):
         n = len(index)
         index[hashlib.sha256(table[n % rows]).digest()[:8]] = n
