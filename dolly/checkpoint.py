@@ -7,8 +7,10 @@ source is gone:
 
     <DockerRootDir>/dolly/checkpoints/<container-id>/<name>/
         criu/              CRIU's images, as Docker wrote them
-        rootfs-diff.tar    the container's writable layer, taken while it was frozen
+        rootfs-diff.tar    the container's writable layer, taken while it was frozen (an overlay
+                           upper directory: deletions are whiteouts)
         dolly.json         the source's recorded configuration and this checkpoint's metadata
+        spec.dump          the container's OCI runtime spec, stats-dump CRIU's dump statistics
 
 Everything in the store is readable by root only: the images hold the process's memory.
 """
@@ -46,8 +48,9 @@ __all__ = ["Checkpoint", "checkpoint", "list_checkpoints", "get_checkpoint", "re
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 METADATA = "dolly.json"
 ROOTFS_DIFF = "rootfs-diff.tar"
-# What scripts/dolly-runc writes into the image folder at checkpoint time.
+# What scripts/dolly-runc writes into the image folder at checkpoint time, and where it goes.
 RUNTIME_ROOTFS_DIFF = "dolly-rootfs-diff.tar"
+RUNTIME_EXTRAS = {"dolly-spec.dump": "spec.dump", "dolly-stats-dump": "stats-dump"}
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,9 @@ def checkpoint(
                 f"{source.name}: is /usr/local/sbin/dolly-runc current? (run `make host`)"
             )
         os.rename(diff, staging / ROOTFS_DIFF)
+        for made, kept in RUNTIME_EXTRAS.items():
+            if (staging / "criu" / made).exists():
+                os.rename(staging / "criu" / made, staging / kept)
         cp = Checkpoint(
             container_id=source.id,
             container_name=source.name,

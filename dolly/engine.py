@@ -83,6 +83,13 @@ def translate_errors() -> Iterator[None]:
         raise
 
 
+def _split_tag(name: str) -> tuple[str, Optional[str]]:
+    repo, sep, tag = name.rpartition(":")
+    if sep and "/" not in tag:
+        return repo, tag
+    return name, None
+
+
 def _explain(e: docker.errors.APIError) -> str:
     return str(e.explanation or e)
 
@@ -224,6 +231,33 @@ class Engine:
                 "container was created from"
             ) from None
         return image_id
+
+    def has_image(self, image_id: str) -> bool:
+        try:
+            self._call(self.client.images.get, image_id)
+            return True
+        except (ImageNotFound, ContainerNotFound):
+            return False
+
+    def ensure_image(self, image_id: str, name: Optional[str], *, source: Optional["Engine"]) -> None:
+        """Make sure this engine has the image ``image_id``, copying it from ``source`` (docker
+        save | docker load, streamed) when it lacks it.
+
+        Raises:
+            ImageNotFound: neither this engine nor ``source`` has it.
+        """
+        if self.has_image(image_id):
+            return
+        if source is None or not source.has_image(image_id):
+            raise ImageNotFound(
+                f"the engine has no image {name or ''} ({image_id}), which the checkpoint's container "
+                "was created from" + ("" if source is None else ", and neither has image_source")
+                + ": load it, or pass image_source=<a client of an engine that has it>"
+            )
+        stream = self._call(source.client.images.get, image_id).save(named=False)
+        self._call(self.client.images.load, stream)
+        if name and not name.startswith("sha256:"):
+            self._call(self.api.tag, image_id, *_split_tag(name))
 
     def upper_dir(self, container: Container) -> Path:
         """The writable layer of ``container`` as the storage driver keeps it.

@@ -13,9 +13,19 @@
     ├── CheckpointNotFound       no such checkpoint
     ├── CheckpointExists         a checkpoint of that name exists for that container
     ├── ImageRewriteError        a CRIU image that cannot be read or rewritten
-    └── CriuError                CRIU itself failed; carries the lines of CRIU's log that matter
-        ├── CheckpointFailed     ... while dumping
-        └── RestoreFailed        ... while restoring
+    ├── CriuError                CRIU itself failed; carries the lines of CRIU's log that matter
+    │   ├── CheckpointFailed     ... while dumping
+    │   └── RestoreFailed        ... while restoring
+    ├── BundleError              a bundle that cannot be imported; nothing was extracted
+    │   ├── UnsignedBundle       it has no signature and allow_unsigned was not given
+    │   ├── UntrustedSigner      it is signed by a key that is not trusted
+    │   ├── SignatureInvalid     its manifest does not match its signature
+    │   ├── DigestMismatch       a member differs from the manifest (or is missing or extra)
+    │   ├── BundleExpired        it is past its expires_at
+    │   ├── RollbackRefused      it is older than one of its lineage already imported here
+    │   ├── DecryptionFailed     it is encrypted and the key is missing or wrong
+    │   └── UnsafeArchive        absolute paths, "..", escaping links, devices, or too large
+    └── MigrationFailed          a step of migrate failed; .step names it, the source runs again
 
 Each leaves the world as it found it: the source container running, the checkpoint usable, and
 no container half-made by Dolly left behind.
@@ -42,6 +52,16 @@ __all__ = [
     "CriuError",
     "CheckpointFailed",
     "RestoreFailed",
+    "BundleError",
+    "UnsignedBundle",
+    "UntrustedSigner",
+    "SignatureInvalid",
+    "DigestMismatch",
+    "BundleExpired",
+    "RollbackRefused",
+    "DecryptionFailed",
+    "UnsafeArchive",
+    "MigrationFailed",
 ]
 
 
@@ -130,3 +150,49 @@ class CheckpointFailed(CriuError):
 
 class RestoreFailed(CriuError):
     """Docker or CRIU could not restore the checkpoint into a new container."""
+
+
+class BundleError(DollyError):
+    """A checkpoint bundle that cannot be imported. Nothing of it was extracted or restored."""
+
+
+class UnsignedBundle(BundleError):
+    """The bundle carries no signature, and ``allow_unsigned=True`` was not given."""
+
+
+class UntrustedSigner(BundleError):
+    """The bundle is signed by a key that is not among the trusted keys."""
+
+
+class SignatureInvalid(BundleError):
+    """The manifest does not match its signature: it was altered after signing."""
+
+
+class DigestMismatch(BundleError):
+    """A member's content or size differs from the manifest, or a member is missing or extra."""
+
+
+class BundleExpired(BundleError):
+    """The bundle is past its ``expires_at``: it is not fresh."""
+
+
+class RollbackRefused(BundleError):
+    """A newer bundle of the same lineage was already imported on this engine."""
+
+
+class DecryptionFailed(BundleError):
+    """The bundle is encrypted and the key is missing or wrong, or the ciphertext was altered."""
+
+
+class UnsafeArchive(BundleError):
+    """An archive member that could write outside the target: an absolute path, "..", a link or
+    device node, or more data than the caps allow."""
+
+
+class MigrationFailed(DollyError):
+    """A step of :func:`dolly.migrate` failed. ``step`` names it; the source container is running
+    again with its state."""
+
+    def __init__(self, message: str, *, step: str) -> None:
+        self.step = step
+        super().__init__(message)

@@ -1,0 +1,209 @@
+"""Content trust for checkpoint bundles: Ed25519 signatures, keys in PEM files, AES-256-GCM at rest.
+
+    private, public = dolly.trust.generate_keypair()
+    dolly.trust.save_private_key(private, "signer.pem")        # PKCS#8, 0600
+    dolly.trust.save_public_key(public, "signer.pub.pem")      # SubjectPublicKeyInfo
+    dolly.export(cp, "web.dolly", signer=private)
+    dolly.import_bundle("web.dolly", trusted_keys=[dolly.trust.load_public_key("signer.pub.pem")])
+
+A bundle's manifest lists every member with its SHA-256 and size; the signature covers the
+manifest's exact bytes, so one signature check and one digest check per member cover the whole
+bundle. Encryption wraps the whole (compressed) archive in 4 MiB AES-256-GCM chunks, each bound to
+its position and to whether it is the last, so chunks cannot be dropped, reordered or truncated.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator, Optional, Tuple, Union
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .errors import BundleError, DecryptionFailed, InvalidArgument, SignatureInvalid, UntrustedSigner
+
+__all__ = [
+    "generate_keypair",
+    "save_private_key",
+    "load_private_key",
+    "save_public_key",
+    "load_public_key",
+    "key_id",
+    "sign",
+    "verify",
+    "generate_encryption_key",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def generate_keypair() -> Tuple[Ed25519PrivateKey, Ed25519PublicKey]:
+    """A new Ed25519 key pair: ``(private_key, public_key)``."""
+    private = Ed25519PrivateKey.generate()
+    return private, private.public_key()
+
+
+def save_private_key(key: Ed25519PrivateKey, path: PathLike, *, password: Optional[bytes] = None) -> Path:
+    """Write ``key`` as PKCS#8 PEM, readable by its owner only; encrypted when ``password`` is given."""
+    enc = serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
+    return _write_private(Path(path), data)
+
+
+def load_private_key(path: PathLike, *, password: Optional[bytes] = None) -> Ed25519PrivateKey:
+    """Raises:
+        InvalidArgument: not an Ed25519 private key in PEM (or the wrong password).
+    """
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=password)
+    except (ValueError, TypeError) as e:
+        raise InvalidArgument(f"{path} is not a usable PEM private key: {e}") from e
+    if not isinstance(key, Ed25519PrivateKey):
+        raise InvalidArgument(f"{path} holds a {type(key).__name__}, not an Ed25519 private key")
+    return key
+
+
+def save_public_key(key: Ed25519PublicKey, path: PathLike) -> Path:
+    """Write ``key`` as SubjectPublicKeyInfo PEM."""
+    path = Path(path)
+    path.write_bytes(key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return path
+
+
+def load_public_key(path: PathLike) -> Ed25519PublicKey:
+    """Raises:
+        InvalidArgument: not an Ed25519 public key in PEM.
+    """
+    try:
+        key = serialization.load_pem_public_key(Path(path).read_bytes())
+    except ValueError as e:
+        raise InvalidArgument(f"{path} is not a PEM public key: {e}") from e
+    if not isinstance(key, Ed25519PublicKey):
+        raise InvalidArgument(f"{path} holds a {type(key).__name__}, not an Ed25519 public key")
+    return key
+
+
+def key_id(key: Union[Ed25519PublicKey, Ed25519PrivateKey]) -> str:
+    """A short, stable name for a key: the first 16 hex digits of SHA-256 of its raw public bytes."""
+    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def sign(key: Ed25519PrivateKey, data: bytes) -> bytes:
+    if not isinstance(key, Ed25519PrivateKey):
+        raise InvalidArgument(f"signer must be an Ed25519 private key, got {type(key).__name__}")
+    return key.sign(data)
+
+
+def verify(data: bytes, signature: bytes, signer_id: str, trusted: Iterable[Ed25519PublicKey]) -> str:
+    """Check that ``signature`` over ``data`` is by a trusted key; returns that key's id.
+
+    Raises:
+        UntrustedSigner: no trusted key has the id the bundle names.
+        SignatureInvalid: the trusted key with that id did not make this signature.
+    """
+    keys = {key_id(k): k for k in trusted}
+    key = keys.get(signer_id)
+    if key is None:
+        raise UntrustedSigner(
+            f"the bundle is signed by key {signer_id}, which is not among the trusted keys "
+            f"({', '.join(sorted(keys)) or 'none given'})"
+        )
+    try:
+        key.verify(signature, data)
+    except InvalidSignature:
+        raise SignatureInvalid(f"the manifest's signature does not verify with key {signer_id}: "
+                               "the bundle was altered after signing") from None
+    return signer_id
+
+
+# --- encryption at rest ----------------------------------------------------------------------------
+
+MAGIC = b"DOLLYENC1\n"
+CHUNK = 4 << 20
+_TAG = 16
+
+
+def generate_encryption_key() -> bytes:
+    """A new random 256-bit key for :func:`dolly.export`'s ``encryption_key``."""
+    return AESGCM.generate_key(bit_length=256)
+
+
+def _aead(key: bytes) -> AESGCM:
+    if not isinstance(key, (bytes, bytearray)) or len(key) != 32:
+        raise InvalidArgument("an encryption key is 32 bytes (AES-256): see dolly.trust.generate_encryption_key()")
+    return AESGCM(bytes(key))
+
+
+def _nonce(prefix: bytes, index: int) -> bytes:
+    return prefix + struct.pack(">I", index)
+
+
+def encrypt_stream(key: bytes, src: BinaryIO, dst: BinaryIO) -> None:
+    """Encrypt ``src`` into ``dst``: MAGIC, an 8-byte nonce prefix, then sealed chunks."""
+    aead = _aead(key)
+    prefix = os.urandom(8)
+    dst.write(MAGIC + prefix)
+    index = 0
+    chunk = src.read(CHUNK)
+    while True:
+        nxt = src.read(CHUNK)
+        last = not nxt
+        aad = MAGIC + struct.pack(">IB", index, last)
+        dst.write(aead.encrypt(_nonce(prefix, index), chunk, aad))
+        if last:
+            return
+        chunk, index = nxt, index + 1
+
+
+def is_encrypted(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
+
+
+def decrypt_chunks(key: Optional[bytes], src: BinaryIO) -> Iterator[bytes]:
+    """The plaintext of an encrypted bundle, chunk by chunk, each authenticated before it is
+    yielded.
+
+    Raises:
+        DecryptionFailed: no key, the wrong key, or a ciphertext that was altered or cut short.
+    """
+    if key is None:
+        raise DecryptionFailed("the bundle is encrypted: pass encryption_key")
+    aead = _aead(key)
+    if src.read(len(MAGIC)) != MAGIC:
+        raise BundleError("not an encrypted Dolly bundle")
+    prefix = src.read(8)
+    index = 0
+    while True:
+        sealed = src.read(CHUNK + _TAG)
+        if not sealed:
+            raise DecryptionFailed("the encrypted bundle is cut short")
+        last = len(sealed) < CHUNK + _TAG or not _peek(src)
+        try:
+            yield aead.decrypt(_nonce(prefix, index), sealed, MAGIC + struct.pack(">IB", index, last))
+        except InvalidTag:
+            raise DecryptionFailed("cannot decrypt the bundle: wrong key, or the ciphertext was altered") from None
+        if last:
+            return
+        index += 1
+
+
+def _peek(f: BinaryIO) -> bool:
+    pos = f.tell()
+    more = bool(f.read(1))
+    f.seek(pos)
+    return more
+
+
+def _write_private(path: Path, data: bytes) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
+    return path
