@@ -3,22 +3,31 @@
     >>> import dolly
     >>> cp = dolly.checkpoint("web")           # memory and files, the container keeps running
     >>> replicas = dolly.clone(cp, 3)          # three warm copies, each its own name, host and IP
+    >>> dolly.migrate("web", other_engine)     # live migration to another Docker Engine
 """
+from . import trust
+from .bundle import export, import_bundle
 from .checkpoint import Checkpoint, checkpoint, get_checkpoint, list_checkpoints, remove_checkpoint
 from .errors import DollyError
 from .host import HostReport, check_host
+from .migrate import Migration, migrate
 from .restore import clone, restore
 
 __all__ = [
     "Checkpoint",
     "DollyError",
     "HostReport",
+    "Migration",
     "check_host",
     "checkpoint",
     "clone",
+    "export",
     "get_checkpoint",
+    "import_bundle",
     "list_checkpoints",
+    "migrate",
     "remove_checkpoint",
     "restore",
+    "trust",
 ]
 __version__ = "0.1.0"

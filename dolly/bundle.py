@@ -55,7 +55,7 @@ from .errors import (
     UnsignedBundle,
 )
 
-__all__ = ["export", "import_bundle", "read_manifest", "DEFAULT_MAX_BYTES"]
+__all__ = ["export", "import_bundle", "read_manifest", "transfer", "DEFAULT_MAX_BYTES"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 FORMAT = "dolly-bundle/1"
@@ -584,3 +584,25 @@ def _sha256_stream(f: Any) -> str:
         h.update(chunk)
     return h.hexdigest()
 
+
+
+def transfer(
+    checkpoint: Checkpoint,
+    target: docker.DockerClient,
+    *,
+    source: Optional[docker.DockerClient] = None,
+    compression: str = "none",
+) -> Checkpoint:
+    """Copy a checkpoint to another engine: a bundle signed with a key made for this one copy,
+    imported on the target with only that key trusted, with the image copied if it lacks it.
+
+    Raises:
+        the errors of :func:`export` and :func:`import_bundle`.
+    """
+    private, public = trust.generate_keypair()
+    spool = Engine.of(target).store_dir.parent / "spool"
+    spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=spool) as tmp:
+        path = export(checkpoint, Path(tmp) / "transfer.dolly", signer=private, compression=compression,
+                      expires_in=timedelta(hours=1), client=source)
+        return import_bundle(path, client=target, trusted_keys=[public], image_source=source or Engine.of(None).client)

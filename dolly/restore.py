@@ -19,7 +19,7 @@ import re
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import docker
 from docker.models.containers import Container
@@ -29,7 +29,7 @@ from .checkpoint import Checkpoint, require
 from .engine import RUNTIME, Engine
 from .errors import InvalidArgument, NameConflict
 
-__all__ = ["restore", "clone", "allocate_names", "clone_config"]
+__all__ = ["restore", "clone", "resume", "allocate_names", "clone_config"]
 
 LABEL_SOURCE = "dolly.source"
 LABEL_CHECKPOINT = "dolly.checkpoint"
@@ -80,6 +80,7 @@ def clone(
     *,
     name_prefix: Optional[str] = None,
     client: Optional[docker.DockerClient] = None,
+    engines: Optional[Sequence[docker.DockerClient]] = None,
     max_workers: int = MAX_WORKERS,
     progress: Optional[Callable[[Container], None]] = None,
     _names: Optional[List[str]] = None,
@@ -92,7 +93,10 @@ def clone(
         name_prefix: clones are named ``<prefix>-<k>`` with the lowest free k's;
             default prefix ``<source>-clone``.
         client: the engine; default ``docker.from_env()``.
-        max_workers: how many clones are prepared and started concurrently.
+        engines: spread the clones round-robin over these engines (clients). The checkpoint is
+            copied to each engine that lacks it as a signed bundle, with its image, and that copy
+            is removed again afterwards. The list is in engine order, then name order.
+        max_workers: how many clones are prepared and started concurrently (per engine).
         progress: called with each clone as soon as it runs (from a worker thread).
 
     Returns:
@@ -111,6 +115,9 @@ def clone(
     if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
         raise InvalidArgument(f"max_workers must be an int of 1 or more, got {max_workers!r}")
     require(checkpoint)
+    if engines is not None:
+        return _clone_across(checkpoint, n, list(engines), home=client, name_prefix=name_prefix,
+                             max_workers=max_workers, progress=progress)
     engine = Engine.of(client)
     criu.require_version()
     engine.require_checkpoint_support()
@@ -140,6 +147,82 @@ def clone(
                 engine.remove(c.id)
         raise errors[0]
     return [c for c, _ in results if c is not None]
+
+
+def _clone_across(
+    cp: Checkpoint,
+    n: int,
+    engines: List[docker.DockerClient],
+    *,
+    home: Optional[docker.DockerClient],
+    name_prefix: Optional[str],
+    max_workers: int,
+    progress: Optional[Callable[[Container], None]],
+) -> List[Container]:
+    from .bundle import transfer  # bundles build on checkpoints; only this path needs them
+
+    if not engines:
+        raise InvalidArgument("engines must name at least one engine")
+    owners = [c for c in [home, *engines] if c is not None and _holds(c, cp)]
+    source = owners[0] if owners else Engine.of(home).client
+    counts = [n // len(engines) + (1 if i < n % len(engines) else 0) for i in range(len(engines))]
+
+    def on(engine_client: docker.DockerClient, count: int) -> List[Container]:
+        if _holds(engine_client, cp):
+            return clone(cp, count, name_prefix=name_prefix, client=engine_client,
+                         max_workers=max_workers, progress=progress)
+        copy = transfer(cp, engine_client, source=source)
+        try:
+            return clone(copy, count, name_prefix=name_prefix, client=engine_client,
+                         max_workers=max_workers, progress=progress)
+        finally:
+            from .checkpoint import remove_checkpoint
+
+            remove_checkpoint(copy)
+
+    jobs = [(c, k) for c, k in zip(engines, counts) if k > 0]
+    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="dolly-engine") as pool:
+        futures = [pool.submit(on, c, k) for c, k in jobs]
+        outcomes: List[Tuple[List[Container], Optional[BaseException]]] = []
+        for f in futures:
+            try:
+                outcomes.append((f.result(), None))
+            except BaseException as e:  # noqa: B902 - collected, then re-raised below
+                outcomes.append(([], e))
+    errors = [e for _, e in outcomes if e is not None]
+    if errors:
+        for made, _ in outcomes:
+            for c in made:
+                Engine.of(c.client).remove(c.id)
+        raise errors[0]
+    return [c for made, _ in outcomes for c in made]
+
+
+def _holds(client: docker.DockerClient, cp: Checkpoint) -> bool:
+    """Whether ``cp`` is in ``client``'s engine's store."""
+    try:
+        return cp.path.is_relative_to(Engine.of(client).store_dir)
+    except Exception:  # an engine that does not answer holds nothing we can use
+        return False
+
+
+def resume(checkpoint: Checkpoint, container_id: str, *, client: Optional[docker.DockerClient] = None) -> Container:
+    """Start the stopped container that ``checkpoint`` was taken of from that checkpoint, as
+    itself (same container, name and hostname). Its writable layer is its own, unchanged since a
+    checkpoint that stopped it. Used to put a migration's source back.
+
+    Raises:
+        RestoreFailed: CRIU failed; the container stays stopped and the checkpoint is kept.
+    """
+    engine = Engine.of(client)
+    folder = engine.checkpoints_dir(container_id) / checkpoint.name
+    shutil.rmtree(folder, ignore_errors=True)
+    _place_images(checkpoint, folder, hostname=checkpoint.hostname)
+    try:
+        engine.start_from_checkpoint(container_id, checkpoint.name)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return engine.container(container_id)
 
 
 def _restore_one(

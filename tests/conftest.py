@@ -16,6 +16,7 @@ import pytest
 import dolly
 from dolly.engine import Engine
 
+from engines import SecondEngine
 from helpers import BUSYBOX, COUNTER, RUN_ID, TEST_LABEL
 
 
@@ -112,6 +113,18 @@ def network(client: docker.DockerClient, engine: Engine) -> Iterator:
         for c in net.containers:
             discard(c, engine)
         net.remove()
+
+
+@pytest.fixture(scope="session")
+def engine_b() -> Iterator[docker.DockerClient]:
+    """A second Docker Engine on this machine, as a second host: its own data root, bridge and
+    containerd, experimental mode and Dolly's runtime, like `make host` sets up the first."""
+    second = SecondEngine("b", experimental=True, subnet="10.213.101.1/24")
+    client = second.start()
+    try:
+        yield client
+    finally:
+        second.stop()
 
 
 @pytest.fixture(scope="session")
