@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import click
@@ -19,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import dolly
-from dolly import ready
+from dolly import ready, trust
 from dolly.checkpoint import Checkpoint
 from dolly.errors import CriuError, DollyError
 
@@ -127,7 +129,7 @@ def clone_cmd(ctx: Context, container: str, checkpoint: str, count: int, prefix:
     """Start COUNT new containers from CONTAINER's CHECKPOINT, each with its own identity."""
     cp = dolly.get_checkpoint(container, checkpoint, ctx.client)
     columns = [TextColumn("cloning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=err, transient=True, disable=count == 1) as bar:
+    with Progress(*columns, console=err, transient=True, disable=count == 1 or not err.is_terminal) as bar:
         task = bar.add_task("clone", total=count)
         clones = dolly.clone(cp, count, name_prefix=prefix, client=ctx.client,
                              progress=lambda _: bar.advance(task))
@@ -154,6 +156,95 @@ def rm_cmd(ctx: Context, container: str, checkpoints: List[str]) -> None:
             out.print(f"removed {name}")
     if ctx.as_json:
         _print_json({"removed": list(checkpoints)})
+
+
+def _working(text: str) -> Progress:
+    """A bar for steps whose length is not known up front (export, import, migrate)."""
+    return Progress(TextColumn(text), BarColumn(), TimeElapsedColumn(), console=err, transient=True,
+                    disable=not err.is_terminal)
+
+
+@cli.command("keygen")
+@click.argument("private_pem", type=click.Path(dir_okay=False))
+@click.argument("public_pem", type=click.Path(dir_okay=False))
+@command
+def keygen_cmd(ctx: Context, private_pem: str, public_pem: str) -> None:
+    """Make an Ed25519 key pair for signing bundles: PRIVATE_PEM (0600) and PUBLIC_PEM."""
+    private, public = trust.generate_keypair()
+    trust.save_private_key(private, private_pem)
+    trust.save_public_key(public, public_pem)
+    if ctx.as_json:
+        _print_json({"key_id": trust.key_id(public), "private": private_pem, "public": public_pem})
+    else:
+        out.print(f"key {trust.key_id(public)}: {private_pem}, {public_pem}")
+
+
+@cli.command("export")
+@click.argument("container")
+@click.argument("checkpoint")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False), help="Sign with this PEM private key.")
+@click.option("--compression", type=click.Choice(["zstd", "gzip", "none"]), default="zstd", show_default=True)
+@click.option("--encrypt", "key_file", type=click.Path(exists=True, dir_okay=False),
+              help="Encrypt with the 32-byte key in this file (AES-256-GCM).")
+@click.option("--expires-in", type=click.FloatRange(min=0, min_open=True), default=168.0, show_default=True,
+              help="Hours the bundle stays fresh.")
+@command
+def export_cmd(ctx: Context, container: str, checkpoint: str, path: str, sign_key: Optional[str],
+               compression: str, key_file: Optional[str], expires_in: float) -> None:
+    """Write CONTAINER's CHECKPOINT as a bundle at PATH, for another engine."""
+    cp = dolly.get_checkpoint(container, checkpoint, ctx.client)
+    signer = trust.load_private_key(sign_key) if sign_key else None
+    with _working("exporting") as bar:
+        bar.add_task("export", total=None)
+        written = dolly.export(cp, path, signer=signer, compression=compression, client=ctx.client,
+                               encryption_key=_read_key(key_file), expires_in=timedelta(hours=expires_in))
+    if ctx.as_json:
+        _print_json({"path": str(written), "size_bytes": written.stat().st_size})
+    else:
+        out.print(f"{written} ({written.stat().st_size / 2**20:.1f} MiB)")
+
+
+@cli.command("import")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--trust", "trusted", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="A PEM public key whose signature is accepted (repeatable).")
+@click.option("--allow-unsigned", is_flag=True, help="Accept a bundle without a trusted signature.")
+@click.option("--image-from", help="Engine URL to copy the image from when this engine lacks it.")
+@click.option("--decrypt", "key_file", type=click.Path(exists=True, dir_okay=False),
+              help="The 32-byte key file the bundle was encrypted with.")
+@command
+def import_cmd(ctx: Context, path: str, trusted: List[str], allow_unsigned: bool, image_from: Optional[str],
+               key_file: Optional[str]) -> None:
+    """Verify the bundle at PATH and make it a checkpoint on this engine."""
+    source = docker.DockerClient(base_url=image_from) if image_from else None
+    with _working("importing") as bar:
+        bar.add_task("import", total=None)
+        cp = dolly.import_bundle(path, client=ctx.client, trusted_keys=[trust.load_public_key(k) for k in trusted],
+                                 allow_unsigned=allow_unsigned, image_source=source,
+                                 encryption_key=_read_key(key_file))
+    _print_checkpoints(ctx, [cp])
+
+
+@cli.command("migrate")
+@click.argument("container")
+@click.option("--to", "target", required=True, help="The target engine's URL (unix://, tcp://, ssh://).")
+@command
+def migrate_cmd(ctx: Context, container: str, target: str) -> None:
+    """Move a running CONTAINER to another engine, memory and files, under the same name."""
+    with _working(f"migrating {container}") as bar:
+        bar.add_task("migrate", total=None)
+        moved = dolly.migrate(container, docker.DockerClient(base_url=target), source_client=ctx.client)
+    if ctx.as_json:
+        _print_json({**_container_dict(moved.container), "downtime_s": moved.downtime, "steps_s": moved.steps})
+    else:
+        _print_containers(ctx, [moved.container])
+        out.print(f"downtime {moved.downtime:.2f} s (" +
+                  ", ".join(f"{k} {v:.2f} s" for k, v in moved.steps.items()) + ")")
+
+
+def _read_key(path: Optional[str]) -> Optional[bytes]:
+    return Path(path).read_bytes() if path else None
 
 
 def _checkpoint_dict(cp: Checkpoint) -> Dict[str, Any]:

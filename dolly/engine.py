@@ -135,6 +135,12 @@ class Engine:
         return bool(self._call(self.api.version).get("Experimental"))
 
     @property
+    def identity(self) -> tuple:
+        """What tells two engines apart. The engine ID alone does not: engines on one host that
+        share /etc/docker share their ID; their data roots differ."""
+        return (self.info().get("ID"), self.info().get("DockerRootDir"))
+
+    @property
     def root_dir(self) -> Path:
         return Path(self.info()["DockerRootDir"])
 

@@ -80,7 +80,7 @@ def migrate(
     source_engine.require_checkpoint_support()
     target_engine.require_checkpoint_support()
     source = source_engine.container(container)
-    if source_engine.info().get("ID") == target_engine.info(refresh=True).get("ID"):
+    if source_engine.identity == target_engine.identity:
         raise InvalidArgument("the target engine is the source engine: use dolly.clone or dolly.restore")
     if not source.attrs["State"].get("Running") or source.attrs["State"].get("Paused"):
         raise ContainerNotRunning(f"container {source.name} is {source.status}, not running")

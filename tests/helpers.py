@@ -11,6 +11,7 @@ TEST_LABEL = "dolly.test"
 RUN_ID = uuid.uuid4().hex[:10]
 BUSYBOX = "dolly/busybox"
 PYTHON = "dolly/python"
+ENGINE_B_URL = "unix:///run/dolly-test-b.sock"  # the second engine's socket (tests/engines.py)
 
 # A counter that writes its value to stdout and to a file in the writable layer, 10 times a second
 # (by rename, so that a reader never sees the file empty).

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import BUSYBOX, COUNTER, RUN_ID, read_int
+from helpers import BUSYBOX, COUNTER, ENGINE_B_URL, RUN_ID, read_int
 
 DOLLY = shutil.which("dolly") or str(Path(sys.executable).with_name("dolly"))
 
@@ -19,7 +19,8 @@ def dolly_cmd(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([DOLLY, *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("sub", ["", "checkpoint", "restore", "clone", "ls", "rm", "doctor"])
+@pytest.mark.parametrize("sub", ["", "checkpoint", "restore", "clone", "ls", "rm", "doctor",
+                                 "keygen", "export", "import", "migrate"])
 def test_help(sub):
     res = dolly_cmd(*([sub] if sub else []), "--help")
     assert res.returncode == 0 and "Usage: dolly" in res.stdout
@@ -71,3 +72,30 @@ def test_errors_are_one_line_with_exit_code_1(run):
 def test_usage_errors_exit_2():
     assert dolly_cmd("clone", "x", "y", "-n", "0").returncode == 2
     assert dolly_cmd("no-such-command").returncode == 2
+
+
+def test_keygen_export_import_migrate(run, client, engine_b, tmp_path):
+    b_url = ENGINE_B_URL
+    source = run(BUSYBOX, ["sh", "-c", COUNTER], name=f"cli-mig-{RUN_ID}")
+    time.sleep(0.5)
+    assert dolly_cmd("keygen", str(tmp_path / "k.pem"), str(tmp_path / "k.pub")).returncode == 0
+    assert dolly_cmd("checkpoint", source.name, "e1").returncode == 0
+    res = dolly_cmd("--json", "export", source.name, "e1", str(tmp_path / "e1.dolly"), "--sign", str(tmp_path / "k.pem"))
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["size_bytes"] > 0
+
+    unsigned = dolly_cmd("-H", b_url, "import", str(tmp_path / "e1.dolly"))
+    assert unsigned.returncode == 1 and unsigned.stderr.startswith("error: UntrustedSigner")
+    res = dolly_cmd("-H", b_url, "--json", "import", str(tmp_path / "e1.dolly"), "--trust", str(tmp_path / "k.pub"),
+                    "--image-from", "unix:///var/run/docker.sock")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)[0]["name"] == "e1"
+    assert dolly_cmd("-H", b_url, "rm", source.id, "e1").returncode == 0
+    assert dolly_cmd("rm", source.name, "e1").returncode == 0
+
+    res = dolly_cmd("--json", "migrate", source.name, "--to", b_url)
+    assert res.returncode == 0, res.stderr
+    moved = json.loads(res.stdout)
+    assert moved["name"] == source.name and moved["downtime_s"] > 0
+    assert read_int(engine_b.containers.get(moved["id"])) >= 1
+    engine_b.containers.get(moved["id"]).remove(force=True)
