@@ -22,7 +22,9 @@ RUNTIME_BIN=/usr/local/sbin/dolly-runc
 log() { printf 'host: %s\n' "$*" >&2; }
 
 [ "$(id -u)" = 0 ] || { log "must run as root (CRIU and the Docker Engine need it)"; exit 1; }
-export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH
+# Appended, not prepended: the caller's python3 comes first (Debian 12's own 3.11.2 lacks
+# tarfile's extraction filters, which bundle import needs).
+export PATH=$PATH:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export DEBIAN_FRONTEND=noninteractive
 
 # --- 1. packages ---------------------------------------------------------------------------------
@@ -128,7 +130,18 @@ else
 fi
 
 # --- 5. Python environment -----------------------------------------------------------------------
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+has_filters='import sys, tarfile; sys.exit(not hasattr(tarfile, "data_filter"))'
+if [ -x "$VENV/bin/python" ] && ! "$VENV/bin/python" -c "$has_filters"; then
+  rm -rf "$VENV"  # made with a Python that lacks tarfile's extraction filters
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+  py=
+  for candidate in python3 python3.13 python3.12 python3.11; do
+    if command -v "$candidate" >/dev/null && "$candidate" -c "$has_filters" 2>/dev/null; then py=$candidate; break; fi
+  done
+  [ -n "$py" ] || { log "no Python with tarfile extraction filters (3.11.4 or newer) on PATH"; exit 1; }
+  "$py" -m venv "$VENV"
+fi
 # Reinstalled when the project's dependencies change (setup.cfg), not on every run.
 want=$(cat "$here/setup.cfg" "$CRIU_SRC/lib/setup.py" 2>/dev/null | sha256sum | cut -c1-16)
 if [ "$(cat "$VENV/.dolly-installed" 2>/dev/null)" != "$want" ] ||
