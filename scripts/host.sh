@@ -136,7 +136,7 @@ if [ -x "$VENV/bin/python" ] && ! "$VENV/bin/python" -c "$has_filters"; then
 fi
 if [ ! -x "$VENV/bin/python" ]; then
   py=
-  for candidate in python3 python3.13 python3.12 python3.11; do
+  for candidate in python3 python3.13 python3.12 python3.11 "$HOME"/.pyenv/shims/python3 /root/.pyenv/versions/*/bin/python3; do
     if command -v "$candidate" >/dev/null && "$candidate" -c "$has_filters" 2>/dev/null; then py=$candidate; break; fi
   done
   [ -n "$py" ] || { log "no Python with tarfile extraction filters (3.11.4 or newer) on PATH"; exit 1; }
