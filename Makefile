@@ -1,7 +1,7 @@
 # Everything needs root: Docker Engine and CRIU do.
 PY := .venv/bin/python
 
-.PHONY: host demo test clean-host
+.PHONY: host demo test bench
 
 ## host: install and start what Dolly needs (Docker Engine, CRIU 4.2, pycriu, images); idempotent
 host:
@@ -14,3 +14,8 @@ demo: host
 ## test: the whole test suite against the real engine and CRIU
 test: host
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## bench: Dolly against Podman and Docker by hand (benchmarks/README.md); BENCH_ARGS to narrow it
+bench: host
+	@scripts/bench-setup.sh
+	@$(PY) benchmarks/bench.py $(BENCH_ARGS)

@@ -174,15 +174,20 @@ def checkpoint(
         raise CheckpointExists(f"container {source.name} already has a checkpoint named {name!r}")
     _make_private_dir(folder)
 
-    # Docker refuses a custom checkpoint folder: let it write into the container's own, under a
-    # name of our own, then take the folder over.
+    # Docker refuses a custom checkpoint folder: it writes into the container's own, under a name
+    # of ours. Dolly's runtime has CRIU dump into the spool folder made here instead, so that the
+    # images skip Docker's copy through containerd; Docker's folder then holds nothing we need.
     docker_name = f"dolly-{uuid.uuid4().hex[:16]}"
     staging = folder / f".{docker_name}"
+    spool = engine.spool_dir / f"{source.id}.checkpoint"
+    shutil.rmtree(spool, ignore_errors=True)
+    spool.mkdir(mode=0o700, parents=True)
     created_at = datetime.now(timezone.utc)
-    images = engine.create_checkpoint(source.id, docker_name, exit=not leave_running)
+    images = engine.checkpoints_dir(source.id) / docker_name
     try:
+        engine.create_checkpoint(source.id, docker_name, exit=not leave_running)
         staging.mkdir(mode=0o700)
-        os.rename(images, staging / "criu")
+        os.rename(spool if any(spool.iterdir()) else images, staging / "criu")
         diff = staging / "criu" / RUNTIME_ROOTFS_DIFF
         if not diff.exists():
             raise CheckpointFailed(
@@ -209,8 +214,8 @@ def checkpoint(
             raise CheckpointExists(f"container {source.name} already has a checkpoint named {name!r}") from e
         return cp
     finally:
-        shutil.rmtree(images, ignore_errors=True)
-        shutil.rmtree(staging, ignore_errors=True)
+        for leftover in (images, staging, spool):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def list_checkpoints(

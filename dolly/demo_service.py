@@ -4,6 +4,7 @@ Run inside the ``dolly/python`` image as ``python3 -c <this file's text>``; knob
 STATE_MB (size of the in-memory table, default 64), WARMUP_S (CPU seconds spent after that building
 an index of the table: real work, standing in for a service's cache or JIT warm-up, and CPU time,
 not wall time, so that services warming up side by side take longer, as real ones do; default 0),
+RANDOM_STATE (non-empty: fill the table with random bytes rather than repeating digests),
 PORT (default 8000). ``GET /`` answers JSON: the kernel hostname, the token drawn at start-up (a
 clone shares its source's), the table's size and checksum, and how many requests it has served.
 """
@@ -16,7 +17,10 @@ import time
 
 started = time.time()
 rows = int(os.environ.get("STATE_MB", "64")) * 1024
-table = [hashlib.sha256(i.to_bytes(8, "little")).digest() * 32 for i in range(rows)]  # 1 KiB rows
+if os.environ.get("RANDOM_STATE"):  # incompressible, like most real state
+    table = [os.urandom(1024) for _ in range(rows)]
+else:
+    table = [hashlib.sha256(i.to_bytes(8, "little")).digest() * 32 for i in range(rows)]  # 1 KiB rows
 checksum = hashlib.sha256(b"".join(table[:: max(1, rows // 64)])).hexdigest()[:16]
 token = os.urandom(8).hex()
 index = {}

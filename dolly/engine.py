@@ -150,6 +150,12 @@ class Engine:
         filesystem, so that taking a checkpoint over from Docker is a rename, not a copy."""
         return self.root_dir / "dolly" / "checkpoints"
 
+    @property
+    def spool_dir(self) -> Path:
+        """Where CRIU reads and writes images directly, bypassing Docker's copy through containerd
+        (see scripts/dolly-runc): ``<id>.checkpoint`` and ``<id>.restore`` folders, short-lived."""
+        return self.root_dir / "dolly" / "spool"
+
     def require_checkpoint_support(self) -> None:
         """Raises:
             HostNotReady: the engine is not in experimental mode, lacks Dolly's runtime, or its

@@ -215,13 +215,7 @@ def resume(checkpoint: Checkpoint, container_id: str, *, client: Optional[docker
         RestoreFailed: CRIU failed; the container stays stopped and the checkpoint is kept.
     """
     engine = Engine.of(client)
-    folder = engine.checkpoints_dir(container_id) / checkpoint.name
-    shutil.rmtree(folder, ignore_errors=True)
-    _place_images(checkpoint, folder, hostname=checkpoint.hostname)
-    try:
-        engine.start_from_checkpoint(container_id, checkpoint.name)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    _start_from(engine, checkpoint, container_id, hostname=checkpoint.hostname)
     return engine.container(container_id)
 
 
@@ -254,12 +248,7 @@ def _restore_one(
             engine.connect(cid, network, endpoint)
         created = engine.container(cid)
         rootfs.apply_diff(cp.rootfs_diff, engine.upper_dir(created))
-        folder = engine.checkpoints_dir(cid) / cp.name
-        _place_images(cp, folder, hostname=created.attrs["Config"]["Hostname"])
-        try:
-            engine.start_from_checkpoint(cid, cp.name)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        _start_from(engine, cp, cid, hostname=created.attrs["Config"]["Hostname"])
         container = engine.container(cid)
         if progress is not None:
             progress(container)
@@ -269,10 +258,32 @@ def _restore_one(
         raise
 
 
+def _start_from(engine: Engine, cp: Checkpoint, container_id: str, *, hostname: str) -> None:
+    """Start a created (or stopped) container from ``cp`` with ``hostname`` in the kernel.
+
+    The images go, as hard links, into a spool folder that Dolly's runtime hands to CRIU
+    directly; the container's checkpoints folder, which Docker copies through containerd on
+    every start, holds only the file naming that folder.
+    """
+    images = engine.spool_dir / f"{container_id}.restore"
+    folder = engine.checkpoints_dir(container_id) / cp.name
+    for old in (images, folder):
+        shutil.rmtree(old, ignore_errors=True)
+    try:
+        _place_images(cp, images, hostname=hostname)
+        os.makedirs(folder, mode=0o700)
+        with open(os.path.join(folder, "dolly-images"), "w") as f:
+            f.write(str(images))
+        engine.start_from_checkpoint(container_id, cp.name)
+    finally:
+        for done in (images, folder):
+            shutil.rmtree(done, ignore_errors=True)
+
+
 def _place_images(cp: Checkpoint, folder: "os.PathLike[str]", *, hostname: str) -> None:
     """The checkpoint's images as hard links in ``folder`` (no data copied), except the UTS
     image, which is rewritten with ``hostname``."""
-    os.makedirs(folder, mode=0o700)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
     uts = set(criu.uts_images(cp.images_dir))
     for src in cp.images_dir.iterdir():
         dst = os.path.join(folder, src.name)
