@@ -168,12 +168,16 @@ class DockerByHand:
         source, name = cp
         t = time.perf_counter()
         made = []
-        for _ in range(n):
-            c = self.client.containers.create(source.attrs["Config"]["Image"], source.attrs["Config"]["Cmd"],
-                                              environment=source.attrs["Config"]["Env"], labels={LABEL: "1"})
-            shutil.copytree(self.engine.checkpoints_dir(source.id) / name, self.engine.checkpoints_dir(c.id) / name)
-            subprocess.run(["docker", "start", "--checkpoint", name, c.id], check=True, capture_output=True)
-            made.append(c)
+        try:
+            for _ in range(n):
+                c = self.client.containers.create(source.attrs["Config"]["Image"], source.attrs["Config"]["Cmd"],
+                                                  environment=source.attrs["Config"]["Env"], labels={LABEL: "1"})
+                made.append(c)
+                shutil.copytree(self.engine.checkpoints_dir(source.id) / name, self.engine.checkpoints_dir(c.id) / name)
+                subprocess.run(["docker", "start", "--checkpoint", name, c.id], check=True, capture_output=True, text=True)
+        except BaseException:
+            self.remove(made)
+            raise
         all_answer([lambda c=c: docker_ip(c) for c in made])
         return time.perf_counter() - t, made
 
@@ -239,6 +243,15 @@ class PodmanRunner:
 
 def measure(runner, w: Workload, repeats: int, clone_ns: List[int], results: dict, *, cold: bool = True) -> None:
     row = results.setdefault(w.name, {}).setdefault(runner.name, {})
+    try:
+        _measure(runner, w, repeats, clone_ns, row, cold=cold)
+    except (subprocess.CalledProcessError, dolly.DollyError, docker.errors.DockerException, TimeoutError) as e:
+        detail = e.stderr.strip().splitlines()[-1] if isinstance(e, subprocess.CalledProcessError) and e.stderr else str(e)
+        row["failed"] = f"{type(e).__name__}: {detail}"[:300]
+        print(f"  {w.name:<8} {runner.name:<12} FAILED {row['failed']}", flush=True)
+
+
+def _measure(runner, w: Workload, repeats: int, clone_ns: List[int], row: dict, *, cold: bool) -> None:
     colds, cps, clones, mems = [], [], {n: [] for n in clone_ns}, []
     for _ in range(repeats):
         source = None
@@ -254,9 +267,11 @@ def measure(runner, w: Workload, repeats: int, clone_ns: List[int], results: dic
             for n in clone_ns:
                 took, made = runner.clone(cp, n)
                 clones[n].append(took)
-                if n == clone_ns[-1] and hasattr(runner, "memory_mb"):
-                    mems.append(runner.memory_mb(made))
-                runner.remove(made)
+                try:
+                    if n == clone_ns[-1] and hasattr(runner, "memory_mb"):
+                        mems.append(runner.memory_mb(made))
+                finally:
+                    runner.remove(made)
         finally:
             if cp is not None:
                 runner.drop(cp)
@@ -328,6 +343,9 @@ def table(results: dict) -> str:
             ratios.append(f"clone/podman restore {d['clone1_s'] / p['clone1_s']:.2f}")
         if d.get("clone1_s") and d.get("cold_s"):
             ratios.append(f"clone/cold start {d['clone1_s'] / d['cold_s']:.2f}")
+        for tool, row in tools.items():
+            if row.get("failed"):
+                lines.append(f"{'':<9}{tool:<14}failed: {row['failed']}")
         if ratios:
             lines.append(f"{'':<9}{'ratios':<14}" + ", ".join(ratios))
     return "\n".join(lines)

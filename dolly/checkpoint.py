@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import time
 import types
 import uuid
 from dataclasses import dataclass, field
@@ -182,6 +183,7 @@ def checkpoint(
     spool = engine.spool_dir / f"{source.id}.checkpoint"
     shutil.rmtree(spool, ignore_errors=True)
     spool.mkdir(mode=0o700, parents=True)
+    reap_spool(engine)
     created_at = datetime.now(timezone.utc)
     images = engine.checkpoints_dir(source.id) / docker_name
     try:
@@ -216,6 +218,18 @@ def checkpoint(
     finally:
         for leftover in (images, staging, spool):
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def reap_spool(engine: Engine, *, older_than: float = 3600.0) -> None:
+    """Remove spool folders left by an operation that died with its process (a host crash, a
+    SIGKILL): every one of them lives for seconds."""
+    now = time.time()
+    for entry in engine.spool_dir.iterdir() if engine.spool_dir.is_dir() else []:
+        try:
+            if now - entry.stat().st_mtime > older_than:
+                shutil.rmtree(entry, ignore_errors=True)
+        except FileNotFoundError:
+            pass
 
 
 def list_checkpoints(

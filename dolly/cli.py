@@ -269,30 +269,29 @@ def _container_dict(c: Container) -> Dict[str, Any]:
 
 
 def _print_checkpoints(ctx: Context, cps: List[Checkpoint]) -> None:
-    rows = [_checkpoint_dict(cp) for cp in cps]
-    if ctx.as_json:
-        _print_json(rows)
-        return
-    table = Table(box=None)
-    for col in ("container", "checkpoint", "created (UTC)", "size", "hostname"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["container"], r["name"], r["created_at"][:19].replace("T", " "),
-                      f"{r['size_bytes'] / 2**20:.1f} MiB", r["hostname"])
-    out.print(table)
+    _print_rows(ctx, [_checkpoint_dict(cp) for cp in cps], ("container", "checkpoint", "created (UTC)", "size", "hostname"),
+                lambda r: (r["container"], r["name"], r["created_at"][:19].replace("T", " "),
+                           f"{r['size_bytes'] / 2**20:.1f} MiB", r["hostname"]))
 
 
 def _print_containers(ctx: Context, containers: List[Container]) -> None:
-    rows = [_container_dict(c) for c in containers]
+    def cells(r: Dict[str, Any]) -> tuple:
+        ports = ", ".join(f"{b['HostIp']}:{b['HostPort']}->{p}" for p, bs in (r["ports"] or {}).items() for b in (bs or []))
+        return r["name"], r["hostname"], r["ip"] or "", ports
+
+    _print_rows(ctx, [_container_dict(c) for c in containers], ("name", "hostname", "IP", "ports"), cells)
+
+
+def _print_rows(ctx: Context, rows: List[Dict[str, Any]], columns: tuple, cells: Callable[[Dict[str, Any]], tuple]) -> None:
+    """JSON with --json, else a table of ``columns`` with one row of ``cells(row)`` each."""
     if ctx.as_json:
         _print_json(rows)
         return
     table = Table(box=None)
-    for col in ("name", "hostname", "IP", "ports"):
+    for col in columns:
         table.add_column(col)
     for r in rows:
-        ports = ", ".join(f"{b['HostIp']}:{b['HostPort']}->{p}" for p, bs in (r["ports"] or {}).items() for b in (bs or []))
-        table.add_row(r["name"], r["hostname"], r["ip"] or "", ports)
+        table.add_row(*cells(r))
     out.print(table)
 
 

@@ -76,7 +76,23 @@ def read_hostname(images_dir: Path) -> str:
     images = uts_images(images_dir)
     if not images:
         raise ImageRewriteError(f"no utsns-*.img in {images_dir}")
-    return _load(images[0])["entries"][0]["nodename"]
+    return hostname_in(images[0])
+
+
+def hostname_in(image: Path) -> str:
+    """The nodename in one UTS namespace image.
+
+    Raises:
+        ImageRewriteError: not a UTS image pycriu can read.
+    """
+    img = _load(image)
+    try:
+        nodename = img["entries"][0]["nodename"]
+    except (KeyError, IndexError, TypeError) as e:
+        raise ImageRewriteError(f"{image} is not a UTS namespace image ({type(e).__name__})") from e
+    if img.get("magic") != "UTSNS" or not isinstance(nodename, str):
+        raise ImageRewriteError(f"{image} is not a UTS namespace image")
+    return nodename
 
 
 def rewrite_hostname(src: Path, dst: Path, hostname: str) -> None:
@@ -90,9 +106,10 @@ def rewrite_hostname(src: Path, dst: Path, hostname: str) -> None:
         ImageRewriteError: ``src`` is not a UTS image pycriu can read, or ``dst`` cannot be written.
     """
     check_hostname(hostname)
+    hostname_in(src)  # it is a UTS image
     img = _load(src)
-    entries = img.get("entries") or []
-    if img.get("magic") != "UTSNS" or len(entries) != 1 or "nodename" not in entries[0]:
+    entries = img["entries"]
+    if len(entries) != 1:
         raise ImageRewriteError(f"{src} is not a UTS namespace image")
     entries[0]["nodename"] = hostname
     import pycriu.images

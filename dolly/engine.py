@@ -15,7 +15,7 @@ import contextlib
 import threading
 import weakref
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Dict, Iterable, Iterator, Optional, Union
 
 import docker
 import docker.errors
@@ -103,6 +103,17 @@ def criu_log(container_id: str, command: str, *, limit: int = 25) -> tuple[list[
         return [], None
     errors = [line for line in lines if "Error" in line or "error" in line]
     return (errors or lines)[-limit:], path
+
+
+def forget_criu_log(container_id: str, command: str) -> None:
+    """A log left by an earlier failure of the same container must not be read as this one's."""
+    (CRIU_LOG_DIR / f"{container_id}.{command}.log").unlink(missing_ok=True)
+
+
+def criu_error(cls: type, container_id: str, command: str, cause: Exception) -> Exception:
+    """A :class:`CriuError` of ``cls`` for a failed ``command``, with CRIU's log."""
+    lines, path = criu_log(container_id, command)
+    return cls(f"{command} of container {container_id[:12]} failed: {cause}", log_lines=lines, log_path=path)
 
 
 class Engine:
@@ -224,6 +235,13 @@ class Engine:
         with contextlib.suppress(ContainerNotFound):
             self._call(self.api.remove_container, container_id, force=True, v=True)
 
+    def remove_labelled(self, key: str, value: str, *, keep: Iterable[str] = ()) -> None:
+        """Remove every container labelled ``key=value``, but those in ``keep``."""
+        keep = set(keep)
+        for row in self._call(self.api.containers, all=True, filters={"label": f"{key}={value}"}):
+            if row["Id"] not in keep:
+                self.remove(row["Id"])
+
     def image_ref(self, image_id: str, name: Optional[str]) -> str:
         """``name`` if it still names the image ``image_id`` (so ``docker ps`` shows a name),
         else the ID itself.
@@ -303,17 +321,11 @@ class Engine:
             res = self.api._post_json(url, data={"CheckpointID": name, "Exit": exit})
             self.api._raise_for_status(res)
 
-        # A log left by an earlier failure of the same container must not be read as this one's.
-        (CRIU_LOG_DIR / f"{container_id}.checkpoint.log").unlink(missing_ok=True)
+        forget_criu_log(container_id, "checkpoint")
         try:
             self._call(call)
         except EngineError as e:
-            lines, path = criu_log(container_id, "checkpoint")
-            raise CheckpointFailed(
-                f"checkpoint of container {container_id[:12]} failed: {e}",
-                log_lines=lines,
-                log_path=path,
-            ) from e
+            raise criu_error(CheckpointFailed, container_id, "checkpoint", e) from e
         return self.checkpoints_dir(container_id) / name
 
     def start_from_checkpoint(self, container_id: str, name: str) -> None:
@@ -333,17 +345,13 @@ class Engine:
                     raise retry.ContentConflict(_explain(e)) from e
                 raise
 
+        forget_criu_log(container_id, "restore")
         try:
             for attempt in retry.checkpoint_upload():
                 with attempt:
                     self._call(call)
         except (EngineError, retry.ContentConflict) as e:
-            lines, path = criu_log(container_id, "restore")
-            raise RestoreFailed(
-                f"restore into container {container_id[:12]} failed: {e}",
-                log_lines=lines,
-                log_path=path,
-            ) from e
+            raise criu_error(RestoreFailed, container_id, "restore", e) from e
 
     # --- plumbing --------------------------------------------------------------------------------
 

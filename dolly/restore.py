@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -33,6 +34,7 @@ __all__ = ["restore", "clone", "resume", "allocate_names", "clone_config"]
 
 LABEL_SOURCE = "dolly.source"
 LABEL_CHECKPOINT = "dolly.checkpoint"
+LABEL_OPERATION = "dolly.operation"
 # Docker's rule for container names.
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,200}$")
 MAX_WORKERS = 8
@@ -126,9 +128,12 @@ def clone(
     explicit = _names is not None
     prefix = name_prefix or f"{checkpoint.container_name}-clone"
     names = list(_names) if explicit else _reserve(prefix, n, engine)
+    # Every container of this call carries its ID, so that a failure can remove them all, even
+    # one whose create the engine carried out but never answered (it was restarting, say).
+    labels = {**_labels(checkpoint), LABEL_OPERATION: uuid.uuid4().hex}
     try:
         with ThreadPoolExecutor(max_workers=min(n, max_workers), thread_name_prefix="dolly-clone") as pool:
-            futures = [pool.submit(_restore_one, engine, checkpoint, image, nm, explicit, prefix, progress)
+            futures = [pool.submit(_restore_one, engine, checkpoint, image, nm, explicit, prefix, labels, progress)
                        for nm in names]
             results: List[Tuple[Optional[Container], Optional[BaseException]]] = []
             for f in futures:
@@ -145,8 +150,13 @@ def clone(
         for c, _ in results:
             if c is not None:
                 engine.remove(c.id)
+        engine.remove_labelled(LABEL_OPERATION, labels[LABEL_OPERATION])
         raise errors[0]
-    return [c for c, _ in results if c is not None]
+    clones = [c for c, _ in results if c is not None]
+    # A create that the engine carried out but never answered (it restarted meanwhile) was retried
+    # under another name; the first one is an orphan of this call.
+    engine.remove_labelled(LABEL_OPERATION, labels[LABEL_OPERATION], keep={c.id for c in clones})
+    return clones
 
 
 def _clone_across(
@@ -226,9 +236,10 @@ def _restore_one(
     name: str,
     explicit: bool,
     prefix: str,
+    labels: Dict[str, str],
     progress: Optional[Callable[[Container], None]],
 ) -> Container:
-    config, extra_networks = clone_config(cp.config, image=image, labels=_labels(cp))
+    config, extra_networks = clone_config(cp.config, image=image, labels=labels)
     for _ in range(20):
         try:
             cid = engine.create(config, name)

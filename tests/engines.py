@@ -17,10 +17,12 @@ import docker
 
 
 class SecondEngine:
-    def __init__(self, name: str, *, experimental: bool, subnet: str) -> None:
-        """``subnet``: the bridge's address with its prefix length, like ``10.213.100.1/24``."""
+    def __init__(self, name: str, *, experimental: bool, subnet: str, live_restore: bool = False) -> None:
+        """``subnet``: the bridge's address with its prefix length, like ``10.213.100.1/24``.
+        ``live_restore``: containers keep running while dockerd is down (for restart tests)."""
         self.name = name
         self.experimental = experimental
+        self.live_restore = live_restore
         # Its own bridge, always: dockerd started with `--bridge none` deletes docker0, the main
         # engine's bridge, at start-up.
         self.bridge = f"dt-{name}"[:15]
@@ -34,8 +36,22 @@ class SecondEngine:
         self.proc: Optional[subprocess.Popen] = None
         self.client: Optional[docker.DockerClient] = None
 
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    @property
+    def containerd_socket(self) -> Path:
+        return self.exec_root / "containerd" / "containerd.sock"
+
+    def content_blobs(self) -> int:
+        """How many blobs containerd's content store holds for this engine."""
+        out = subprocess.run(["ctr", "--address", str(self.containerd_socket), "-n", "moby", "content", "ls", "-q"],
+                             capture_output=True, text=True, check=True).stdout
+        return len(out.split())
+
     def start(self) -> docker.DockerClient:
-        config = {"experimental": self.experimental}
+        config = {"experimental": self.experimental, "live-restore": self.live_restore}
         if self.experimental:
             config.update({"runtimes": {"dolly": {"path": "/usr/local/sbin/dolly-runc"}},
                            "default-runtime": "dolly"})
@@ -44,6 +60,30 @@ class SecondEngine:
         subprocess.run(["ip", "link", "add", "name", self.bridge, "type", "bridge"], check=True)
         subprocess.run(["ip", "addr", "add", self.subnet, "dev", self.bridge], check=True)
         subprocess.run(["ip", "link", "set", self.bridge, "up"], check=True)
+        return self._launch()
+
+    def restart(self, *, down_for: float = 0.0) -> None:
+        """Stop dockerd (SIGTERM) and start it again; with live_restore, containers keep running."""
+        self._end_daemon(signal.SIGTERM)
+        time.sleep(down_for)
+        self._launch()
+
+    def kill(self) -> None:
+        """The engine disappears: dockerd and its containerd are killed."""
+        self._end_daemon(signal.SIGKILL)
+        subprocess.run(["pkill", "-KILL", "-f", f"containerd --config {self.exec_root}"], check=False)
+
+    def _end_daemon(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def _launch(self) -> docker.DockerClient:
         cmd = [
             "dockerd", "--config-file", str(self.config),
             "--data-root", str(self.data_root), "--exec-root", str(self.exec_root),
@@ -68,18 +108,16 @@ class SecondEngine:
 
     def stop(self) -> None:
         if self.client is not None:
-            for c in self.client.containers.list(all=True):
-                c.remove(force=True, v=True)
+            try:
+                for c in self.client.containers.list(all=True):
+                    c.remove(force=True, v=True)
+            except docker.errors.DockerException:
+                pass  # the engine was killed; its leftovers go with its folders below
             self.client.close()
             self.client = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        self._end_daemon(signal.SIGTERM)
+        # Shims and containerd outlive a killed dockerd.
+        subprocess.run(["pkill", "-KILL", "-f", str(self.exec_root)], check=False)
         # Anything still mounted below the data root (overlays, netns) goes before the folder.
         mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
                   if line.split()[1].startswith((str(self.data_root), str(self.exec_root)))]
