@@ -319,7 +319,20 @@ def scale(client: docker.DockerClient, total: int, results: dict) -> None:
         for cp in cps:
             dolly.remove_checkpoint(cp)
         for net in nets:
+            _remove_network(net)
+
+
+def _remove_network(net) -> None:
+    """After a mass removal the engine may still count endpoints for a moment."""
+    for _ in range(30):
+        try:
             net.remove()
+            return
+        except docker.errors.APIError as e:
+            if "active endpoints" not in str(e):
+                raise
+            time.sleep(1)
+    print(f"  could not remove network {net.name}: stale endpoints (restart dockerd to clear them)")
 
 
 def _mem_available_mb() -> float:
@@ -333,7 +346,7 @@ def table(results: dict) -> str:
     cols = ["cold_s", "checkpoint_s", "clone1_s", "clone4_s", "clone16_s", "memory_per_clone_mb"]
     lines = [f"{'workload':<9}{'tool':<14}" + "".join(f"{c:>20}" for c in cols)]
     for wname, tools in results.items():
-        if wname == "scale":
+        if wname in ("scale", "machine"):
             continue
         for tool, row in tools.items():
             lines.append(f"{wname:<9}{tool:<14}" + "".join(f"{str(row.get(c, '')):>20}" for c in cols))
@@ -357,7 +370,7 @@ def chart(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [w for w in results if w != "scale"]
+    names = [w for w in results if w not in ("scale", "machine")]
     tools = ["dolly", "podman", "podman-none", "docker"]
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), squeeze=False)
     for ax, w in zip(axes[0], names):
@@ -371,6 +384,12 @@ def chart(results: dict, path: Path) -> None:
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+
+
+def write(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    chart({k: v for k, v in results.items() if k != "machine"}, out.with_suffix(".png"))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -399,13 +418,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             measure(PodmanRunner("none"), w, args.repeats, [1, 4], results)
         if "docker" in peers:
             measure(DockerByHand(client), w, args.repeats, [1], results, cold=False)
-    if args.scale:
-        scale(client, args.scale, results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     results["machine"] = {"cores": os.cpu_count(), "kernel": os.uname().release,
                           "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    args.out.write_text(json.dumps(results, indent=1))
-    chart(results, args.out.with_suffix(".png"))
+    write(results, args.out)  # before the long scale run, so that a failure there loses nothing
+    if args.scale:
+        scale(client, args.scale, results)
+        write(results, args.out)
     print()
     print(table(results))
     print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")

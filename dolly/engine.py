@@ -226,7 +226,7 @@ class Engine:
         def call() -> None:
             url = self.api._url("/networks/{0}/connect", network)
             res = self.api._post_json(url, data={"Container": container_id, "EndpointConfig": endpoint})
-            self.api._raise_for_status(res)
+            self.api._result(res)  # reads the body: the connection goes back to the pool
 
         self._call(call)
 
@@ -319,7 +319,7 @@ class Engine:
         def call() -> None:
             url = self.api._url("/containers/{0}/checkpoints", container_id)
             res = self.api._post_json(url, data={"CheckpointID": name, "Exit": exit})
-            self.api._raise_for_status(res)
+            self.api._result(res)  # reads the body: the connection goes back to the pool
 
         forget_criu_log(container_id, "checkpoint")
         try:
@@ -339,7 +339,7 @@ class Engine:
             url = self.api._url("/containers/{0}/start", container_id)
             res = self.api._post(url, params={"checkpoint": name})
             try:
-                self.api._raise_for_status(res)
+                self.api._result(res)  # reads the body: the connection goes back to the pool
             except docker.errors.APIError as e:
                 if "already exists" in _explain(e) and "content" in _explain(e):
                     raise retry.ContentConflict(_explain(e)) from e

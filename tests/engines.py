@@ -44,11 +44,17 @@ class SecondEngine:
     def containerd_socket(self) -> Path:
         return self.exec_root / "containerd" / "containerd.sock"
 
-    def content_blobs(self) -> int:
-        """How many blobs containerd's content store holds for this engine."""
-        out = subprocess.run(["ctr", "--address", str(self.containerd_socket), "-n", "moby", "content", "ls", "-q"],
+    def content_blobs(self) -> dict:
+        """The blobs containerd's content store holds for this engine: digest -> size in bytes."""
+        out = subprocess.run(["ctr", "--address", str(self.containerd_socket), "-n", "moby", "content", "ls"],
                              capture_output=True, text=True, check=True).stdout
-        return len(out.split())
+        units = {"B": 1, "kB": 1e3, "KiB": 1024, "MB": 1e6, "MiB": 2**20, "GB": 1e9, "GiB": 2**30}
+        blobs = {}
+        for line in out.splitlines()[1:]:
+            digest, size = line.split()[:2]
+            number = "".join(ch for ch in size if ch.isdigit() or ch == ".")
+            blobs[digest] = float(number) * units.get(size[len(number):], 1)
+        return blobs
 
     def start(self) -> docker.DockerClient:
         config = {"experimental": self.experimental, "live-restore": self.live_restore}
@@ -57,6 +63,7 @@ class SecondEngine:
                            "default-runtime": "dolly"})
         self.config.write_text(json.dumps(config))
         self.log.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["ip", "link", "del", self.bridge], check=False, capture_output=True)  # a stale one
         subprocess.run(["ip", "link", "add", "name", self.bridge, "type", "bridge"], check=True)
         subprocess.run(["ip", "addr", "add", self.subnet, "dev", self.bridge], check=True)
         subprocess.run(["ip", "link", "set", self.bridge, "up"], check=True)
@@ -111,8 +118,8 @@ class SecondEngine:
             try:
                 for c in self.client.containers.list(all=True):
                     c.remove(force=True, v=True)
-            except docker.errors.DockerException:
-                pass  # the engine was killed; its leftovers go with its folders below
+            except Exception:  # the engine was killed; its leftovers go with its folders below
+                pass
             self.client.close()
             self.client = None
         self._end_daemon(signal.SIGTERM)

@@ -58,11 +58,15 @@ def criu_pids() -> list:
 
 
 def kill_criu() -> None:
-    for pid in criu_pids():
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    """Kill every CRIU process, and any that CRIU starts in the next second (its helpers)."""
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        for pid in criu_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.002)
 
 
 def big_service(run, mb: int = 256):
@@ -89,7 +93,12 @@ def test_dockerd_restarts_during_clone(engine_c):
         cp = dolly.checkpoint(source, "restart", client=c)
         blobs = engine_c.content_blobs()
         before = leftovers(engine)
-        first_clone = lambda: bool(c.containers.list(all=True, filters={"label": "dolly.source"}))  # noqa: E731
+        def first_clone() -> bool:
+            try:
+                return bool(c.api.containers(all=True, filters={"label": "dolly.source"}))
+            except Exception:
+                return False
+
         watcher = when(first_clone, lambda: engine_c.restart(down_for=1.0))
         try:
             clones = dolly.clone(cp, 8, client=c)
@@ -107,7 +116,11 @@ def test_dockerd_restarts_during_clone(engine_c):
         assert read_int(again) >= 1
         again.remove(force=True)
         assert leftovers(engine) == before
-        assert engine_c.content_blobs() <= blobs
+        # A start cut off by the restart can leave its upload in containerd's content store, held
+        # by a lease Docker made (24 h). With Dolly's runtime that upload is the few bytes of a
+        # `dolly-images` file, never the images themselves.
+        new = {d: size for d, size in engine_c.content_blobs().items() if d not in blobs}
+        assert len(new) <= 8 and all(size < 64 * 1024 for size in new.values()), new
     finally:
         source.remove(force=True)
         for cp_ in dolly.list_checkpoints(None, c):
@@ -175,13 +188,20 @@ def test_source_exits_while_being_checkpointed(run, engine):
     source = big_service(run)
     before = leftovers(engine)
     watcher = when(lambda: bool(criu_pids()), lambda: source.kill())
-    with pytest.raises((errors.CheckpointFailed, errors.ContainerNotRunning)):
-        dolly.checkpoint(source, "exiting")
+    try:
+        cp = dolly.checkpoint(source, "exiting")
+    except (errors.CheckpointFailed, errors.ContainerNotRunning):
+        cp = None  # a clear error, and nothing kept
+        assert not (engine.store_dir / source.id / "exiting").exists()
     watcher.join(timeout=10)
     assert leftovers(engine) == before
-    assert not (engine.store_dir / source.id / "exiting").exists()
     source.reload()
     assert source.status == "exited"  # it exited by itself; Dolly did not remove it
+    if cp is not None:
+        # The dump finished before the kill landed (a frozen process takes SIGKILL when thawed):
+        # then the checkpoint is whole, and usable.
+        (clone,) = dolly.clone(cp, 1)
+        assert ask(clone)["rows"] == 256 * 1024
 
 
 def test_target_engine_disappears_during_migrate(run, client):
