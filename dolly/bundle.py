@@ -32,6 +32,7 @@ import shutil
 import tarfile
 import tempfile
 import uuid
+import zlib
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import IO, Any, Dict, Iterable, List, Optional, Tuple, Union
@@ -48,6 +49,7 @@ from .errors import (
     BundleError,
     BundleExpired,
     CheckpointExists,
+    DecryptionFailed,
     DigestMismatch,
     InvalidArgument,
     RollbackRefused,
@@ -247,7 +249,7 @@ def import_bundle(
     trusted = list(trusted_keys)
     engine = Engine.of(client)
     source = Path(path)
-    with _plaintext(source, encryption_key) as plain:
+    with _plaintext(source, encryption_key, spool=engine.spool_dir) as plain:
         manifest = _verify(plain, trusted=trusted, allow_unsigned=allow_unsigned, max_bytes=max_bytes)
         lineages = _Lineages(engine)
         lineages.check(manifest)
@@ -498,8 +500,8 @@ class _plaintext:
     """The bundle as a plain (possibly compressed) tar: decrypted into a private temporary file
     first when it is encrypted, so that the two passes read the same authenticated bytes."""
 
-    def __init__(self, path: Path, key: Optional[bytes]) -> None:
-        self.path, self.key = path, key
+    def __init__(self, path: Path, key: Optional[bytes], *, spool: Optional[Path] = None) -> None:
+        self.path, self.key, self.spool = path, key, spool
         self.tmp: Optional[Path] = None
 
     def __enter__(self) -> Path:
@@ -509,11 +511,21 @@ class _plaintext:
             raise BundleError(f"cannot read bundle {self.path}: {e}") from e
         if not encrypted:
             return self.path
-        fd, name = tempfile.mkstemp(prefix=".dolly-bundle-", dir=self.path.parent)
+        if self.key is None:
+            raise DecryptionFailed("the bundle is encrypted: pass encryption_key")
+        # Decrypted process memory goes to a root-only folder (the engine's spool), never beside
+        # the bundle, and is removed whatever happens.
+        if self.spool is not None:
+            self.spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="decrypted-", dir=self.spool)
         self.tmp = Path(name)
-        with open(self.path, "rb") as src, os.fdopen(fd, "wb") as dst:
-            for chunk in trust.decrypt_chunks(self.key, src):
-                dst.write(chunk)
+        try:
+            with open(self.path, "rb") as src, os.fdopen(fd, "wb") as dst:
+                for chunk in trust.decrypt_chunks(self.key, src):
+                    dst.write(chunk)
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
         return self.tmp
 
     def __exit__(self, *exc: Any) -> None:
@@ -537,16 +549,20 @@ class _open_tar:
             self.stream = self.raw
         try:
             self.tar = tarfile.open(fileobj=self.stream, mode="r|")
-        except tarfile.TarError as e:
+        except _DAMAGED as e:
             self.raw.close()
-            raise BundleError(f"{self.path} is not a bundle (not a tar archive): {e}") from e
+            raise BundleError(f"{self.path} is not a bundle (not a readable tar archive): {e}") from e
         return self.tar
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self.tar.close()
         self.raw.close()
-        if isinstance(exc, (tarfile.ReadError, EOFError, zstandard.ZstdError, OSError)) and not isinstance(exc, BundleError):
-            raise BundleError(f"the bundle {self.path} is damaged: {exc}") from exc
+        if isinstance(exc, _DAMAGED) and not isinstance(exc, BundleError):
+            raise BundleError(f"the bundle {self.path} is damaged: {type(exc).__name__}: {exc}") from exc
+
+
+# What a damaged archive raises from the tar, gzip and zstd readers (the fuzz tests found each).
+_DAMAGED = (tarfile.TarError, EOFError, zstandard.ZstdError, zlib.error, OSError, UnicodeDecodeError)
 
 
 class _compressor:

@@ -33,7 +33,17 @@ def base_bundle(busybox_checkpoint, engine_b, client):
     Engine.of(engine_b).ensure_image(busybox_checkpoint.image_id, "dolly/busybox", source=Engine.of(client))
     with tempfile.TemporaryDirectory() as tmp:
         path = dolly.export(busybox_checkpoint, Path(tmp) / "b.dolly", signer=private, compression="none")
-        yield path.read_bytes(), public
+        yield Base(path.read_bytes(), public)
+
+
+class Base(tuple):
+    """(bundle bytes, public key), with a short repr for hypothesis's failure reports."""
+
+    def __new__(cls, data: bytes, public) -> "Base":
+        return super().__new__(cls, (data, public))
+
+    def __repr__(self) -> str:
+        return f"<bundle of {len(self[0])} bytes>"
 
 
 class Outcome:
