@@ -18,12 +18,15 @@ from pathlib import Path
 
 import docker
 
+import importlib
+
 import dolly
-from dolly import restore as _restore
 from dolly import rootfs
 from dolly.demo import SERVICE
 from dolly.engine import CRIU_LOG_DIR, Engine
 
+# The module, not the function of the same name that `dolly` re-exports.
+_restore = importlib.import_module("dolly.restore")
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import answers, docker_ip  # noqa: E402
 
