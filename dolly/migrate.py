@@ -1,6 +1,7 @@
 """Live migration: move a running container to another Docker Engine, memory and files.
 
-    checkpoint (stops the source)  ->  signed bundle  ->  import on the target (image too)
+    checkpoint (stops the source)  ->  bundle.transfer: a signed bundle imported on the target
+    (image too)
         ->  restore under the same name  ->  check that it runs  ->  remove the source
 
 Downtime runs from the start of the checkpoint, when CRIU freezes the source, to the moment the
@@ -11,17 +12,15 @@ it goes on with its state; the error names the step.
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from datetime import datetime, timezone
 from typing import Callable, Dict, Optional
 
 import docker
 from docker.models.containers import Container
 
-from . import bundle, criu, trust
+from . import bundle, criu
 from . import ready as _ready
 from .checkpoint import Checkpoint, checkpoint, remove_checkpoint
 from .engine import ContainerRef, Engine
@@ -95,20 +94,9 @@ def migrate(
     moved: Optional[Checkpoint] = None
     target: Optional[Container] = None
     try:
-        private, public = trust.generate_keypair()
-        spool = target_engine.store_dir.parent / "spool"
-        spool.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=spool) as tmp:
-            step = "export"
-            t = time.perf_counter()
-            path = bundle.export(cp, Path(tmp) / "migrate.dolly", signer=private, compression=compression,
-                                 expires_in=timedelta(hours=1), client=source_engine.client)
-            steps[step] = time.perf_counter() - t
-            step = "import"
-            t = time.perf_counter()
-            moved = bundle.import_bundle(path, client=target_client, trusted_keys=[public],
-                                         image_source=source_engine.client)
-            steps[step] = time.perf_counter() - t
+        step = "transfer"
+        moved = bundle.transfer(cp, target_client, source=source_engine.client, compression=compression,
+                                steps=steps)
         step = "restore"
         t = time.perf_counter()
         target = restore(moved, name=source.name, client=target_client)
@@ -119,6 +107,8 @@ def migrate(
         steps[step] = time.perf_counter() - t
         downtime = time.perf_counter() - started
     except BaseException as e:
+        if step == "transfer":  # transfer records each of its steps as it ends
+            step = "import" if "export" in steps else "export"
         _roll_back(source_engine, target_engine, source, cp, moved, target)
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
