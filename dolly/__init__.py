@@ -11,7 +11,7 @@ from .checkpoint import Checkpoint, checkpoint, get_checkpoint, list_checkpoints
 from .errors import DollyError
 from .host import HostReport, check_host
 from .migrate import Migration, migrate
-from .restore import clone, restore
+from .restore import clone, restore, resume
 
 __all__ = [
     "Checkpoint",
@@ -28,6 +28,7 @@ __all__ = [
     "migrate",
     "remove_checkpoint",
     "restore",
+    "resume",
     "trust",
 ]
 __version__ = "0.1.0"

@@ -14,7 +14,8 @@
     ├── CheckpointExists         a checkpoint of that name exists for that container
     ├── ImageRewriteError        a CRIU image that cannot be read or rewritten
     ├── CriuError                CRIU itself failed; carries the lines of CRIU's log that matter
-    │   ├── CheckpointFailed     ... while dumping
+    │   ├── CheckpointFailed     ... while dumping; .kept names the images kept when the dump
+    │   │                        had already stopped the container (dolly.resume starts it again)
     │   └── RestoreFailed        ... while restoring
     ├── BundleError              a bundle that cannot be imported; nothing was extracted
     │   ├── UnsignedBundle       it has no signature and allow_unsigned was not given
@@ -24,7 +25,9 @@
     │   ├── BundleExpired        it is past its expires_at
     │   ├── RollbackRefused      it is older than one of its lineage already imported here
     │   ├── DecryptionFailed     it is encrypted and the key is missing or wrong
-    │   └── UnsafeArchive        absolute paths, "..", escaping links, devices, or too large
+    │   ├── UnsafeArchive        absolute paths, "..", escaping links, devices, or too large
+    │   └── PolicyRefused        its container asks for host access the restore policy does not
+    │                            allow (privileged, host mounts, devices, ...); .items names them
     └── MigrationFailed          a step of migrate failed; .step names it, the source runs again
 
 Each leaves the world as it found it: the source container running, the checkpoint usable, and
@@ -61,6 +64,7 @@ __all__ = [
     "RollbackRefused",
     "DecryptionFailed",
     "UnsafeArchive",
+    "PolicyRefused",
     "MigrationFailed",
 ]
 
@@ -145,7 +149,25 @@ class CriuError(DollyError):
 
 
 class CheckpointFailed(CriuError):
-    """Docker or CRIU could not dump the container."""
+    """Docker or CRIU could not dump the container, or a step after the dump failed.
+
+    ``kept`` is None when the container was left as it was. When the dump had already stopped
+    the container (``leave_running=False``) and a later step failed, its images are not thrown
+    away: ``kept`` is the folder of the checkpoint holding them, from which
+    :func:`dolly.resume` starts the container again with its state."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        log_lines: Sequence[str] = (),
+        log_path: Optional[Path] = None,
+        kept: Optional[Path] = None,
+    ) -> None:
+        self.kept = kept
+        if kept is not None:
+            message += f"; the container was stopped by the dump and its images are kept at {kept}"
+        super().__init__(message, log_lines=log_lines, log_path=log_path)
 
 
 class RestoreFailed(CriuError):
@@ -187,6 +209,16 @@ class DecryptionFailed(BundleError):
 class UnsafeArchive(BundleError):
     """An archive member that could write outside the target: an absolute path, "..", a link or
     device node, or more data than the caps allow."""
+
+
+class PolicyRefused(BundleError):
+    """A checkpoint that did not come from this engine asks for host access that the restore
+    policy does not allow. ``items`` names each one (``"privileged"``, ``"host-mounts"``, ...);
+    pass them in ``allow=`` to accept them on purpose."""
+
+    def __init__(self, message: str, *, items: Sequence[str] = ()) -> None:
+        self.items = list(items)
+        super().__init__(message)
 
 
 class MigrationFailed(DollyError):

@@ -35,6 +35,10 @@ __all__ = ["restore", "clone", "resume", "allocate_names", "clone_config"]
 LABEL_SOURCE = "dolly.source"
 LABEL_CHECKPOINT = "dolly.checkpoint"
 LABEL_OPERATION = "dolly.operation"
+# Labels that say who made a container and for which run (the pytest plugin's run and owner,
+# an operation's ID): a clone is not that container, so it never inherits them.
+NOT_INHERITED = (LABEL_SOURCE, LABEL_CHECKPOINT, LABEL_OPERATION)
+NOT_INHERITED_PREFIXES = ("dolly.pytest.",)
 # Docker's rule for container names.
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,200}$")
 MAX_WORKERS = 8
@@ -49,6 +53,7 @@ def restore(
     checkpoint: Checkpoint,
     *,
     name: Optional[str] = None,
+    labels: Optional[Dict[str, str]] = None,
     client: Optional[docker.DockerClient] = None,
 ) -> Container:
     """Start a new container from ``checkpoint``: the process continues where it was.
@@ -56,6 +61,7 @@ def restore(
     Args:
         checkpoint: from :func:`dolly.checkpoint` or :func:`dolly.list_checkpoints`.
         name: the new container's name; default ``<source>-clone-<k>`` with the lowest free k.
+        labels: more labels for the new container, over the source's.
         client: the engine; default ``docker.from_env()``.
 
     Returns:
@@ -73,7 +79,8 @@ def restore(
     """
     if name is not None:
         _check_container_name(name)
-    return clone(checkpoint, 1, name_prefix=None, client=client, _names=[name] if name else None)[0]
+    return clone(checkpoint, 1, name_prefix=None, labels=labels, client=client,
+                 _names=[name] if name else None)[0]
 
 
 def clone(
@@ -81,6 +88,7 @@ def clone(
     n: int,
     *,
     name_prefix: Optional[str] = None,
+    labels: Optional[Dict[str, str]] = None,
     client: Optional[docker.DockerClient] = None,
     engines: Optional[Sequence[docker.DockerClient]] = None,
     max_workers: int = MAX_WORKERS,
@@ -94,6 +102,8 @@ def clone(
         n: how many clones (1 or more).
         name_prefix: clones are named ``<prefix>-<k>`` with the lowest free k's;
             default prefix ``<source>-clone``.
+        labels: more labels for the clones. They carry the source's labels too, except those
+            that say who made the source (Dolly's ``dolly.pytest.*``, ``dolly.operation``).
         client: the engine; default ``docker.from_env()``.
         engines: spread the clones round-robin over these engines (clients). The checkpoint is
             copied to each engine that lacks it as a signed bundle, with its image, and that copy
@@ -119,7 +129,7 @@ def clone(
     require(checkpoint)
     if engines is not None:
         return _clone_across(checkpoint, n, list(engines), home=client, name_prefix=name_prefix,
-                             max_workers=max_workers, progress=progress)
+                             labels=labels, max_workers=max_workers, progress=progress)
     engine = Engine.of(client)
     criu.require_version()
     engine.require_checkpoint_support()
@@ -130,7 +140,7 @@ def clone(
     names = list(_names) if explicit else _reserve(prefix, n, engine)
     # Every container of this call carries its ID, so that a failure can remove them all, even
     # one whose create the engine carried out but never answered (it was restarting, say).
-    labels = {**_labels(checkpoint), LABEL_OPERATION: uuid.uuid4().hex}
+    labels = {**_check_labels(labels), **_labels(checkpoint), LABEL_OPERATION: uuid.uuid4().hex}
     try:
         with ThreadPoolExecutor(max_workers=min(n, max_workers), thread_name_prefix="dolly-clone") as pool:
             futures = [pool.submit(_restore_one, engine, checkpoint, image, nm, explicit, prefix, labels, progress)
@@ -166,6 +176,7 @@ def _clone_across(
     *,
     home: Optional[docker.DockerClient],
     name_prefix: Optional[str],
+    labels: Optional[Dict[str, str]],
     max_workers: int,
     progress: Optional[Callable[[Container], None]],
 ) -> List[Container]:
@@ -179,11 +190,11 @@ def _clone_across(
 
     def on(engine_client: docker.DockerClient, count: int) -> List[Container]:
         if _holds(engine_client, cp):
-            return clone(cp, count, name_prefix=name_prefix, client=engine_client,
+            return clone(cp, count, name_prefix=name_prefix, labels=labels, client=engine_client,
                          max_workers=max_workers, progress=progress)
         copy = transfer(cp, engine_client, source=source)
         try:
-            return clone(copy, count, name_prefix=name_prefix, client=engine_client,
+            return clone(copy, count, name_prefix=name_prefix, labels=labels, client=engine_client,
                          max_workers=max_workers, progress=progress)
         finally:
             from .checkpoint import remove_checkpoint
@@ -321,7 +332,9 @@ def clone_config(
     """
     config = {k: v for k, v in recorded["Config"].items() if k not in ("Hostname", "MacAddress")}
     config["Image"] = image
-    config["Labels"] = {**(config.get("Labels") or {}), **labels}
+    inherited = {k: v for k, v in (config.get("Labels") or {}).items()
+                 if k not in NOT_INHERITED and not k.startswith(NOT_INHERITED_PREFIXES)}
+    config["Labels"] = {**inherited, **labels}
 
     host = dict(recorded["HostConfig"])
     host["Runtime"] = RUNTIME
@@ -369,6 +382,14 @@ def _reserve(prefix: str, n: int, engine: Engine) -> List[str]:
         names = allocate_names(prefix, n, engine.container_names() | _reserved)
         _reserved.update(names)
         return names
+
+
+def _check_labels(labels: Any) -> Dict[str, str]:
+    if labels is None:
+        return {}
+    if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise InvalidArgument(f"labels must be a dict of str to str, got {labels!r}")
+    return dict(labels)
 
 
 def _check_container_name(name: Any) -> str:
