@@ -14,48 +14,54 @@ laid out like Podman's checkpoint export, plus Dolly's manifest:
     deleted.files      JSON list of the files it deleted (absolute paths)
     stats-dump         CRIU's dump statistics
 
-Importing verifies everything before anything is extracted: the signature (by a trusted key), that
-the bundle has not expired, that no newer bundle of its lineage was imported on this engine, and
-every member's digest and size. Then it extracts with :mod:`tarfile`'s extraction filters into a
-private staging folder, checks the digests again, and only then makes it a checkpoint.
+Importing treats the bundle as written by an attacker until it is verified, and reads the caller's
+file exactly once, as a stream (:func:`dolly.archive.open_bundle`):
+
+1. the manifest: every field checked against the rules Dolly's own values follow
+   (:mod:`dolly.names`); the signature by a trusted key; freshness; no rollback in its lineage;
+2. each member, in order: listed, once, of its listed size, a regular file, written into a private
+   staging folder in the engine's root-only spool while it is hashed; a digest that differs stops
+   the import;
+3. the layout: the writable layer checked and converted (:func:`dolly.rootfs.to_overlay_form`),
+   the recorded configuration parsed and held to the restore policy (:mod:`dolly.policy`);
+4. only then the image (copied from ``image_source`` when missing; a tag is added only where the
+   name is free), and the staging folder renamed into the store, under the lineage lock.
+
+A refusal at any step removes the staging folder: nothing of the bundle remains.
 """
 from __future__ import annotations
 
-import gzip
-import hashlib
 import io
 import json
 import os
-import posixpath
 import re
 import shutil
 import tarfile
 import tempfile
 import time
+import types
 import uuid
-import zlib
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import IO, Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import docker
-import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from filelock import FileLock
 
-from . import criu, trust
+from . import archive, criu, names, policy, rootfs, trust
 from .checkpoint import METADATA, ROOTFS_DIFF, Checkpoint, require
 from .engine import Engine
 from .errors import (
     BundleError,
     BundleExpired,
     CheckpointExists,
-    DecryptionFailed,
     DigestMismatch,
     InvalidArgument,
     RollbackRefused,
     UnsafeArchive,
     UnsignedBundle,
+    UntrustedSigner,
 )
 
 __all__ = ["export", "import_bundle", "read_manifest", "transfer", "DEFAULT_MAX_BYTES"]
@@ -66,11 +72,14 @@ COMPRESSIONS = ("zstd", "gzip", "none")
 DEFAULT_MAX_BYTES = 64 << 30  # what one bundle may unpack to, in all
 MAX_MEMBERS = 100_000
 MAX_MANIFEST = 16 << 20
-_CHUNK = 1 << 20
-_MEMBER_RE = re.compile(r"^(manifest\.json|manifest\.sig|config\.dump|spec\.dump|network\.status|"
-                        r"rootfs-diff\.tar|deleted\.files|stats-dump|checkpoint/[A-Za-z0-9][A-Za-z0-9._-]{0,200})$")
-_OPAQUE = "SCHILY.xattr.trusted.overlay.opaque"
-_OVERLAY_XATTRS = "SCHILY.xattr.trusted.overlay."
+MAX_SIGNATURE = 1024
+MAX_CONFIG = 16 << 20  # config.dump and deleted.files are parsed whole
+_MEMBER_RE = re.compile(r"^(config\.dump|spec\.dump|network\.status|rootfs-diff\.tar|deleted\.files|"
+                        r"stats-dump|checkpoint/[A-Za-z0-9][A-Za-z0-9._-]{0,200})$")
+_REQUIRED = ("config.dump", "rootfs-diff.tar", "deleted.files", "checkpoint/inventory.img")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+_BUNDLE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 # --- export ----------------------------------------------------------------------------------------
@@ -89,18 +98,22 @@ def export(
 ) -> Path:
     """Write ``checkpoint`` as one bundle at ``path``, readable by root only.
 
+    The layer's conversion happens in the engine's root-only spool; with ``encryption_key``,
+    the archive is encrypted as it is written, so no plaintext reaches ``path``'s folder.
+
     Args:
         signer: an Ed25519 private key (:func:`dolly.trust.generate_keypair`); unsigned when None.
         compression: ``"zstd"`` (default), ``"gzip"`` or ``"none"``.
         encryption_key: 32 bytes (:func:`dolly.trust.generate_encryption_key`) to encrypt the
             bundle with AES-256-GCM: checkpoint images hold process memory, secrets included.
         expires_in: how long the bundle is fresh; importing it later is refused.
-        lineage: bundles of one lineage may not be imported older than newest-seen; default the
-            source container's ID.
+        lineage: bundles of one lineage (and one signer) may not be imported older than
+            newest-seen; default the source container's ID.
         client: the engine the checkpoint is on (for the manifest's source fields).
 
     Raises:
-        InvalidArgument: an unknown compression, a bad key, or a non-positive ``expires_in``.
+        InvalidArgument: an unknown compression, a bad key or lineage, or a non-positive
+            ``expires_in``.
         CheckpointNotFound: the checkpoint's files are gone.
     """
     if compression not in COMPRESSIONS:
@@ -109,17 +122,22 @@ def export(
         raise InvalidArgument(f"expires_in must be a positive timedelta, got {expires_in!r}")
     if signer is not None and not isinstance(signer, Ed25519PrivateKey):
         raise InvalidArgument(f"signer must be an Ed25519 private key, got {type(signer).__name__}")
+    if lineage is not None:
+        names.lineage(lineage)
+    if encryption_key is not None:
+        trust.EncryptingWriter(encryption_key, io.BytesIO())  # a bad key fails before any work
     require(checkpoint)
     engine = Engine.of(client)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
+    engine.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".dolly-export-") as tmp:
+    with tempfile.TemporaryDirectory(dir=engine.spool_dir, prefix="export-") as tmp:
         work = Path(tmp)
         members: List[Tuple[str, Path]] = [
             (f"checkpoint/{p.name}", p) for p in sorted(checkpoint.images_dir.iterdir()) if p.is_file()
         ]
-        deleted = _rootfs_to_bundle(checkpoint.rootfs_diff, work / "rootfs-diff.tar")
+        deleted = rootfs.to_bundle_form(checkpoint.rootfs_diff, work / "rootfs-diff.tar")
         (work / "deleted.files").write_text(json.dumps(deleted))
         (work / "network.status").write_text(
             json.dumps((checkpoint.config.get("NetworkSettings") or {}).get("Networks") or {}))
@@ -153,68 +171,53 @@ def export(
             "kernel": os.uname().release,
             "compression": compression,
             "signer": trust.key_id(signer) if signer is not None else None,
-            "members": [{"name": name, "sha256": _sha256(p), "size": p.stat().st_size} for name, p in members],
+            "members": [{"name": name, "sha256": archive.sha256_file(p), "size": p.stat().st_size}
+                        for name, p in members],
         }
         manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
 
-        plain = work / "bundle.tar"
-        fd = os.open(plain, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as raw, _compressor(raw, compression) as stream:
-            with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                _add_bytes(tar, "manifest.json", manifest_bytes, now)
-                if signer is not None:
-                    _add_bytes(tar, "manifest.sig", trust.sign(signer, manifest_bytes), now)
-                for name, p in members:
-                    info_ = tarfile.TarInfo(name)
-                    info_.size, info_.mode, info_.mtime = p.stat().st_size, 0o600, int(now.timestamp())
-                    with open(p, "rb") as f:
-                        tar.addfile(info_, f)
-        if encryption_key is not None:
-            sealed = work / "bundle.sealed"
-            fd = os.open(sealed, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with open(plain, "rb") as src, os.fdopen(fd, "wb") as dst:
-                trust.encrypt_stream(encryption_key, src, dst)
-            plain = sealed
-        os.replace(plain, out)
-    os.chmod(out, 0o600)
+        fd, partial = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
+        try:
+            with os.fdopen(fd, "wb") as raw:
+                sealed = trust.EncryptingWriter(encryption_key, raw) if encryption_key is not None else None
+                with archive.compressor(sealed or raw, compression) as stream, \
+                        tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                    _add_bytes(tar, "manifest.json", manifest_bytes, now)
+                    if signer is not None:
+                        _add_bytes(tar, "manifest.sig", trust.sign(signer, manifest_bytes), now)
+                    for name, p in members:
+                        member = tarfile.TarInfo(name)
+                        member.size, member.mode, member.mtime = p.stat().st_size, 0o600, int(now.timestamp())
+                        with open(p, "rb") as f:
+                            tar.addfile(member, f)
+                if sealed is not None:
+                    sealed.close()
+            os.chmod(partial, 0o600)
+            os.replace(partial, out)
+        except BaseException:
+            Path(partial).unlink(missing_ok=True)
+            raise
     return out
 
 
-def _rootfs_to_bundle(overlay_tar: Path, out: Path) -> List[str]:
-    """Podman's form of a writable layer: the files as they are, and deletions listed apart.
-    Overlay whiteouts (character devices 0:0) become deleted paths; an opaque directory (one that
-    hides everything the image had there) becomes a deleted path and the directory again."""
-    deleted: List[str] = []
-    with tarfile.open(overlay_tar, "r:") as tin, tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tout:
-        for m in tin:
-            name = posixpath.normpath(m.name)
-            if name == ".":
-                continue
-            if m.ischr() and m.devmajor == 0 and m.devminor == 0:
-                deleted.append("/" + name)
-                continue
-            if m.pax_headers.get(_OPAQUE) == "y":
-                deleted.append("/" + name)
-            m.pax_headers = {k: v for k, v in m.pax_headers.items() if not k.startswith(_OVERLAY_XATTRS)}
-            m.name = name
-            tout.addfile(m, tin.extractfile(m) if m.isfile() else None)
-    return deleted
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, when: datetime) -> None:
+    member = tarfile.TarInfo(name)
+    member.size, member.mode, member.mtime = len(data), 0o600, int(when.timestamp())
+    tar.addfile(member, io.BytesIO(data))
 
 
 # --- import ----------------------------------------------------------------------------------------
 
 
 def read_manifest(path: PathLike, *, encryption_key: Optional[bytes] = None) -> Dict[str, Any]:
-    """The manifest of a bundle, unverified (for display).
+    """The manifest of a bundle, checked for form but not verified (for display). Nothing is
+    written, not even a decrypted copy.
 
     Raises:
         BundleError: not a Dolly bundle; DecryptionFailed: encrypted without the right key.
     """
-    with _plaintext(Path(path), encryption_key) as plain, _open_tar(plain) as tar:
-        first = next(iter(tar), None)
-        if first is None or first.name != "manifest.json" or not first.isfile() or first.size > MAX_MANIFEST:
-            raise BundleError(f"{path} is not a Dolly bundle: it does not start with manifest.json")
-        return _parse_manifest(tar.extractfile(first).read())
+    with archive.open_bundle(Path(path), encryption_key) as tar:
+        return _parse_manifest(_first_member(tar))
 
 
 def import_bundle(
@@ -223,6 +226,7 @@ def import_bundle(
     client: Optional[docker.DockerClient] = None,
     trusted_keys: Iterable[Ed25519PublicKey] = (),
     allow_unsigned: bool = False,
+    allow: Iterable[str] = (),
     image_source: Optional[docker.DockerClient] = None,
     encryption_key: Optional[bytes] = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
@@ -231,8 +235,15 @@ def import_bundle(
     :func:`dolly.clone`. It is listed under its source container's name and ID.
 
     Args:
-        trusted_keys: public keys whose signatures are accepted.
-        allow_unsigned: accept a bundle without a (trusted) signature. Off by default.
+        trusted_keys: public keys whose signatures are accepted. When any are given, the bundle
+            must be signed by one of them, whatever ``allow_unsigned`` says.
+        allow_unsigned: with no ``trusted_keys``, accept a bundle whose signature cannot be
+            checked (or that has none). Off by default.
+        allow: restore policy items (:mod:`dolly.policy`) the bundle's container may ask for:
+            by default it may not be privileged, mount host paths or named volumes, use host
+            devices, add capabilities, join host namespaces, change security options, set
+            sysctls or a cgroup parent, or log off the host. Trusting a signer is trusting it with
+            what you allow here.
         image_source: another engine's client to copy the source's image from, when this engine
             lacks it.
         encryption_key: the key the bundle was encrypted with.
@@ -240,99 +251,103 @@ def import_bundle(
 
     Raises:
         UnsignedBundle, UntrustedSigner, SignatureInvalid, DigestMismatch, BundleExpired,
-        RollbackRefused, DecryptionFailed, UnsafeArchive: each refusal, before anything is
-            extracted (a hostile rootfs-diff.tar is refused while unpacking into the staging
-            folder, which is then removed).
+        RollbackRefused, DecryptionFailed, UnsafeArchive: each refusal; nothing of the bundle is
+            left anywhere (it was only ever written into a private staging folder).
+        PolicyRefused: the bundle's container asks for policy items not in ``allow``.
         CheckpointExists: this engine already has that checkpoint of that container.
         ImageNotFound: the engine lacks the image and no ``image_source`` has it.
-        BundleError: not a Dolly bundle.
+        InvalidArgument: an unknown ``allow`` item or a bad ``max_bytes``.
+        BundleError: not a Dolly bundle, or one whose fields break Dolly's rules.
     """
+    allowed = policy.items(allow)
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise InvalidArgument(f"max_bytes must be a positive int, got {max_bytes!r}")
     trusted = list(trusted_keys)
     engine = Engine.of(client)
-    source = Path(path)
-    with _plaintext(source, encryption_key, spool=engine.spool_dir) as plain:
-        manifest = _verify(plain, trusted=trusted, allow_unsigned=allow_unsigned, max_bytes=max_bytes)
-        lineages = _Lineages(engine)
-        lineages.check(manifest)
-        meta = manifest["checkpoint"]
-        folder = engine.store_dir / meta["container_id"]
-        final = folder / meta["name"]
-        if final.exists():
-            raise CheckpointExists(f"this engine already has checkpoint {meta['name']!r} of {meta['container_name']}")
-        engine.ensure_image(manifest["image"]["id"], manifest["image"].get("name"),
-                            source=Engine.of(image_source) if image_source is not None else None)
+    lineages = _Lineages(engine)
+    engine.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    staging = names.inside(engine.spool_dir, f"import-{uuid.uuid4().hex}")
+    staging.mkdir(mode=0o700)
+    try:
+        with archive.open_bundle(Path(path), encryption_key) as tar:
+            members = iter(tar)
+            manifest_bytes = _first_member(tar, members)
+            manifest = _parse_manifest(manifest_bytes)
+            signature, first = _signature(tar, members)
+            signer = _check_signature(manifest_bytes, manifest, signature, trusted, allow_unsigned)
+            _check_fresh(manifest)
+            meta = manifest["checkpoint"]
+            lineage = _lineage_key(manifest, signer)
+            lineages.check(lineage, manifest["created_at"])  # early; again under the lock below
+            final = names.inside(engine.store_dir, meta["container_id"], meta["name"], error=BundleError)
+            if final.exists():
+                raise CheckpointExists(f"this engine already has checkpoint {meta['name']!r} of {meta['container_name']}")
+            _extract(tar, first, members, staging / "in", manifest, max_bytes)
 
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        staging = folder / f".import-{uuid.uuid4().hex[:12]}"
-        staging.mkdir(mode=0o700)
-        try:
-            _extract(plain, staging, manifest)
-            _unpack_layout(staging, manifest, max_bytes)
-            try:
-                os.rename(staging, final)
-            except OSError as e:
-                raise CheckpointExists(f"checkpoint {meta['name']!r} of {meta['container_name']} appeared meanwhile") from e
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-            try:
-                folder.rmdir()  # only if the import left it empty
-            except OSError:
-                pass
-        lineages.record(manifest)
+        origin = {
+            "bundle_id": manifest["bundle_id"],
+            "signer": signer,
+            "source": _source_fields(manifest.get("source")),
+            "imported_at": datetime.now(timezone.utc).isoformat(),
+            "allowed": sorted(allowed),
+        }
+        cp = _make_checkpoint(staging / "in", staging / "cp", manifest, final, origin, max_bytes)
+        policy.check(cp.config, allowed)
+        engine.ensure_image(manifest["image"]["id"], manifest["image"]["name"],
+                            source=Engine.of(image_source) if image_source is not None else None)
+        with lineages.lock:
+            lineages.check(lineage, manifest["created_at"])
+            final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if final.exists():
+                raise CheckpointExists(f"checkpoint {meta['name']!r} of {meta['container_name']} appeared meanwhile")
+            os.rename(staging / "cp", final)
+            lineages.record(lineage, manifest["created_at"])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return Checkpoint.load(final)
 
 
-def _verify(plain: Path, *, trusted: List[Ed25519PublicKey], allow_unsigned: bool, max_bytes: int) -> Dict[str, Any]:
-    """Pass one: read the whole archive without writing anything; returns the verified manifest."""
-    with _open_tar(plain) as tar:
-        members = iter(tar)
-        first = next(members, None)
-        if first is None or first.name != "manifest.json" or not first.isfile() or first.size > MAX_MANIFEST:
-            raise BundleError("not a Dolly bundle: it does not start with manifest.json")
-        manifest_bytes = tar.extractfile(first).read()
-        manifest = _parse_manifest(manifest_bytes)
-        expected = {m["name"]: m for m in manifest["members"]}
-        if sum(int(m["size"]) for m in expected.values()) > max_bytes or len(expected) > MAX_MEMBERS:
-            raise UnsafeArchive(f"the bundle would unpack to more than {max_bytes} bytes or {MAX_MEMBERS} files")
+def _first_member(tar: tarfile.TarFile, members: Optional[Iterator[tarfile.TarInfo]] = None) -> bytes:
+    first = next(members if members is not None else iter(tar), None)
+    if first is None or first.name != "manifest.json" or not first.isfile() or first.size > MAX_MANIFEST:
+        raise BundleError("not a Dolly bundle: it does not start with manifest.json")
+    data = tar.extractfile(first)
+    if data is None:
+        raise BundleError("not a Dolly bundle: manifest.json is not a regular file")
+    return data.read()
 
-        nxt = next(members, None)
-        signature = None
-        if nxt is not None and nxt.name == "manifest.sig":
-            _check_member(nxt)
-            signature = tar.extractfile(nxt).read(1024)
-            nxt = next(members, None)
-        _check_signature(manifest_bytes, manifest, signature, trusted, allow_unsigned)
-        _check_fresh(manifest)
 
-        seen = set()
-        total = 0
-        while nxt is not None:
-            _check_member(nxt)
-            want = expected.get(nxt.name)
-            if want is None or nxt.name in seen:
-                raise DigestMismatch(f"the bundle holds {nxt.name!r}, which its manifest does not list (once)")
-            seen.add(nxt.name)
-            total += nxt.size
-            if nxt.size != int(want["size"]) or total > max_bytes:
-                raise DigestMismatch(f"{nxt.name} is {nxt.size} bytes, the manifest says {want['size']}")
-            if _sha256_stream(tar.extractfile(nxt)) != want["sha256"]:
-                raise DigestMismatch(f"{nxt.name} does not match its SHA-256 in the manifest")
-            nxt = next(members, None)
-        missing = set(expected) - seen
-        if missing:
-            raise DigestMismatch(f"the bundle lacks {', '.join(sorted(missing))}, which its manifest lists")
-    return manifest
+def _signature(tar: tarfile.TarFile, members: Iterator[tarfile.TarInfo]) -> Tuple[Optional[bytes], Optional[tarfile.TarInfo]]:
+    """The signature, when the next member is one; and the first member after it."""
+    nxt = next(members, None)
+    if nxt is None or nxt.name != "manifest.sig":
+        return None, nxt
+    if not nxt.isfile() or nxt.size > MAX_SIGNATURE:
+        raise UnsafeArchive("manifest.sig is not a small regular file")
+    data = tar.extractfile(nxt)
+    if data is None:
+        raise UnsafeArchive("manifest.sig is not a regular file")
+    return data.read(), next(members, None)
 
 
 def _check_signature(data: bytes, manifest: Dict[str, Any], signature: Optional[bytes],
-                     trusted: List[Ed25519PublicKey], allow_unsigned: bool) -> None:
-    if signature is None or manifest.get("signer") is None:
-        if not allow_unsigned:
-            raise UnsignedBundle("the bundle is not signed; pass allow_unsigned=True to import it anyway")
-        return
-    if not trusted and allow_unsigned:
-        return  # the caller accepts bundles it cannot verify
-    trust.verify(data, signature, str(manifest["signer"]), trusted)
+                     trusted: List[Ed25519PublicKey], allow_unsigned: bool) -> Optional[str]:
+    """The id of the trusted key that signed the manifest, or None when the caller accepts a
+    bundle it cannot verify. With trusted keys, a bundle stripped of its signature is refused:
+    ``allow_unsigned`` never turns a verification the caller asked for into none."""
+    signed = signature is not None and manifest.get("signer") is not None
+    if trusted:
+        if not signed:
+            raise UnsignedBundle(
+                "the bundle is not signed, and trusted_keys were given, so a signature by one of "
+                "them is required (allow_unsigned applies only when no trusted_keys are given)")
+        return trust.verify(data, signature or b"", str(manifest["signer"]), trusted)
+    if allow_unsigned:
+        return None
+    if signed:
+        raise UntrustedSigner(f"the bundle is signed by key {manifest['signer']}, and no trusted_keys "
+                              "were given: pass the signer's public key")
+    raise UnsignedBundle("the bundle is not signed; pass allow_unsigned=True to import it anyway")
 
 
 def _check_fresh(manifest: Dict[str, Any]) -> None:
@@ -341,266 +356,217 @@ def _check_fresh(manifest: Dict[str, Any]) -> None:
         raise BundleExpired(f"the bundle expired at {expires.isoformat()}")
 
 
+def _lineage_key(manifest: Dict[str, Any], signer: Optional[str]) -> str:
+    """A lineage is its signer's: another signer (or an unsigned bundle) cannot block it."""
+    return f"{signer or 'unsigned'}/{manifest['lineage']}"
+
+
+def _extract(tar: tarfile.TarFile, first: Optional[tarfile.TarInfo], members: Iterator[tarfile.TarInfo],
+             into: Path, manifest: Dict[str, Any], max_bytes: int) -> None:
+    """Every member after the manifest and signature, listed, once each, hashed while written."""
+    expected = {m["name"]: m for m in manifest["members"]}
+    into.mkdir(mode=0o700)
+    (into / "checkpoint").mkdir(mode=0o700)
+    seen = set()
+    total = 0
+    member = first
+    while member is not None:
+        if not _MEMBER_RE.match(member.name):
+            raise UnsafeArchive(f"the bundle holds {member.name!r}, which is not part of the bundle layout")
+        if not member.isfile() or member.sparse is not None:
+            raise UnsafeArchive(f"{member.name!r} in the bundle is not a regular file (links and devices are refused)")
+        try:
+            tarfile.data_filter(member, str(into))
+        except tarfile.FilterError as e:
+            raise UnsafeArchive(f"refused while extracting: {e}") from e
+        want = expected.get(member.name)
+        if want is None or member.name in seen:
+            raise DigestMismatch(f"the bundle holds {member.name!r}, which its manifest does not list (once)")
+        seen.add(member.name)
+        total += member.size
+        if member.size != want["size"]:
+            raise DigestMismatch(f"{member.name} is {member.size} bytes, the manifest says {want['size']}")
+        if total > max_bytes:
+            raise UnsafeArchive(f"the bundle unpacks to more than {max_bytes} bytes")
+        dest = names.inside(into, *member.name.split("/"), error=UnsafeArchive)
+        archive.write_member(tar, member, dest, sha256=want["sha256"])
+        member = next(members, None)
+    missing = set(expected) - seen
+    if missing:
+        raise DigestMismatch(f"the bundle lacks {', '.join(sorted(missing))}, which its manifest lists")
+
+
+def _make_checkpoint(extracted: Path, folder: Path, manifest: Dict[str, Any], final: Path,
+                     origin: Dict[str, Any], max_bytes: int) -> Checkpoint:
+    """Dolly's checkpoint folder (see dolly.checkpoint) from a verified bundle's members, with
+    the recorded configuration checked and its metadata written by Dolly, not copied."""
+    folder.mkdir(mode=0o700)
+    os.rename(extracted / "checkpoint", folder / "criu")
+    deleted = _small_json(extracted / "deleted.files")
+    if not isinstance(deleted, list) or not all(isinstance(d, str) for d in deleted) or len(deleted) > rootfs.MAX_FILES:
+        raise UnsafeArchive("deleted.files is not a list of paths")
+    rootfs.to_overlay_form(extracted / "rootfs-diff.tar", deleted, folder / ROOTFS_DIFF, max_bytes=max_bytes)
+    for name in ("spec.dump", "stats-dump"):
+        if (extracted / name).exists():
+            os.rename(extracted / name, folder / name)
+
+    meta = _small_json(extracted / "config.dump")
+    want = manifest["checkpoint"]
+    try:
+        if not isinstance(meta, dict):
+            raise TypeError("not an object")
+        config = meta["config"]
+        if not (isinstance(config, dict) and isinstance(config.get("Config"), dict)
+                and isinstance(config.get("HostConfig"), dict)):
+            raise TypeError("config is not a docker inspect")
+        for key in ("container_id", "name", "container_name", "created_at", "hostname"):
+            if meta[key] != want[key]:
+                raise ValueError(f"its {key} is not the manifest's")
+        if config.get("Image") != manifest["image"]["id"]:
+            raise ValueError("its image is not the manifest's")
+    except (KeyError, TypeError, ValueError) as e:
+        raise DigestMismatch(f"config.dump does not describe the checkpoint the manifest names ({e})") from None
+    cp = Checkpoint(
+        container_id=want["container_id"],
+        container_name=want["container_name"],
+        name=want["name"],
+        created_at=datetime.fromisoformat(want["created_at"]),
+        hostname=want["hostname"],
+        config=types.MappingProxyType(config),
+        path=final,
+        origin=origin,
+    )
+    fd = os.open(folder / METADATA, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(cp._metadata(), f)
+    for p in folder.rglob("*"):
+        os.chmod(p, 0o700 if p.is_dir() else 0o600)
+    return cp
+
+
+def _small_json(path: Path) -> Any:
+    if path.stat().st_size > MAX_CONFIG:
+        raise UnsafeArchive(f"{path.name} is larger than {MAX_CONFIG} bytes")
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:
+        raise BundleError(f"{path.name} is not JSON: {e}") from None
+
+
+def _source_fields(source: Any) -> Optional[Dict[str, str]]:
+    """The manifest's (unverifiable, informative) source fields, kept only as short strings."""
+    if not isinstance(source, dict):
+        return None
+    return {k: v[:200] for k, v in source.items() if k in ("engine_id", "host", "docker_version") and isinstance(v, str)}
+
+
+def _parse_manifest(data: bytes) -> Dict[str, Any]:
+    """The manifest, every field held to the rules of Dolly's own values (no ``assert``: these
+    checks must survive ``python -O``).
+
+    Raises:
+        BundleError: naming the first field that breaks them.
+    """
+    try:
+        manifest = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise BundleError(f"not a Dolly bundle manifest (not JSON: {e})") from None
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise BundleError(f"not a usable Dolly bundle manifest: {what}")
+
+    need(isinstance(manifest, dict), "not an object")
+    need(manifest.get("format") == FORMAT, f"format is not {FORMAT}")
+    need(isinstance(manifest.get("bundle_id"), str) and bool(_BUNDLE_ID_RE.match(manifest["bundle_id"])),
+         "bundle_id is not 32 hex digits")
+    names.lineage(manifest.get("lineage"), error=BundleError)
+    for key in ("created_at", "expires_at"):
+        _aware(manifest.get(key), key)
+    signer = manifest.get("signer")
+    need(signer is None or (isinstance(signer, str) and bool(_KEY_ID_RE.match(signer))), "signer is not a key id")
+
+    cp = manifest.get("checkpoint")
+    need(isinstance(cp, dict), "checkpoint is not an object")
+    names.checkpoint_name(cp.get("name"), error=BundleError)
+    names.container_id(cp.get("container_id"), error=BundleError)
+    names.container_name(cp.get("container_name"), error=BundleError)
+    _aware(cp.get("created_at"), "checkpoint.created_at")
+    need(isinstance(cp.get("hostname"), str) and 0 < len(cp["hostname"]) <= criu.HOSTNAME_MAX,
+         "checkpoint.hostname is not a hostname")
+
+    image = manifest.get("image")
+    need(isinstance(image, dict), "image is not an object")
+    names.image_id(image.get("id"), error=BundleError)
+    if image.get("name") is not None:
+        names.image_name(image["name"], error=BundleError)
+
+    members = manifest.get("members")
+    need(isinstance(members, list) and len(members) <= MAX_MEMBERS, f"members is not a list of at most {MAX_MEMBERS}")
+    listed = set()
+    for m in members:
+        need(isinstance(m, dict) and isinstance(m.get("name"), str) and bool(_MEMBER_RE.match(m["name"])),
+             f"a member outside the bundle layout: {m!r:.80}")
+        need(m["name"] not in listed, f"{m['name']} is listed twice")
+        need(isinstance(m.get("sha256"), str) and bool(_SHA256_RE.match(m["sha256"])), f"{m['name']} has no SHA-256")
+        need(type(m.get("size")) is int and m["size"] >= 0, f"{m['name']} has no size")
+        listed.add(m["name"])
+    missing = [n for n in _REQUIRED if n not in listed]
+    need(not missing, f"it lists no {', '.join(missing)}")
+    return manifest
+
+
+def _aware(value: Any, what: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise BundleError(f"not a usable Dolly bundle manifest: {what} is not an ISO 8601 time") from None
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise BundleError(f"not a usable Dolly bundle manifest: {what} has no time zone")
+    return when
+
+
 class _Lineages:
-    """The newest ``created_at`` imported per lineage on one engine (no rollback)."""
+    """The newest ``created_at`` imported per (signer, lineage) on one engine: no rollback.
+    Checked and recorded under one lock, with the import's final rename between them."""
 
     def __init__(self, engine: Engine) -> None:
         self.path = engine.store_dir.parent / "lineages.json"
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.lock = FileLock(str(self.path) + ".lock")
 
     def _load(self) -> Dict[str, str]:
         try:
-            return json.loads(self.path.read_text())
+            data = json.loads(self.path.read_text())
         except FileNotFoundError:
             return {}
+        except ValueError as e:
+            raise BundleError(f"the rollback record {self.path} is damaged ({e}): refusing imports "
+                              "until it is repaired or removed") from None
+        if not isinstance(data, dict):
+            raise BundleError(f"the rollback record {self.path} is damaged")
+        return data
 
-    def check(self, manifest: Dict[str, Any]) -> None:
-        seen = self._load().get(manifest["lineage"])
-        if seen and datetime.fromisoformat(seen) > datetime.fromisoformat(manifest["created_at"]):
+    def check(self, key: str, created_at: str) -> None:
+        seen = self._load().get(key)
+        if seen and datetime.fromisoformat(seen) > datetime.fromisoformat(created_at):
             raise RollbackRefused(
-                f"a bundle of lineage {manifest['lineage'][:12]} made at {seen} was already imported "
-                f"here; this one was made earlier, at {manifest['created_at']}"
+                f"a bundle of lineage {key} made at {seen} was already imported here; this one "
+                f"was made earlier, at {created_at}"
             )
 
-    def record(self, manifest: Dict[str, Any]) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with self.lock:
-            data = self._load()
-            seen = data.get(manifest["lineage"])
-            if not seen or datetime.fromisoformat(seen) < datetime.fromisoformat(manifest["created_at"]):
-                data[manifest["lineage"]] = manifest["created_at"]
-                tmp = self.path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(data, indent=1))
-                os.replace(tmp, self.path)
+    def record(self, key: str, created_at: str) -> None:
+        """Call with :attr:`lock` held."""
+        data = self._load()
+        seen = data.get(key)
+        if not seen or datetime.fromisoformat(seen) < datetime.fromisoformat(created_at):
+            data[key] = created_at
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, self.path)
 
 
-def _extract(plain: Path, staging: Path, manifest: Dict[str, Any]) -> None:
-    """Pass two: extract with tarfile's data filter (plus Dolly's own member rules), then check
-    every digest again: the file may have changed since pass one."""
-
-    def only_listed(member: tarfile.TarInfo, dest: str) -> Optional[tarfile.TarInfo]:
-        _check_member(member)
-        if member.name == "manifest.json" or member.name == "manifest.sig":
-            return None
-        return tarfile.data_filter(member, dest)
-
-    try:
-        with _open_tar(plain) as tar:
-            tar.extractall(staging, filter=only_listed)
-    except tarfile.FilterError as e:
-        raise UnsafeArchive(f"refused while extracting: {e}") from e
-    for m in manifest["members"]:
-        p = staging / m["name"]
-        if not p.is_file() or p.stat().st_size != int(m["size"]) or _sha256(p) != m["sha256"]:
-            raise DigestMismatch(f"{m['name']} changed between verification and extraction")
-
-
-def _unpack_layout(staging: Path, manifest: Dict[str, Any], max_bytes: int) -> None:
-    """Turn the bundle's layout into Dolly's checkpoint folder (see dolly.checkpoint)."""
-    os.rename(staging / "checkpoint", staging / "criu")
-    deleted = json.loads((staging / "deleted.files").read_text())
-    if not isinstance(deleted, list) or not all(isinstance(d, str) for d in deleted):
-        raise UnsafeArchive("deleted.files is not a list of paths")
-    _rootfs_to_overlay(staging / "rootfs-diff.tar", deleted, staging / (ROOTFS_DIFF + ".new"), max_bytes)
-    os.replace(staging / (ROOTFS_DIFF + ".new"), staging / ROOTFS_DIFF)
-    meta = json.loads((staging / "config.dump").read_text())
-    if meta.get("container_id") != manifest["checkpoint"]["container_id"] or meta.get("name") != manifest["checkpoint"]["name"]:
-        raise DigestMismatch("config.dump does not describe the checkpoint the manifest names")
-    os.rename(staging / "config.dump", staging / METADATA)
-    for leftover in ("deleted.files", "network.status"):
-        (staging / leftover).unlink(missing_ok=True)
-    for p in staging.rglob("*"):
-        os.chmod(p, 0o700 if p.is_dir() else 0o600)
-
-
-def _rootfs_to_overlay(bundle_tar: Path, deleted: List[str], out: Path, max_bytes: int) -> None:
-    """Back to an overlay upper directory's form, refusing anything that could write outside the
-    container's layer when unpacked: absolute paths, "..", paths through a symlink, hard links
-    out of the archive, device nodes, more than ``max_bytes``."""
-    gone = {_deleted_relpath(d) for d in deleted}
-    symlinks: set = set()
-    names: set = set()
-    total = 0
-    with tarfile.open(bundle_tar, "r:") as tin, tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tout:
-        for count, m in enumerate(tin):
-            if count > MAX_MEMBERS:
-                raise UnsafeArchive(f"rootfs-diff.tar holds more than {MAX_MEMBERS} files")
-            name = _safe_relpath(m.name)
-            parts = name.split("/")
-            if any("/".join(parts[:i]) in symlinks for i in range(1, len(parts))):
-                raise UnsafeArchive(f"rootfs-diff.tar: {name} lies beneath a symlink of the archive")
-            if m.isdev() and not m.isfifo():
-                raise UnsafeArchive(f"rootfs-diff.tar: {name} is a device node")
-            if m.islnk() and _safe_relpath(m.linkname) not in names:
-                raise UnsafeArchive(f"rootfs-diff.tar: hard link {name} points outside the archive")
-            if not (m.isfile() or m.isdir() or m.issym() or m.islnk() or m.isfifo()):
-                raise UnsafeArchive(f"rootfs-diff.tar: {name} has an unsupported type")
-            total += m.size
-            if total > max_bytes:
-                raise UnsafeArchive(f"rootfs-diff.tar unpacks to more than {max_bytes} bytes")
-            if m.issym():
-                symlinks.add(name)
-            names.add(name)
-            headers = {k: v for k, v in m.pax_headers.items() if not k.startswith(_OVERLAY_XATTRS)}
-            if m.isdir() and name in gone:
-                headers[_OPAQUE] = "y"  # deleted, then made again: it hides what the image had
-                gone.discard(name)
-            m.pax_headers, m.name = headers, name
-            if m.islnk():
-                m.linkname = _safe_relpath(m.linkname)
-            tout.addfile(m, tin.extractfile(m) if m.isfile() else None)
-        for name in sorted(gone):
-            whiteout = tarfile.TarInfo(name)
-            whiteout.type, whiteout.devmajor, whiteout.devminor, whiteout.mode = tarfile.CHRTYPE, 0, 0, 0
-            tout.addfile(whiteout)
-
-
-def _safe_relpath(name: str) -> str:
-    """``name`` normalised, if it stays inside the folder it is unpacked into."""
-    if (not isinstance(name, str) or name.startswith("/") or "\0" in name
-            or ".." in name.split("/") or posixpath.normpath(name) in ("", ".")):
-        raise UnsafeArchive(f"unsafe path in archive: {name!r}")
-    return posixpath.normpath(name)
-
-
-def _deleted_relpath(path: str) -> str:
-    """An entry of deleted.files: an absolute path inside the container."""
-    if not isinstance(path, str) or not path.startswith("/"):
-        raise UnsafeArchive(f"deleted.files holds {path!r}, not an absolute path")
-    return _safe_relpath(path.lstrip("/"))
-
-
-def _check_member(m: tarfile.TarInfo) -> None:
-    if m.name.startswith("/") or ".." in m.name.split("/"):
-        raise UnsafeArchive(f"unsafe path in bundle: {m.name!r}")
-    if not _MEMBER_RE.match(m.name):
-        raise UnsafeArchive(f"the bundle holds {m.name!r}, which is not part of the bundle layout")
-    if not m.isfile():
-        raise UnsafeArchive(f"{m.name!r} in the bundle is not a regular file (links and devices are refused)")
-
-
-def _parse_manifest(data: bytes) -> Dict[str, Any]:
-    try:
-        manifest = json.loads(data)
-        assert manifest["format"] == FORMAT
-        for key in ("lineage", "created_at", "expires_at", "checkpoint", "image", "members"):
-            assert key in manifest
-        for m in manifest["members"]:
-            assert _MEMBER_RE.match(m["name"]) and isinstance(m["sha256"], str) and int(m["size"]) >= 0
-        datetime.fromisoformat(manifest["created_at"])
-        datetime.fromisoformat(manifest["expires_at"])
-        return manifest
-    except (ValueError, KeyError, TypeError, AssertionError) as e:
-        raise BundleError(f"not a Dolly bundle manifest ({type(e).__name__}: {e})") from None
-
-
-# --- streams ---------------------------------------------------------------------------------------
-
-
-class _plaintext:
-    """The bundle as a plain (possibly compressed) tar: decrypted into a private temporary file
-    first when it is encrypted, so that the two passes read the same authenticated bytes."""
-
-    def __init__(self, path: Path, key: Optional[bytes], *, spool: Optional[Path] = None) -> None:
-        self.path, self.key, self.spool = path, key, spool
-        self.tmp: Optional[Path] = None
-
-    def __enter__(self) -> Path:
-        try:
-            encrypted = trust.is_encrypted(self.path)
-        except OSError as e:
-            raise BundleError(f"cannot read bundle {self.path}: {e}") from e
-        if not encrypted:
-            return self.path
-        if self.key is None:
-            raise DecryptionFailed("the bundle is encrypted: pass encryption_key")
-        # Decrypted process memory goes to a root-only folder (the engine's spool), never beside
-        # the bundle, and is removed whatever happens.
-        if self.spool is not None:
-            self.spool.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix="decrypted-", dir=self.spool)
-        self.tmp = Path(name)
-        try:
-            with open(self.path, "rb") as src, os.fdopen(fd, "wb") as dst:
-                for chunk in trust.decrypt_chunks(self.key, src):
-                    dst.write(chunk)
-        except BaseException:
-            self.tmp.unlink(missing_ok=True)
-            raise
-        return self.tmp
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.tmp is not None:
-            self.tmp.unlink(missing_ok=True)
-
-
-class _open_tar:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self) -> tarfile.TarFile:
-        self.raw = open(self.path, "rb")
-        magic = self.raw.read(4)
-        self.raw.seek(0)
-        if magic == b"\x28\xb5\x2f\xfd":
-            self.stream: IO[bytes] = zstandard.ZstdDecompressor().stream_reader(self.raw)
-        elif magic[:2] == b"\x1f\x8b":
-            self.stream = gzip.GzipFile(fileobj=self.raw, mode="rb")
-        else:
-            self.stream = self.raw
-        try:
-            self.tar = tarfile.open(fileobj=self.stream, mode="r|")
-        except _DAMAGED as e:
-            self.raw.close()
-            raise BundleError(f"{self.path} is not a bundle (not a readable tar archive): {e}") from e
-        return self.tar
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.tar.close()
-        self.raw.close()
-        if isinstance(exc, _DAMAGED) and not isinstance(exc, BundleError):
-            raise BundleError(f"the bundle {self.path} is damaged: {type(exc).__name__}: {exc}") from exc
-
-
-# What a damaged archive raises from the tar, gzip and zstd readers (the fuzz tests found each).
-_DAMAGED = (tarfile.TarError, EOFError, zstandard.ZstdError, zlib.error, OSError, UnicodeDecodeError)
-
-
-class _compressor:
-    def __init__(self, raw: IO[bytes], compression: str) -> None:
-        self.raw, self.compression = raw, compression
-
-    def __enter__(self) -> IO[bytes]:
-        if self.compression == "zstd":
-            self.stream: Any = zstandard.ZstdCompressor(level=3, threads=-1).stream_writer(self.raw, closefd=False)
-        elif self.compression == "gzip":
-            self.stream = gzip.GzipFile(fileobj=self.raw, mode="wb", compresslevel=6)
-        else:
-            self.stream = None
-        return self.stream or self.raw
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.stream is not None:
-            self.stream.close()
-
-
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, when: datetime) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o600, int(when.timestamp())
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return _sha256_stream(f)
-
-
-def _sha256_stream(f: Any) -> str:
-    h = hashlib.sha256()
-    for chunk in iter(lambda: f.read(_CHUNK), b""):
-        h.update(chunk)
-    return h.hexdigest()
-
+# --- between engines -------------------------------------------------------------------------------
 
 
 def transfer(
@@ -613,6 +579,7 @@ def transfer(
 ) -> Checkpoint:
     """Copy a checkpoint to another engine: a bundle signed with a key made for this one copy,
     imported on the target with only that key trusted, with the image copied if it lacks it.
+    Both engines are the caller's, so the restore policy allows everything the source had.
     ``steps``, when given, receives the seconds ``"export"`` and ``"import"`` took, each as it ends.
 
     Raises:
@@ -620,7 +587,7 @@ def transfer(
     """
     steps = {} if steps is None else steps
     private, public = trust.generate_keypair()
-    spool = Engine.of(target).store_dir.parent / "spool"
+    spool = Engine.of(target).spool_dir
     spool.mkdir(mode=0o700, parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=spool) as tmp:
         started = time.perf_counter()
@@ -628,7 +595,7 @@ def transfer(
                       expires_in=timedelta(hours=1), client=source)
         steps["export"] = time.perf_counter() - started
         started = time.perf_counter()
-        copy = import_bundle(path, client=target, trusted_keys=[public],
+        copy = import_bundle(path, client=target, trusted_keys=[public], allow=policy.ALL,
                              image_source=source or Engine.of(None).client)
         steps["import"] = time.perf_counter() - started
         return copy

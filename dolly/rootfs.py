@@ -8,13 +8,27 @@ frozen for the dump; here it is unpacked into the clone's own upper directory be
 GNU tar, not :mod:`tarfile`: the archive holds overlayfs whiteouts (character devices 0:0 that
 mark deleted files) and ``trusted.overlay.*`` extended attributes (opaque directories), which
 tarfile does not restore. The archive is Dolly's own, made on this host and readable by root only.
+
+Bundles carry the layer in Podman's form instead (:func:`to_bundle_form`): the files as they are,
+and the deleted paths listed apart. :func:`to_overlay_form` turns a bundle's layer, written by
+whoever sent it, back into an overlay upper directory's form, refusing anything that could write
+outside the clone's layer.
 """
 from __future__ import annotations
 
+import posixpath
 import subprocess
+import tarfile
 from pathlib import Path
+from typing import Dict, List
 
-from .errors import CheckpointNotFound, DollyError
+from . import archive
+from .errors import CheckpointNotFound, DollyError, UnsafeArchive
+
+MAX_FILES = 100_000
+_OPAQUE = "SCHILY.xattr.trusted.overlay.opaque"
+_OVERLAY_XATTRS = "SCHILY.xattr.trusted.overlay."
+_SPARSE = "GNU.sparse."
 
 TAR_OPTIONS = ["--numeric-owner", "--xattrs", "--xattrs-include=*"]
 
@@ -35,3 +49,93 @@ def apply_diff(diff: Path, upper_dir: Path) -> None:
     )
     if res.returncode != 0:
         raise DollyError(f"could not unpack {diff} into {upper_dir}: {res.stderr.strip()}")
+
+
+def to_bundle_form(overlay_tar: Path, out: Path) -> List[str]:
+    """Podman's form of a writable layer: the files as they are, and deletions listed apart.
+    Overlay whiteouts (character devices 0:0) become deleted paths; an opaque directory (one that
+    hides everything the image had there) becomes a deleted path and the directory again. Sparse
+    files are written out whole (tarfile cannot write them sparse): compression takes the holes.
+    Returns the deleted paths."""
+    deleted: List[str] = []
+    with tarfile.open(overlay_tar, "r:", tarinfo=archive.OwnTarInfo) as tin, \
+            tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tout:
+        for m in tin:
+            name = posixpath.normpath(m.name)
+            if name == ".":
+                continue
+            if m.ischr() and m.devmajor == 0 and m.devminor == 0:
+                deleted.append("/" + name)
+                continue
+            if m.pax_headers.get(_OPAQUE) == "y":
+                deleted.append("/" + name)
+            m.pax_headers = {k: v for k, v in m.pax_headers.items()
+                             if not k.startswith((_OVERLAY_XATTRS, _SPARSE))}
+            m.name, m.sparse = name, None
+            tout.addfile(m, tin.extractfile(m) if m.isfile() else None)
+    return deleted
+
+
+def to_overlay_form(bundle_tar: Path, deleted: List[str], out: Path, *, max_bytes: int) -> None:
+    """A bundle's layer back in an overlay upper directory's form, refusing anything that could
+    write outside the container's layer when GNU tar unpacks it: absolute paths, "..", paths
+    through a symlink (also one made by a hard link to a symlink, and deleted paths beneath one),
+    hard links out of the archive, device nodes, sparse files, more than ``max_bytes`` or
+    :data:`MAX_FILES` files.
+
+    Raises:
+        UnsafeArchive: naming the first such member.
+    """
+    gone = {_deleted_relpath(d) for d in deleted}
+    kinds: Dict[str, str] = {}  # name -> "dir", "symlink" or "file", as the archive makes it
+    total = 0
+    with tarfile.open(bundle_tar, "r:", tarinfo=archive.BoundedTarInfo) as tin, \
+            tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tout, \
+            archive.damaged_is_bundle_error(bundle_tar):
+        for count, m in enumerate(tin):
+            if count >= MAX_FILES:
+                raise UnsafeArchive(f"rootfs-diff.tar holds more than {MAX_FILES} files")
+            name = archive.safe_relpath(m.name)
+            _refuse_beneath_non_dir(name, kinds, "rootfs-diff.tar: " + name)
+            if m.isdev() and not m.isfifo():
+                raise UnsafeArchive(f"rootfs-diff.tar: {name} is a device node")
+            if not (m.isfile() or m.isdir() or m.issym() or m.islnk() or m.isfifo()):
+                raise UnsafeArchive(f"rootfs-diff.tar: {name} has an unsupported type")
+            kind = "dir" if m.isdir() else "symlink" if m.issym() else "file"
+            if m.islnk():
+                target = archive.safe_relpath(m.linkname)
+                if target not in kinds or kinds[target] == "dir":
+                    raise UnsafeArchive(f"rootfs-diff.tar: hard link {name} points outside the archive")
+                kind = kinds[target]  # a hard link to a symlink is that symlink again
+                m.linkname = target
+            total += m.size
+            if total > max_bytes:
+                raise UnsafeArchive(f"rootfs-diff.tar unpacks to more than {max_bytes} bytes")
+            kinds[name] = kind
+            headers = {k: v for k, v in m.pax_headers.items() if not k.startswith(_OVERLAY_XATTRS)}
+            if name in gone:
+                if m.isdir():
+                    headers[_OPAQUE] = "y"  # deleted, then made again: it hides what the image had
+                gone.discard(name)  # deleted, then made again: the archive's version stands
+            m.pax_headers, m.name = headers, name
+            tout.addfile(m, tin.extractfile(m) if m.isfile() else None)
+        for name in sorted(gone):
+            _refuse_beneath_non_dir(name, kinds, f"deleted.files: /{name}")
+            whiteout = tarfile.TarInfo(name)
+            whiteout.type, whiteout.devmajor, whiteout.devminor, whiteout.mode = tarfile.CHRTYPE, 0, 0, 0
+            tout.addfile(whiteout)
+
+
+def _refuse_beneath_non_dir(name: str, kinds: Dict[str, str], what: str) -> None:
+    parts = name.split("/")
+    for i in range(1, len(parts)):
+        parent = "/".join(parts[:i])
+        if kinds.get(parent, "dir") != "dir":
+            raise UnsafeArchive(f"{what} lies beneath {parent}, which the archive makes a {kinds[parent]}")
+
+
+def _deleted_relpath(path: str) -> str:
+    """An entry of deleted.files: an absolute path inside the container."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise UnsafeArchive(f"deleted.files holds {path!r}, not an absolute path")
+    return archive.safe_relpath(path.lstrip("/"))

@@ -2,7 +2,8 @@
 
 Every container a test starts carries the label ``dolly.test=<run id>``; clones copy their
 source's labels, so they carry it too. After each test, the containers that appeared during it are
-removed with their checkpoints; after the session, the engine must look as it did before.
+removed with their checkpoints; after the session, the engine must look as it did before. Tests
+that ask for no engine fixture (pure logic, formats, policies) run without one, and without root.
 """
 from __future__ import annotations
 
@@ -17,15 +18,23 @@ import dolly
 from dolly.engine import Engine
 
 from engines import SecondEngine
-from helpers import BUSYBOX, COUNTER, RUN_ID, TEST_LABEL
+from helpers import BUSYBOX, COUNTER, ENGINE_B, ENGINE_B_SUBNET, RUN_ID, TEST_LABEL
 
 
 @pytest.fixture(scope="session")
-def client() -> docker.DockerClient:
+def client() -> Iterator[docker.DockerClient]:
+    """The main engine, and at the end of the session a check that the suite left nothing behind
+    on it (no containers, networks or checkpoints). Tests that need no engine never start one."""
     report = dolly.check_host()
     if not report.ok:
         pytest.exit(f"the host is not ready (run `make host`):\n{report}", returncode=3)
-    return docker.from_env()
+    client = docker.from_env()
+    engine = Engine.of(client)
+    before = _engine_state(client, engine)
+    yield client
+    _remove_made(client, engine, set())
+    after = _engine_state(client, engine)
+    assert after == before, "the test suite left things behind on the engine"
 
 
 @pytest.fixture(scope="session")
@@ -43,16 +52,6 @@ def _engine_state(client: docker.DockerClient, engine: Engine) -> dict:
             str(p) for p in (engine.root_dir / "containers").glob("*/checkpoints/*")
         ),
     }
-
-
-@pytest.fixture(scope="session", autouse=True)
-def nothing_left_behind(client: docker.DockerClient, engine: Engine) -> Iterator[None]:
-    """The suite leaves no containers, networks or checkpoints behind."""
-    before = _engine_state(client, engine)
-    yield
-    _remove_made(client, engine, set())
-    after = _engine_state(client, engine)
-    assert after == before, "the test suite left things behind on the engine"
 
 
 def _made(client: docker.DockerClient) -> List[docker.models.containers.Container]:
@@ -119,7 +118,7 @@ def network(client: docker.DockerClient, engine: Engine) -> Iterator:
 def engine_b() -> Iterator[docker.DockerClient]:
     """A second Docker Engine on this machine, as a second host: its own data root, bridge and
     containerd, experimental mode and Dolly's runtime, like `make host` sets up the first."""
-    second = SecondEngine("b", experimental=True, subnet="10.213.101.1/24")
+    second = SecondEngine(ENGINE_B, experimental=True, subnet=ENGINE_B_SUBNET)
     client = second.start()
     try:
         yield client

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import uuid
 
 from dolly import ready
@@ -11,7 +12,11 @@ TEST_LABEL = "dolly.test"
 RUN_ID = uuid.uuid4().hex[:10]
 BUSYBOX = "dolly/busybox"
 PYTHON = "dolly/python"
-ENGINE_B_URL = "unix:///run/dolly-test-b.sock"  # the second engine's socket (tests/engines.py)
+# The second engine (tests/engines.py): its name and bridge subnet can be changed so that two test
+# runs on one machine do not share it.
+ENGINE_B = os.environ.get("DOLLY_TEST_ENGINE_B", "b")
+ENGINE_B_SUBNET = os.environ.get("DOLLY_TEST_ENGINE_B_SUBNET", "10.213.101.1/24")
+ENGINE_B_URL = f"unix:///run/dolly-test-{ENGINE_B}.sock"
 
 # A counter that writes its value to stdout and to a file in the writable layer, 10 times a second
 # (by rename, so that a reader never sees the file empty).

@@ -14,6 +14,7 @@ import pytest
 import dolly
 from dolly import bundle, errors, trust
 from dolly.engine import Engine
+from bundles import assert_refused, member, rebuild, rootfs_tar, store_entries
 from helpers import BUSYBOX, RUN_ID, read_int
 
 FILES = ("echo hello > /greeting; rm /etc/group; mkdir -p /d; echo x > /d/f; "
@@ -31,20 +32,6 @@ def source_cp(run):
     source = run(BUSYBOX, ["sh", "-c", FILES])
     time.sleep(1)
     return dolly.checkpoint(source, "b")
-
-
-def store_entries(client) -> set:
-    store = Engine.of(client).store_dir
-    return {str(p) for p in store.glob("**/*")} if store.exists() else set()
-
-
-def assert_refused(exc, path, client, **kwargs):
-    before = store_entries(client)
-    containers = len(client.containers.list(all=True))
-    with pytest.raises(exc):
-        dolly.import_bundle(path, client=client, **kwargs)
-    assert store_entries(client) == before, "a refused import left files behind"
-    assert len(client.containers.list(all=True)) == containers
 
 
 @pytest.mark.parametrize("compression", ["zstd", "gzip", "none"])
@@ -66,7 +53,15 @@ def test_round_trip_to_another_engine(source_cp, engine_b, keys, tmp_path, compr
         assert clone.exec_run(["cat", "/greeting"]).output == b"hello\n"
         assert clone.exec_run(["cat", "/d/f"]).output == b"x\n"
         assert clone.exec_run(["test", "-e", "/etc/group"]).exit_code == 1, "a deleted file came back"
-        assert read_int(clone) >= 1
+        with tarfile.open(source_cp.rootfs_diff) as diff:  # the counter as the checkpoint carried it
+            at_checkpoint = int(diff.extractfile(next(m for m in diff.getmembers()
+                                                      if m.name.removeprefix("./") == "tmp/count")).read())
+        first = read_int(clone)
+        assert first >= at_checkpoint >= 1, "the counter went back"
+        deadline = time.monotonic() + 10
+        while read_int(clone) <= first and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert read_int(clone) > first, "the counter stopped"
         clone.remove(force=True)
     finally:
         dolly.remove_checkpoint(cp_b)
@@ -168,58 +163,6 @@ def test_keys_round_trip_through_pem_files(keys, tmp_path):
 
 
 # --- hostile archives ------------------------------------------------------------------------------
-
-
-def rebuild(path: Path, out: Path, *, signer=None, manifest_edit=None, replace=None, extra=()):
-    """A bundle made from ``path`` with members replaced or added, its manifest's digests brought
-    up to date (so that only the hostile part is wrong), and re-signed when ``signer`` is given."""
-    with tarfile.open(path) as tar:
-        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
-        sig = members.pop("manifest.sig", None)
-    manifest = json.loads(members.pop("manifest.json"))
-    members.update(replace or {})
-    if replace:
-        manifest["members"] = [{"name": n, "sha256": hashlib.sha256(d).hexdigest(), "size": len(d)}
-                               for n, d in members.items()]
-    if manifest_edit:
-        manifest_edit(manifest)
-    if signer is not None:
-        manifest["signer"] = trust.key_id(signer)
-    data = json.dumps(manifest).encode()
-    with tarfile.open(out, "w") as tar:
-        def add(info, payload=None):
-            tar.addfile(info, io.BytesIO(payload) if payload is not None else None)
-
-        def file(name, payload):
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            add(info, payload)
-
-        file("manifest.json", data)
-        if signer is not None:
-            file("manifest.sig", trust.sign(signer, data))
-        elif sig is not None:
-            file("manifest.sig", sig)
-        for name, payload in members.items():
-            file(name, payload)
-        for info, payload in extra:
-            add(info, payload)
-    return out
-
-
-def rootfs_tar(*entries) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for info, payload in entries:
-            tar.addfile(info, io.BytesIO(payload) if payload is not None else None)
-    return buf.getvalue()
-
-
-def member(name, *, type=tarfile.REGTYPE, linkname="", payload=b"", devmajor=0, devminor=0):
-    info = tarfile.TarInfo(name)
-    info.type, info.linkname, info.devmajor, info.devminor = type, linkname, devmajor, devminor
-    info.size = len(payload) if type == tarfile.REGTYPE else 0
-    return info, (payload if type == tarfile.REGTYPE else None)
 
 
 SENTINEL = Path(f"/tmp/dolly-hostile-{RUN_ID}")

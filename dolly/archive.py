@@ -1,0 +1,240 @@
+"""Tar archives that come from outside: read once, as a stream, with every header bounded.
+
+A bundle, and the writable layer inside it, is written by whoever sent it. Python's :mod:`tarfile`
+reads a pax or GNU long-name header whole before anything can look at it, and on Pythons before
+3.11.10 parses pax headers in quadratic time (CVE-2024-6232: a 611 KB gzip bundle once grew memory
+by 1.2 GB). :class:`BoundedTarInfo` checks each extended header before tarfile parses it: at most
+:data:`MAX_HEADER` bytes, records well formed (each ``"<length> <key>=<value>\\n"`` exactly its
+length long), no long digit runs (tarfile's regular expressions backtrack over them), no sparse
+files from outside. That makes reading linear in the archive's size.
+
+:func:`open_bundle` is the one read of a bundle file: decrypted chunk by chunk when encrypted
+(:class:`dolly.trust.DecryptingReader`), decompressed as a stream, never copied or decrypted to a
+file first, so that what is verified is what is extracted.
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import os
+import posixpath
+import re
+import tarfile
+import zlib
+from pathlib import Path
+from typing import IO, Any, Iterator, Optional
+
+import zstandard
+
+from . import trust
+from .errors import BundleError, DecryptionFailed, DigestMismatch, DollyError, UnsafeArchive
+
+MAX_HEADER = 64 << 10  # one pax or GNU long-name header; Linux's largest xattr value is 64 KiB
+CHUNK = 1 << 20
+_EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+_LONG_NAMES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+_DIGIT_RUN = re.compile(rb"[0-9]{65}")
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+GZIP_MAGIC = b"\x1f\x8b"
+
+# What a damaged archive raises from the tar, gzip and zstd readers (the fuzz tests found each).
+DAMAGED = (tarfile.TarError, EOFError, zstandard.ZstdError, zlib.error, gzip.BadGzipFile,
+           UnicodeDecodeError, ValueError)
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """A tar header read with bounds (see the module's docstring). Sparse files are refused."""
+
+    sparse_ok = False
+
+    def _proc_member(self, tar: tarfile.TarFile) -> Any:
+        if self.type in _EXTENDED or self.type in _LONG_NAMES:
+            if self.size > MAX_HEADER:
+                raise UnsafeArchive(f"a tar header of {self.size} bytes (at most {MAX_HEADER})")
+        if self.type == tarfile.GNUTYPE_SPARSE and not self.sparse_ok:
+            raise UnsafeArchive(f"{self.name!r} is a sparse file, which Dolly does not accept from outside")
+        return super()._proc_member(tar)
+
+    def _proc_pax(self, tar: tarfile.TarFile) -> Any:
+        raw = tar.fileobj
+        buf = raw.read(self._block(self.size))
+        _check_pax(buf[: self.size])
+        tar.fileobj = _Replay(buf, raw)  # tarfile reads the same bytes again, now known to be sound
+        try:
+            info = super()._proc_pax(tar)
+        finally:
+            tar.fileobj = raw
+        if info.sparse is not None and not self.sparse_ok:
+            raise UnsafeArchive(f"{info.name!r} is a sparse file, which Dolly does not accept from outside")
+        return info
+
+    def _proc_gnusparse_10(self, next: Any, pax_headers: Any, tar: tarfile.TarFile) -> Any:
+        # Version 1.0 keeps its map in data blocks, as many as the header claims.
+        if not self.sparse_ok:
+            raise UnsafeArchive("a sparse file, which Dolly does not accept from outside")
+        return super()._proc_gnusparse_10(next, pax_headers, tar)  # type: ignore[misc]
+
+
+class OwnTarInfo(BoundedTarInfo):
+    """For Dolly's own archives (the runtime's writable layer, GNU tar ``--sparse``)."""
+
+    sparse_ok = True
+
+
+class _Replay:
+    """``first``, then the rest of ``rest``: what tarfile's pax parser reads from its file."""
+
+    def __init__(self, first: bytes, rest: Any) -> None:
+        self.first, self.rest = first, rest
+
+    def read(self, n: int = -1) -> bytes:
+        if self.first:
+            n = len(self.first) if n < 0 else n
+            out, self.first = self.first[:n], self.first[n:]
+            return out if len(out) == n else out + self.rest.read(n - len(out))
+        return self.rest.read(n)
+
+    def tell(self) -> int:
+        return int(self.rest.tell()) - len(self.first)
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if self.first:
+            raise io.UnsupportedOperation("seek while replaying a header")
+        return int(self.rest.seek(pos, whence))
+
+
+def _check_pax(buf: bytes) -> None:
+    """Refuse a pax header that is not a sequence of well-formed records, in linear time."""
+    pos = 0
+    while pos < len(buf) and buf[pos] != 0:
+        space = buf.find(b" ", pos, pos + 21)
+        digits = buf[pos:space] if space > pos else b""
+        if not digits.isdigit():
+            raise UnsafeArchive("a malformed pax header (a record without its length)")
+        end = pos + int(digits)
+        if end <= space or end > len(buf) or buf[end - 1] != 0x0A or b"=" not in buf[space + 1:end]:
+            raise UnsafeArchive("a malformed pax header (a record of the wrong length)")
+        pos = end
+    if _DIGIT_RUN.search(buf):
+        raise UnsafeArchive("a pax header with a run of more than 64 digits")
+
+
+@contextlib.contextmanager
+def open_bundle(path: Path, key: Optional[bytes]) -> Iterator[tarfile.TarFile]:
+    """The bundle at ``path`` as a tar stream (``r|``): one sequential read of the file,
+    decrypted with ``key`` when it is encrypted, decompressed when compressed.
+
+    Raises:
+        BundleError: not readable, not a tar, or damaged (also while iterating).
+        DecryptionFailed: encrypted and ``key`` is missing or wrong, or the ciphertext was altered.
+        UnsafeArchive: a header breaks the bounds (also while iterating).
+    """
+    try:
+        raw = open(path, "rb")
+    except OSError as e:
+        raise BundleError(f"cannot read bundle {path}: {e}") from e
+    with raw:
+        try:
+            if raw.peek(len(trust.MAGIC))[: len(trust.MAGIC)] == trust.MAGIC:
+                if key is None:
+                    raise DecryptionFailed("the bundle is encrypted: pass encryption_key")
+                plain: Any = io.BufferedReader(trust.DecryptingReader(key, raw), CHUNK)
+            else:
+                plain = raw
+            magic = plain.peek(4)[:4]
+            if magic == ZSTD_MAGIC:
+                stream: IO[bytes] = zstandard.ZstdDecompressor().stream_reader(plain)
+            elif magic[:2] == GZIP_MAGIC:
+                stream = gzip.GzipFile(fileobj=plain, mode="rb")
+            else:
+                stream = plain
+            tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=BoundedTarInfo)
+        except DollyError:
+            raise
+        except DAMAGED as e:
+            raise BundleError(f"{path} is not a bundle (not a readable tar archive): {e}") from e
+        with tar, damaged_is_bundle_error(path):
+            yield tar
+
+
+@contextlib.contextmanager
+def damaged_is_bundle_error(path: Path) -> Iterator[None]:
+    """What the readers raise for a damaged archive, as a :class:`BundleError`. Errors of the
+    host (a full disk) are not the bundle's: they pass as they are."""
+    try:
+        yield
+    except DollyError:
+        raise
+    except DAMAGED as e:
+        raise BundleError(f"the bundle {path} is damaged: {type(e).__name__}: {e}") from e
+    except OSError as e:
+        if e.errno is not None:
+            raise
+        raise BundleError(f"the bundle {path} is damaged: {type(e).__name__}: {e}") from e
+
+
+def write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, *, sha256: str) -> None:
+    """Write a regular member's data to the new file ``dest`` (0600, never through a symlink),
+    hashing as it goes.
+
+    Raises:
+        DigestMismatch: the data does not hash to ``sha256``; ``dest`` is removed.
+    """
+    src = tar.extractfile(member)
+    if src is None:
+        raise UnsafeArchive(f"{member.name!r} is not a regular file")
+    h = hashlib.sha256()
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in iter(lambda: src.read(CHUNK), b""):
+                h.update(chunk)
+                out.write(chunk)
+        if h.hexdigest() != sha256:
+            raise DigestMismatch(f"{member.name} does not match its SHA-256 in the manifest")
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+
+
+def safe_relpath(name: str) -> str:
+    """``name`` normalised, if it stays inside the folder it is unpacked into.
+
+    Raises:
+        UnsafeArchive: absolute, with "..", a NUL, or empty.
+    """
+    if (not isinstance(name, str) or name.startswith("/") or "\0" in name
+            or ".." in name.split("/") or posixpath.normpath(name) in ("", ".")):
+        raise UnsafeArchive(f"unsafe path in archive: {name!r}")
+    return posixpath.normpath(name)
+
+
+class compressor:
+    """A writable stream that compresses into ``raw`` (``"zstd"``, ``"gzip"`` or ``"none"``);
+    closing it ends the compressed stream, not ``raw``."""
+
+    def __init__(self, raw: IO[bytes], compression: str) -> None:
+        self.raw, self.compression = raw, compression
+
+    def __enter__(self) -> IO[bytes]:
+        if self.compression == "zstd":
+            self.stream: Any = zstandard.ZstdCompressor(level=3, threads=-1).stream_writer(self.raw, closefd=False)
+        elif self.compression == "gzip":
+            self.stream = gzip.GzipFile(fileobj=self.raw, mode="wb", compresslevel=6)
+        else:
+            self.stream = None
+        return self.stream or self.raw
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.stream is not None:
+            self.stream.close()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()

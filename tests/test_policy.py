@@ -1,0 +1,121 @@
+"""The restore policy and the naming rules: pure logic, no engine needed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dolly import errors, names, policy
+
+# What `docker inspect` records for `docker run busybox` on Docker 20.10 (the fields the policy reads).
+PLAIN = {
+    "Image": "sha256:" + "0" * 64,
+    "Config": {"Image": "busybox"},
+    "HostConfig": {
+        "Binds": None, "NetworkMode": "default", "PortBindings": {}, "VolumesFrom": None,
+        "CapAdd": None, "CapDrop": None, "CgroupnsMode": "private", "IpcMode": "private", "Cgroup": "",
+        "PidMode": "", "Privileged": False, "SecurityOpt": None, "UTSMode": "", "UsernsMode": "",
+        "CgroupParent": "", "Devices": [], "DeviceCgroupRules": None, "DeviceRequests": None,
+        "LogConfig": {"Type": "json-file", "Config": {}}, "Sysctls": None, "Mounts": None,
+        "MaskedPaths": ["/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                        "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
+                        "/sys/firmware"],
+        "ReadonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+    },
+}
+
+
+def asking(**host) -> dict:
+    return {**PLAIN, "HostConfig": {**PLAIN["HostConfig"], **host}}
+
+
+def test_a_plain_container_asks_for_nothing():
+    assert policy.violations(PLAIN) == []
+    policy.check(PLAIN, ())
+
+
+@pytest.mark.parametrize("host,item", [
+    ({"Privileged": True}, "privileged"),
+    ({"Binds": ["/:/host"]}, "host-mounts"),
+    ({"Binds": ["/var/run/docker.sock:/var/run/docker.sock:ro"]}, "host-mounts"),
+    ({"Mounts": [{"Type": "bind", "Source": "/etc", "Target": "/x"}]}, "host-mounts"),
+    ({"Mounts": [{"Type": "volume", "Source": "", "Target": "/x",
+                  "VolumeOptions": {"DriverConfig": {"Name": "local", "Options": {"o": "bind", "device": "/"}}}}]},
+     "host-mounts"),
+    ({"Binds": ["prod-data:/data"]}, "volumes"),
+    ({"Mounts": [{"Type": "volume", "Source": "prod-data", "Target": "/data"}]}, "volumes"),
+    ({"VolumesFrom": ["db"]}, "volumes"),
+    ({"Devices": [{"PathOnHost": "/dev/sda", "PathInContainer": "/dev/sda", "CgroupPermissions": "rwm"}]}, "devices"),
+    ({"DeviceCgroupRules": ["c *:* rwm"]}, "devices"),
+    ({"DeviceRequests": [{"Driver": "nvidia", "Count": -1}]}, "devices"),
+    ({"CapAdd": ["SYS_ADMIN"]}, "capabilities"),
+    ({"PidMode": "host"}, "host-namespaces"),
+    ({"IpcMode": "host"}, "host-namespaces"),
+    ({"NetworkMode": "host"}, "host-namespaces"),
+    ({"NetworkMode": "container:victim"}, "host-namespaces"),
+    ({"UsernsMode": "host"}, "host-namespaces"),
+    ({"UTSMode": "host"}, "host-namespaces"),
+    ({"SecurityOpt": ["seccomp=unconfined"]}, "security-options"),
+    ({"MaskedPaths": []}, "security-options"),
+    ({"ReadonlyPaths": ["/proc/bus"]}, "security-options"),
+    ({"Sysctls": {"kernel.core_pattern": "|/tmp/x"}}, "sysctls"),
+    ({"CgroupParent": "/system.slice"}, "cgroup-parent"),
+    ({"LogConfig": {"Type": "syslog", "Config": {"syslog-address": "tcp://203.0.113.1:514"}}}, "log-driver"),
+])
+def test_each_kind_of_host_access_is_an_item(host, item):
+    config = asking(**host)
+    assert [i for i, _ in policy.violations(config)] == [item]
+    with pytest.raises(errors.PolicyRefused) as refused:
+        policy.check(config, ())
+    assert refused.value.items == [item]
+    policy.check(config, [item])  # allowed on purpose
+
+
+def test_the_refusal_names_every_item_in_order():
+    config = asking(CapAdd=["ALL"], Binds=["/:/host"], Privileged=True)
+    with pytest.raises(errors.PolicyRefused) as refused:
+        policy.check(config, ["host-mounts"])
+    assert refused.value.items == ["privileged", "capabilities"]
+    assert "--allow privileged --allow capabilities" in str(refused.value)
+
+
+def test_a_config_without_host_config_is_refused():
+    with pytest.raises(errors.PolicyRefused):
+        policy.check({"Config": {}}, ())
+
+
+def test_unknown_items_are_invalid_arguments():
+    with pytest.raises(errors.InvalidArgument, match="unknown restore policy item"):
+        policy.items(["everything"])
+    assert policy.items("privileged") == {"privileged"}
+    assert policy.items(policy.ALL) == set(policy.ITEMS)
+
+
+@pytest.mark.parametrize("check,good,bad", [
+    (names.checkpoint_name, ["cp-1", "a", "A.b_c-d", "x" * 128], ["", ".", "..", "../x", "a/b", "-a", "x" * 129, None, 3]),
+    (names.container_id, ["a" * 64, "0123456789abcdef" * 4], ["A" * 64, "a" * 63, ".", "../" + "a" * 61, None]),
+    (names.container_name, ["web", "web-clone-1", "a.b_c"], ["", "..", "a/b", "/web", " web"]),
+    (names.image_id, ["sha256:" + "f" * 64], ["f" * 64, "sha256:" + "F" * 64, "sha256:../x"]),
+    (names.image_name, ["busybox", "dolly/python:latest", "localhost:5000/a/b:v1.2", "a_b__c-d"],
+     ["", "../x", "Busybox", "a:b:c", "a//b", "a b", "a@sha256:00"]),
+    (names.lineage, ["a" * 64, "team:web.1"], ["", "../x", "a/b", "x" * 129]),
+])
+def test_name_rules(check, good, bad):
+    for value in good:
+        assert check(value) == value
+    for value in bad:
+        with pytest.raises(errors.InvalidArgument):
+            check(value)
+    with pytest.raises(errors.BundleError):
+        check(bad[0], error=errors.BundleError)
+
+
+def test_inside_keeps_paths_in_their_folder(tmp_path):
+    assert names.inside(tmp_path, "a", "b") == tmp_path / "a" / "b"
+    for parts in [("..",), ("a", ".."), (".",), ("",), ("a/../..",), ("/etc",)]:
+        with pytest.raises(errors.InvalidArgument):
+            names.inside(tmp_path, *parts)
+    (tmp_path / "out").symlink_to("/etc")
+    with pytest.raises(errors.UnsafeArchive):
+        names.inside(tmp_path, "out", "passwd", error=errors.UnsafeArchive)
+    assert not Path("/etc/passwd").is_relative_to(tmp_path)
