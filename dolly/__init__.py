@@ -5,7 +5,7 @@
     >>> replicas = dolly.clone(cp, 3)          # three warm copies, each its own name, host and IP
     >>> dolly.migrate("web", other_engine)     # live migration to another Docker Engine
 """
-from . import trust
+from . import policy, trust
 from .bundle import export, import_bundle
 from .checkpoint import Checkpoint, checkpoint, get_checkpoint, list_checkpoints, remove_checkpoint
 from .errors import DollyError
@@ -26,6 +26,7 @@ __all__ = [
     "import_bundle",
     "list_checkpoints",
     "migrate",
+    "policy",
     "remove_checkpoint",
     "restore",
     "resume",

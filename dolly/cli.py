@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import dolly
-from dolly import ready, trust
+from dolly import policy, ready, trust
 from dolly.checkpoint import Checkpoint
 from dolly.errors import CriuError, DollyError
 
@@ -213,15 +213,21 @@ def export_cmd(ctx: Context, container: str, checkpoint: str, path: str, sign_ke
 @click.option("--image-from", help="Engine URL to copy the image from when this engine lacks it.")
 @click.option("--decrypt", "key_file", type=click.Path(exists=True, dir_okay=False),
               help="The 32-byte key file the bundle was encrypted with.")
+@click.option("--allow", "allow", multiple=True, type=click.Choice(sorted(policy.ITEMS)),
+              help="Let the bundle's container have this host access (repeatable); see README.")
 @command
 def import_cmd(ctx: Context, path: str, trusted: List[str], allow_unsigned: bool, image_from: Optional[str],
-               key_file: Optional[str]) -> None:
-    """Verify the bundle at PATH and make it a checkpoint on this engine."""
+               key_file: Optional[str], allow: List[str]) -> None:
+    """Verify the bundle at PATH and make it a checkpoint on this engine.
+
+    By default its container may not be privileged, mount host paths or named volumes, use host
+    devices, add capabilities, join host namespaces, change security options, set sysctls or a
+    cgroup parent, or log off the host; --allow lets it, item by item."""
     source = docker.DockerClient(base_url=image_from) if image_from else None
     with _working("importing") as bar:
         bar.add_task("import", total=None)
         cp = dolly.import_bundle(path, client=ctx.client, trusted_keys=[trust.load_public_key(k) for k in trusted],
-                                 allow_unsigned=allow_unsigned, image_source=source,
+                                 allow_unsigned=allow_unsigned, allow=allow, image_source=source,
                                  encryption_key=_read_key(key_file))
     _print_checkpoints(ctx, [cp])
 

@@ -443,3 +443,25 @@ def test_a_name_shared_by_two_removed_containers_is_ambiguous(run, client):
     finally:
         for i in ids:
             dolly.remove_checkpoint(dolly.get_checkpoint(i, "same"))
+
+
+def test_the_command_line_refuses_host_access_unless_allowed(base, engine_b, tmp_path):
+    dolly_bin = Path(sys.executable).with_name("dolly")
+    hostile = asking_for_host_root(base, tmp_path / "root.dolly")
+    before = {str(p) for p in Engine.of(engine_b).store_dir.glob("**/*")}
+
+    def run_import(*extra):
+        return subprocess.run([str(dolly_bin), "-H", ENGINE_B_URL, "--json", "import", str(hostile), "--allow-unsigned",
+                               "--image-from", "unix:///var/run/docker.sock", *extra],
+                              capture_output=True, text=True, timeout=300)
+
+    refused = run_import("--allow", "privileged")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "host-mounts" in refused.stderr and "capabilities" in refused.stderr
+    assert {str(p) for p in Engine.of(engine_b).store_dir.glob("**/*")} == before
+    accepted = run_import("--allow", "privileged", "--allow", "host-mounts", "--allow", "capabilities")
+    assert accepted.returncode == 0, accepted.stderr
+    (row,) = json.loads(accepted.stdout)
+    cp = dolly.get_checkpoint(row["container_id"], row["name"], engine_b)
+    assert cp.origin["allowed"] == ["capabilities", "host-mounts", "privileged"]
+    dolly.remove_checkpoint(cp)
