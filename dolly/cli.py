@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -23,7 +24,7 @@ from rich.table import Table
 import dolly
 from dolly import policy, ready, trust
 from dolly.checkpoint import Checkpoint
-from dolly.errors import CriuError, DollyError
+from dolly.errors import CriuError, DollyError, InvalidArgument
 
 out = Console()
 err = Console(stderr=True)
@@ -170,6 +171,9 @@ def _working(text: str) -> Progress:
 @command
 def keygen_cmd(ctx: Context, private_pem: str, public_pem: str) -> None:
     """Make an Ed25519 key pair for signing bundles: PRIVATE_PEM (0600) and PUBLIC_PEM."""
+    for path in (private_pem, public_pem):
+        if os.path.lexists(path):  # both refused before either is written: never half a pair
+            raise InvalidArgument(f"{path} exists already; keygen never overwrites a key")
     private, public = trust.generate_keypair()
     trust.save_private_key(private, private_pem)
     trust.save_public_key(public, public_pem)
@@ -235,12 +239,15 @@ def import_cmd(ctx: Context, path: str, trusted: List[str], allow_unsigned: bool
 @cli.command("migrate")
 @click.argument("container")
 @click.option("--to", "target", required=True, help="The target engine's URL (unix://, tcp://, ssh://).")
+@click.option("--drop-volumes", is_flag=True,
+              help="Move a container that has volumes: it gets fresh ones there; the old ones stay here.")
 @command
-def migrate_cmd(ctx: Context, container: str, target: str) -> None:
+def migrate_cmd(ctx: Context, container: str, target: str, drop_volumes: bool) -> None:
     """Move a running CONTAINER to another engine, memory and files, under the same name."""
     with _working(f"migrating {container}") as bar:
         bar.add_task("migrate", total=None)
-        moved = dolly.migrate(container, docker.DockerClient(base_url=target), source_client=ctx.client)
+        moved = dolly.migrate(container, docker.DockerClient(base_url=target), source_client=ctx.client,
+                              drop_volumes=drop_volumes)
     if ctx.as_json:
         _print_json({**_container_dict(moved.container), "downtime_s": moved.downtime, "steps_s": moved.steps})
     else:

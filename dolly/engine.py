@@ -230,10 +230,17 @@ class Engine:
 
         self._call(call)
 
-    def remove(self, container_id: str) -> None:
-        """Remove a container and its anonymous volumes; a missing one is not an error."""
+    def remove(self, container_id: str, *, volumes: bool = True) -> None:
+        """Remove a container (force: running or not); a missing one is not an error.
+
+        Args:
+            volumes: remove its anonymous volumes too. Right for a container Dolly made itself
+                (a clone, a plugin's service), whose volumes were made empty with it; a source's
+                volumes hold the user's data and are never Dolly's to remove: pass False. Named
+                volumes are never removed either way.
+        """
         with contextlib.suppress(ContainerNotFound):
-            self._call(self.api.remove_container, container_id, force=True, v=True)
+            self._call(self.api.remove_container, container_id, force=True, v=volumes)
 
     def remove_labelled(self, key: str, value: str, *, keep: Iterable[str] = ()) -> None:
         """Remove every container labelled ``key=value``, but those in ``keep``."""
@@ -286,8 +293,17 @@ class Engine:
             )
         stream = self._call(source.client.images.get, image_id).save(named=False)
         self._call(self.client.images.load, stream)
-        if name and not name.startswith("sha256:"):
+        # The name (from a bundle, perhaps) is added only where it is free: never moved off
+        # another image (an import must not take over nginx:latest).
+        if name and not name.startswith("sha256:") and not self._has_name(name):
             self._call(self.api.tag, image_id, *_split_tag(name))
+
+    def _has_name(self, name: str) -> bool:
+        try:
+            self._call(self.client.images.get, name)
+            return True
+        except (ImageNotFound, ContainerNotFound):
+            return False
 
     def upper_dir(self, container: Container) -> Path:
         """The writable layer of ``container`` as the storage driver keeps it.

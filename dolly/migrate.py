@@ -7,7 +7,14 @@
 Downtime runs from the start of the checkpoint, when CRIU freezes the source, to the moment the
 container on the target runs (and passes ``ready``, when given). If any step fails, the container
 made on the target is removed and the source is started again from the checkpoint, as itself, so
-it goes on with its state; the error names the step.
+it goes on with its state; the error names the step. That holds for the checkpoint step too: when
+the dump stopped the source and a later part of the checkpoint failed, the images it kept
+(``CheckpointFailed.kept``) start the source again.
+
+Volumes do not move: a checkpoint carries memory and the writable layer, not volume contents. A
+source with volume mounts is refused unless ``drop_volumes=True`` says that the moved container
+may start with fresh, empty volumes; the source's volumes stay on the source engine either way,
+since Dolly never removes them.
 """
 from __future__ import annotations
 
@@ -24,7 +31,14 @@ from . import bundle, criu
 from . import ready as _ready
 from .checkpoint import Checkpoint, checkpoint, remove_checkpoint
 from .engine import ContainerRef, Engine
-from .errors import ContainerNotRunning, DollyError, InvalidArgument, MigrationFailed, NameConflict
+from .errors import (
+    CheckpointFailed,
+    ContainerNotRunning,
+    DollyError,
+    InvalidArgument,
+    MigrationFailed,
+    NameConflict,
+)
 from .restore import restore, resume
 
 __all__ = ["Migration", "migrate"]
@@ -56,6 +70,7 @@ def migrate(
     ready: Optional[Callable[[Container], bool]] = None,
     ready_timeout: float = 60.0,
     compression: str = "none",
+    drop_volumes: bool = False,
 ) -> Migration:
     """Move a running container to the engine of ``target_client``, under the same name.
 
@@ -66,12 +81,23 @@ def migrate(
         ready: a check (:mod:`dolly.ready`) the moved container must pass before the source is
             removed; without one, running is enough.
         compression: of the bundle on its way (``"none"`` is fastest between engines on one host).
+        drop_volumes: move a container that has volume mounts (named or anonymous) although their
+            contents do not move: the container on the target gets fresh, empty volumes (named
+            ones under the same names, on the target engine; a named volume that already exists
+            there is used as it is, which is how to bring data along: copy it there first),
+            while the source's volumes, with their data, stay on the source engine (Dolly never
+            removes them; remove them yourself once they are no longer needed). Without it such
+            a container is refused.
 
     Raises:
         ContainerNotFound, ContainerNotRunning, HostNotReady: before anything is touched.
         NameConflict: the target engine already has a container of that name.
-        InvalidArgument: the target is the source engine.
+        InvalidArgument: the target is the source engine, or the source has volume mounts and
+            ``drop_volumes`` is not set (the message names them); nothing was touched.
         MigrationFailed: a step failed (``.step``); the source is running again with its state.
+            When the checkpoint step failed after the dump had stopped the source, the source
+            was started again from the images the checkpoint kept; if even that fails, the step
+            is ``"roll back"`` and the message says where the images are kept.
     """
     source_engine = Engine.of(source_client)
     target_engine = Engine.of(target_client)
@@ -83,13 +109,25 @@ def migrate(
         raise InvalidArgument("the target engine is the source engine: use dolly.clone or dolly.restore")
     if not source.attrs["State"].get("Running") or source.attrs["State"].get("Paused"):
         raise ContainerNotRunning(f"container {source.name} is {source.status}, not running")
+    volumes = _volumes(source)
+    if volumes and not drop_volumes:
+        raise InvalidArgument(
+            f"container {source.name} has volume mounts ({', '.join(volumes)}), whose contents a "
+            "migration does not carry: pass drop_volumes=True to move it with fresh, empty volumes "
+            "on the target (the source's volumes stay on the source engine)"
+        )
     if source.name in target_engine.container_names():
         raise NameConflict(f"the target engine already has a container named {source.name!r}")
 
     steps: Dict[str, float] = {}
     step = "checkpoint"
     started = time.perf_counter()
-    cp = checkpoint(source, _name(), leave_running=False, client=source_engine.client)
+    try:
+        cp = checkpoint(source, _name(), leave_running=False, client=source_engine.client)
+    except CheckpointFailed as e:
+        state = _resume_after_failed_checkpoint(source_engine, source, e)
+        raise MigrationFailed(f"migration of {source.name} failed at step 'checkpoint': {e}; {state}",
+                              step=step) from e
     steps[step] = time.perf_counter() - started
     moved: Optional[Checkpoint] = None
     target: Optional[Container] = None
@@ -116,7 +154,8 @@ def migrate(
                               "the source is running again", step=step) from e
 
     # Past this point the container runs on the target: clean-up failures are only logged.
-    for what, undo in (("source container", lambda: source_engine.remove(source.id)),
+    # The source goes without its volumes: they hold the user's data (see drop_volumes).
+    for what, undo in (("source container", lambda: source_engine.remove(source.id, volumes=False)),
                        ("source checkpoint", lambda: remove_checkpoint(cp)),
                        ("target checkpoint", lambda: remove_checkpoint(moved))):
         try:
@@ -147,6 +186,47 @@ def _roll_back(source_engine: Engine, target_engine: Engine, source: Container, 
             f"failed too: {e}; the checkpoint is kept at {cp.path}", step="roll back"
         ) from e
     remove_checkpoint(cp)
+
+
+def _resume_after_failed_checkpoint(source_engine: Engine, source: Container, error: CheckpointFailed) -> str:
+    """A failed checkpoint step: start the source again from the images the checkpoint kept, when
+    the dump had already stopped it; returns what became of the source. Raises MigrationFailed
+    (step "roll back") when it stays stopped."""
+    if error.kept is None:
+        # Nothing was kept: the dump failed and left the source as it was, running.
+        if _still_running(source_engine, source):
+            return "the source is still running, untouched"
+        raise MigrationFailed(
+            f"migration of {source.name} failed at step 'checkpoint': {error}; the source is not "
+            "running and no images were kept to start it again from", step="roll back"
+        ) from error
+    try:
+        kept = Checkpoint.load(error.kept)
+        resume(kept, source.id, client=source_engine.client)
+    except DollyError as e:
+        raise MigrationFailed(
+            f"migration of {source.name} failed at step 'checkpoint': {error}; starting the source "
+            f"again from the images the checkpoint kept failed too: {e}; they are kept at {error.kept}",
+            step="roll back",
+        ) from e
+    try:
+        remove_checkpoint(kept)
+    except DollyError as e:  # pragma: no cover - logged, not raised: the source runs
+        log.warning("migrate: could not remove the images kept at %s: %s", error.kept, e)
+    return "the source is running again, from the images the checkpoint kept"
+
+
+def _still_running(engine: Engine, container: Container) -> bool:
+    try:
+        return bool(engine.container(container.id).attrs["State"].get("Running"))
+    except DollyError:
+        return False
+
+
+def _volumes(container: Container) -> list:
+    """The volume mounts of ``container``: ``name:/destination`` (a long ID for an anonymous one)."""
+    return [f"{m.get('Name') or '?'}:{m.get('Destination')}"
+            for m in container.attrs.get("Mounts") or [] if m.get("Type") == "volume"]
 
 
 def _running(container: Container) -> bool:

@@ -15,7 +15,6 @@ upload byte-identical checkpoints, which containerd would refuse as "already exi
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import threading
 import uuid
@@ -25,9 +24,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import docker
 from docker.models.containers import Container
 
-from . import criu, rootfs
+from . import criu, names, policy, rootfs
 from .checkpoint import Checkpoint, require
-from .engine import RUNTIME, Engine
+from .engine import RUNTIME, ContainerRef, Engine
 from .errors import InvalidArgument, NameConflict
 
 __all__ = ["restore", "clone", "resume", "allocate_names", "clone_config"]
@@ -39,8 +38,6 @@ LABEL_OPERATION = "dolly.operation"
 # an operation's ID): a clone is not that container, so it never inherits them.
 NOT_INHERITED = (LABEL_SOURCE, LABEL_CHECKPOINT, LABEL_OPERATION)
 NOT_INHERITED_PREFIXES = ("dolly.pytest.",)
-# Docker's rule for container names.
-_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,200}$")
 MAX_WORKERS = 8
 
 # Names handed out in this process but perhaps not created yet: concurrent clone() calls in one
@@ -72,13 +69,15 @@ def restore(
     Raises:
         InvalidArgument: ``checkpoint`` is not a Checkpoint, or ``name`` is not a valid name.
         CheckpointNotFound: the checkpoint's files are gone.
+        PolicyRefused: the checkpoint was imported and its configuration asks for more than its
+            importer allowed (see :mod:`dolly.policy`).
         NameConflict: ``name`` is taken.
         ImageNotFound: the engine lacks the source's image.
         HostNotReady: the engine or CRIU cannot restore (see :func:`dolly.check_host`).
         RestoreFailed: CRIU failed; carries CRIU's log. No container is left behind.
     """
     if name is not None:
-        _check_container_name(name)
+        names.container_name(name)
     return clone(checkpoint, 1, name_prefix=None, labels=labels, client=client,
                  _names=[name] if name else None)[0]
 
@@ -116,17 +115,22 @@ def clone(
 
     Raises:
         InvalidArgument: ``n`` is not an int of 1 or more, or ``name_prefix`` is not valid.
-        CheckpointNotFound, ImageNotFound, HostNotReady, RestoreFailed: as :func:`restore`.
+        CheckpointNotFound, PolicyRefused, ImageNotFound, HostNotReady, RestoreFailed: as
+            :func:`restore`.
         If any clone fails, every container this call created is removed before the error is
         raised; the source and the checkpoint are not touched.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InvalidArgument(f"n must be an int of 1 or more, got {n!r}")
     if name_prefix is not None:
-        _check_container_name(name_prefix)
+        names.container_name(name_prefix)
     if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
         raise InvalidArgument(f"max_workers must be an int of 1 or more, got {max_workers!r}")
     require(checkpoint)
+    if checkpoint.origin is not None:
+        # Checked at import already; again here, because the clone's create body is built from
+        # what the bundle recorded, and this is the last step before the engine sees it.
+        policy.check(checkpoint.config, checkpoint.origin.get("allowed") or ())
     if engines is not None:
         return _clone_across(checkpoint, n, list(engines), home=client, name_prefix=name_prefix,
                              labels=labels, max_workers=max_workers, progress=progress)
@@ -137,14 +141,14 @@ def clone(
 
     explicit = _names is not None
     prefix = name_prefix or f"{checkpoint.container_name}-clone"
-    names = list(_names) if explicit else _reserve(prefix, n, engine)
+    chosen = list(_names) if explicit else _reserve(prefix, n, engine)
     # Every container of this call carries its ID, so that a failure can remove them all, even
     # one whose create the engine carried out but never answered (it was restarting, say).
     labels = {**_check_labels(labels), **_labels(checkpoint), LABEL_OPERATION: uuid.uuid4().hex}
     try:
         with ThreadPoolExecutor(max_workers=min(n, max_workers), thread_name_prefix="dolly-clone") as pool:
             futures = [pool.submit(_restore_one, engine, checkpoint, image, nm, explicit, prefix, labels, progress)
-                       for nm in names]
+                       for nm in chosen]
             results: List[Tuple[Optional[Container], Optional[BaseException]]] = []
             for f in futures:
                 try:
@@ -153,7 +157,7 @@ def clone(
                     results.append((None, e))
     finally:
         with _reserved_lock:
-            _reserved.difference_update(names)
+            _reserved.difference_update(chosen)
 
     errors = [e for _, e in results if e is not None]
     if errors:
@@ -227,17 +231,52 @@ def _holds(client: docker.DockerClient, cp: Checkpoint) -> bool:
         return False
 
 
-def resume(checkpoint: Checkpoint, container_id: str, *, client: Optional[docker.DockerClient] = None) -> Container:
+def resume(
+    checkpoint: Checkpoint,
+    container: Optional[ContainerRef] = None,
+    *,
+    client: Optional[docker.DockerClient] = None,
+) -> Container:
     """Start the stopped container that ``checkpoint`` was taken of from that checkpoint, as
-    itself (same container, name and hostname). Its writable layer is its own, unchanged since a
-    checkpoint that stopped it. Used to put a migration's source back.
+    itself: the same container, name, hostname and writable layer, its processes going on where
+    the checkpoint left them. For a checkpoint that stopped its container (``leave_running=False``),
+    including the images a failed checkpoint kept (``CheckpointFailed.kept``, loaded with
+    :meth:`Checkpoint.load`). Migration puts its source back with it.
+
+    The writable layer is not touched: it is the container's own, unchanged since the checkpoint
+    stopped it. The kernel hostname is the one CRIU recorded, used as is, so no CRIU image is
+    rewritten and pycriu is not needed.
+
+    Args:
+        checkpoint: a checkpoint of the container.
+        container: a Container, a name or an ID; default the checkpoint's own container.
+        client: the engine; default ``docker.from_env()``.
+
+    Returns:
+        The running container.
 
     Raises:
+        InvalidArgument: ``checkpoint`` is not a Checkpoint, ``container`` is not the container it
+            was taken of, or that container is running.
+        CheckpointNotFound: the checkpoint's files are gone.
+        ContainerNotFound: no such container.
+        HostNotReady: the engine cannot restore (see :func:`dolly.check_host`).
         RestoreFailed: CRIU failed; the container stays stopped and the checkpoint is kept.
     """
+    require(checkpoint)
     engine = Engine.of(client)
-    _start_from(engine, checkpoint, container_id, hostname=checkpoint.hostname)
-    return engine.container(container_id)
+    engine.require_checkpoint_support()
+    target = engine.container(container if container is not None else checkpoint.container_id)
+    if target.id != checkpoint.container_id:
+        raise InvalidArgument(
+            f"checkpoint {checkpoint.name!r} was taken of container {checkpoint.container_id[:12]}, "
+            f"not of {target.name} ({target.id[:12]}): resume starts a container from its own "
+            "checkpoint; dolly.restore makes a new one from any"
+        )
+    if target.attrs["State"].get("Running"):
+        raise InvalidArgument(f"container {target.name} is running: only a stopped container can be resumed")
+    _start_from(engine, checkpoint, target.id, hostname=None)
+    return engine.container(target.id)
 
 
 def _restore_one(
@@ -280,8 +319,9 @@ def _restore_one(
         raise
 
 
-def _start_from(engine: Engine, cp: Checkpoint, container_id: str, *, hostname: str) -> None:
-    """Start a created (or stopped) container from ``cp`` with ``hostname`` in the kernel.
+def _start_from(engine: Engine, cp: Checkpoint, container_id: str, *, hostname: Optional[str]) -> None:
+    """Start a created (or stopped) container from ``cp`` with ``hostname`` in the kernel (None:
+    the hostname CRIU recorded, for a container resumed as itself).
 
     The images go, as hard links, into a spool folder that Dolly's runtime hands to CRIU
     directly; the container's checkpoints folder, which Docker copies through containerd on
@@ -302,14 +342,15 @@ def _start_from(engine: Engine, cp: Checkpoint, container_id: str, *, hostname: 
             shutil.rmtree(done, ignore_errors=True)
 
 
-def _place_images(cp: Checkpoint, folder: "os.PathLike[str]", *, hostname: str) -> None:
+def _place_images(cp: Checkpoint, folder: "os.PathLike[str]", *, hostname: Optional[str]) -> None:
     """The checkpoint's images as hard links in ``folder`` (no data copied), except the UTS
-    image, which is rewritten with ``hostname``."""
+    image, which is rewritten with ``hostname`` (a new file: the checkpoint's own stays as it
+    is). With ``hostname`` None every image is linked as is, so pycriu is not needed."""
     os.makedirs(folder, mode=0o700, exist_ok=True)
     uts = set(criu.uts_images(cp.images_dir))
     for src in cp.images_dir.iterdir():
         dst = os.path.join(folder, src.name)
-        if src in uts:
+        if hostname is not None and src in uts:
             criu.rewrite_hostname(src, dst, hostname)
         else:
             os.link(src, dst)
@@ -367,21 +408,21 @@ def clone_config(
 def allocate_names(prefix: str, n: int, taken: Iterable[str]) -> List[str]:
     """The ``n`` names ``<prefix>-<k>`` with the lowest k >= 1 not in ``taken``."""
     taken = set(taken)
-    names: List[str] = []
+    free: List[str] = []
     k = 1
-    while len(names) < n:
+    while len(free) < n:
         candidate = f"{prefix}-{k}"
         if candidate not in taken:
-            names.append(candidate)
+            free.append(candidate)
         k += 1
-    return names
+    return free
 
 
 def _reserve(prefix: str, n: int, engine: Engine) -> List[str]:
     with _reserved_lock:
-        names = allocate_names(prefix, n, engine.container_names() | _reserved)
-        _reserved.update(names)
-        return names
+        picked = allocate_names(prefix, n, engine.container_names() | _reserved)
+        _reserved.update(picked)
+        return picked
 
 
 def _check_labels(labels: Any) -> Dict[str, str]:
@@ -390,12 +431,3 @@ def _check_labels(labels: Any) -> Dict[str, str]:
     if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
         raise InvalidArgument(f"labels must be a dict of str to str, got {labels!r}")
     return dict(labels)
-
-
-def _check_container_name(name: Any) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise InvalidArgument(
-            f"not a valid container name: {name!r} (letters, digits and _.-, starting with a "
-            "letter or digit)"
-        )
-    return name

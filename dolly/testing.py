@@ -17,6 +17,14 @@ file lock) and never share a clone. Every container is labelled with the run's I
 process, so the leftovers of a run that was killed are reaped by the next run. A failed test's
 report carries its clone's log; the summary says what the clones saved over cold starts.
 
+The owner is named so that it is unique across machines and PID namespaces: the kernel's boot ID,
+the inode of the owner's PID namespace, its pid and its start time. A run is reaped only when its
+owner is provably dead: same boot, same PID namespace as the reaper, and that pid with that start
+time gone. Runs of other machines, of containers and of other PID namespaces sharing the engine,
+and containers whose owner label is missing or unreadable, are never touched. Clones made from
+the plugin's checkpoints by anyone else (``dolly.restore``) do not inherit the run's labels, so
+they are never reaped either; the plugin labels its own clones explicitly.
+
 Registered with pytest through the ``pytest11`` entry point, so installing Dolly is enough.
 """
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import statistics
 import time
@@ -48,6 +57,7 @@ __all__ = ["warm_service"]
 RUN_LABEL = "dolly.pytest.run"
 OWNER_LABEL = "dolly.pytest.owner"
 STATE_ROOT = Path("/run/dolly/pytest")
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 _plugin_key = pytest.StashKey["Plugin"]()
 _clones_key = pytest.StashKey[List[Container]]()
@@ -127,7 +137,7 @@ class Plugin:
         self.config = config
         self.is_worker = hasattr(config, "workerinput")
         self.run_id: str = config.workerinput["dolly_run_id"] if self.is_worker else uuid.uuid4().hex[:12]
-        self.owner: str = config.workerinput["dolly_owner"] if self.is_worker else _owner(os.getpid())
+        self.owner: str = config.workerinput["dolly_owner"] if self.is_worker else str(Owner.current())
         self.state_dir = STATE_ROOT / self.run_id
         self.stats = Stats()
         self._client: Optional[docker.DockerClient] = None
@@ -192,7 +202,9 @@ class Plugin:
 
     def clone(self, cp: Checkpoint, fixture_name: str) -> Container:
         started = time.perf_counter()
-        c = restore(cp, client=self.client)
+        # Clones do not inherit the run's labels from the checkpoint's source: they are given here,
+        # so that a killed run's clones are reaped with the rest of it.
+        c = restore(cp, labels=self.labels, client=self.client)
         self.stats.clone_s.setdefault(fixture_name, []).append(time.perf_counter() - started)
         return c
 
@@ -224,22 +236,95 @@ class Plugin:
             terminal.write_line(line)
 
 
-def _owner(pid: int) -> str:
-    """``<pid>:<start time>``: a pid alone could be reused by an unrelated process."""
-    return f"{pid}:{_start_time(pid)}"
+@dataclass(frozen=True)
+class Owner:
+    """The process that owns a run, named so that no other process anywhere has the same name.
+
+    ``boot_id``: the kernel's random boot ID (another machine, or this one rebooted, differs);
+    ``pid_ns``: the inode of the process's PID namespace (containers and ``unshare --pid`` differ);
+    ``pid`` in that namespace, and ``start``: its start time in clock ticks since boot, since a
+    pid alone is reused. As a label: ``<boot_id>:<pid_ns>:<pid>:<start>``.
+    """
+
+    boot_id: str
+    pid_ns: int
+    pid: int
+    start: int
+
+    def __str__(self) -> str:
+        return f"{self.boot_id}:{self.pid_ns}:{self.pid}:{self.start}"
+
+    @classmethod
+    def current(cls) -> "Owner":
+        """This process.
+
+        Raises:
+            OSError: /proc is not readable.
+        """
+        return cls.of(os.getpid())
+
+    @classmethod
+    def of(cls, pid: int) -> "Owner":
+        """The process ``pid`` as this process numbers it (in this process's PID namespace).
+
+        Raises:
+            OSError: no such process, or /proc is not this PID namespace's.
+        """
+        if os.readlink("/proc/self") != str(os.getpid()):
+            raise OSError("/proc belongs to another PID namespace than this process")
+        start = _start_time(Path(f"/proc/{pid}/stat"))
+        if start is None:
+            raise OSError(f"process {pid} has exited")
+        return cls(_boot_id(), os.stat("/proc/self/ns/pid").st_ino, pid, start)
+
+    @classmethod
+    def parse(cls, text: Optional[str]) -> Optional["Owner"]:
+        """The owner a label names, or None for a missing or malformed one (never reaped)."""
+        parts = (text or "").strip().split(":")
+        if len(parts) != 4 or not parts[0] or not all(p.isdigit() for p in parts[1:]):
+            return None
+        return cls(parts[0], int(parts[1]), int(parts[2]), int(parts[3]))
 
 
-def _start_time(pid: int) -> str:
+def _boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def _start_time(stat_file: Path) -> Optional[int]:
+    """The start time in a ``/proc/<pid>/stat``; None for a zombie, which never runs again.
+
+    Raises:
+        OSError: it cannot be read (FileNotFoundError: no such process).
+    """
+    stat = stat_file.read_text()
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def provably_dead(owner_text: Optional[str]) -> bool:
+    """Whether the owner a label names is certainly gone: it ran on this boot of this machine, in
+    this process's PID namespace (whose /proc this is), and its pid is gone or belongs to a process
+    that started at another time. Anything else (a missing or malformed owner, another machine,
+    another PID namespace, a /proc that cannot be read) is not proof: False."""
+    owner = Owner.parse(owner_text)
+    if owner is None:
+        return False
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        if owner.boot_id != _boot_id() or owner.pid_ns != os.stat("/proc/self/ns/pid").st_ino:
+            return False
+        if os.readlink("/proc/self") != str(os.getpid()):
+            return False  # this /proc belongs to another PID namespace: its pids are not ours
     except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _alive(owner: str) -> bool:
-    pid, _, start = owner.partition(":")
-    return pid.isdigit() and _start_time(int(pid)) == start and start != ""
+        return False
+    try:
+        start = _start_time(Path(f"/proc/{owner.pid}/stat"))
+    except FileNotFoundError:
+        return True  # no such pid
+    except (OSError, ValueError, IndexError):
+        return False
+    return start != owner.start
 
 
 def _remove(client: docker.DockerClient, container_id: str) -> None:
@@ -249,27 +334,41 @@ def _remove(client: docker.DockerClient, container_id: str) -> None:
 def remove_run(client: docker.DockerClient, run_id: str) -> None:
     """Remove every container of a run, the checkpoints Dolly keeps of them, and its state."""
     engine = Engine.of(client)
-    for c in client.containers.list(all=True, filters={"label": f"{RUN_LABEL}={run_id}"}):
-        engine.remove(c.id)
-        shutil.rmtree(engine.store_dir / c.id, ignore_errors=True)
-    shutil.rmtree(STATE_ROOT / run_id, ignore_errors=True)
+    # The low-level list: containers.list() inspects each container, and fails when another
+    # user of the shared engine removes one meanwhile.
+    for row in client.api.containers(all=True, filters={"label": f"{RUN_LABEL}={run_id}"}):
+        engine.remove(row["Id"])
+        shutil.rmtree(engine.store_dir / row["Id"], ignore_errors=True)
+    # The run ID comes from a label anyone could set: it names a folder under STATE_ROOT only
+    # when it is a plain name.
+    if _RUN_ID_RE.match(run_id):
+        shutil.rmtree(STATE_ROOT / run_id, ignore_errors=True)
 
 
 def reap_dead_runs(client: docker.DockerClient) -> List[str]:
-    """Remove what runs whose owner process is gone left behind; returns their run IDs."""
-    dead = set()
-    for c in client.containers.list(all=True, filters={"label": RUN_LABEL}):
-        if not _alive(c.labels.get(OWNER_LABEL, "")):
-            dead.add(c.labels[RUN_LABEL])
+    """Remove what runs whose owner is provably dead left behind; returns their run IDs.
+
+    A run is reaped only when every owner that its containers and its state folder name is
+    provably dead (see :func:`provably_dead`): a container of the run without an owner label, or
+    with one from another machine or PID namespace, keeps the whole run.
+    """
+    owners: Dict[str, List[Optional[str]]] = {}
+    for row in client.api.containers(all=True, filters={"label": RUN_LABEL}):
+        labels = row.get("Labels") or {}
+        owners.setdefault(labels[RUN_LABEL], []).append(labels.get(OWNER_LABEL))
     for state in STATE_ROOT.glob("*/owner") if STATE_ROOT.is_dir() else []:
-        if not _alive(state.read_text().strip()):
-            dead.add(state.parent.name)
-    for run_id in sorted(dead):
+        try:
+            text: Optional[str] = state.read_text()
+        except OSError:
+            text = None
+        owners.setdefault(state.parent.name, []).append(text)
+    dead = sorted(run_id for run_id, seen in owners.items() if all(provably_dead(o) for o in seen))
+    for run_id in dead:
         try:
             remove_run(client, run_id)
         except ContainerNotFound:
             pass
-    return sorted(dead)
+    return dead
 
 
 # --- pytest hooks ----------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Content trust for checkpoint bundles: Ed25519 signatures, keys in PEM files, AES-256-GCM at rest.
 
     private, public = dolly.trust.generate_keypair()
-    dolly.trust.save_private_key(private, "signer.pem")        # PKCS#8, 0600
-    dolly.trust.save_public_key(public, "signer.pub.pem")      # SubjectPublicKeyInfo
+    dolly.trust.save_private_key(private, "signer.pem")        # PKCS#8, 0600, a new file
+    dolly.trust.save_public_key(public, "signer.pub.pem")      # SubjectPublicKeyInfo, a new file
     dolly.export(cp, "web.dolly", signer=private)
     dolly.import_bundle("web.dolly", trusted_keys=[dolly.trust.load_public_key("signer.pub.pem")])
 
@@ -14,10 +14,11 @@ its position and to whether it is the last, so chunks cannot be dropped, reorder
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import struct
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Optional, Tuple, Union
+from typing import Any, BinaryIO, Iterable, Iterator, Optional, Tuple, Union
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import serialization
@@ -47,11 +48,23 @@ def generate_keypair() -> Tuple[Ed25519PrivateKey, Ed25519PublicKey]:
     return private, private.public_key()
 
 
-def save_private_key(key: Ed25519PrivateKey, path: PathLike, *, password: Optional[bytes] = None) -> Path:
-    """Write ``key`` as PKCS#8 PEM, readable by its owner only; encrypted when ``password`` is given."""
+def save_private_key(
+    key: Ed25519PrivateKey, path: PathLike, *, password: Optional[bytes] = None, overwrite: bool = False
+) -> Path:
+    """Write ``key`` as PKCS#8 PEM into a new file readable by its owner only (0600); encrypted
+    when ``password`` is given.
+
+    The file is created, never opened if it exists: an existing file, or a symlink planted at
+    ``path``, is refused. With ``overwrite=True`` an existing file (or symlink) is replaced by a
+    new file, atomically, and a symlink is never followed.
+
+    Raises:
+        InvalidArgument: ``path`` exists (or is a symlink) and ``overwrite`` is not set, or it is
+            a folder.
+    """
     enc = serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
     data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
-    return _write_private(Path(path), data)
+    return _write_new(Path(path), data, 0o600, overwrite=overwrite)
 
 
 def load_private_key(path: PathLike, *, password: Optional[bytes] = None) -> Ed25519PrivateKey:
@@ -67,11 +80,17 @@ def load_private_key(path: PathLike, *, password: Optional[bytes] = None) -> Ed2
     return key
 
 
-def save_public_key(key: Ed25519PublicKey, path: PathLike) -> Path:
-    """Write ``key`` as SubjectPublicKeyInfo PEM."""
-    path = Path(path)
-    path.write_bytes(key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    return path
+def save_public_key(key: Ed25519PublicKey, path: PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``key`` as SubjectPublicKeyInfo PEM into a new file (0644), like
+    :func:`save_private_key`: an existing file or a symlink is refused unless ``overwrite=True``,
+    and then replaced atomically, never followed.
+
+    Raises:
+        InvalidArgument: ``path`` exists (or is a symlink) and ``overwrite`` is not set, or it is
+            a folder.
+    """
+    data = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return _write_new(Path(path), data, 0o644, overwrite=overwrite)
 
 
 def load_public_key(path: PathLike) -> Ed25519PublicKey:
@@ -194,6 +213,71 @@ def decrypt_chunks(key: Optional[bytes], src: BinaryIO) -> Iterator[bytes]:
         index += 1
 
 
+class EncryptingWriter(io.RawIOBase):
+    """A writable stream that seals what is written into ``dst`` as :func:`encrypt_stream`
+    does, chunk by chunk, so that no plaintext is ever written anywhere. ``close()`` seals the
+    last chunk (and does not close ``dst``)."""
+
+    def __init__(self, key: bytes, dst: BinaryIO) -> None:
+        super().__init__()
+        self._aead = _aead(key)
+        self._dst = dst
+        self._prefix = os.urandom(8)
+        self._pending = bytearray()
+        self._index = 0
+        dst.write(MAGIC + self._prefix)
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self._pending += data
+        # Keep at least one byte back: the last chunk is sealed as last, so it must be known.
+        while len(self._pending) > CHUNK:
+            self._seal(bytes(self._pending[:CHUNK]), last=False)
+            del self._pending[:CHUNK]
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._seal(bytes(self._pending), last=True)
+            self._pending.clear()
+        super().close()
+
+    def _seal(self, chunk: bytes, *, last: bool) -> None:
+        aad = MAGIC + struct.pack(">IB", self._index, last)
+        self._dst.write(self._aead.encrypt(_nonce(self._prefix, self._index), chunk, aad))
+        self._index += 1
+
+
+class DecryptingReader(io.RawIOBase):
+    """A readable stream of the plaintext of an encrypted bundle, each chunk authenticated before
+    any of it is returned (see :func:`decrypt_chunks`); nothing is written anywhere.
+
+    Raises (from ``read``):
+        DecryptionFailed: as :func:`decrypt_chunks`.
+    """
+
+    def __init__(self, key: Optional[bytes], src: BinaryIO) -> None:
+        super().__init__()
+        self._chunks = decrypt_chunks(key, src)
+        self._buffer = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buffer:
+            try:
+                self._buffer = next(self._chunks)
+            except StopIteration:
+                return 0
+        n = min(len(b), len(self._buffer))
+        b[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n
+
+
 def _peek(f: BinaryIO) -> bool:
     pos = f.tell()
     more = bool(f.read(1))
@@ -201,9 +285,49 @@ def _peek(f: BinaryIO) -> bool:
     return more
 
 
-def _write_private(path: Path, data: bytes) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _write_new(path: Path, data: bytes, mode: int, *, overwrite: bool) -> Path:
+    """Write ``data`` into a file at ``path`` that this call creates, with ``mode``.
+
+    O_CREAT|O_EXCL never opens an existing file and fails on any symlink, dangling or not, so
+    nothing planted at ``path`` is written through. With ``overwrite``, the data goes into a new
+    temporary file in the same folder, which then replaces whatever ``path`` is (a symlink itself,
+    not its target) in one rename.
+    """
+    if not overwrite:
+        try:
+            _create(path, data, mode)
+        except FileExistsError:
+            raise InvalidArgument(
+                f"{path} exists{' (a symlink)' if path.is_symlink() else ''}: refusing to write a key "
+                "over it (pass overwrite=True to replace it)"
+            ) from None
+        return path
+    if path.is_dir() and not path.is_symlink():
+        raise InvalidArgument(f"{path} is a folder, not a key file")
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+    _create(tmp, data, mode)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def _create(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, _NEW_FILE, mode)
+    try:
+        os.fchmod(fd, mode)  # exactly ``mode``, whatever the umask
+        with os.fdopen(fd, "wb") as f:
+            fd = -1
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if fd != -1:
+            os.close(fd)
+        path.unlink(missing_ok=True)
+        raise

@@ -4,17 +4,24 @@ Each test gets its own warm clone of a web service that takes seconds to warm up
 Run it with `pytest examples/` (add `-n 2` with pytest-xdist).
 """
 import http.client
+import json
+from datetime import datetime, timezone
 
 import dolly.testing
 from dolly import ready
 
 SERVICE = """
-import http.server, os, socket, time
+import http.server, json, os, socket, time
+started = time.time()
 time.sleep(3)                      # stands in for an expensive warm-up
 token = os.urandom(4).hex()        # drawn once: every clone shares it
+notes = []                         # what tests told it: empty when it was checkpointed
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        body = f"{socket.gethostname()} {token}".encode()
+        if self.path.startswith("/note/"):
+            notes.append(self.path[len("/note/"):])
+        body = json.dumps({"hostname": socket.gethostname(), "token": token,
+                           "started": started, "notes": notes}).encode()
         self.send_response(200)
         self.end_headers()
         self.wfile.write(body)
@@ -28,23 +35,44 @@ web = dolly.testing.warm_service(
 )
 
 
-def get(container):
+def get(container, path="/"):
     conn = http.client.HTTPConnection(ready.ip_address(container), 8000, timeout=5)
-    conn.request("GET", "/")
-    hostname, token = conn.getresponse().read().decode().split()
-    return hostname, token
+    conn.request("GET", path)
+    return json.loads(conn.getresponse().read())
 
 
-def test_the_clone_answers_as_itself(web):
-    hostname, token = get(web)
-    assert hostname == web.attrs["Config"]["Hostname"]
-    assert len(token) == 8
+def leave_a_note(container, text):
+    """Change the clone, in memory and in its files."""
+    container.exec_run(["sh", "-c", f"echo {text} >> /tmp/notes"])
+    return get(container, f"/note/{text}")["notes"]
 
 
-def test_each_test_has_its_own_clone(web):
-    web.exec_run(["touch", "/tmp/mine"])
-    assert web.exec_run(["test", "-e", "/tmp/mine"]).exit_code == 0
+def assert_as_warmed(container):
+    """The clone is as the service was when it was checkpointed: no test's notes in its memory,
+    no notes file. Every test checks this first, so whichever test runs second (in any order, on
+    any xdist worker) would see the first one's notes if clones were shared or reused."""
+    assert get(container)["notes"] == []
+    assert container.exec_run(["test", "-e", "/tmp/notes"]).exit_code == 1
 
 
-def test_a_clone_never_sees_another_tests_files(web):
-    assert web.exec_run(["test", "-e", "/tmp/mine"]).exit_code == 1
+def test_the_clone_is_warm_and_answers_as_itself(web):
+    assert_as_warmed(web)
+    answer = get(web)
+    assert answer["hostname"] == web.attrs["Config"]["Hostname"]  # its own name, not the source's
+    assert len(answer["token"]) == 8
+    # Warm, not started over: its process started (and slept its 3 s warm-up) before this
+    # clone's container was even created.
+    created = datetime.strptime(web.attrs["Created"][:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
+    assert created.timestamp() - answer["started"] > 2
+
+
+def test_a_clone_is_this_tests_own_to_change(web):
+    assert_as_warmed(web)
+    assert leave_a_note(web, "first") == ["first"]
+    assert web.exec_run(["cat", "/tmp/notes"]).output == b"first\n"
+
+
+def test_a_clone_never_sees_another_tests_changes(web):
+    assert_as_warmed(web)
+    assert leave_a_note(web, "second") == ["second"]
+    assert web.exec_run(["cat", "/tmp/notes"]).output == b"second\n"

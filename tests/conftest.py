@@ -8,6 +8,7 @@ that ask for no engine fixture (pure logic, formats, policies) run without one, 
 from __future__ import annotations
 
 import shutil
+import time
 import uuid
 from typing import Iterator, List
 
@@ -15,10 +16,11 @@ import docker
 import pytest
 
 import dolly
+from dolly import trust
 from dolly.engine import Engine
 
 from engines import SecondEngine
-from helpers import BUSYBOX, COUNTER, ENGINE_B, ENGINE_B_SUBNET, RUN_ID, TEST_LABEL
+from helpers import BUSYBOX, COUNTER, ENGINE_B, ENGINE_B_SUBNET, FILES, RUN_ID, TEST_LABEL
 
 
 @pytest.fixture(scope="session")
@@ -136,3 +138,16 @@ def busybox_checkpoint(client: docker.DockerClient) -> Iterator[dolly.Checkpoint
     finally:
         discard(c, Engine.of(client))
 
+
+@pytest.fixture(scope="module")
+def keys():
+    """An Ed25519 key pair: (private, public)."""
+    return trust.generate_keypair()
+
+
+@pytest.fixture
+def source_cp(run):
+    """A checkpoint of a container that wrote, changed and deleted files."""
+    source = run(BUSYBOX, ["sh", "-c", FILES])
+    time.sleep(1)
+    return dolly.checkpoint(source, "b")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import time
 import uuid
 
 from dolly import ready
@@ -21,6 +22,8 @@ ENGINE_B_URL = f"unix:///run/dolly-test-{ENGINE_B}.sock"
 # A counter that writes its value to stdout and to a file in the writable layer, 10 times a second
 # (by rename, so that a reader never sees the file empty).
 COUNTER = "i=0; while true; do i=$((i+1)); echo $i; echo $i > /tmp/c.new; mv /tmp/c.new /tmp/count; sleep 0.1; done"
+# A container that wrote, changed and deleted files, and counts.
+FILES = "echo hello > /greeting; rm /etc/group; mkdir -p /d; echo x > /d/f; " + COUNTER
 
 
 def read_int(container, path: str = "/tmp/count") -> int:
@@ -47,3 +50,18 @@ def ask(container, port: int = 8000, path: str = "/", network=None) -> dict:
 
 def kernel_hostname(container) -> str:
     return container.exec_run(["cat", "/proc/sys/kernel/hostname"]).output.decode().strip()
+
+
+def assert_counts_on(container, at_least: int, *, new: bool = True) -> None:
+    """The counter of COUNTER is at ``at_least`` (its value at the checkpoint, or read just before)
+    or past it, not started over, and still counting. A ``new`` container (a clone, a moved one)
+    has logged nothing below it either: it never counted from 1."""
+    first = read_int(container)
+    assert first >= at_least, f"the counter went back from {at_least} to {first}"
+    deadline = time.monotonic() + 10
+    while read_int(container) <= first and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert read_int(container) > first, "the counter stopped"
+    if new:
+        logged = [int(x) for x in container.logs().decode().split() if x.isdigit()]
+        assert logged and min(logged) >= at_least, f"the counter logged {min(logged or [0])} after the checkpoint"

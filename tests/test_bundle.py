@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import hashlib
 import tarfile
 import time
 from datetime import timedelta
@@ -13,25 +12,9 @@ import pytest
 
 import dolly
 from dolly import bundle, errors, trust
-from dolly.engine import Engine
-from bundles import assert_refused, member, rebuild, rootfs_tar, store_entries
-from helpers import BUSYBOX, RUN_ID, read_int
+from bundles import assert_refused, member, rebuild, rootfs_tar
+from helpers import BUSYBOX, FILES, RUN_ID, read_int
 
-FILES = ("echo hello > /greeting; rm /etc/group; mkdir -p /d; echo x > /d/f; "
-         "i=0; while true; do i=$((i+1)); echo $i > /tmp/c.new; mv /tmp/c.new /tmp/count; sleep 0.1; done")
-
-
-@pytest.fixture(scope="module")
-def keys():
-    return trust.generate_keypair()
-
-
-@pytest.fixture
-def source_cp(run):
-    """A checkpoint of a container that wrote, changed and deleted files."""
-    source = run(BUSYBOX, ["sh", "-c", FILES])
-    time.sleep(1)
-    return dolly.checkpoint(source, "b")
 
 
 @pytest.mark.parametrize("compression", ["zstd", "gzip", "none"])

@@ -8,7 +8,7 @@ import pytest
 import dolly
 from dolly import ready
 from dolly.demo import SERVICE
-from helpers import BUSYBOX, COUNTER, PYTHON, ask, get_json, kernel_hostname, read_int
+from helpers import BUSYBOX, COUNTER, PYTHON, ask, assert_counts_on, get_json, kernel_hostname, read_int
 
 
 def test_clones_continue_a_counter_from_the_checkpoint(run, client):
@@ -122,6 +122,7 @@ def test_restore_with_a_name_and_clone_with_a_prefix(run, client, busybox_checkp
 def test_checkpoint_outlives_its_source(run):
     source = run(BUSYBOX, ["sh", "-c", COUNTER])
     time.sleep(1)
+    before = read_int(source)
     cp = dolly.checkpoint(source, "keep", leave_running=False)
     source.reload()
     assert source.status == "exited"
@@ -131,7 +132,7 @@ def test_checkpoint_outlives_its_source(run):
     assert [x.name for x in listed] == ["keep"]
     assert dolly.get_checkpoint(cp.container_id, "keep") == cp
     (clone,) = dolly.clone(listed[0], 1)
-    assert read_int(clone) >= 1
+    assert_counts_on(clone, before)
     dolly.remove_checkpoint(cp)
     with pytest.raises(dolly.errors.ContainerNotFound):
         dolly.list_checkpoints(name)

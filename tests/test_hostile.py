@@ -28,19 +28,6 @@ from dolly.engine import Engine, default_client
 from bundles import assert_refused, edit_config, member, rebuild, rootfs_tar
 from helpers import BUSYBOX, COUNTER, ENGINE_B_URL, PYTHON, RUN_ID
 
-FILES = "echo hello > /greeting; " + COUNTER
-
-
-@pytest.fixture(scope="module")
-def keys():
-    return trust.generate_keypair()
-
-
-@pytest.fixture
-def source_cp(run):
-    source = run(BUSYBOX, ["sh", "-c", FILES])
-    time.sleep(0.5)
-    return dolly.checkpoint(source, "h")
 
 
 @pytest.fixture
