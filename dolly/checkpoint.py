@@ -30,8 +30,9 @@ from typing import Any, List, Mapping, Optional
 
 import docker
 from docker.models.containers import Container
+from filelock import FileLock
 
-from . import criu
+from . import criu, names
 from .engine import RUNTIME, ContainerRef, Engine
 from .errors import (
     CheckpointExists,
@@ -43,10 +44,8 @@ from .errors import (
     InvalidArgument,
 )
 
-__all__ = ["Checkpoint", "checkpoint", "list_checkpoints", "get_checkpoint", "remove_checkpoint"]
+__all__ = ["Checkpoint", "checkpoint", "list_checkpoints", "get_checkpoint", "remove_checkpoint", "DEFAULT_MAX_LAYER_BYTES"]
 
-# Docker's own rule for checkpoint names; it also keeps names out of paths ("..", "/").
-_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 METADATA = "dolly.json"
 ROOTFS_DIFF = "rootfs-diff.tar"
 # What scripts/dolly-runc writes into the image folder at checkpoint time, and where it goes.
@@ -66,6 +65,13 @@ class Checkpoint:
         hostname: the source's kernel hostname, as CRIU recorded it.
         config: the source's ``docker inspect`` at checkpoint time; clones are created from it.
         path: the checkpoint's folder on the engine's host.
+        origin: None for a checkpoint taken on this engine; for one imported from a bundle, where
+            it came from (``bundle_id``, ``signer``: the verified key's id or None, ``source``)
+            and the restore policy items its importer allowed (``allowed``, see
+            :mod:`dolly.policy`).
+
+    Raises:
+        InvalidArgument: ``container_id`` or ``name`` breaks Dolly's rules (they become paths).
     """
 
     container_id: str
@@ -75,6 +81,13 @@ class Checkpoint:
     hostname: str
     config: Mapping[str, Any] = field(repr=False, compare=False, hash=False)
     path: Path = field(compare=False)
+    origin: Optional[Mapping[str, Any]] = field(default=None, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        # Both become path parts (the store, the clone's checkpoints folder): checked here, so no
+        # Checkpoint, however it was made, can point a removal or a write elsewhere.
+        names.container_id(self.container_id)
+        names.checkpoint_name(self.name)
 
     @property
     def images_dir(self) -> Path:
@@ -113,12 +126,13 @@ class Checkpoint:
                 hostname=meta["hostname"],
                 config=types.MappingProxyType(meta["config"]),
                 path=Path(path),
+                origin=meta.get("origin"),
             )
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointNotFound(f"no usable checkpoint at {path}: {e}") from e
 
     def _metadata(self) -> dict:
-        return {
+        meta = {
             "format": 1,
             "container_id": self.container_id,
             "container_name": self.container_name,
@@ -127,6 +141,20 @@ class Checkpoint:
             "hostname": self.hostname,
             "config": dict(self.config),
         }
+        if self.origin is not None:
+            meta["origin"] = dict(self.origin)
+        return meta
+
+
+# The cap on a checkpoint's writable layer (its allocated bytes: sparse files count what they
+# hold) unless the caller passes another; scripts/dolly-runc has the same default for a plain
+# `docker checkpoint create`.
+DEFAULT_MAX_LAYER_BYTES = 8 << 30
+# What Dolly asks of its runtime for one checkpoint: a file in the spool folder, which the runtime
+# reads and removes before it dumps (scripts/dolly-runc).
+RUNTIME_REQUEST = "dolly-request"
+# The runtime's shell compares in 64-bit arithmetic.
+_MAX_LAYER_LIMIT = 10**18 - 1
 
 
 def checkpoint(
@@ -134,32 +162,52 @@ def checkpoint(
     name: Optional[str] = None,
     *,
     leave_running: bool = True,
+    max_layer_bytes: int = DEFAULT_MAX_LAYER_BYTES,
     client: Optional[docker.DockerClient] = None,
 ) -> Checkpoint:
     """Checkpoint a running container: its processes' memory (CRIU) and its writable layer.
+
+    The writable layer is archived (sparse files stay sparse) while the container is frozen, just
+    before CRIU dumps it. A layer over ``max_layer_bytes``, or one the destination's filesystem
+    has no room for, is refused before anything is dumped: the container is left as it was,
+    running, whatever ``leave_running`` says. Checkpoints of one container are taken one at a
+    time.
 
     Args:
         container: a docker-py ``Container``, a name or an ID.
         name: the checkpoint's name (letters, digits, ``_.-``); default ``cp-<UTC time>``.
         leave_running: keep the container running after the dump (default); ``False`` stops it.
+        max_layer_bytes: refuse a writable layer holding more than this (allocated bytes);
+            default :data:`DEFAULT_MAX_LAYER_BYTES` (8 GiB).
         client: the engine; default ``docker.from_env()``.
 
     Raises:
-        InvalidArgument: ``name`` is not a valid checkpoint name.
+        InvalidArgument: ``name`` is not a valid checkpoint name, or ``max_layer_bytes`` is not a
+            positive int.
         ContainerNotFound: no such container.
-        ContainerNotRunning: the container is not running (or is paused).
+        ContainerNotRunning: the container is not running, or is paused (for longer than the
+            few seconds Docker takes to notice the end of another checkpoint's pause).
         CheckpointExists: the container already has a checkpoint of that name.
-        HostNotReady: the engine or CRIU cannot checkpoint (see :func:`dolly.check_host`).
-        CheckpointFailed: CRIU failed; the error carries CRIU's log. The container keeps running
-            when ``leave_running`` is set.
+        HostNotReady: the engine or CRIU cannot checkpoint (see :func:`dolly.check_host`), or
+            pycriu is missing (with ``leave_running=False``: ``CheckpointFailed`` with ``kept``).
+        CheckpointFailed: CRIU failed (the error carries CRIU's log), or the writable layer was
+            refused (the message gives its size and the cap, or the free space). The container
+            keeps running when ``leave_running`` is set, and after any failure before the dump.
+            When the dump had stopped the container and a later step failed, its images are not
+            deleted: ``kept`` is the checkpoint folder holding them (``"complete": false`` in its
+            dolly.json), from which :func:`dolly.resume` starts the container again.
     """
-    name = _check_name(name) if name is not None else _default_name()
+    name = names.checkpoint_name(name) if name is not None else _default_name()
+    if isinstance(max_layer_bytes, bool) or not isinstance(max_layer_bytes, int) or not (
+        0 < max_layer_bytes <= _MAX_LAYER_LIMIT
+    ):
+        raise InvalidArgument(f"max_layer_bytes must be a positive int (at most {_MAX_LAYER_LIMIT}), "
+                              f"not {max_layer_bytes!r}")
     engine = Engine.of(client)
     criu.require_version()
     engine.require_checkpoint_support()
     source = engine.container(container)
-    state = source.attrs["State"]
-    if not state.get("Running") or state.get("Paused"):
+    if not source.attrs["State"].get("Running"):
         raise ContainerNotRunning(f"container {source.name} is {source.status}, not running")
     if source.attrs["HostConfig"].get("Runtime") != RUNTIME:
         raise HostNotReady(
@@ -169,37 +217,83 @@ def checkpoint(
             "to take its files at the instant of the checkpoint"
         )
 
-    folder = engine.store_dir / source.id
-    final = folder / name
+    final = engine.store_dir / source.id / name
     if final.exists():
         raise CheckpointExists(f"container {source.name} already has a checkpoint named {name!r}")
-    _make_private_dir(folder)
+    # Root-only: the spool holds process memory on its way into the store.
+    engine.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(engine.spool_dir, 0o700)
+    reap_spool(engine)
 
+    # One spool folder per container (the runtime knows the container, not the checkpoint): two
+    # checkpoints of one container at once would dump into, and delete, each other's.
+    engine.lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with FileLock(str(engine.lock_dir / f"{source.id}.checkpoint.lock")):
+        # As it is now, after any checkpoint we waited for (which paused it meanwhile).
+        source = _running(engine, source.id)
+        if final.exists():
+            raise CheckpointExists(f"container {source.name} already has a checkpoint named {name!r}")
+        _make_private_dir(final.parent)
+        return _checkpoint_locked(engine, source, name, final, leave_running, max_layer_bytes)
+
+
+def _running(engine: Engine, container_id: str, *, settle: float = 5.0) -> Container:
+    """The container, running and not paused.
+
+    A checkpoint pauses its container (containerd) and Docker learns of the resume from an event:
+    just after another checkpoint, Docker may still say paused. That clears within ``settle``
+    seconds; a pause that lasts is the user's.
+
+    Raises:
+        ContainerNotFound: no such container.
+        ContainerNotRunning: it is not running, or is paused.
+    """
+    deadline = time.monotonic() + settle
+    while True:
+        source = engine.container(container_id)
+        state = source.attrs["State"]
+        if not state.get("Running") or (state.get("Paused") and time.monotonic() > deadline):
+            raise ContainerNotRunning(f"container {source.name} is {source.status}, not running")
+        if not state.get("Paused"):
+            return source
+        time.sleep(0.05)
+
+
+def _checkpoint_locked(
+    engine: Engine, source: Container, name: str, final: Path, leave_running: bool, max_layer_bytes: int
+) -> Checkpoint:
+    folder = final.parent
     # Docker refuses a custom checkpoint folder: it writes into the container's own, under a name
     # of ours. Dolly's runtime has CRIU dump into the spool folder made here instead, so that the
     # images skip Docker's copy through containerd; Docker's folder then holds nothing we need.
     docker_name = f"dolly-{uuid.uuid4().hex[:16]}"
     staging = folder / f".{docker_name}"
     spool = engine.spool_dir / f"{source.id}.checkpoint"
+    if spool.is_symlink():
+        spool.unlink()
     shutil.rmtree(spool, ignore_errors=True)
-    spool.mkdir(mode=0o700, parents=True)
-    reap_spool(engine)
+    spool.mkdir(mode=0o700, exist_ok=True)  # a mount point stays (a spool on a filesystem of its own)
+    _write_private(spool / RUNTIME_REQUEST, f"max_layer_bytes={max_layer_bytes}\n")
     created_at = datetime.now(timezone.utc)
     images = engine.checkpoints_dir(source.id) / docker_name
+    doomed = [images, staging, spool]
     try:
-        engine.create_checkpoint(source.id, docker_name, exit=not leave_running)
+        try:
+            engine.create_checkpoint(source.id, docker_name, exit=not leave_running)
+        except CheckpointFailed as e:
+            refused = _refusal(e, source, engine)
+            if refused is not None:
+                raise refused from e
+            raise
         staging.mkdir(mode=0o700)
-        os.rename(spool if any(spool.iterdir()) else images, staging / "criu")
+        os.rename(spool if (spool / "inventory.img").exists() else images, staging / "criu")
         diff = staging / "criu" / RUNTIME_ROOTFS_DIFF
         if not diff.exists():
             raise CheckpointFailed(
                 f"the '{RUNTIME}' runtime left no {RUNTIME_ROOTFS_DIFF} in the checkpoint of "
                 f"{source.name}: is /usr/local/sbin/dolly-runc current? (run `make host`)"
             )
-        os.rename(diff, staging / ROOTFS_DIFF)
-        for made, kept in RUNTIME_EXTRAS.items():
-            if (staging / "criu" / made).exists():
-                os.rename(staging / "criu" / made, staging / kept)
+        _take_runtime_files(staging)
         cp = Checkpoint(
             container_id=source.id,
             container_name=source.name,
@@ -215,21 +309,203 @@ def checkpoint(
         except OSError as e:  # another caller took the same name meanwhile
             raise CheckpointExists(f"container {source.name} already has a checkpoint named {name!r}") from e
         return cp
+    except BaseException as e:
+        if leave_running:
+            raise
+        kept = _keep_images(engine, source, name, created_at, staging, spool, images, doomed, e)
+        if kept is None or not isinstance(e, Exception):
+            raise
+        raise CheckpointFailed(
+            f"checkpoint {name!r} of container {source.name} failed after the dump: "
+            f"{type(e).__name__}: {e}",
+            kept=kept,
+        ) from e
     finally:
-        for leftover in (images, staging, spool):
+        for leftover in doomed:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def reap_spool(engine: Engine, *, older_than: float = 3600.0) -> None:
-    """Remove spool folders left by an operation that died with its process (a host crash, a
-    SIGKILL): every one of them lives for seconds."""
-    now = time.time()
-    for entry in engine.spool_dir.iterdir() if engine.spool_dir.is_dir() else []:
+def _take_runtime_files(staging: Path) -> None:
+    """Move what the runtime added beside CRIU's images to their places in the checkpoint, and
+    make every file root-only."""
+    images = staging / "criu"
+    if (images / RUNTIME_ROOTFS_DIFF).exists():
+        os.rename(images / RUNTIME_ROOTFS_DIFF, staging / ROOTFS_DIFF)
+    for made, kept in RUNTIME_EXTRAS.items():
+        if (images / made).exists():
+            os.rename(images / made, staging / kept)
+    (images / RUNTIME_REQUEST).unlink(missing_ok=True)
+    for path in [staging, *staging.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, 0o700 if path.is_dir() else 0o600)
+
+
+def _refusal(error: CheckpointFailed, source: Container, engine: Engine) -> Optional[CheckpointFailed]:
+    """The runtime's refusal of the writable layer, from the marker line that Docker passed into
+    its error (only the first line of the runtime's output gets there), made into Dolly's words."""
+    m = re.search(r"DOLLY_REFUSED reason=([a-z-]+)((?: [a-z_]+=[0-9]+)*)", str(error))
+    if m is None:
+        return None
+    reason, fields = m.group(1), dict(kv.split("=", 1) for kv in m.group(2).split())
+    untouched = "Nothing was dumped: the container is untouched and keeps running."
+    if reason == "layer-too-large" and {"allocated", "max"} <= fields.keys():
+        size, cap = int(fields["allocated"]), int(fields["max"])
+        return CheckpointFailed(
+            f"container {source.name} was not checkpointed: its writable layer holds "
+            f"{_bytes_text(size)} ({size} bytes allocated), over the cap of {_bytes_text(cap)} "
+            f"({cap} bytes). To take it anyway, raise the cap: "
+            f"dolly.checkpoint(..., max_layer_bytes={_next_cap(size)}). {untouched}"
+        )
+    if reason == "no-space" and {"need", "avail"} <= fields.keys():
+        need, avail = int(fields["need"]), int(fields["avail"])
+        spool = engine.spool_dir / f"{source.id}.checkpoint"
+        return CheckpointFailed(
+            f"container {source.name} was not checkpointed: its writable layer needs "
+            f"{_bytes_text(need)} ({need} bytes) in {spool}, whose filesystem has "
+            f"{_bytes_text(avail)} ({avail} bytes) free. Free space there (or remove old "
+            f"checkpoints with dolly.remove_checkpoint). {untouched}"
+        )
+    return CheckpointFailed(f"container {source.name} was not checkpointed: {m.group(0)}. {untouched}")
+
+
+def _bytes_text(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _next_cap(n: int) -> int:
+    """A round cap above ``n``: the next whole GiB, or MiB below 1 GiB."""
+    step = 1 << 30 if n >= 1 << 30 else 1 << 20
+    return (n // step + 1) * step
+
+
+def _keep_images(
+    engine: Engine,
+    source: Container,
+    name: str,
+    created_at: datetime,
+    staging: Path,
+    spool: Path,
+    images: Path,
+    doomed: List[Path],
+    error: BaseException,
+) -> Optional[Path]:
+    """After a failure of a checkpoint that stops its container: when the dump had succeeded and
+    stopped it, its images are the only copy of its state. Make them a checkpoint folder rather
+    than delete them, and take them off ``doomed``. Returns that folder, or None when there is
+    nothing to keep (no complete dump, or the container still runs).
+
+    Raises:
+        CheckpointFailed: the images could not be made a checkpoint; the message says where
+            they were left.
+    """
+    inventory = "inventory.img"  # CRIU writes it last: its presence means a complete dump
+    found = next((d for d in (staging / "criu", spool, images) if (d / inventory).is_file()), None)
+    if found is None:
+        return None
+    if not _stopped(engine, source):
+        return None  # the dump did not stop it: nothing is lost by deleting the images
+
+    # The folder must outlive this call, whatever else fails below.
+    for d in (staging, found):
+        if d in doomed:
+            doomed.remove(d)
+    try:
+        staging.mkdir(mode=0o700, exist_ok=True)
+        if found != staging / "criu":
+            try:
+                os.rename(found, staging / "criu")
+            except OSError:  # another filesystem (a spool mounted apart): copy, then delete
+                try:
+                    shutil.copytree(found, staging / "criu")
+                except BaseException:
+                    shutil.rmtree(staging / "criu", ignore_errors=True)
+                    raise
+                doomed.append(found)
+        _take_runtime_files(staging)
         try:
-            if now - entry.stat().st_mtime > older_than:
+            hostname = criu.read_hostname(staging / "criu")
+        except Exception:  # pycriu missing or the image unreadable: the container's own
+            hostname = source.attrs["Config"].get("Hostname") or source.id[:12]
+        kept_name = name
+        if (staging.parent / name).exists():
+            kept_name = f"{name[:105]}-kept-{uuid.uuid4().hex[:8]}"
+        cp = Checkpoint(
+            container_id=source.id,
+            container_name=source.name,
+            name=kept_name,
+            created_at=created_at,
+            hostname=hostname,
+            config=types.MappingProxyType(source.attrs),
+            path=staging.parent / kept_name,
+        )
+        meta = cp._metadata()
+        meta["complete"] = False
+        meta["failure"] = f"{type(error).__name__}: {error}"
+        (staging / METADATA).unlink(missing_ok=True)  # written before a failed final rename
+        _write_private(staging / METADATA, json.dumps(meta))
+        os.rename(staging, cp.path)
+        return cp.path
+    except Exception as e:
+        where = staging / "criu" if (staging / "criu" / inventory).is_file() else found
+        if where == found:
+            if found in doomed:
+                doomed.remove(found)
+            if found == spool:  # out of the way of the next checkpoint and of reap_spool
+                aside = spool.with_name(f"{source.id}.kept-{uuid.uuid4().hex[:8]}")
+                try:
+                    os.rename(spool, aside)
+                    where = aside
+                except OSError:
+                    pass
+        raise CheckpointFailed(
+            f"checkpoint {name!r} of container {source.name} failed after the dump had stopped "
+            f"the container ({type(error).__name__}: {error}), and its images could not be made "
+            f"a checkpoint ({type(e).__name__}: {e}); they were left, not deleted, in {where}"
+        ) from error
+
+
+def _stopped(engine: Engine, source: Container, *, settle: float = 5.0) -> bool:
+    """Whether the container's processes are gone. CRIU kills them right after a dump without
+    --leave-running; Docker learns it from an event, so its state may lag: its first process
+    gone from /proc settles it at once, else Docker's state within ``settle`` seconds."""
+    pid = source.attrs["State"].get("Pid")
+    if pid and not os.path.exists(f"/proc/{pid}"):
+        return True
+    deadline = time.monotonic() + settle
+    while True:
+        try:
+            if not engine.container(source.id).attrs["State"].get("Running"):
+                return True
+        except ContainerNotFound:
+            return True  # removed meanwhile: its images are all there is
+        except Exception:  # the engine does not answer: keep them, to be safe
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def reap_spool(engine: Engine, *, older_than: float = 3600.0) -> None:
+    """Remove spool folders and files left by an operation that died with its process
+    (a host crash, a SIGKILL): every one of them lives for seconds. Images set aside after a
+    failed checkpoint had stopped their container (``<id>.kept-*``) are the only copy of its
+    state: they stay."""
+    now = time.time()
+    for entry in list(engine.spool_dir.iterdir()) if engine.spool_dir.is_dir() else []:
+        if ".kept-" in entry.name:
+            continue  # the only images of a stopped container (see _keep_images)
+        try:
+            if now - entry.lstat().st_mtime <= older_than:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
-        except FileNotFoundError:
-            pass
+            else:
+                entry.unlink(missing_ok=True)
+        except OSError:
+            pass  # gone meanwhile, or not ours to remove: the next reap tries again
 
 
 def list_checkpoints(
@@ -240,6 +516,7 @@ def list_checkpoints(
 
     Raises:
         ContainerNotFound: no such container, now or in the checkpoints Dolly keeps.
+        InvalidArgument: ``container`` names more than one removed container.
     """
     engine = Engine.of(client)
     if container is None:
@@ -261,11 +538,12 @@ def get_checkpoint(
     """The checkpoint ``name`` of ``container``.
 
     Raises:
-        InvalidArgument: ``name`` is not a valid checkpoint name.
+        InvalidArgument: ``name`` is not a valid checkpoint name, or ``container`` names more
+            than one removed container (give its full ID).
         ContainerNotFound: no such container, now or in the checkpoints Dolly keeps.
         CheckpointNotFound: the container has no checkpoint of that name.
     """
-    _check_name(name)
+    names.checkpoint_name(name)
     engine = Engine.of(client)
     path = _source_folder(engine, container) / name
     if not (path / METADATA).exists():
@@ -277,10 +555,17 @@ def remove_checkpoint(checkpoint: Checkpoint, client: Optional[docker.DockerClie
     """Delete a checkpoint's files. Containers restored from it are not affected.
 
     Raises:
-        InvalidArgument: ``checkpoint`` is not a :class:`Checkpoint`.
+        InvalidArgument: ``checkpoint`` is not a :class:`Checkpoint`, or its path is not a
+            folder of Dolly's store.
         CheckpointNotFound: it was removed already.
     """
     path = require(checkpoint)
+    # The folder must be what Dolly's store layout says it is (<store>/<container-id>/<name>), a
+    # real folder and no symlink: a Checkpoint made by hand must not aim the removal elsewhere.
+    if (path.name != checkpoint.name or path.parent.name != checkpoint.container_id
+            or path.parent.parent.name != "checkpoints" or path.is_symlink()
+            or os.path.realpath(path) != os.path.abspath(path)):
+        raise InvalidArgument(f"{path} is not a checkpoint folder of Dolly's store")
     # Rename first, so that a concurrent restore never sees a half-deleted folder.
     doomed = path.with_name(f".removing-{path.name}-{uuid.uuid4().hex[:8]}")
     try:
@@ -317,29 +602,40 @@ def _source_folder(engine: Engine, container: ContainerRef) -> Path:
     except ContainerNotFound:
         if isinstance(container, Container):
             return engine.store_dir / container.id
-    # The source is gone: find its folder by full ID, ID prefix or recorded name.
+    # The source is gone: find its folder by full ID, else by a unique ID prefix or recorded name.
+    # Two removed containers may have had one name: then the reference is ambiguous, never
+    # silently the first one found.
     ref = str(container)
-    if _NAME_RE.match(ref):
-        for folder in sorted(engine.store_dir.glob("*")) if engine.store_dir.is_dir() else []:
-            if folder.name == ref or (len(ref) >= 12 and folder.name.startswith(ref)):
-                return folder
-            for meta in folder.glob(f"*/{METADATA}"):
-                if json.loads(meta.read_text()).get("container_name") == ref:
-                    return folder
-    raise ContainerNotFound(f"no such container: {ref}")
+    if not names.CHECKPOINT_NAME.match(ref) or not engine.store_dir.is_dir():
+        raise ContainerNotFound(f"no such container: {ref}")
+    folders = sorted(f for f in engine.store_dir.iterdir() if names.CONTAINER_ID.match(f.name))
+    exact = [f for f in folders if f.name == ref]
+    found = exact or [f for f in folders if len(ref) >= 12 and f.name.startswith(ref)]
+    if not found:
+        found = [f for f in folders if ref in _recorded_names(f)]
+    if len(found) > 1:
+        raise InvalidArgument(
+            f"{ref!r} names {len(found)} removed containers that have checkpoints "
+            f"({', '.join(f.name[:12] for f in found)}): use the container's full ID"
+        )
+    if not found:
+        raise ContainerNotFound(f"no such container: {ref}")
+    return found[0]
+
+
+def _recorded_names(folder: Path) -> set:
+    """The names a removed container had, as its checkpoints recorded them."""
+    recorded = set()
+    for meta in folder.glob(f"*/{METADATA}"):
+        try:
+            recorded.add(json.loads(meta.read_text()).get("container_name"))
+        except (OSError, ValueError):
+            continue
+    return recorded
 
 
 def _ref_text(container: ContainerRef) -> str:
     return container.name if isinstance(container, Container) else str(container)
-
-
-def _check_name(name: Any) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise InvalidArgument(
-            f"not a valid checkpoint name: {name!r} (letters, digits and _.-, "
-            "starting with a letter or digit, at most 128)"
-        )
-    return name
 
 
 def _default_name() -> str:

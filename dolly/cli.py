@@ -23,7 +23,7 @@ from rich.table import Table
 
 import dolly
 from dolly import policy, ready, trust
-from dolly.checkpoint import Checkpoint
+from dolly.checkpoint import DEFAULT_MAX_LAYER_BYTES, Checkpoint
 from dolly.errors import CriuError, DollyError, InvalidArgument
 
 out = Console()
@@ -99,11 +99,14 @@ def doctor(ctx: Context) -> None:
 @click.argument("container")
 @click.argument("name", required=False)
 @click.option("--stop", is_flag=True, help="Stop the container after the dump (default: it keeps running).")
+@click.option("--max-layer-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_LAYER_BYTES, show_default=True,
+              help="Refuse a writable layer larger than this (allocated bytes).")
 @command
-def checkpoint_cmd(ctx: Context, container: str, name: Optional[str], stop: bool) -> None:
+def checkpoint_cmd(ctx: Context, container: str, name: Optional[str], stop: bool, max_layer_bytes: int) -> None:
     """Checkpoint a running CONTAINER (memory and files) as NAME."""
     with err.status(f"checkpointing {container}"):
-        cp = dolly.checkpoint(container, name, leave_running=not stop, client=ctx.client)
+        cp = dolly.checkpoint(container, name, leave_running=not stop, max_layer_bytes=max_layer_bytes,
+                              client=ctx.client)
     _print_checkpoints(ctx, [cp])
 
 

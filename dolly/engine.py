@@ -167,6 +167,12 @@ class Engine:
         (see scripts/dolly-runc): ``<id>.checkpoint`` and ``<id>.restore`` folders, short-lived."""
         return self.root_dir / "dolly" / "spool"
 
+    @property
+    def lock_dir(self) -> Path:
+        """Lock files of operations that must not overlap (one checkpoint of a container at a
+        time): one small file per container, kept apart from the spool."""
+        return self.root_dir / "dolly" / "locks"
+
     def require_checkpoint_support(self) -> None:
         """Raises:
             HostNotReady: the engine is not in experimental mode, lacks Dolly's runtime, or its

@@ -71,8 +71,9 @@ def to_bundle_form(overlay_tar: Path, out: Path) -> List[str]:
                 deleted.append("/" + name)
             m.pax_headers = {k: v for k, v in m.pax_headers.items()
                              if not k.startswith((_OVERLAY_XATTRS, _SPARSE))}
+            data = tin.extractfile(m) if m.isfile() else None  # reads a sparse file whole, holes as zeros
             m.name, m.sparse = name, None
-            tout.addfile(m, tin.extractfile(m) if m.isfile() else None)
+            tout.addfile(m, data)
     return deleted
 
 

@@ -57,7 +57,7 @@ class Outcome:
         """Everything under the engine's data root that an import could touch but its store:
         the top level, the containers' folders, Dolly's folder but for the store and the spool."""
         root = self.engine.root_dir
-        own = {"checkpoints", "spool", "lineages.json", "lineages.json.lock"}
+        own = {"checkpoints", "spool", "locks", "lineages.json", "lineages.json.lock"}
         return {
             "top": sorted(p.name for p in root.iterdir() if p.name != "dolly"),
             "containers": sorted(str(p) for p in (root / "containers").glob("*/**")),

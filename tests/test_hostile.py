@@ -41,7 +41,7 @@ def data_root_listing(client) -> dict:
     containers' folders, and Dolly's own folder but for the store and the spool."""
     root = Engine.of(client).root_dir
     dolly_dir = root / "dolly"
-    own = {"checkpoints", "spool", "lineages.json", "lineages.json.lock"}
+    own = {"checkpoints", "spool", "locks", "lineages.json", "lineages.json.lock"}
     return {
         "top": sorted(p.name for p in root.iterdir() if p.name != "dolly"),
         "containers": sorted(str(p) for p in (root / "containers").glob("*/**")),
