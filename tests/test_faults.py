@@ -215,8 +215,8 @@ def test_target_engine_disappears_during_migrate(run, client):
         for _ in range(3):
             ask(source)
         before = ask(source)
-        store = Engine.of(target.client).store_dir
-        importing = lambda: store.exists() and any(store.glob("*/.import-*"))  # noqa: E731
+        spool = Engine.of(target.client).spool_dir  # an import stages in the target's spool
+        importing = lambda: spool.exists() and any(spool.glob("import-*"))  # noqa: E731
         watcher = when(importing, target.kill)
         with pytest.raises(errors.MigrationFailed) as info:
             dolly.migrate(source, target.client)
