@@ -447,3 +447,14 @@ def test_sparse_layer_survives_a_bundle(run, engine, tmp_path):
     (clone,) = dolly.clone(imported, 1)
     res = clone.exec_run(["dd", "if=/tmp/sparse", "bs=1", "skip=1000000", "count=4"], stderr=False)
     assert res.output == b"MARK"
+
+
+def test_a_restore_leaves_no_containerd_temporary_folder(run):
+    """containerd unpacks a start's checkpoint into /tmp/ctrd-checkpoint* and never removes it
+    (containerd#10166); with Dolly's spool that folder holds only the pointer file, which the
+    runtime removes after the restore."""
+    cp = dolly.checkpoint(counter(run), "tmp")
+    clones = dolly.clone(cp, 2)
+    pointers = [p for p in Path("/tmp").glob("ctrd-checkpoint*/dolly-images")
+                if any(f"{c.id}.restore" in p.read_text(errors="replace") for c in clones)]
+    assert pointers == [], "containerd's temporary folders of these clones were left in /tmp"
