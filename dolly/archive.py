@@ -41,7 +41,10 @@ GZIP_MAGIC = b"\x1f\x8b"
 
 # What a damaged archive raises from the tar, gzip and zstd readers (the fuzz tests found each).
 DAMAGED = (tarfile.TarError, EOFError, zstandard.ZstdError, zlib.error, gzip.BadGzipFile,
-           UnicodeDecodeError, ValueError)
+           UnicodeDecodeError, ValueError, RecursionError)
+MAX_CHAIN = 8  # extended headers in a row before one member (tarfile reads them recursively)
+MAX_PATH = 4096  # Linux's PATH_MAX
+MAX_DEPTH = 256
 
 
 class BoundedTarInfo(tarfile.TarInfo):
@@ -53,6 +56,14 @@ class BoundedTarInfo(tarfile.TarInfo):
         if self.type in _EXTENDED or self.type in _LONG_NAMES:
             if self.size > MAX_HEADER:
                 raise UnsafeArchive(f"a tar header of {self.size} bytes (at most {MAX_HEADER})")
+            chain = getattr(tar, "_dolly_chain", 0) + 1
+            if chain > MAX_CHAIN:
+                raise UnsafeArchive(f"more than {MAX_CHAIN} extended tar headers in a row")
+            tar._dolly_chain = chain  # type: ignore[attr-defined]
+            try:
+                return super()._proc_member(tar)
+            finally:
+                tar._dolly_chain = chain - 1  # type: ignore[attr-defined]
         if self.type == tarfile.GNUTYPE_SPARSE and not self.sparse_ok:
             raise UnsafeArchive(f"{self.name!r} is a sparse file, which Dolly does not accept from outside")
         return super()._proc_member(tar)
@@ -203,11 +214,13 @@ def safe_relpath(name: str) -> str:
     """``name`` normalised, if it stays inside the folder it is unpacked into.
 
     Raises:
-        UnsafeArchive: absolute, with "..", a NUL, or empty.
+        UnsafeArchive: absolute, with "..", a NUL, empty, too long or too deep.
     """
     if (not isinstance(name, str) or name.startswith("/") or "\0" in name
             or ".." in name.split("/") or posixpath.normpath(name) in ("", ".")):
-        raise UnsafeArchive(f"unsafe path in archive: {name!r}")
+        raise UnsafeArchive(f"unsafe path in archive: {name!r:.200}")
+    if len(name) > MAX_PATH or name.count("/") >= MAX_DEPTH:
+        raise UnsafeArchive(f"a path longer than {MAX_PATH} bytes or deeper than {MAX_DEPTH}: {name!r:.100}")
     return posixpath.normpath(name)
 
 

@@ -53,6 +53,7 @@ from . import archive, criu, names, policy, rootfs, trust
 from .checkpoint import METADATA, ROOTFS_DIFF, Checkpoint, require
 from .engine import Engine
 from .errors import (
+    ImageRewriteError,
     BundleError,
     BundleExpired,
     CheckpointExists,
@@ -74,6 +75,7 @@ MAX_MEMBERS = 100_000
 MAX_MANIFEST = 16 << 20
 MAX_SIGNATURE = 1024
 MAX_CONFIG = 16 << 20  # config.dump and deleted.files are parsed whole
+CLOCK_SKEW = timedelta(minutes=10)
 _MEMBER_RE = re.compile(r"^(config\.dump|spec\.dump|network\.status|rootfs-diff\.tar|deleted\.files|"
                         r"stats-dump|checkpoint/[A-Za-z0-9][A-Za-z0-9._-]{0,200})$")
 _REQUIRED = ("config.dump", "rootfs-diff.tar", "deleted.files", "checkpoint/inventory.img")
@@ -94,6 +96,7 @@ def export(
     encryption_key: Optional[bytes] = None,
     expires_in: timedelta = timedelta(days=7),
     lineage: Optional[str] = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
     client: Optional[docker.DockerClient] = None,
 ) -> Path:
     """Write ``checkpoint`` as one bundle at ``path``, readable by root only.
@@ -109,11 +112,13 @@ def export(
         expires_in: how long the bundle is fresh; importing it later is refused.
         lineage: bundles of one lineage (and one signer) may not be imported older than
             newest-seen; default the source container's ID.
+        max_bytes: refuse a writable layer that would take more than this in the bundle
+            (sparse files are written out whole).
         client: the engine the checkpoint is on (for the manifest's source fields).
 
     Raises:
-        InvalidArgument: an unknown compression, a bad key or lineage, or a non-positive
-            ``expires_in``.
+        InvalidArgument: an unknown compression, a bad key or lineage, a non-positive
+            ``expires_in``, or a layer larger than ``max_bytes`` in the bundle.
         CheckpointNotFound: the checkpoint's files are gone.
     """
     if compression not in COMPRESSIONS:
@@ -137,7 +142,7 @@ def export(
         members: List[Tuple[str, Path]] = [
             (f"checkpoint/{p.name}", p) for p in sorted(checkpoint.images_dir.iterdir()) if p.is_file()
         ]
-        deleted = rootfs.to_bundle_form(checkpoint.rootfs_diff, work / "rootfs-diff.tar")
+        deleted = rootfs.to_bundle_form(checkpoint.rootfs_diff, work / "rootfs-diff.tar", max_bytes=max_bytes)
         (work / "deleted.files").write_text(json.dumps(deleted))
         (work / "network.status").write_text(
             json.dumps((checkpoint.config.get("NetworkSettings") or {}).get("Networks") or {}))
@@ -230,6 +235,7 @@ def import_bundle(
     image_source: Optional[docker.DockerClient] = None,
     encryption_key: Optional[bytes] = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    _between_own_engines: bool = False,
 ) -> Checkpoint:
     """Make a bundle a checkpoint on ``client``'s engine, usable by :func:`dolly.restore` and
     :func:`dolly.clone`. It is listed under its source container's name and ID.
@@ -253,8 +259,12 @@ def import_bundle(
         UnsignedBundle, UntrustedSigner, SignatureInvalid, DigestMismatch, BundleExpired,
         RollbackRefused, DecryptionFailed, UnsafeArchive: each refusal; nothing of the bundle is
             left anywhere (it was only ever written into a private staging folder).
-        PolicyRefused: the bundle's container asks for policy items not in ``allow``.
-        CheckpointExists: this engine already has that checkpoint of that container.
+        PolicyRefused: the bundle's container asks for policy items not in ``allow``, or its
+            process images give more than its configuration (capabilities, no seccomp filter,
+            unmasked /proc paths).
+        CheckpointExists: this engine already has that checkpoint of that container, or the
+            bundle claims the ID of a container of this engine (or one with checkpoints taken
+            here): an imported checkpoint is never taken for one of this engine's own.
         ImageNotFound: the engine lacks the image and no ``image_source`` has it.
         InvalidArgument: an unknown ``allow`` item or a bad ``max_bytes``.
         BundleError: not a Dolly bundle, or one whose fields break Dolly's rules.
@@ -293,18 +303,50 @@ def import_bundle(
         }
         cp = _make_checkpoint(staging / "in", staging / "cp", manifest, final, origin, max_bytes)
         policy.check(cp.config, allowed)
-        engine.ensure_image(manifest["image"]["id"], manifest["image"]["name"],
-                            source=Engine.of(image_source) if image_source is not None else None)
-        with lineages.lock:
-            lineages.check(lineage, manifest["created_at"])
-            final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if final.exists():
-                raise CheckpointExists(f"checkpoint {meta['name']!r} of {meta['container_name']} appeared meanwhile")
-            os.rename(staging / "cp", final)
-            lineages.record(lineage, manifest["created_at"])
+        try:
+            policy.check_images(criu.processes(staging / "cp" / "criu"), criu.mountpoints(staging / "cp" / "criu"),
+                                cp.config, allowed,
+                                host_paths=[p for p in policy.masked_paths() if os.path.exists(p)])
+        except ImageRewriteError as e:
+            raise UnsafeArchive(f"the bundle's process images cannot be read: {e}") from e
+        if not _between_own_engines:
+            _refuse_claims(engine, meta["container_id"])
+        # By ID, and never tagged: a bundle's name must not take over one of this engine's.
+        loaded = engine.ensure_image(manifest["image"]["id"], manifest["image"]["name"], tag=False,
+                                     source=Engine.of(image_source) if image_source is not None else None)
+        try:
+            with lineages.lock:
+                lineages.check(lineage, manifest["created_at"])
+                final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                if final.exists():
+                    raise CheckpointExists(f"checkpoint {meta['name']!r} of {meta['container_name']} appeared meanwhile")
+                os.rename(staging / "cp", final)
+                if not _between_own_engines:  # a copy's key is made for it alone: nothing to roll back to
+                    lineages.record(lineage, manifest["created_at"])
+        except BaseException:
+            if loaded:
+                engine.remove_image(manifest["image"]["id"])
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Checkpoint.load(final)
+
+
+def _refuse_claims(engine: Engine, container_id: str) -> None:
+    """A bundle may not pass for a checkpoint of one of this engine's containers: it would be
+    listed, and picked by name, among that container's own."""
+    if engine.has_container(container_id):
+        raise CheckpointExists(f"the bundle claims to be of container {container_id[:12]}, which this engine "
+                               "runs: an imported checkpoint never passes for one of its own")
+    folder = engine.store_dir / container_id
+    for meta in folder.glob(f"*/{METADATA}") if folder.is_dir() else []:
+        try:
+            own = json.loads(meta.read_text()).get("origin") is None
+        except (OSError, ValueError):
+            own = True
+        if own:
+            raise CheckpointExists(f"the bundle claims to be of container {container_id[:12]}, which has "
+                                   "checkpoints taken on this engine")
 
 
 def _first_member(tar: tarfile.TarFile, members: Optional[Iterator[tarfile.TarInfo]] = None) -> bytes:
@@ -351,9 +393,15 @@ def _check_signature(data: bytes, manifest: Dict[str, Any], signature: Optional[
 
 
 def _check_fresh(manifest: Dict[str, Any]) -> None:
+    now = datetime.now(timezone.utc)
     expires = datetime.fromisoformat(manifest["expires_at"])
-    if datetime.now(timezone.utc) > expires:
+    if now > expires:
         raise BundleExpired(f"the bundle expired at {expires.isoformat()}")
+    # A bundle from the future would hold its lineage against every real one until then.
+    created = datetime.fromisoformat(manifest["created_at"])
+    if created > now + CLOCK_SKEW:
+        raise BundleError(f"the bundle says it was made at {created.isoformat()}, in the future "
+                          f"(more than {CLOCK_SKEW} ahead of this host's clock)")
 
 
 def _lineage_key(manifest: Dict[str, Any], signer: Optional[str]) -> str:
@@ -596,6 +644,6 @@ def transfer(
         steps["export"] = time.perf_counter() - started
         started = time.perf_counter()
         copy = import_bundle(path, client=target, trusted_keys=[public], allow=policy.ALL,
-                             image_source=source or Engine.of(None).client)
+                             image_source=source or Engine.of(None).client, _between_own_engines=True)
         steps["import"] = time.perf_counter() - started
         return copy

@@ -488,9 +488,9 @@ def _stopped(engine: Engine, source: Container, *, settle: float = 5.0) -> bool:
         time.sleep(0.05)
 
 
-def reap_spool(engine: Engine, *, older_than: float = 3600.0) -> None:
+def reap_spool(engine: Engine, *, older_than: float = 24 * 3600.0) -> None:
     """Remove spool folders and files left by an operation that died with its process
-    (a host crash, a SIGKILL): every one of them lives for seconds. Images set aside after a
+    (a host crash, a SIGKILL): each lives for seconds to hours, so a day is safe. Images set aside after a
     failed checkpoint had stopped their container (``<id>.kept-*``) are the only copy of its
     state: they stay."""
     now = time.time()

@@ -124,6 +124,52 @@ def rewrite_hostname(src: Path, dst: Path, hostname: str) -> None:
         raise ImageRewriteError(f"cannot write {dst}: {e}") from e
 
 
+def processes(images_dir: Path) -> list[dict]:
+    """What each task of a checkpoint will hold when restored: its capability sets (64-bit
+    masks ``cap_prm``, ``cap_eff``, ``cap_bnd``, ``cap_inh``, ``cap_amb``) and seccomp mode, from
+    its ``core-<tid>.img``, with ``name`` = ``comm (tid)``.
+
+    Raises:
+        ImageRewriteError: a core image pycriu cannot read, or one without credentials.
+    """
+    found = []
+    for image in sorted(Path(images_dir).glob("core-*.img")):
+        try:
+            core = _load(image)["entries"][0]["thread_core"]
+            creds = core["creds"]
+            entry = {key: _mask(creds.get(key)) for key in ("cap_prm", "cap_eff", "cap_bnd", "cap_inh", "cap_amb")}
+            entry["seccomp_mode"] = core.get("seccomp_mode", "disabled")
+            entry["name"] = f"{core.get('comm', '?')} ({image.stem.removeprefix('core-')})"
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise ImageRewriteError(f"{image} holds no task credentials ({type(e).__name__})") from e
+        found.append(entry)
+    return found
+
+
+def mountpoints(images_dir: Path) -> set[str]:
+    """Where the checkpoint's mount tree has mounts, from its ``mountpoints-*.img``.
+
+    Raises:
+        ImageRewriteError: a mount image pycriu cannot read.
+    """
+    points = set()
+    for image in sorted(Path(images_dir).glob("mountpoints-*.img")):
+        try:
+            points |= {str(m["mountpoint"]) for m in _load(image)["entries"]}
+        except (KeyError, TypeError) as e:
+            raise ImageRewriteError(f"{image} is not a mount image ({type(e).__name__})") from e
+    return points
+
+
+def _mask(words: object) -> int:
+    """CRIU keeps a capability set as 32-bit words, low first."""
+    if words is None:
+        return 0
+    if not isinstance(words, list) or not all(isinstance(w, int) and 0 <= w < 1 << 32 for w in words):
+        raise ValueError(f"not a capability set: {words!r:.60}")
+    return sum(w << (32 * i) for i, w in enumerate(words))
+
+
 def _load(path: Path) -> dict:
     try:
         import pycriu.images

@@ -12,6 +12,9 @@ so restoring into another container means placing files there.
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
+import struct
 import threading
 import weakref
 from pathlib import Path
@@ -116,6 +119,24 @@ def criu_error(cls: type, container_id: str, command: str, cause: Exception) -> 
     return cls(f"{command} of container {container_id[:12]} failed: {cause}", log_lines=lines, log_path=path)
 
 
+def _peer_shares_our_files(socket_path: Optional[str]) -> bool:
+    if not socket_path:
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(socket_path)
+            pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                            struct.calcsize("3i")))
+        ours, theirs = os.stat("/proc/self/ns/mnt"), os.stat(f"/proc/{pid}/ns/mnt")
+        if (ours.st_dev, ours.st_ino) != (theirs.st_dev, theirs.st_ino):
+            return False
+        ours, theirs = os.stat("/proc/self/root"), os.stat(f"/proc/{pid}/root")
+        return (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino)
+    except OSError:
+        return False
+
+
 class Engine:
     """One Docker Engine as Dolly uses it. Get one with :meth:`of`."""
 
@@ -123,6 +144,7 @@ class Engine:
         self.client = client
         self.api = client.api
         self._info: Optional[Dict[str, Any]] = None
+        self._local: Optional[bool] = None
 
     @classmethod
     def of(cls, client: Optional[docker.DockerClient] = None) -> "Engine":
@@ -153,7 +175,29 @@ class Engine:
 
     @property
     def root_dir(self) -> Path:
+        """The engine's data root, as this process sees it.
+
+        Raises:
+            HostNotReady: the engine's files are not this process's to see (see
+                :meth:`files_are_local`): Dolly does not yet reach another host's files.
+        """
+        if not self.files_are_local():
+            raise HostNotReady(
+                f"the engine at {self.api.base_url} keeps its files where this process cannot see "
+                "them (another host, or another mount namespace); Dolly needs to run on the "
+                "engine's host, beside its files, for now"
+            )
         return Path(self.info()["DockerRootDir"])
+
+    def files_are_local(self) -> bool:
+        """Whether the engine's files are this process's files, decided by a check, not by path
+        names: the engine must answer on a unix socket whose other end (SO_PEERCRED) is a
+        process in this process's mount namespace with this process's root. Over TCP or SSH,
+        or from another mount namespace, the same path names would be other files."""
+        if self._local is None:
+            self._local = _peer_shares_our_files(getattr(self.api._custom_adapter, "socket_path", None)
+                                                 if hasattr(self.api, "_custom_adapter") else None)
+        return self._local
 
     @property
     def store_dir(self) -> Path:
@@ -282,27 +326,41 @@ class Engine:
         except (ImageNotFound, ContainerNotFound):
             return False
 
-    def ensure_image(self, image_id: str, name: Optional[str], *, source: Optional["Engine"]) -> None:
+    def ensure_image(self, image_id: str, name: Optional[str], *, source: Optional["Engine"],
+                     tag: bool = True) -> bool:
         """Make sure this engine has the image ``image_id``, copying it from ``source`` (docker
-        save | docker load, streamed) when it lacks it.
+        save | docker load, streamed) when it lacks it; returns whether it was copied now. With
+        ``tag``, ``name`` is added to it where that name is free: never moved off another image.
 
         Raises:
             ImageNotFound: neither this engine nor ``source`` has it.
         """
-        if self.has_image(image_id):
-            return
-        if source is None or not source.has_image(image_id):
-            raise ImageNotFound(
-                f"the engine has no image {name or ''} ({image_id}), which the checkpoint's container "
-                "was created from" + ("" if source is None else ", and neither has image_source")
-                + ": load it, or pass image_source=<a client of an engine that has it>"
-            )
-        stream = self._call(source.client.images.get, image_id).save(named=False)
-        self._call(self.client.images.load, stream)
-        # The name (from a bundle, perhaps) is added only where it is free: never moved off
-        # another image (an import must not take over nginx:latest).
-        if name and not name.startswith("sha256:") and not self._has_name(name):
+        copied = False
+        if not self.has_image(image_id):
+            if source is None or not source.has_image(image_id):
+                raise ImageNotFound(
+                    f"the engine has no image {name or ''} ({image_id}), which the checkpoint's container "
+                    "was created from" + ("" if source is None else ", and neither has image_source")
+                    + ": load it, or pass image_source=<a client of an engine that has it>"
+                )
+            stream = self._call(source.client.images.get, image_id).save(named=False)
+            self._call(self.client.images.load, stream)
+            copied = True
+        if tag and name and not name.startswith("sha256:") and not self._has_name(name):
             self._call(self.api.tag, image_id, *_split_tag(name))
+        return copied
+
+    def remove_image(self, image_id: str) -> None:
+        """Remove an image Dolly copied here, unless something uses it meanwhile."""
+        with contextlib.suppress(DollyError):
+            self._call(self.api.remove_image, image_id, force=False, noprune=False)
+
+    def has_container(self, container_id: str) -> bool:
+        try:
+            self._call(self.api.inspect_container, container_id)
+            return True
+        except ContainerNotFound:
+            return False
 
     def _has_name(self, name: str) -> bool:
         try:

@@ -18,6 +18,14 @@ import --allow ITEM``):
     sysctls            kernel parameters
     cgroup-parent      a cgroup parent of the bundle's choosing
     log-driver         a log driver other than json-file, local or none (they reach the network)
+    resources          a negative OOM score, OOM kill disabled, ulimits, more than 1 GiB of /dev/shm
+    links              legacy links to other containers of this engine
+
+The recorded configuration must also use Docker's own field names, exactly (Docker's decoder
+matches names in any case: ``binds`` would be ``Binds``): any other field is refused, and cannot
+be allowed. And the process images must not give the process more than the configuration does:
+capabilities beyond Docker's default set (plus allowed ``CapAdd``), no seccomp filter, or a mount
+tree without the masked and read-only /proc and /sys paths are refused (:func:`check_images`).
 
 Trusting a signer is trusting it with what the policy allows, and with the process images CRIU
 restores. Checkpoints taken on this engine, and copies :func:`dolly.migrate` and ``clone(...,
@@ -40,7 +48,43 @@ ITEMS: Dict[str, str] = {
     "sysctls": "kernel parameters (sysctls)",
     "cgroup-parent": "a cgroup parent",
     "log-driver": "a log driver that is not local",
+    "resources": "resource settings that can starve the host",
+    "links": "links to other containers",
 }
+# An item that no ``allow`` can name: a field that is not Docker's.
+UNKNOWN_FIELDS = "unknown-fields"
+
+# The fields of `docker inspect`'s Config and HostConfig (Engine API 1.41) that a clone's create
+# body may carry, spelled as Docker spells them.
+CONFIG_FIELDS = frozenset({
+    "Hostname", "Domainname", "User", "AttachStdin", "AttachStdout", "AttachStderr", "ExposedPorts",
+    "Tty", "OpenStdin", "StdinOnce", "Env", "Cmd", "Healthcheck", "ArgsEscaped", "Image", "Volumes",
+    "WorkingDir", "Entrypoint", "NetworkDisabled", "MacAddress", "OnBuild", "Labels", "StopSignal",
+    "StopTimeout", "Shell"})
+HOST_CONFIG_FIELDS = frozenset({
+    "AutoRemove", "Binds", "BlkioDeviceReadBps", "BlkioDeviceReadIOps", "BlkioDeviceWriteBps",
+    "BlkioDeviceWriteIOps", "BlkioWeight", "BlkioWeightDevice", "CapAdd", "CapDrop", "Capabilities", "Cgroup",
+    "CgroupParent", "CgroupnsMode", "ConsoleSize", "ContainerIDFile", "CpuCount", "CpuPercent", "CpuPeriod",
+    "CpuQuota", "CpuRealtimePeriod", "CpuRealtimeRuntime", "CpuShares", "CpusetCpus", "CpusetMems",
+    "DeviceCgroupRules", "DeviceRequests", "Devices", "Dns", "DnsOptions", "DnsSearch", "ExtraHosts",
+    "GroupAdd", "IOMaximumBandwidth", "IOMaximumIOps", "Init", "IpcMode", "Isolation", "KernelMemory",
+    "KernelMemoryTCP", "Links", "LogConfig", "MaskedPaths", "Memory", "MemoryReservation", "MemorySwap",
+    "MemorySwappiness", "Mounts", "NanoCpus", "NetworkMode", "OomKillDisable", "OomScoreAdj", "PidMode",
+    "PidsLimit", "PortBindings", "Privileged", "PublishAllPorts", "ReadonlyPaths", "ReadonlyRootfs",
+    "RestartPolicy", "Runtime", "SecurityOpt", "ShmSize", "StorageOpt", "Sysctls", "Tmpfs", "UTSMode",
+    "Ulimits", "UsernsMode", "VolumeDriver", "VolumesFrom"})
+
+# Docker's default capabilities (moby oci/caps/defaults.go), as bits of the kernel's capability set.
+_CAPABILITY_BITS = {
+    "CHOWN": 0, "DAC_OVERRIDE": 1, "DAC_READ_SEARCH": 2, "FOWNER": 3, "FSETID": 4, "KILL": 5, "SETGID": 6,
+    "SETUID": 7, "SETPCAP": 8, "LINUX_IMMUTABLE": 9, "NET_BIND_SERVICE": 10, "NET_BROADCAST": 11,
+    "NET_ADMIN": 12, "NET_RAW": 13, "IPC_LOCK": 14, "IPC_OWNER": 15, "SYS_MODULE": 16, "SYS_RAWIO": 17,
+    "SYS_CHROOT": 18, "SYS_PTRACE": 19, "SYS_PACCT": 20, "SYS_ADMIN": 21, "SYS_BOOT": 22, "SYS_NICE": 23,
+    "SYS_RESOURCE": 24, "SYS_TIME": 25, "SYS_TTY_CONFIG": 26, "MKNOD": 27, "LEASE": 28, "AUDIT_WRITE": 29,
+    "AUDIT_CONTROL": 30, "SETFCAP": 31, "MAC_OVERRIDE": 32, "MAC_ADMIN": 33, "SYSLOG": 34, "WAKE_ALARM": 35,
+    "BLOCK_SUSPEND": 36, "AUDIT_READ": 37, "PERFMON": 38, "BPF": 39, "CHECKPOINT_RESTORE": 40}
+DEFAULT_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID", "SETUID",
+                        "SETFCAP", "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE")
 ALL: FrozenSet[str] = frozenset(ITEMS)
 
 # What Docker masks and makes read-only in every container that is not privileged
@@ -68,14 +112,22 @@ def items(allow: Iterable[str]) -> FrozenSet[str]:
 
 
 def violations(config: Mapping[str, Any]) -> List[Tuple[str, str]]:
-    """What a recorded ``docker inspect`` asks for, as ``(item, detail)`` pairs, in item order."""
+    """What a recorded ``docker inspect`` asks for, as ``(item, detail)`` pairs, in item order;
+    fields that are not Docker's come first, as :data:`UNKNOWN_FIELDS`."""
     host = config.get("HostConfig")
-    if not isinstance(host, Mapping):
-        return [("privileged", "HostConfig is not an object")]
+    if not isinstance(host, Mapping) or not isinstance(config.get("Config"), Mapping):
+        return [(UNKNOWN_FIELDS, "Config or HostConfig is not an object")]
     found: List[Tuple[str, str]] = []
 
     def add(item: str, detail: str) -> None:
         found.append((item, detail))
+
+    for section, known in (("Config", CONFIG_FIELDS), ("HostConfig", HOST_CONFIG_FIELDS)):
+        for key in config[section]:
+            if key not in known:
+                add(UNKNOWN_FIELDS, f"{section}.{key!s:.40} is not a field of Docker's")
+    if found:
+        return found
 
     if host.get("Privileged"):
         add("privileged", "Privileged: true")
@@ -87,7 +139,7 @@ def violations(config: Mapping[str, Any]) -> List[Tuple[str, str]]:
         if kind == "bind":
             add("host-mounts", f"Mounts: bind {mount.get('Source')}")
         elif kind == "volume":
-            driver = (mount.get("VolumeOptions") or {}).get("DriverConfig") or {}
+            driver = _mapping(_mapping(mount.get("VolumeOptions")).get("DriverConfig"))
             if driver.get("Options") or driver.get("Name") not in (None, "", "local"):
                 add("host-mounts", f"Mounts: volume {mount.get('Source')} with driver options")
             if mount.get("Source"):
@@ -96,6 +148,8 @@ def violations(config: Mapping[str, Any]) -> List[Tuple[str, str]]:
             add("host-mounts", f"Mounts: {kind}")
     for other in _list(host.get("VolumesFrom")):
         add("volumes", f"VolumesFrom: {other}")
+    if host.get("VolumeDriver"):
+        add("volumes", f"VolumeDriver: {host.get('VolumeDriver')}")
     for key in ("Devices", "DeviceRequests", "DeviceCgroupRules"):
         if _list(host.get(key)):
             add("devices", f"{key}: {host.get(key)}")
@@ -118,9 +172,20 @@ def violations(config: Mapping[str, Any]) -> List[Tuple[str, str]]:
         add("sysctls", f"Sysctls: {host.get('Sysctls')}")
     if host.get("CgroupParent"):
         add("cgroup-parent", f"CgroupParent: {host.get('CgroupParent')}")
-    log = host.get("LogConfig") or {}
-    if isinstance(log, Mapping) and str(log.get("Type") or "") not in _LOCAL_LOGS:
+    log = _mapping(host.get("LogConfig"))
+    if str(log.get("Type") or "") not in _LOCAL_LOGS:
         add("log-driver", f"LogConfig: {log.get('Type')}")
+    if isinstance(host.get("OomScoreAdj"), int) and host["OomScoreAdj"] < 0:
+        add("resources", f"OomScoreAdj: {host['OomScoreAdj']}")
+    if host.get("OomKillDisable"):
+        add("resources", "OomKillDisable: true")
+    if _list(host.get("Ulimits")):
+        add("resources", f"Ulimits: {host.get('Ulimits')}")
+    if isinstance(host.get("ShmSize"), int) and host["ShmSize"] > 1 << 30:
+        add("resources", f"ShmSize: {host['ShmSize']}")
+    if _list(host.get("Links")):
+        add("links", f"Links: {host.get('Links')}")
+    found.sort(key=lambda f: list(ITEMS).index(f[0]))
     return found
 
 
@@ -132,6 +197,11 @@ def check(config: Mapping[str, Any], allowed: Iterable[str]) -> None:
     """
     allowed = items(allowed)
     refused = [(item, detail) for item, detail in violations(config) if item not in allowed]
+    if refused and refused[0][0] == UNKNOWN_FIELDS:
+        raise PolicyRefused(
+            "the checkpoint did not come from this engine and its recorded configuration is not "
+            "Docker's: " + "; ".join(detail for _, detail in refused[:5]) + ". This cannot be allowed",
+            items=[UNKNOWN_FIELDS])
     if refused:
         names = sorted({item for item, _ in refused}, key=list(ITEMS).index)
         raise PolicyRefused(
@@ -141,6 +211,67 @@ def check(config: Mapping[str, Any], allowed: Iterable[str]) -> None:
             + " --allow ".join(names) + ") only if you trust its signer with that",
             items=names,
         )
+
+
+def capability_mask(config: Mapping[str, Any], allowed: Iterable[str]) -> int:
+    """The capabilities a restored process may hold: Docker's defaults, plus the recorded
+    ``CapAdd`` when ``capabilities`` is allowed (all of them when ``privileged`` is)."""
+    allowed = items(allowed)
+    host = _mapping(config.get("HostConfig"))
+    if "privileged" in allowed and host.get("Privileged"):
+        return (1 << 64) - 1
+    names = set(DEFAULT_CAPABILITIES)
+    if "capabilities" in allowed:
+        added = {str(c).upper().removeprefix("CAP_") for c in _list(host.get("CapAdd")) + _list(host.get("Capabilities"))}
+        if "ALL" in added:
+            return (1 << 64) - 1
+        names |= added
+    return sum(1 << _CAPABILITY_BITS[n] for n in names if n in _CAPABILITY_BITS)
+
+
+def check_images(processes: Iterable[Mapping[str, Any]], mountpoints: Iterable[str],
+                 config: Mapping[str, Any], allowed: Iterable[str], *, host_paths: Iterable[str]) -> None:
+    """Refuse process images that give more than the configuration: each process's
+    capabilities (``cap_prm``, ``cap_eff``, ``cap_bnd``, ``cap_inh``, ``cap_amb`` as 64-bit
+    masks) within :func:`capability_mask`; its seccomp mode ``"filter"`` unless security
+    options (or privileged mode) are allowed; and the mount tree holding every masked and
+    read-only path of Docker's that exists on this host (``host_paths``), unless allowed likewise.
+
+    Raises:
+        PolicyRefused: naming the process or path.
+    """
+    allowed = items(allowed)
+    mask = capability_mask(config, allowed)
+    unconfined = bool({"security-options", "privileged"} & allowed)
+    for proc in processes:
+        for key in ("cap_prm", "cap_eff", "cap_bnd", "cap_inh", "cap_amb"):
+            extra = int(proc.get(key, 0)) & ~mask
+            if extra:
+                names = [n for n, bit in _CAPABILITY_BITS.items() if extra >> bit & 1] or [hex(extra)]
+                raise PolicyRefused(
+                    f"the checkpoint's process {proc.get('name')} holds capabilities its configuration "
+                    f"does not give ({key}: {', '.join(names)}): its images were made to grant them",
+                    items=["capabilities"])
+        if proc.get("seccomp_mode") != "filter" and not unconfined:
+            raise PolicyRefused(
+                f"the checkpoint's process {proc.get('name')} runs without a seccomp filter "
+                f"(mode {proc.get('seccomp_mode')!r}): allow security-options to restore it",
+                items=["security-options"])
+    if not unconfined:
+        missing = sorted(set(host_paths) & (_MASKED | _READONLY) - set(mountpoints))
+        if missing:
+            raise PolicyRefused(
+                f"the checkpoint's mount tree does not mask {', '.join(missing)} as Docker does: "
+                "allow security-options to restore it", items=["security-options"])
+
+
+def masked_paths() -> FrozenSet[str]:
+    """Docker's masked and read-only paths."""
+    return frozenset(_MASKED | _READONLY)
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
 
 
 def _list(value: Any) -> List[Any]:

@@ -23,12 +23,16 @@ from pathlib import Path
 from typing import Dict, List
 
 from . import archive
-from .errors import CheckpointNotFound, DollyError, UnsafeArchive
+from .errors import CheckpointNotFound, DollyError, InvalidArgument, UnsafeArchive
 
 MAX_FILES = 100_000
 _OPAQUE = "SCHILY.xattr.trusted.overlay.opaque"
 _OVERLAY_XATTRS = "SCHILY.xattr.trusted.overlay."
 _SPARSE = "GNU.sparse."
+# The pax records a layer from outside may carry on into the overlay form: extended attributes a
+# container's files may have. Everything else is rebuilt from the checked member (GNU tar would
+# obey a "path" or "GNU.sparse.name" record over the name that was checked).
+_KEPT_XATTRS = ("SCHILY.xattr.user.", "SCHILY.xattr.security.capability")
 
 TAR_OPTIONS = ["--numeric-owner", "--xattrs", "--xattrs-include=*"]
 
@@ -51,13 +55,19 @@ def apply_diff(diff: Path, upper_dir: Path) -> None:
         raise DollyError(f"could not unpack {diff} into {upper_dir}: {res.stderr.strip()}")
 
 
-def to_bundle_form(overlay_tar: Path, out: Path) -> List[str]:
+def to_bundle_form(overlay_tar: Path, out: Path, *, max_bytes: int) -> List[str]:
     """Podman's form of a writable layer: the files as they are, and deletions listed apart.
     Overlay whiteouts (character devices 0:0) become deleted paths; an opaque directory (one that
     hides everything the image had there) becomes a deleted path and the directory again. Sparse
     files are written out whole (tarfile cannot write them sparse): compression takes the holes.
-    Returns the deleted paths."""
+    Returns the deleted paths.
+
+    Raises:
+        InvalidArgument: the layer in this form would take more than ``max_bytes`` (a sparse
+            file of 10 TiB allocates little, but is 10 TiB here).
+    """
     deleted: List[str] = []
+    total = 0
     with tarfile.open(overlay_tar, "r:", tarinfo=archive.OwnTarInfo) as tin, \
             tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tout:
         for m in tin:
@@ -71,6 +81,11 @@ def to_bundle_form(overlay_tar: Path, out: Path) -> List[str]:
                 deleted.append("/" + name)
             m.pax_headers = {k: v for k, v in m.pax_headers.items()
                              if not k.startswith((_OVERLAY_XATTRS, _SPARSE))}
+            total += m.size
+            if total > max_bytes:
+                raise InvalidArgument(
+                    f"the writable layer takes more than {max_bytes} bytes in a bundle (sparse files are "
+                    "written out whole there); pass a larger max_bytes to export it")
             data = tin.extractfile(m) if m.isfile() else None  # reads a sparse file whole, holes as zeros
             m.name, m.sparse = name, None
             tout.addfile(m, data)
@@ -113,7 +128,7 @@ def to_overlay_form(bundle_tar: Path, deleted: List[str], out: Path, *, max_byte
             if total > max_bytes:
                 raise UnsafeArchive(f"rootfs-diff.tar unpacks to more than {max_bytes} bytes")
             kinds[name] = kind
-            headers = {k: v for k, v in m.pax_headers.items() if not k.startswith(_OVERLAY_XATTRS)}
+            headers = {k: v for k, v in m.pax_headers.items() if k.startswith(_KEPT_XATTRS)}
             if name in gone:
                 if m.isdir():
                     headers[_OPAQUE] = "y"  # deleted, then made again: it hides what the image had
@@ -129,8 +144,9 @@ def to_overlay_form(bundle_tar: Path, deleted: List[str], out: Path, *, max_byte
 
 def _refuse_beneath_non_dir(name: str, kinds: Dict[str, str], what: str) -> None:
     parts = name.split("/")
-    for i in range(1, len(parts)):
-        parent = "/".join(parts[:i])
+    parent = ""
+    for part in parts[:-1]:  # safe_relpath bounds the depth, so this stays cheap
+        parent = f"{parent}/{part}" if parent else part
         if kinds.get(parent, "dir") != "dir":
             raise UnsafeArchive(f"{what} lies beneath {parent}, which the archive makes a {kinds[parent]}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
 import tarfile
 
 import pytest
@@ -147,3 +148,39 @@ def test_damaged_streams_are_bundle_errors(tmp_path):
         with pytest.raises(errors.BundleError):
             with archive.open_bundle(path, None) as tar:
                 list(tar)
+
+
+def test_a_chain_of_extended_headers_is_refused():
+    buf = io.BytesIO()
+    for _ in range(archive.MAX_CHAIN + 5):
+        payload = record(b"comment", b"x")
+        header = tarfile.TarInfo("PaxHeaders/x")
+        header.type, header.size = tarfile.XHDTYPE, len(payload)
+        buf.write(header.tobuf(format=tarfile.USTAR_FORMAT) + payload + b"\0" * (-len(payload) % 512))
+    buf.write(tar_bytes(file("a")))
+    with pytest.raises(errors.UnsafeArchive, match="in a row"):
+        read_all(buf.getvalue())
+
+
+@pytest.mark.parametrize("name", ["a/" * 300 + "f", "d/" + "n" * 5000])
+def test_paths_too_deep_or_long_are_refused(name):
+    with pytest.raises(errors.UnsafeArchive):
+        archive.safe_relpath(name)
+
+
+def test_the_overlay_form_keeps_only_checked_names_and_user_attributes(tmp_path):
+    """GNU tar obeys a pax "path" or "GNU.sparse.name" record over the header's name: the
+    converted archive carries the names that were checked, and no record but user xattrs."""
+    src = tmp_path / "in.tar"
+    info, payload = file("good", pax_headers={"GNU.sparse.name": "d/evil", "SCHILY.xattr.user.note": "kept",
+                                              "SCHILY.xattr.trusted.overlay.redirect": "/etc",
+                                              "SCHILY.xattr.security.selinux": "system_u"})
+    src.write_bytes(tar_bytes((info, payload)))
+    rootfs.to_overlay_form(src, [], tmp_path / "out.tar", max_bytes=1 << 20)
+    with tarfile.open(src) as tar:
+        (checked,) = [m.name for m in tar.getmembers()]
+    with tarfile.open(tmp_path / "out.tar") as tar:
+        (m,) = tar.getmembers()
+    assert m.pax_headers == {"SCHILY.xattr.user.note": "kept"}
+    gnu = subprocess.run(["tar", "-tf", str(tmp_path / "out.tar")], capture_output=True, text=True, check=True)
+    assert gnu.stdout.split() == [m.name] == [checked]

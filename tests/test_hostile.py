@@ -17,6 +17,7 @@ import sys
 import tarfile
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -289,13 +290,13 @@ def test_trusted_keys_require_a_signature_even_with_allow_unsigned(base, engine_
 
 
 def test_a_lineage_belongs_to_its_signer(source_cp, base, engine_b, keys, tmp_path):
-    """An accepted unsigned bundle that claims a container's lineage with a far-future date does
-    not block that container's signed bundles."""
+    """An accepted unsigned bundle that claims a container's lineage with a later date does not
+    block that container's signed bundles."""
     private, public = keys
     squatter = with_checkpoint_fields(base, tmp_path / "squat.dolly", name="squatter")
+    ahead = (datetime.now(timezone.utc) + timedelta(minutes=5)).isoformat()  # within the clock skew allowed
     squatter = rebuild(squatter, tmp_path / "squat2.dolly",
-                       manifest_edit=lambda m: m.update(created_at="2999-01-01T00:00:00+00:00",
-                                                        expires_at="2999-12-31T00:00:00+00:00"))
+                       manifest_edit=lambda m: m.update(created_at=ahead, expires_at="2999-12-31T00:00:00+00:00"))
     squatted = dolly.import_bundle(squatter, client=engine_b, allow_unsigned=True, image_source=default_client())
     try:
         legit = dolly.export(source_cp, tmp_path / "legit.dolly", signer=private)
@@ -345,12 +346,14 @@ def test_an_import_never_takes_over_a_tag(base, engine_b, keys, tmp_path, victim
     assert_refused(errors.UnsafeArchive, hostile, engine_b, trusted_keys=[public], image_source=default_client())
     assert engine_b.images.get(tag).id == python_id
     assert not Engine.of(engine_b).has_image(busybox_id), "a refused import loaded its image"
-    # Accepted: the image comes by ID, and the name stays with the image that had it.
+    # Accepted: the image comes by ID, the name stays with the image that had it, and no free
+    # name is added either (a bundle does not name this engine's images).
     accepted = rebuild(base, tmp_path / "accepted.dolly", signer=private, manifest_edit=named)
     cp = dolly.import_bundle(accepted, client=engine_b, trusted_keys=[public], image_source=default_client())
     try:
         assert engine_b.images.get(tag).id == python_id
         assert Engine.of(engine_b).has_image(busybox_id)
+        assert engine_b.images.get(busybox_id).tags == []
     finally:
         dolly.remove_checkpoint(cp)
 
@@ -452,3 +455,122 @@ def test_the_command_line_refuses_host_access_unless_allowed(base, engine_b, tmp
     cp = dolly.get_checkpoint(row["container_id"], row["name"], engine_b)
     assert cp.origin["allowed"] == ["capabilities", "host-mounts", "privileged"]
     dolly.remove_checkpoint(cp)
+
+
+# --- what the recorded configuration and the process images may not smuggle ------------------------
+
+
+def test_field_names_in_another_case_are_refused(base, engine_b, keys, tmp_path):
+    """Docker's decoder matches field names in any case: ``binds`` is ``Binds`` to the engine."""
+    private, public = keys
+
+    def config_edit(meta):
+        meta["config"]["HostConfig"].update({"binds": ["/:/host"], "capadd": ["SYS_ADMIN"]})
+
+    hostile = rebuild(base, tmp_path / "case.dolly", signer=private,
+                      replace={"config.dump": edit_config(base, config_edit)})
+    with pytest.raises(errors.PolicyRefused) as refused:
+        dolly.import_bundle(hostile, client=engine_b, trusted_keys=[public], allow=list(dolly.policy.ITEMS),
+                            image_source=default_client())
+    assert refused.value.items == ["unknown-fields"] and "HostConfig.binds" in str(refused.value)
+    assert_refused(errors.PolicyRefused, hostile, engine_b, trusted_keys=[public], image_source=default_client())
+
+
+def edited_image(path, member_name, edit) -> bytes:
+    """A CRIU image of the bundle at ``path``, loaded with pycriu, changed by ``edit``, dumped."""
+    import pycriu.images
+
+    with tarfile.open(path) as tar:
+        img = pycriu.images.load(io.BytesIO(tar.extractfile(member_name).read()))
+    edit(img)
+    out = io.BytesIO()
+    pycriu.images.dump(img, out)
+    return out.getvalue()
+
+
+def first_core(path) -> str:
+    with tarfile.open(path) as tar:
+        return sorted(n for n in tar.getnames() if n.startswith("checkpoint/core-"))[0]
+
+
+@pytest.mark.parametrize("case,item", [("capabilities", "capabilities"), ("seccomp", "security-options"),
+                                       ("unmasked", "security-options")])
+def test_process_images_cannot_grant_what_the_configuration_does_not(base, engine_b, keys, tmp_path, case, item):
+    private, public = keys
+    if case == "unmasked":
+        with tarfile.open(base) as tar:
+            member = next(n for n in tar.getnames() if n.startswith("checkpoint/mountpoints-"))
+
+        def edit(img):
+            img["entries"] = [m for m in img["entries"] if m["mountpoint"] not in ("/proc/keys", "/sys/firmware")]
+    else:
+        member = first_core(base)
+
+        def edit(img):
+            core = img["entries"][0]["thread_core"]
+            if case == "capabilities":
+                core["creds"]["cap_eff"] = core["creds"]["cap_prm"] = core["creds"]["cap_bnd"] = [0xFFFFFFFF, 0x1FF]
+            else:
+                core["seccomp_mode"] = "disabled"
+
+    hostile = rebuild(base, tmp_path / "images.dolly", signer=private, replace={member: edited_image(base, member, edit)})
+    with pytest.raises(errors.PolicyRefused) as refused:
+        dolly.import_bundle(hostile, client=engine_b, trusted_keys=[public], image_source=default_client())
+    assert refused.value.items == [item]
+    assert_refused(errors.PolicyRefused, hostile, engine_b, trusted_keys=[public], image_source=default_client())
+
+
+def test_a_bundle_cannot_pass_for_a_checkpoint_of_this_engines_container(source_cp, base, client, engine_b, keys, tmp_path):
+    private, public = keys
+    signed = rebuild(base, tmp_path / "claim.dolly", signer=private)
+    # On the engine that runs the container it claims: refused, and the container's own
+    # checkpoints stay the only ones listed for it.
+    assert_refused(errors.CheckpointExists, signed, client, trusted_keys=[public])
+    assert dolly.list_checkpoints(source_cp.container_id) == [source_cp]
+    # Elsewhere the same bundle imports; resume refuses it all the same.
+    cp = dolly.import_bundle(signed, client=engine_b, trusted_keys=[public], image_source=default_client())
+    try:
+        with pytest.raises(errors.InvalidArgument):
+            dolly.resume(cp, client=engine_b)
+    finally:
+        dolly.remove_checkpoint(cp)
+
+
+def test_a_bundle_from_the_future_is_refused(base, engine_b, keys, tmp_path):
+    private, public = keys
+    future = rebuild(base, tmp_path / "future.dolly", signer=private,
+                     manifest_edit=lambda m: m.update(created_at="2099-01-01T00:00:00+00:00",
+                                                      expires_at="2099-12-31T00:00:00+00:00"))
+    with pytest.raises(errors.BundleError, match="future"):
+        dolly.import_bundle(future, client=engine_b, trusted_keys=[public], image_source=default_client())
+
+
+def test_export_refuses_a_layer_that_a_bundle_would_blow_up(run, tmp_path):
+    """A sparse file allocates next to nothing, but a bundle holds it whole."""
+    source = run(BUSYBOX, ["sh", "-c", "truncate -s 100G /huge; " + COUNTER])
+    time.sleep(0.5)
+    cp = dolly.checkpoint(source, "sparse")
+    spool = Engine.of(default_client()).spool_dir
+    before = {p.name for p in spool.iterdir()}
+    with pytest.raises(errors.InvalidArgument, match="max_bytes"):
+        dolly.export(cp, tmp_path / "huge.dolly", compression="zstd")
+    assert {p.name for p in spool.iterdir()} == before and list(tmp_path.iterdir()) == []
+
+
+def test_a_remote_engines_paths_are_never_taken_for_local_ones(tmp_path):
+    """An engine whose files live in another mount namespace (as on another host) is told apart by
+    the process at the other end of its socket, not by its path names."""
+    from dolly.engine import _peer_shares_our_files
+
+    sock = tmp_path / "other.sock"
+    server = ("import socket, sys, time; s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1); "
+              "print('ready', flush=True); c, _ = s.accept(); time.sleep(2)")
+    for unshare, local in ((["unshare", "--mount", "--propagation", "private"], False), ([], True)):
+        sock.unlink(missing_ok=True)
+        proc = subprocess.Popen([*unshare, sys.executable, "-c", server, str(sock)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+            assert _peer_shares_our_files(str(sock)) is local
+        finally:
+            proc.kill()
+            proc.wait()

@@ -61,6 +61,12 @@ def test_a_plain_container_asks_for_nothing():
     ({"Sysctls": {"kernel.core_pattern": "|/tmp/x"}}, "sysctls"),
     ({"CgroupParent": "/system.slice"}, "cgroup-parent"),
     ({"LogConfig": {"Type": "syslog", "Config": {"syslog-address": "tcp://203.0.113.1:514"}}}, "log-driver"),
+    ({"VolumeDriver": "someplugin"}, "volumes"),
+    ({"OomScoreAdj": -1000}, "resources"),
+    ({"OomKillDisable": True}, "resources"),
+    ({"Ulimits": [{"Name": "memlock", "Soft": -1, "Hard": -1}]}, "resources"),
+    ({"ShmSize": 1 << 40}, "resources"),
+    ({"Links": ["/db:/web/db"]}, "links"),
 ])
 def test_each_kind_of_host_access_is_an_item(host, item):
     config = asking(**host)
@@ -119,3 +125,52 @@ def test_inside_keeps_paths_in_their_folder(tmp_path):
     with pytest.raises(errors.UnsafeArchive):
         names.inside(tmp_path, "out", "passwd", error=errors.UnsafeArchive)
     assert not Path("/etc/passwd").is_relative_to(tmp_path)
+
+
+@pytest.mark.parametrize("section,key", [("HostConfig", "binds"), ("HostConfig", "PRIVILEGED"),
+                                         ("HostConfig", "Capadd"), ("Config", "hostconfig")])
+def test_fields_docker_would_read_in_another_case_cannot_be_allowed(section, key):
+    config = {**PLAIN, section: {**PLAIN[section], key: ["/:/host"]}}
+    with pytest.raises(errors.PolicyRefused) as refused:
+        policy.check(config, policy.ALL)
+    assert refused.value.items == [policy.UNKNOWN_FIELDS]
+
+
+def test_odd_types_are_refusals_not_crashes():
+    for host in ({"Mounts": [{"Type": "volume", "Source": "x", "VolumeOptions": ["o"]}]},
+                 {"LogConfig": "syslog"}, {"Mounts": "bind"}):
+        policy.violations(asking(**host))  # no AttributeError
+
+
+DEFAULT_MASK = 0xA80425FB  # Docker's default capabilities, as CRIU records them
+PROCESS = {"name": "sh (1)", "cap_prm": DEFAULT_MASK, "cap_eff": DEFAULT_MASK, "cap_bnd": DEFAULT_MASK,
+           "cap_inh": 0, "cap_amb": 0, "seccomp_mode": "filter"}
+MOUNTS = {"/", "/proc", "/proc/keys", "/sys/firmware", "/proc/sys"}
+HOST = ["/proc/keys", "/sys/firmware", "/proc/sys"]
+
+
+def test_process_images_within_the_configuration_pass():
+    assert policy.capability_mask(PLAIN, ()) == DEFAULT_MASK
+    policy.check_images([PROCESS], MOUNTS, PLAIN, (), host_paths=HOST)
+
+
+@pytest.mark.parametrize("change,item", [
+    ({"cap_eff": DEFAULT_MASK | 1 << 21}, "capabilities"),          # SYS_ADMIN
+    ({"cap_bnd": (1 << 41) - 1}, "capabilities"),
+    ({"cap_amb": 1 << 16}, "capabilities"),                         # SYS_MODULE
+    ({"seccomp_mode": "disabled"}, "security-options"),
+])
+def test_process_images_cannot_grant_more(change, item):
+    with pytest.raises(errors.PolicyRefused) as refused:
+        policy.check_images([{**PROCESS, **change}], MOUNTS, PLAIN, (), host_paths=HOST)
+    assert refused.value.items == [item]
+
+
+def test_allowed_capabilities_and_unmasked_paths():
+    admin = asking(CapAdd=["SYS_ADMIN"])
+    policy.check_images([{**PROCESS, "cap_eff": DEFAULT_MASK | 1 << 21}], MOUNTS, admin, ["capabilities"], host_paths=HOST)
+    with pytest.raises(errors.PolicyRefused):
+        policy.check_images([{**PROCESS, "cap_eff": DEFAULT_MASK | 1 << 21}], MOUNTS, admin, (), host_paths=HOST)
+    with pytest.raises(errors.PolicyRefused, match="/proc/keys"):
+        policy.check_images([PROCESS], MOUNTS - {"/proc/keys"}, PLAIN, (), host_paths=HOST)
+    policy.check_images([PROCESS], MOUNTS - {"/proc/keys"}, PLAIN, ["security-options"], host_paths=HOST)
