@@ -51,6 +51,7 @@ def restore(
     *,
     name: Optional[str] = None,
     labels: Optional[Dict[str, str]] = None,
+    on_create: Optional[Callable[[str], None]] = None,
     client: Optional[docker.DockerClient] = None,
 ) -> Container:
     """Start a new container from ``checkpoint``: the process continues where it was.
@@ -59,6 +60,9 @@ def restore(
         checkpoint: from :func:`dolly.checkpoint` or :func:`dolly.list_checkpoints`.
         name: the new container's name; default ``<source>-clone-<k>`` with the lowest free k.
         labels: more labels for the new container, over the source's.
+        on_create: called with the new container's ID as soon as the engine has created it,
+            before anything else happens to it (to track what is made; if it raises, the
+            container is removed and the error passes).
         client: the engine; default ``docker.from_env()``.
 
     Returns:
@@ -78,7 +82,7 @@ def restore(
     """
     if name is not None:
         names.container_name(name)
-    return clone(checkpoint, 1, name_prefix=None, labels=labels, client=client,
+    return clone(checkpoint, 1, name_prefix=None, labels=labels, on_create=on_create, client=client,
                  _names=[name] if name else None)[0]
 
 
@@ -88,6 +92,7 @@ def clone(
     *,
     name_prefix: Optional[str] = None,
     labels: Optional[Dict[str, str]] = None,
+    on_create: Optional[Callable[[str], None]] = None,
     client: Optional[docker.DockerClient] = None,
     engines: Optional[Sequence[docker.DockerClient]] = None,
     max_workers: int = MAX_WORKERS,
@@ -103,6 +108,8 @@ def clone(
             default prefix ``<source>-clone``.
         labels: more labels for the clones. They carry the source's labels too, except those
             that say who made the source (Dolly's ``dolly.pytest.*``, ``dolly.operation``).
+        on_create: called with each clone's ID as soon as the engine has created it (as
+            :func:`restore`).
         client: the engine; default ``docker.from_env()``.
         engines: spread the clones round-robin over these engines (clients). The checkpoint is
             copied to each engine that lacks it as a signed bundle, with its image, and that copy
@@ -133,7 +140,7 @@ def clone(
         policy.check(checkpoint.config, checkpoint.origin.get("allowed") or ())
     if engines is not None:
         return _clone_across(checkpoint, n, list(engines), home=client, name_prefix=name_prefix,
-                             labels=labels, max_workers=max_workers, progress=progress)
+                             labels=labels, on_create=on_create, max_workers=max_workers, progress=progress)
     engine = Engine.of(client)
     criu.require_version()
     engine.require_checkpoint_support()
@@ -147,7 +154,8 @@ def clone(
     labels = {**_check_labels(labels), **_labels(checkpoint), LABEL_OPERATION: uuid.uuid4().hex}
     try:
         with ThreadPoolExecutor(max_workers=min(n, max_workers), thread_name_prefix="dolly-clone") as pool:
-            futures = [pool.submit(_restore_one, engine, checkpoint, image, nm, explicit, prefix, labels, progress)
+            futures = [pool.submit(_restore_one, engine, checkpoint, image, nm, explicit, prefix, labels, progress,
+                                   on_create)
                        for nm in chosen]
             results: List[Tuple[Optional[Container], Optional[BaseException]]] = []
             for f in futures:
@@ -181,6 +189,7 @@ def _clone_across(
     home: Optional[docker.DockerClient],
     name_prefix: Optional[str],
     labels: Optional[Dict[str, str]],
+    on_create: Optional[Callable[[str], None]],
     max_workers: int,
     progress: Optional[Callable[[Container], None]],
 ) -> List[Container]:
@@ -194,12 +203,12 @@ def _clone_across(
 
     def on(engine_client: docker.DockerClient, count: int) -> List[Container]:
         if _holds(engine_client, cp):
-            return clone(cp, count, name_prefix=name_prefix, labels=labels, client=engine_client,
-                         max_workers=max_workers, progress=progress)
+            return clone(cp, count, name_prefix=name_prefix, labels=labels, on_create=on_create,
+                         client=engine_client, max_workers=max_workers, progress=progress)
         copy = transfer(cp, engine_client, source=source)
         try:
-            return clone(copy, count, name_prefix=name_prefix, labels=labels, client=engine_client,
-                         max_workers=max_workers, progress=progress)
+            return clone(copy, count, name_prefix=name_prefix, labels=labels, on_create=on_create,
+                         client=engine_client, max_workers=max_workers, progress=progress)
         finally:
             from .checkpoint import remove_checkpoint
 
@@ -244,11 +253,14 @@ def resume(
     :meth:`Checkpoint.load`). Migration puts its source back with it.
 
     The writable layer is not touched: it is the container's own, unchanged since the checkpoint
-    stopped it. The kernel hostname is the one CRIU recorded, used as is, so no CRIU image is
-    rewritten and pycriu is not needed.
+    stopped it. So the container must not have been started since: a start runs its processes
+    from scratch on those files, and the checkpoint's memory would no longer match them; such a
+    container is refused (``dolly.restore`` makes a new container from the checkpoint, with the
+    files as they were). The kernel hostname is the one CRIU recorded, used as is, so no CRIU
+    image is rewritten and pycriu is not needed.
 
     Args:
-        checkpoint: a checkpoint of the container.
+        checkpoint: a checkpoint of the container, taken on this engine (not imported).
         container: a Container, a name or an ID; default the checkpoint's own container.
         client: the engine; default ``docker.from_env()``.
 
@@ -256,14 +268,21 @@ def resume(
         The running container.
 
     Raises:
-        InvalidArgument: ``checkpoint`` is not a Checkpoint, ``container`` is not the container it
-            was taken of, or that container is running.
+        InvalidArgument: ``checkpoint`` is not a Checkpoint or was imported from a bundle (which
+            could claim any container's ID), ``container`` is not the container it was taken
+            of, that container is running, or it was started again after the checkpoint.
         CheckpointNotFound: the checkpoint's files are gone.
         ContainerNotFound: no such container.
         HostNotReady: the engine cannot restore (see :func:`dolly.check_host`).
         RestoreFailed: CRIU failed; the container stays stopped and the checkpoint is kept.
     """
     require(checkpoint)
+    if checkpoint.origin is not None:
+        raise InvalidArgument(
+            f"checkpoint {checkpoint.name!r} was imported from a bundle: resume starts a container "
+            "only from a checkpoint taken of it on this engine (a bundle can name any container's "
+            "ID); dolly.restore makes a new container from an imported one"
+        )
     engine = Engine.of(client)
     engine.require_checkpoint_support()
     target = engine.container(container if container is not None else checkpoint.container_id)
@@ -275,8 +294,44 @@ def resume(
         )
     if target.attrs["State"].get("Running"):
         raise InvalidArgument(f"container {target.name} is running: only a stopped container can be resumed")
+    started = _started_since(checkpoint, target)
+    if started is not None:
+        raise InvalidArgument(
+            f"container {target.name} was started again ({started}) after checkpoint "
+            f"{checkpoint.name!r} was taken ({checkpoint.created_at.isoformat()}): its files have "
+            "changed since, and the checkpoint's memory would not match them; dolly.restore makes "
+            "a new container from the checkpoint, with its files as they were"
+        )
     _start_from(engine, checkpoint, target.id, hostname=None)
     return engine.container(target.id)
+
+
+def _started_since(cp: Checkpoint, container: Container) -> Optional[str]:
+    """When ``container`` (inspected) was started after ``cp`` was taken, that start's time as
+    Docker gives it; else None. Two tests, either one enough: the start time differs from the one
+    the checkpoint recorded (exact, no clocks compared), or it is later than the checkpoint's own
+    time. A start time that cannot be read counts as a start since: refusing is the safe side."""
+    from datetime import datetime, timezone
+
+    started = str((container.attrs.get("State") or {}).get("StartedAt") or "")
+    recorded = (cp.config.get("State") or {}).get("StartedAt")
+    if recorded and started != recorded:
+        return started or "at an unknown time"
+    # Docker's form, 2024-05-01T10:00:00.123456789Z: at most 6 digits of a second, and an offset
+    # that datetime.fromisoformat reads before Python 3.11 too.
+    text = started.replace("Z", "+00:00")
+    head, dot, rest = text.partition(".")
+    if dot:
+        digits = rest[: len(rest) - len(rest.lstrip("0123456789"))]
+        text = f"{head}.{digits[:6].ljust(6, '0')}{rest[len(digits):]}"
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        return started or "at an unknown time"
+    taken = cp.created_at if cp.created_at.tzinfo else cp.created_at.replace(tzinfo=timezone.utc)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return started if when > taken else None
 
 
 def _restore_one(
@@ -288,6 +343,7 @@ def _restore_one(
     prefix: str,
     labels: Dict[str, str],
     progress: Optional[Callable[[Container], None]],
+    on_create: Optional[Callable[[str], None]] = None,
 ) -> Container:
     config, extra_networks = clone_config(cp.config, image=image, labels=labels)
     for _ in range(20):
@@ -305,6 +361,8 @@ def _restore_one(
         raise NameConflict(f"could not find a free name with the prefix {prefix!r}")
 
     try:
+        if on_create is not None:
+            on_create(cid)
         for network, endpoint in extra_networks.items():
             engine.connect(cid, network, endpoint)
         created = engine.container(cid)
@@ -325,18 +383,20 @@ def _start_from(engine: Engine, cp: Checkpoint, container_id: str, *, hostname: 
 
     The images go, as hard links, into a spool folder that Dolly's runtime hands to CRIU
     directly; the container's checkpoints folder, which Docker copies through containerd on
-    every start, holds only the file naming that folder.
+    every start, holds only the file naming that folder, in a Docker checkpoint of a name made
+    for this start alone: that folder may hold the user's own ``docker checkpoint``s, of any
+    name (``cp.name`` too), and only the one made here is removed.
     """
     images = engine.spool_dir / f"{container_id}.restore"
-    folder = engine.checkpoints_dir(container_id) / cp.name
-    for old in (images, folder):
-        shutil.rmtree(old, ignore_errors=True)
+    docker_name = f"dolly-{uuid.uuid4().hex}"
+    folder = engine.checkpoints_dir(container_id) / docker_name
+    shutil.rmtree(images, ignore_errors=True)
     try:
         _place_images(cp, images, hostname=hostname)
         os.makedirs(folder, mode=0o700)
         with open(os.path.join(folder, "dolly-images"), "w") as f:
             f.write(str(images))
-        engine.start_from_checkpoint(container_id, cp.name)
+        engine.start_from_checkpoint(container_id, docker_name)
     finally:
         for done in (images, folder):
             shutil.rmtree(done, ignore_errors=True)

@@ -13,33 +13,47 @@
 The service is started cold and warmed once per run, checkpointed, and stopped; each test that
 asks for the fixture gets its own clone (own name, hostname and IP), removed after the test, pass
 or fail. With pytest-xdist, workers share the one checkpoint (the first to need it makes it under a
-file lock) and never share a clone. Every container is labelled with the run's ID and its owner
-process, so the leftovers of a run that was killed are reaped by the next run. A failed test's
-report carries its clone's log; the summary says what the clones saved over cold starts.
+file lock) and never share a clone. The leftovers of a run that was killed are reaped by the next
+run. A failed test's report carries its clone's log; the summary says what the clones saved over
+cold starts.
+
+Each run has a state folder on this machine, ``STATE_ROOT/<run-id>/`` (0700, root's own), naming
+its owner process and recording the full ID of every container the run creates (the warm source,
+each clone), appended as the engine creates it, before it starts. Containers are also labelled
+with the run's ID and owner, but labels are data anyone can set or copy: ``docker commit`` of a
+clone hands them to every container started from the image. So the reaper removes only recorded
+containers whose labels still name the run, and deletes only the checkpoints of recorded IDs; a
+container that merely carries a run's labels is never touched. A run with no state folder here
+(another machine's, sharing the engine) is never reaped. A container whose create the engine
+carried out but never answered before the run was killed is not recorded, so it is left behind
+(labelled, for ``docker ps --filter label=dolly.pytest.run``), never guessed at.
 
 The owner is named so that it is unique across machines and PID namespaces: the kernel's boot ID,
 the inode of the owner's PID namespace, its pid and its start time. A run is reaped only when its
 owner is provably dead: same boot, same PID namespace as the reaper, and that pid with that start
 time gone. Runs of other machines, of containers and of other PID namespaces sharing the engine,
-and containers whose owner label is missing or unreadable, are never touched. Clones made from
-the plugin's checkpoints by anyone else (``dolly.restore``) do not inherit the run's labels, so
-they are never reaped either; the plugin labels its own clones explicitly.
+and runs with a recorded container whose owner label is missing or unreadable, are never touched.
+Clones made from the plugin's checkpoints by anyone else (``dolly.restore``) do not inherit the
+run's labels and are not recorded, so they are never reaped either.
 
 Registered with pytest through the ``pytest11`` entry point, so installing Dolly is enough.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 import statistics
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Union
 
 import docker
 import pytest
@@ -57,7 +71,12 @@ __all__ = ["warm_service"]
 RUN_LABEL = "dolly.pytest.run"
 OWNER_LABEL = "dolly.pytest.owner"
 STATE_ROOT = Path("/run/dolly/pytest")
+# In a run's state folder: the owner's name, and the full IDs of the containers the run created,
+# one a line, appended as each is created.
+OWNER_FILE = "owner"
+CONTAINERS_FILE = "containers"
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_CONTAINER_ID_RE = re.compile(r"^[0-9a-f]{64}$")
 
 _plugin_key = pytest.StashKey["Plugin"]()
 _clones_key = pytest.StashKey[List[Container]]()
@@ -150,6 +169,11 @@ class Plugin:
             self._client = docker.from_env()
         return self._client
 
+    def record(self, container_id: str) -> None:
+        """Write a container this run made into its state folder, before it is started: the
+        reaper removes only recorded containers."""
+        record_container(self.state_dir, container_id)
+
     @property
     def labels(self) -> Dict[str, str]:
         return {RUN_LABEL: self.run_id, OWNER_LABEL: self.owner}
@@ -163,8 +187,7 @@ class Plugin:
         if not self._reaped:
             reap_dead_runs(self.client)
             self._reaped = True
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        (self.state_dir / "owner").write_text(self.owner)
+        open_run_state(self.run_id, self.owner)
         state = self.state_dir / f"{key}.json"
         with FileLock(str(self.state_dir / f"{key}.lock")):
             if state.exists():
@@ -179,7 +202,7 @@ class Plugin:
 
     def _make_warm(self, spec: ServiceSpec, key: str) -> tuple[Checkpoint, float]:
         started = time.perf_counter()
-        source = self.client.containers.run(
+        source = self.client.containers.create(
             spec.image,
             spec.command,
             environment=dict(spec.environment),
@@ -189,6 +212,8 @@ class Plugin:
             **{k: v for k, v in spec.run_options.items() if k != "labels"},
         )
         try:
+            self.record(source.id)
+            source.start()
             if spec.ready is not None:
                 _ready.wait(source, spec.ready, timeout=spec.ready_timeout)
             cold = time.perf_counter() - started
@@ -203,8 +228,9 @@ class Plugin:
     def clone(self, cp: Checkpoint, fixture_name: str) -> Container:
         started = time.perf_counter()
         # Clones do not inherit the run's labels from the checkpoint's source: they are given here,
-        # so that a killed run's clones are reaped with the rest of it.
-        c = restore(cp, labels=self.labels, client=self.client)
+        # and each clone is recorded as soon as it is created, so that a killed run's clones are
+        # reaped with the rest of it.
+        c = restore(cp, labels=self.labels, on_create=self.record, client=self.client)
         self.stats.clone_s.setdefault(fixture_name, []).append(time.perf_counter() - started)
         return c
 
@@ -331,37 +357,171 @@ def _remove(client: docker.DockerClient, container_id: str) -> None:
     Engine.of(client).remove(container_id)
 
 
+# --- a run's state folder ----------------------------------------------------------------------------
+#
+# STATE_ROOT/<run-id>/ (0700) holds ``owner`` and ``containers`` (0600). Labels are data anyone can
+# set (``docker commit`` of a clone hands them to every container started from the image): only
+# these files, which only this user can write, say which containers are a run's.
+
+
+def open_run_state(run_id: str, owner: str) -> Path:
+    """Make the run's state folder (0700) and its owner file (0600), unless made already (xdist
+    workers share the controller's run ID and folder); returns the folder.
+
+    Raises:
+        OSError: they cannot be made, or the folder is not this user's own.
+    """
+    if not _RUN_ID_RE.match(run_id):
+        raise ValueError(f"not a run ID: {run_id!r}")
+    STATE_ROOT.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder = STATE_ROOT / run_id
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(folder, 0o700)
+    if not _private(folder, stat.S_ISDIR):
+        raise PermissionError(f"{folder} is not a folder of this user's own that only it can write")
+    try:
+        fd = os.open(folder / OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return folder
+    try:
+        _write_all(fd, owner.encode())
+    finally:
+        os.close(fd)
+    return folder
+
+
+def record_container(state_dir: Path, container_id: str) -> None:
+    """Append a container's full ID to the run's record (``containers``, 0600). Safe from many
+    processes at once: one ``write`` of the whole line with O_APPEND, under an exclusive lock.
+
+    Raises:
+        ValueError: not a full container ID.
+        OSError: it cannot be written (FileNotFoundError: the state folder is not made yet).
+    """
+    if not _CONTAINER_ID_RE.match(container_id):
+        raise ValueError(f"not a full container ID: {container_id!r}")
+    fd = os.open(state_dir / CONTAINERS_FILE,
+                 os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _write_all(fd, f"{container_id}\n".encode())
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def recorded_containers(state_dir: Path) -> Set[str]:
+    """The container IDs recorded in a run's state folder: none when the folder or the record
+    is missing, or is not this user's own, only writable by it (then nothing in it is trusted).
+    A line not ended yet (a write under way) does not count."""
+    text = _read_private(state_dir, CONTAINERS_FILE)
+    if text is None:
+        return set()
+    return {line for line in text.split("\n")[:-1] if _CONTAINER_ID_RE.match(line)}
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _private(path: Path, kind: Callable[[int], bool], st: Optional[os.stat_result] = None) -> bool:
+    """Whether ``path`` (not followed if a link) is of ``kind``, owned by this user and writable
+    by no one else."""
+    try:
+        st = st or os.lstat(path)
+    except OSError:
+        return False
+    return kind(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def _read_private(state_dir: Path, name: str) -> Optional[str]:
+    """A file of a state folder, or None when it or its folder is missing, a link, or not private
+    (see :func:`_private`)."""
+    if not _private(state_dir, stat.S_ISDIR):
+        return None
+    try:
+        fd = os.open(state_dir / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not _private(state_dir / name, stat.S_ISREG, os.fstat(fd)):
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+# --- removing runs -----------------------------------------------------------------------------------
+
+
 def remove_run(client: docker.DockerClient, run_id: str) -> None:
-    """Remove every container of a run, the checkpoints Dolly keeps of them, and its state."""
+    """Remove the containers a run recorded in its state folder, the checkpoints Dolly keeps of
+    them, and its state folder.
+
+    Only recorded containers whose labels still name the run are removed (with their anonymous
+    volumes: the plugin made them), and only the store folders of recorded IDs are deleted. A
+    container that merely carries the run's labels (one started from an image committed from a
+    clone, say) is never touched. A run without a state folder here has nothing to remove.
+    """
+    # The run ID may come from a folder name: it names a folder under STATE_ROOT only when it is a
+    # plain name.
+    if not _RUN_ID_RE.match(run_id):
+        return
+    folder = STATE_ROOT / run_id
+    recorded = recorded_containers(folder)
     engine = Engine.of(client)
-    # The low-level list: containers.list() inspects each container, and fails when another
-    # user of the shared engine removes one meanwhile.
-    for row in client.api.containers(all=True, filters={"label": f"{RUN_LABEL}={run_id}"}):
-        engine.remove(row["Id"])
-        shutil.rmtree(engine.store_dir / row["Id"], ignore_errors=True)
-    # The run ID comes from a label anyone could set: it names a folder under STATE_ROOT only
-    # when it is a plain name.
-    if _RUN_ID_RE.match(run_id):
-        shutil.rmtree(STATE_ROOT / run_id, ignore_errors=True)
+    keep: Set[str] = set()
+    if recorded:
+        # The low-level list: containers.list() inspects each container, and fails when another
+        # user of the shared engine removes one meanwhile. Unfiltered, so that a recorded container
+        # whose labels do not name the run is seen too (and kept, with its checkpoints).
+        for row in client.api.containers(all=True):
+            if row["Id"] not in recorded:
+                continue
+            if (row.get("Labels") or {}).get(RUN_LABEL) != run_id:
+                keep.add(row["Id"])
+                continue
+            engine.remove(row["Id"])
+    for cid in recorded - keep:
+        # IDs are 64 hex digits (checked as read): a plain name under the store.
+        shutil.rmtree(engine.store_dir / cid, ignore_errors=True)
+    if os.path.lexists(folder):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def reap_dead_runs(client: docker.DockerClient) -> List[str]:
     """Remove what runs whose owner is provably dead left behind; returns their run IDs.
 
-    A run is reaped only when every owner that its containers and its state folder name is
-    provably dead (see :func:`provably_dead`): a container of the run without an owner label, or
-    with one from another machine or PID namespace, keeps the whole run.
+    Runs are found by their state folders on this machine (a run without one, another machine's
+    say, is never reaped), and a run's containers are only those it recorded there: labels alone,
+    which anyone can set or copy, never make a container a run's. A run is reaped only when every
+    owner that its state folder and its recorded containers name is provably dead (see
+    :func:`provably_dead`): a recorded container without an owner label, or with one from another
+    machine or PID namespace, keeps the whole run; so does a state folder without a readable owner
+    file, or not private to this user.
     """
+    if not STATE_ROOT.is_dir():
+        return []
+    runs: Dict[str, Set[str]] = {}
     owners: Dict[str, List[Optional[str]]] = {}
+    for folder in STATE_ROOT.iterdir():
+        if not _RUN_ID_RE.match(folder.name):
+            continue
+        owner = _read_private(folder, OWNER_FILE)
+        if owner is None:
+            continue
+        runs[folder.name] = recorded_containers(folder)
+        owners[folder.name] = [owner]
+    if not runs:
+        return []
     for row in client.api.containers(all=True, filters={"label": RUN_LABEL}):
         labels = row.get("Labels") or {}
-        owners.setdefault(labels[RUN_LABEL], []).append(labels.get(OWNER_LABEL))
-    for state in STATE_ROOT.glob("*/owner") if STATE_ROOT.is_dir() else []:
-        try:
-            text: Optional[str] = state.read_text()
-        except OSError:
-            text = None
-        owners.setdefault(state.parent.name, []).append(text)
+        run_id = labels.get(RUN_LABEL)
+        if run_id in runs and row["Id"] in runs[run_id]:
+            owners[run_id].append(labels.get(OWNER_LABEL))
     dead = sorted(run_id for run_id, seen in owners.items() if all(provably_dead(o) for o in seen))
     for run_id in dead:
         try:

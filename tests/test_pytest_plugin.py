@@ -11,7 +11,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from dolly.testing import RUN_LABEL, STATE_ROOT
+from dolly.testing import RUN_LABEL, STATE_ROOT, recorded_containers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,19 +89,29 @@ def test_a_killed_run_is_reaped_by_the_next(client, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", str(suite)],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
+
+    def recorded_clones() -> list:
+        # The plugin's clone, once its run has recorded it (as the engine answers its create).
+        return [c for c in run_containers(client) if "dolly.source" in c.labels
+                and c.id in recorded_containers(STATE_ROOT / c.labels[RUN_LABEL])]
+
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not any("dolly.source" in c.labels for c in run_containers(client)):
+        while time.monotonic() < deadline and not recorded_clones():
             time.sleep(0.5)
-        assert any("dolly.source" in c.labels for c in run_containers(client)), "the clone never appeared"
+        clones = recorded_clones()
+        assert clones, "the clone never appeared"
+        killed_run = clones[0].labels[RUN_LABEL]
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     left = run_containers(client)
     assert left, "nothing was left to reap"
+    assert {c.id for c in left if c.labels[RUN_LABEL] == killed_run} <= recorded_containers(STATE_ROOT / killed_run)
 
     ok = tmp_path / "test_ok.py"
     ok.write_text(SUITE_HEADER + "\ndef test_ok(svc):\n    assert token(svc)\n")
     res = pytest_run(str(ok), "-q", cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     assert run_containers(client) == []
+    assert not (STATE_ROOT / killed_run).exists()
