@@ -151,3 +151,69 @@ def source_cp(run):
     source = run(BUSYBOX, ["sh", "-c", FILES])
     time.sleep(1)
     return dolly.checkpoint(source, "b")
+
+
+# --- Engines that behave like other hosts (tests/engines.py, IsolatedEngine) -----------------------
+# Their names (hence bridges, sockets, folders) and subnets can be changed, like ENGINE_B's, so that
+# two test runs on one machine do not share them.
+import os  # noqa: E402
+
+from engines import IsolatedEngine  # noqa: E402
+
+HOST_B = os.environ.get("DOLLY_TEST_HOST_B", "b")
+HOST_B_SUBNET = os.environ.get("DOLLY_TEST_HOST_B_SUBNET", "10.213.111.1/24")
+HOST_C = os.environ.get("DOLLY_TEST_HOST_C", "c")
+HOST_C_SUBNET = os.environ.get("DOLLY_TEST_HOST_C_SUBNET", "10.213.112.1/24")
+HOST_TLS = os.environ.get("DOLLY_TEST_HOST_TLS", "tls")
+HOST_TLS_SUBNET = os.environ.get("DOLLY_TEST_HOST_TLS_SUBNET", "10.213.113.1/24")
+
+
+def _isolated(name: str, subnet: str, **kwargs) -> Iterator[IsolatedEngine]:
+    engine = IsolatedEngine(name, subnet=subnet, **kwargs)
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="session")
+def host_b_engine() -> Iterator[IsolatedEngine]:
+    """An engine as on another host (its own mount namespace, files, engine ID, bridge), with
+    dolly/busybox and dolly/python, experimental mode and Dolly's runtime."""
+    yield from _isolated(HOST_B, HOST_B_SUBNET)
+
+
+@pytest.fixture(scope="session")
+def host_b(host_b_engine: IsolatedEngine) -> docker.DockerClient:
+    """A client of :func:`host_b_engine`, over its unix socket."""
+    return host_b_engine.client
+
+
+@pytest.fixture(scope="session")
+def host_c_engine() -> Iterator[IsolatedEngine]:
+    """A third host, like :func:`host_b_engine`."""
+    yield from _isolated(HOST_C, HOST_C_SUBNET)
+
+
+@pytest.fixture(scope="session")
+def host_c(host_c_engine: IsolatedEngine) -> docker.DockerClient:
+    return host_c_engine.client
+
+
+@pytest.fixture(scope="session")
+def host_tls_engine() -> Iterator[IsolatedEngine]:
+    """A host like :func:`host_b_engine` that also listens on a loopback address over TCP with
+    TLS, client certificates required."""
+    yield from _isolated(HOST_TLS, HOST_TLS_SUBNET, tcp_tls=True)
+
+
+@pytest.fixture(scope="session")
+def host_tls(host_tls_engine: IsolatedEngine) -> Iterator[docker.DockerClient]:
+    """A client of :func:`host_tls_engine` over TCP, verifying the engine's certificate and
+    presenting its own."""
+    client = host_tls_engine.tls_client()
+    try:
+        yield client
+    finally:
+        client.close()
