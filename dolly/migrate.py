@@ -5,16 +5,26 @@
         ->  restore under the same name  ->  check that it runs  ->  remove the source
 
 Downtime runs from the start of the checkpoint, when CRIU freezes the source, to the moment the
-container on the target runs (and passes ``ready``, when given). If any step fails, the container
-made on the target is removed and the source is started again from the checkpoint, as itself, so
-it goes on with its state; the error names the step. That holds for the checkpoint step too: when
-the dump stopped the source and a later part of the checkpoint failed, the images it kept
-(``CheckpointFailed.kept``) start the source again.
+container on the target runs (and passes ``ready``, when given). The move is final only once that
+container has then kept running for a short settle (``SETTLE_SECONDS``), neither stopped nor
+restarted: a restored process that dies just after it passed still has its source to come back to.
+
+If any step fails, the container made on the target is removed and the source is started again
+from the checkpoint, as itself, so it goes on with its state; the error names the step. That
+holds for the checkpoint step too: when the dump stopped the source and a later part of the
+checkpoint failed, the images it kept (``CheckpointFailed.kept``) start the source again. The
+source is started again only once the target is known to hold no container of this migration:
+when that cannot be confirmed (the target engine stopped answering, say), the container there may
+still run, and starting the source too would make two copies. Then the source stays stopped, its
+checkpoint is kept, and ``MigrationFailed`` (step ``"roll back"``) says where, and how to resume it
+(:func:`dolly.resume`) once the container on the target is known to be gone.
 
 Volumes do not move: a checkpoint carries memory and the writable layer, not volume contents. A
 source with volume mounts is refused unless ``drop_volumes=True`` says that the moved container
 may start with fresh, empty volumes; the source's volumes stay on the source engine either way,
-since Dolly never removes them.
+since Dolly never removes them. Bind mounts do not move either: they name paths of the source's
+host. A source with bind mounts is refused unless ``rebind_mounts=True`` says that the moved
+container may bind the same paths on the target's host, whatever they hold there.
 """
 from __future__ import annotations
 
@@ -33,17 +43,22 @@ from .checkpoint import Checkpoint, checkpoint, remove_checkpoint
 from .engine import ContainerRef, Engine
 from .errors import (
     CheckpointFailed,
+    ContainerNotFound,
     ContainerNotRunning,
     DollyError,
     InvalidArgument,
     MigrationFailed,
     NameConflict,
 )
-from .restore import restore, resume
+from .restore import LABEL_CHECKPOINT, LABEL_SOURCE, restore, resume
 
 __all__ = ["Migration", "migrate"]
 
 log = logging.getLogger("dolly")
+
+# How long the container on the target must go on running, unrestarted, after it passed the
+# verify step, before the source and the checkpoints are removed.
+SETTLE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -54,7 +69,8 @@ class Migration:
         container: the running container on the target engine.
         downtime: seconds from the freeze of the source to the target container running (and
             ready, when a check was given).
-        steps: seconds each step took (checkpoint, export, import, restore, verify).
+        steps: seconds each step took (checkpoint, export, import, restore, verify: the check and
+            the settle after it).
     """
 
     container: Container
@@ -71,6 +87,7 @@ def migrate(
     ready_timeout: float = 60.0,
     compression: str = "none",
     drop_volumes: bool = False,
+    rebind_mounts: bool = False,
 ) -> Migration:
     """Move a running container to the engine of ``target_client``, under the same name.
 
@@ -88,16 +105,26 @@ def migrate(
             while the source's volumes, with their data, stay on the source engine (Dolly never
             removes them; remove them yourself once they are no longer needed). Without it such
             a container is refused.
+        rebind_mounts: move a container that has bind mounts although what they show does not
+            move: the container on the target binds the same host paths on the target's host,
+            whatever they hold there (another machine's files, or none: Docker then refuses a
+            missing path, or makes it empty for a ``-v`` bind). Without it such a container is
+            refused.
 
     Raises:
         ContainerNotFound, ContainerNotRunning, HostNotReady: before anything is touched.
         NameConflict: the target engine already has a container of that name.
         InvalidArgument: the target is the source engine, or the source has volume mounts and
-            ``drop_volumes`` is not set (the message names them); nothing was touched.
+            ``drop_volumes`` is not set, or bind mounts and ``rebind_mounts`` is not set (the
+            message names them); nothing was touched.
         MigrationFailed: a step failed (``.step``); the source is running again with its state.
             When the checkpoint step failed after the dump had stopped the source, the source
             was started again from the images the checkpoint kept; if even that fails, the step
-            is ``"roll back"`` and the message says where the images are kept.
+            is ``"roll back"`` and the message says where the images are kept. The step is
+            ``"roll back"`` too when the source could not be started again from its checkpoint,
+            or was not, because the container made on the target could not be confirmed gone:
+            the source is then stopped, its checkpoint kept, and the message says where and how
+            to resume it.
     """
     source_engine = Engine.of(source_client)
     target_engine = Engine.of(target_client)
@@ -109,12 +136,19 @@ def migrate(
         raise InvalidArgument("the target engine is the source engine: use dolly.clone or dolly.restore")
     if not source.attrs["State"].get("Running") or source.attrs["State"].get("Paused"):
         raise ContainerNotRunning(f"container {source.name} is {source.status}, not running")
-    volumes = _volumes(source)
+    volumes = _mounts(source, "volume")
     if volumes and not drop_volumes:
         raise InvalidArgument(
             f"container {source.name} has volume mounts ({', '.join(volumes)}), whose contents a "
             "migration does not carry: pass drop_volumes=True to move it with fresh, empty volumes "
             "on the target (the source's volumes stay on the source engine)"
+        )
+    binds = _mounts(source, "bind")
+    if binds and not rebind_mounts:
+        raise InvalidArgument(
+            f"container {source.name} has bind mounts ({', '.join(binds)}), host paths whose "
+            "contents a migration does not carry: pass rebind_mounts=True to move it binding the "
+            "same paths on the target's host, whatever they hold there"
         )
     if source.name in target_engine.container_names():
         raise NameConflict(f"the target engine already has a container named {source.name!r}")
@@ -138,16 +172,18 @@ def migrate(
         step = "restore"
         t = time.perf_counter()
         target = restore(moved, name=source.name, client=target_client)
+        restored_as = _start_marks(target)
         steps[step] = time.perf_counter() - t
         step = "verify"
         t = time.perf_counter()
         _ready.wait(target, ready or _running, timeout=ready_timeout)
-        steps[step] = time.perf_counter() - t
         downtime = time.perf_counter() - started
+        _settle(target_engine, target, restored_as)
+        steps[step] = time.perf_counter() - t
     except BaseException as e:
         if step == "transfer":  # transfer records each of its steps as it ends
             step = "import" if "export" in steps else "export"
-        _roll_back(source_engine, target_engine, source, cp, moved, target)
+        _roll_back(source_engine, target_engine, source, cp, moved, target, step=step, error=e)
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         raise MigrationFailed(f"migration of {source.name} failed at step '{step}': {e}; "
@@ -166,26 +202,108 @@ def migrate(
 
 
 def _roll_back(source_engine: Engine, target_engine: Engine, source: Container, cp: Checkpoint,
-               moved: Optional[Checkpoint], target: Optional[Container]) -> None:
-    """Undo a failed migration: the target's container and checkpoint go, the source comes back."""
-    if target is not None:
-        try:
-            target_engine.remove(target.id)
-        except DollyError as e:
-            log.warning("migrate: could not remove %s on the target: %s", target.name, e)
+               moved: Optional[Checkpoint], target: Optional[Container], *, step: str,
+               error: BaseException) -> None:
+    """Undo a failed migration: the target's container and checkpoint go, the source comes back.
+
+    The source comes back only once no container of this migration is left on the target. When
+    that cannot be confirmed, the one there may still run: starting the source too would make two
+    copies, so it stays stopped with its checkpoint kept. Raises MigrationFailed (step "roll
+    back") then, and when starting the source fails."""
+    doubt = _clear_target(target_engine, source, moved, target)
     if moved is not None:
         try:
             remove_checkpoint(moved)
         except DollyError as e:
             log.warning("migrate: could not remove the checkpoint copied to the target: %s", e)
+    failed = f"migration of {source.name} failed at step '{step}': {error}"
+    how = (f"dolly.resume(dolly.get_checkpoint({source.id!r}, {cp.name!r}, client=C), client=C), "
+           "C being a client of the source engine")
+    if doubt is not None:
+        raise MigrationFailed(
+            f"{failed}; then the container it made on the target engine could not be removed, or "
+            f"its removal could not be confirmed ({doubt}): its state there is unknown, and it may "
+            f"still run. The source was not started again, so that two copies never run: it is "
+            f"stopped, and its checkpoint {cp.name!r} is kept at {cp.path}. Once the container "
+            f"{source.name!r} on the target is known to be gone, start the source again from it "
+            f"with {how}", step="roll back"
+        ) from error
     try:
         resume(cp, source.id, client=source_engine.client)
     except DollyError as e:
         raise MigrationFailed(
-            f"migration of {source.name} failed, and starting the source again from its checkpoint "
-            f"failed too: {e}; the checkpoint is kept at {cp.path}", step="roll back"
+            f"{failed}; starting the source again from its checkpoint failed too: {e}; the "
+            f"checkpoint {cp.name!r} is kept at {cp.path}", step="roll back"
         ) from e
-    remove_checkpoint(cp)
+    try:
+        remove_checkpoint(cp)
+    except DollyError as e:  # pragma: no cover - logged, not raised: the source runs
+        log.warning("migrate: could not remove the source checkpoint at %s: %s", cp.path, e)
+
+
+def _clear_target(target_engine: Engine, source: Container, moved: Optional[Checkpoint],
+                  target: Optional[Container]) -> Optional[str]:
+    """Remove the container this migration made on the target and confirm that none is left;
+    returns None once confirmed, else why it could not be.
+
+    None is made before the restore step (``moved`` is None until the transfer ends). After it:
+    the container restore returned (``target``), and whatever the target holds under the source's
+    name that was restored from ``moved`` (labelled with the source and the checkpoint): a restore
+    that failed part-way may have left it, its own clean-up failing with the engine."""
+    if moved is None:
+        return None
+    try:
+        if target is not None:
+            target_engine.remove(target.id)
+        try:
+            left = target_engine.container(source.name)
+        except ContainerNotFound:
+            return None
+        labels = left.attrs.get("Config", {}).get("Labels") or {}
+        if (left.name == source.name and labels.get(LABEL_SOURCE) == source.id
+                and labels.get(LABEL_CHECKPOINT) == moved.name):
+            target_engine.remove(left.id)
+        # Else a container that is not this migration's took the name meanwhile: not ours to
+        # remove, and ours, which would hold that name, is gone.
+        return None
+    except Exception as e:  # noqa: BLE001 - whatever the engine did, the target's state is unknown
+        return f"{type(e).__name__}: {e}"
+
+
+def _start_marks(container: Container) -> tuple:
+    """What changes whenever a container starts again: its start time and restart count."""
+    return (container.attrs.get("State", {}).get("StartedAt"), container.attrs.get("RestartCount"))
+
+
+def _settle(engine: Engine, container: Container, marks: tuple, *, seconds: float = SETTLE_SECONDS,
+            interval: float = 0.1) -> None:
+    """Confirm, polling its state for ``seconds``, that ``container`` goes on running the process
+    restored into it: running, not restarting, and not started again since the restore
+    (``marks``: :func:`_start_marks` as the restore left it). A restart would have begun it
+    from scratch: the state it was restored with would be gone.
+
+    Raises:
+        ContainerNotRunning: it stopped, or it was started again.
+        ContainerNotFound: it was removed.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        now = engine.container(container.id)
+        state = now.attrs.get("State") or {}
+        if not state.get("Running") or state.get("Restarting"):
+            raise ContainerNotRunning(
+                f"container {now.name} on the target is {state.get('Status') or now.status} (exit code "
+                f"{state.get('ExitCode')}) after it passed the check: it did not keep running"
+            )
+        if _start_marks(now) != marks:
+            raise ContainerNotRunning(
+                f"container {now.name} on the target was started again after the restore (at "
+                f"{marks[0]}, then at {_start_marks(now)[0]}; restart count {now.attrs.get('RestartCount')}): "
+                "it runs from scratch, without the state it was restored with"
+            )
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(interval)
 
 
 def _resume_after_failed_checkpoint(source_engine: Engine, source: Container, error: CheckpointFailed) -> str:
@@ -223,10 +341,12 @@ def _still_running(engine: Engine, container: Container) -> bool:
         return False
 
 
-def _volumes(container: Container) -> list:
-    """The volume mounts of ``container``: ``name:/destination`` (a long ID for an anonymous one)."""
-    return [f"{m.get('Name') or '?'}:{m.get('Destination')}"
-            for m in container.attrs.get("Mounts") or [] if m.get("Type") == "volume"]
+def _mounts(container: Container, kind: str) -> list:
+    """The mounts of ``container`` of type ``kind``: for ``"volume"``, ``name:/destination`` (a
+    long ID for an anonymous one); for ``"bind"``, ``/host/path:/destination``."""
+    key = "Name" if kind == "volume" else "Source"
+    return [f"{m.get(key) or '?'}:{m.get('Destination')}"
+            for m in container.attrs.get("Mounts") or [] if m.get("Type") == kind]
 
 
 def _running(container: Container) -> bool:

@@ -1,6 +1,8 @@
 """Live migration and clones spread over two real engines on this machine."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +14,9 @@ import pytest
 import dolly
 from dolly import errors, ready
 from dolly.engine import Engine
-from helpers import BUSYBOX, COUNTER, ENGINE_B_URL, PYTHON, RUN_ID, ask, assert_counts_on, kernel_hostname, read_int
+from engines import SecondEngine
+from helpers import (BUSYBOX, COUNTER, ENGINE_B, ENGINE_B_URL, PYTHON, RUN_ID, ask, assert_counts_on,
+                     kernel_hostname, read_int)
 
 # A counter in memory and a file written at start-up: both must survive the move.
 STATEFUL = """
@@ -181,3 +185,135 @@ def test_a_checkpoint_failing_after_the_dump_leaves_the_source_running_on(run, c
     assert not [p for p in engine.spool_dir.glob(f"{source.id}*") if p.is_dir()], "a spool folder was left"
     assert not (engine.store_dir / source.id).exists() or not any((engine.store_dir / source.id).iterdir())
     assert engine_b.containers.list(all=True, filters={"name": source.name}) == []
+
+
+def test_migrate_refuses_a_source_with_bind_mounts(run, engine_b, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "f").write_text("from the host\n")
+    source = run(BUSYBOX, ["sh", "-c", COUNTER], mounts=[docker.types.Mount("/shared", str(shared), type="bind")])
+    time.sleep(1)
+    before = read_int(source)
+    for allowed in ({}, {"drop_volumes": True}):  # dropping volumes says nothing about host paths
+        with pytest.raises(errors.InvalidArgument, match="rebind_mounts") as info:
+            dolly.migrate(source, engine_b, **allowed)
+        assert f"{shared}:/shared" in str(info.value)
+    source.reload()
+    assert source.status == "running"
+    assert_counts_on(source, before, new=False)
+    assert dolly.list_checkpoints(source) == []
+    assert engine_b.containers.list(all=True, filters={"name": source.name}) == []
+    # rebind_mounts: the target binds the same path on its own host (here the same machine).
+    moved = dolly.migrate(source, engine_b, rebind_mounts=True).container
+    try:
+        assert_counts_on(moved, before)
+        assert moved.exec_run(["cat", "/shared/f"]).output == b"from the host\n"
+    finally:
+        moved.remove(force=True)
+
+
+# A counter that stops (exit 3) once /tmp/die exists.
+STOPS_ON_DEMAND = ("i=0; while [ ! -e /tmp/die ]; do i=$((i+1)); echo $i; echo $i > /tmp/c.new; "
+                   "mv /tmp/c.new /tmp/count; sleep 0.1; done; exit 3")
+
+
+def test_a_target_that_stops_after_passing_its_check_brings_the_source_back(run, engine_b):
+    source = run(BUSYBOX, ["sh", "-c", STOPS_ON_DEMAND])
+    time.sleep(1)
+    before = read_int(source)
+    passed = []
+
+    def passes_then_stops(c) -> bool:
+        """The check passes; by the time it returns, the restored process has stopped."""
+        c.exec_run(["touch", "/tmp/die"])
+        target = Engine.of(engine_b)
+        deadline = time.monotonic() + 30
+        while target.container(c.id).attrs["State"]["Running"]:
+            if time.monotonic() > deadline:
+                return True  # not in `passed`: the assertion below says so
+            time.sleep(0.05)
+        passed.append(c.id)
+        return True
+
+    with pytest.raises(errors.MigrationFailed) as info:
+        dolly.migrate(source, engine_b, ready=passes_then_stops)
+    assert passed and info.value.step == "verify" and "keep running" in str(info.value), str(info.value)
+    source.reload()
+    assert source.status == "running"
+    assert_counts_on(source, before, new=False)
+    assert source.exec_run(["ls", "/tmp/die"]).exit_code != 0, "the source is not the one that stopped"
+    assert dolly.list_checkpoints(source) == []
+    assert dolly.list_checkpoints(None, engine_b) == []
+    assert engine_b.containers.list(all=True, filters={"name": source.name}) == []
+
+
+def free_subnet() -> str:
+    """A /24 that no interface of this machine uses now, for a test engine's bridge."""
+    if os.environ.get("DOLLY_TEST_ENGINE_LOST_SUBNET"):
+        return os.environ["DOLLY_TEST_ENGINE_LOST_SUBNET"]
+    used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True, check=True).stdout
+    for third in range(250, 190, -1):
+        if f" 10.213.{third}." not in used:
+            return f"10.213.{third}.1/24"
+    pytest.skip("no free 10.213.x.0/24 subnet for a third engine")
+
+
+def end_container_process(pid: int, container_id: str) -> None:
+    """Kill a container's process that outlived its engine, if that pid is still the process of
+    that container (its cgroup names the container), and remove its empty cgroup."""
+    try:
+        cgroup = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return
+    if container_id not in cgroup:
+        return
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(100):
+        if not Path(f"/proc/{pid}").exists():
+            break
+        time.sleep(0.05)
+    # Its cgroups, which no runtime is left to remove: one a hierarchy (cgroup v1), or one (v2).
+    for line in cgroup.splitlines():
+        rel = line.split(":", 2)[2].lstrip("/")
+        if container_id not in rel:
+            continue
+        for path in [*Path("/sys/fs/cgroup").glob(f"*/{rel}"), Path("/sys/fs/cgroup") / rel]:
+            try:
+                path.rmdir()
+            except OSError:
+                pass
+
+
+def test_a_target_engine_lost_with_the_container_on_it_leaves_the_source_stopped(run, client):
+    """Whether the container on the target is gone cannot be known: the source must not run too."""
+    # Not "<ENGINE_B>-lost": engine b's clean-up treats whatever starts with its own paths as its own.
+    target = SecondEngine(f"lost-{ENGINE_B}", experimental=True, subnet=free_subnet())
+    target.start()
+    on_target = []
+    try:
+        source = run(BUSYBOX, ["sh", "-c", COUNTER])
+        time.sleep(1)
+
+        def engine_dies(c) -> bool:
+            """The container on the target runs; now its engine disappears (its process lives on)."""
+            on_target.append((c.attrs["State"]["Pid"], c.id))
+            target.kill()
+            return False
+
+        with pytest.raises(errors.MigrationFailed) as info:
+            dolly.migrate(source, target.client, ready=engine_dies)
+        message = str(info.value)
+        assert on_target and info.value.step == "roll back", message
+        source.reload()
+        assert source.status == "exited", "the source was started again beside the target's copy"
+        [cp] = dolly.list_checkpoints(source)
+        assert str(cp.path) in message and cp.name in message and "dolly.resume" in message
+        at_checkpoint = [int(x) for x in source.logs().decode().split() if x.isdigit()][-1]
+    finally:
+        for pid, cid in on_target:
+            end_container_process(pid, cid)
+        target.stop()
+    # The target is known to be gone now: what the message says brings the source back, as itself.
+    resumed = dolly.resume(dolly.get_checkpoint(source.id, cp.name, client=client), client=client)
+    assert_counts_on(resumed, at_checkpoint, new=False)
+    dolly.remove_checkpoint(cp)
