@@ -278,6 +278,12 @@ def _checkpoint_locked(
     images = engine.checkpoints_dir(source.id) / docker_name
     doomed = [images, staging, spool]
     try:
+        # A restart policy would have Docker start the container again, from scratch, as soon as
+        # the dump stops it: "no" for the length of the dump, then the user's own again.
+        policy = source.attrs["HostConfig"].get("RestartPolicy") or {}
+        pause_policy = not leave_running and policy.get("Name") not in (None, "", "no")
+        if pause_policy:
+            engine.set_restart_policy(source.id, {"Name": "no", "MaximumRetryCount": 0})
         try:
             engine.create_checkpoint(source.id, docker_name, exit=not leave_running)
         except CheckpointFailed as e:
@@ -285,6 +291,9 @@ def _checkpoint_locked(
             if refused is not None:
                 raise refused from e
             raise
+        finally:
+            if pause_policy:
+                engine.set_restart_policy(source.id, policy)
         staging.mkdir(mode=0o700)
         os.rename(spool if (spool / "inventory.img").exists() else images, staging / "criu")
         diff = staging / "criu" / RUNTIME_ROOTFS_DIFF

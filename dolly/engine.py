@@ -280,6 +280,10 @@ class Engine:
 
         self._call(call)
 
+    def set_restart_policy(self, container_id: str, policy: Dict[str, Any]) -> None:
+        """Change a container's restart policy in place (``docker update --restart``)."""
+        self._call(self.api.update_container, container_id, restart_policy=policy)
+
     def remove(self, container_id: str, *, volumes: bool = True) -> None:
         """Remove a container (force: running or not); a missing one is not an error.
 

@@ -29,6 +29,7 @@
     │   └── PolicyRefused        its container asks for host access the restore policy does not
     │                            allow (privileged, host mounts, devices, ...); .items names them
     └── MigrationFailed          a step of migrate failed; .step names it, the source runs again
+                                 (but at "roll back": the target's state is unknown, see message)
 
 Each leaves the world as it found it: the source container running, the checkpoint usable, and
 no container half-made by Dolly left behind.
@@ -222,8 +223,10 @@ class PolicyRefused(BundleError):
 
 
 class MigrationFailed(DollyError):
-    """A step of :func:`dolly.migrate` failed. ``step`` names it; the source container is running
-    again with its state."""
+    """A step of :func:`dolly.migrate` failed. ``step`` names it. The source container is running
+    again with its state, except at step ``"roll back"``: then the target's state could not be
+    known, so the source was not started again (two copies could run); the message says where its
+    checkpoint is kept and how to resume it."""
 
     def __init__(self, message: str, *, step: str) -> None:
         self.step = step

@@ -458,3 +458,18 @@ def test_a_restore_leaves_no_containerd_temporary_folder(run):
     pointers = [p for p in Path("/tmp").glob("ctrd-checkpoint*/dolly-images")
                 if any(f"{c.id}.restore" in p.read_text(errors="replace") for c in clones)]
     assert pointers == [], "containerd's temporary folders of these clones were left in /tmp"
+
+
+def test_a_stopping_checkpoint_of_a_container_with_a_restart_policy_keeps_it_stopped(run, client):
+    """Docker restarts a container with a restart policy when a dump stops it, from scratch, on
+    its own files: the checkpoint would no longer match anything. The policy is set aside for the
+    dump and put back after."""
+    source = run(BUSYBOX, ["sh", "-c", COUNTER], restart_policy={"Name": "always"})
+    time.sleep(0.5)
+    cp = dolly.checkpoint(source, "stop", leave_running=False)
+    time.sleep(2)  # Docker's restart manager acts within a second of the exit
+    source.reload()
+    assert source.status == "exited" and source.attrs["RestartCount"] == 0
+    assert source.attrs["HostConfig"]["RestartPolicy"]["Name"] == "always"
+    resumed = dolly.resume(cp)
+    assert resumed.status == "running"
