@@ -30,7 +30,7 @@ import docker
 
 import dolly
 from dolly.demo import SERVICE
-from dolly.engine import Engine
+from dolly._engine import Engine
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

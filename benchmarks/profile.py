@@ -21,12 +21,12 @@ import docker
 import importlib
 
 import dolly
-from dolly import rootfs
+from dolly import _rootfs as rootfs
 from dolly.demo import SERVICE
-from dolly.engine import CRIU_LOG_DIR, Engine
+from dolly._engine import CRIU_LOG_DIR, Engine
 
 # The module, not the function of the same name that `dolly` re-exports.
-_restore = importlib.import_module("dolly.restore")
+_restore = importlib.import_module("dolly._restore")
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import answers, docker_ip  # noqa: E402
 

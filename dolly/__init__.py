@@ -6,12 +6,12 @@
     >>> dolly.migrate("web", other_engine)     # live migration to another Docker Engine
 """
 from . import policy, trust
-from .bundle import export, import_bundle
-from .checkpoint import Checkpoint, checkpoint, get_checkpoint, list_checkpoints, remove_checkpoint
+from ._bundle import export, import_bundle
+from ._checkpoint import Checkpoint, checkpoint, get_checkpoint, list_checkpoints, remove_checkpoint
 from .errors import DollyError
-from .host import HostReport, check_host
-from .migrate import Migration, migrate
-from .restore import clone, restore, resume
+from ._host import HostReport, check_host
+from ._migrate import Migration, migrate
+from ._restore import clone, restore, resume
 
 __all__ = [
     "Checkpoint",

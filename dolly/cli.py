@@ -23,7 +23,7 @@ from rich.table import Table
 
 import dolly
 from dolly import policy, ready, trust
-from dolly.checkpoint import DEFAULT_MAX_LAYER_BYTES, Checkpoint
+from dolly._checkpoint import DEFAULT_MAX_LAYER_BYTES, Checkpoint
 from dolly.errors import CriuError, DollyError, InvalidArgument
 
 out = Console()

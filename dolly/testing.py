@@ -61,10 +61,10 @@ from docker.models.containers import Container
 from filelock import FileLock
 
 from . import ready as _ready
-from .checkpoint import Checkpoint, checkpoint
-from .engine import Engine
+from ._checkpoint import Checkpoint, checkpoint
+from ._engine import Engine
 from .errors import ContainerNotFound
-from .restore import restore
+from ._restore import restore
 
 __all__ = ["warm_service"]
 

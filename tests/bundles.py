@@ -12,7 +12,7 @@ import pytest
 
 import dolly
 from dolly import trust
-from dolly.engine import Engine
+from dolly._engine import Engine
 
 
 def store_entries(client) -> set:

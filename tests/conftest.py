@@ -17,7 +17,7 @@ import pytest
 
 import dolly
 from dolly import trust
-from dolly.engine import Engine
+from dolly._engine import Engine
 
 from engines import SecondEngine
 from helpers import BUSYBOX, COUNTER, ENGINE_B, ENGINE_B_SUBNET, FILES, RUN_ID, TEST_LABEL

@@ -414,7 +414,7 @@ class IsolatedEngine:
     def _copy_images(self) -> None:
         if not self.images:
             return
-        from dolly.engine import Engine
+        from dolly._engine import Engine
 
         source = Engine.of(self._main_client())
         target = Engine.of(self.client)

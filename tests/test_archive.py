@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from dolly import archive, errors, rootfs, trust
+from dolly import _archive as archive, errors, _rootfs as rootfs, trust
 
 
 def tar_bytes(*members, pax_first: bytes = b"") -> bytes:

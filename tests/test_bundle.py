@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import dolly
-from dolly import bundle, errors, trust
+from dolly import _bundle as bundle, errors, trust
 from bundles import assert_refused, member, rebuild, rootfs_tar
 from helpers import BUSYBOX, FILES, RUN_ID, read_int
 
@@ -29,7 +29,7 @@ def test_round_trip_to_another_engine(source_cp, engine_b, keys, tmp_path, compr
     assert any(n.startswith("checkpoint/pages-") for n in names)
     assert manifest["image"]["id"] == source_cp.image_id and manifest["kernel"] and manifest["criu_version"]
 
-    cp_b = dolly.import_bundle(path, client=engine_b, trusted_keys=[public], image_source=dolly.engine.default_client())
+    cp_b = dolly.import_bundle(path, client=engine_b, trusted_keys=[public], image_source=dolly._engine.default_client())
     try:
         assert dolly.list_checkpoints(source_cp.container_id, engine_b) == [cp_b]
         (clone,) = dolly.clone(cp_b, 1, client=engine_b)
@@ -98,7 +98,7 @@ def test_rollback_to_an_older_bundle_is_refused(run, engine_b, keys, tmp_path):
     source = run(BUSYBOX, ["sh", "-c", FILES])
     older = dolly.export(dolly.checkpoint(source, "older"), tmp_path / "older.dolly", signer=private)
     newer = dolly.export(dolly.checkpoint(source, "newer"), tmp_path / "newer.dolly", signer=private)
-    cp = dolly.import_bundle(newer, client=engine_b, trusted_keys=[public], image_source=dolly.engine.default_client())
+    cp = dolly.import_bundle(newer, client=engine_b, trusted_keys=[public], image_source=dolly._engine.default_client())
     try:
         assert_refused(errors.RollbackRefused, older, engine_b, trusted_keys=[public])
     finally:
@@ -108,7 +108,7 @@ def test_rollback_to_an_older_bundle_is_refused(run, engine_b, keys, tmp_path):
 def test_an_unsigned_bundle_needs_allow_unsigned(source_cp, engine_b, tmp_path):
     path = dolly.export(source_cp, tmp_path / "b.dolly")
     assert_refused(errors.UnsignedBundle, path, engine_b)
-    cp = dolly.import_bundle(path, client=engine_b, allow_unsigned=True, image_source=dolly.engine.default_client())
+    cp = dolly.import_bundle(path, client=engine_b, allow_unsigned=True, image_source=dolly._engine.default_client())
     dolly.remove_checkpoint(cp)
 
 
@@ -130,7 +130,7 @@ def test_encrypted_bundles(source_cp, engine_b, keys, tmp_path):
     assert_refused(errors.DecryptionFailed, path, engine_b, trusted_keys=[public],
                    encryption_key=trust.generate_encryption_key())
     cp = dolly.import_bundle(path, client=engine_b, trusted_keys=[public], encryption_key=key,
-                             image_source=dolly.engine.default_client())
+                             image_source=dolly._engine.default_client())
     dolly.remove_checkpoint(cp)
 
 
@@ -182,7 +182,7 @@ def test_hostile_rootfs_diffs_are_refused(source_cp, engine_b, keys, tmp_path, c
     hostile = rebuild(base, tmp_path / "hostile.dolly", signer=private,
                       replace={"rootfs-diff.tar": rootfs_tar(*entries)})
     assert_refused(errors.UnsafeArchive, hostile, engine_b, trusted_keys=[public],
-                   image_source=dolly.engine.default_client())
+                   image_source=dolly._engine.default_client())
     assert not SENTINEL.exists() and not Path("/tmp") .joinpath(SENTINEL.name).exists()
 
 

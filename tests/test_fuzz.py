@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dolly
-from dolly import criu, errors, trust
-from dolly.engine import Engine
+from dolly import _criu as criu, errors, trust
+from dolly._engine import Engine
 
 EXAMPLES = int(os.environ.get("DOLLY_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,

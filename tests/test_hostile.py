@@ -24,8 +24,8 @@ import pytest
 
 import dolly
 from dolly import errors, trust
-from dolly.checkpoint import METADATA, Checkpoint
-from dolly.engine import Engine, default_client
+from dolly._checkpoint import METADATA, Checkpoint
+from dolly._engine import Engine, default_client
 from bundles import assert_refused, edit_config, member, rebuild, rootfs_tar
 from helpers import BUSYBOX, COUNTER, ENGINE_B_URL, PYTHON, RUN_ID
 
@@ -410,7 +410,7 @@ def test_encrypted_bundles_never_meet_the_disk_in_plaintext(source_cp, client, t
     beside = [w for w in written if not w.startswith(spool + "/")]
     assert len(beside) == 1 and Path(beside[0]).parent == tmp_path, written
     assert b"manifest.json" not in out.read_bytes()
-    manifest, written = writes_during(lambda: dolly.bundle.read_manifest(out, encryption_key=key))
+    manifest, written = writes_during(lambda: dolly._bundle.read_manifest(out, encryption_key=key))
     assert manifest["checkpoint"]["name"] == source_cp.name
     assert written == [], "reading the manifest wrote a decrypted copy"
 
@@ -560,7 +560,7 @@ def test_export_refuses_a_layer_that_a_bundle_would_blow_up(run, tmp_path):
 def test_a_remote_engines_paths_are_never_taken_for_local_ones(tmp_path):
     """An engine whose files live in another mount namespace (as on another host) is told apart by
     the process at the other end of its socket, not by its path names."""
-    from dolly.engine import _peer_shares_our_files
+    from dolly._engine import _peer_shares_our_files
 
     sock = tmp_path / "other.sock"
     server = ("import socket, sys, time; s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1); "

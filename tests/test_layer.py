@@ -22,12 +22,12 @@ from typing import Callable, Dict, List
 import pytest
 
 import dolly
-from dolly import errors, rootfs
-from dolly.engine import CRIU_LOG_DIR, Engine
-from dolly.restore import clone_config
+from dolly import errors, _rootfs as rootfs
+from dolly._engine import CRIU_LOG_DIR, Engine
+from dolly._restore import clone_config
 from helpers import BUSYBOX, COUNTER
 
-checkpoint_module = importlib.import_module("dolly.checkpoint")
+checkpoint_module = importlib.import_module("dolly._checkpoint")
 
 MiB = 1 << 20
 
@@ -225,7 +225,7 @@ except Exception as e:
     print(json.dumps({"error": type(e).__name__, "kept": None, "message": str(e)}))
 """
 RESUME_WITHOUT_PYCRIU = WITHOUT_PYCRIU + """
-cp = importlib.import_module("dolly.checkpoint").Checkpoint.load(sys.argv[2])
+cp = importlib.import_module("dolly._checkpoint").Checkpoint.load(sys.argv[2])
 print(dolly.resume(cp, sys.argv[1]).status)
 """
 
@@ -436,7 +436,7 @@ def test_spool_store_and_criu_logs_are_root_only(run, engine, busybox_checkpoint
 
 
 def test_sparse_layer_survives_a_bundle(run, engine, tmp_path):
-    from dolly import bundle
+    from dolly import _bundle as bundle
 
     source = counter(run, "truncate -s 64M /tmp/sparse && "
                           "printf MARK | dd of=/tmp/sparse bs=1 seek=1000000 conv=notrunc")

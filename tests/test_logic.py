@@ -6,9 +6,9 @@ import stat
 
 import pytest
 
-from dolly import criu
+from dolly import _criu as criu
 from dolly.errors import HostNotReady, InvalidArgument
-from dolly.restore import allocate_names, clone_config
+from dolly._restore import allocate_names, clone_config
 
 SOURCE_ID = "0123456789ab" + "c" * 52
 

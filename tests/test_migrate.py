@@ -13,7 +13,7 @@ import pytest
 
 import dolly
 from dolly import errors, ready
-from dolly.engine import Engine
+from dolly._engine import Engine
 from engines import SecondEngine
 from helpers import (BUSYBOX, COUNTER, ENGINE_B, ENGINE_B_URL, PYTHON, RUN_ID, ask, assert_counts_on,
                      kernel_hostname, read_int)

@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 import dolly
-from dolly.engine import Engine
+from dolly._engine import Engine
 from dolly.testing import (
     CONTAINERS_FILE,
     OWNER_LABEL,

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import dolly
-from dolly.engine import Engine
+from dolly._engine import Engine
 from helpers import BUSYBOX, COUNTER
 
 CYCLES = int(os.environ.get("DOLLY_SOAK_CYCLES", "20"))

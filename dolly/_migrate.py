@@ -37,10 +37,10 @@ from typing import Callable, Dict, Optional
 import docker
 from docker.models.containers import Container
 
-from . import bundle, criu
+from . import _bundle as bundle, _criu as criu
 from . import ready as _ready
-from .checkpoint import Checkpoint, checkpoint, remove_checkpoint
-from .engine import ContainerRef, Engine
+from ._checkpoint import Checkpoint, checkpoint, remove_checkpoint
+from ._engine import ContainerRef, Engine
 from .errors import (
     CheckpointFailed,
     ContainerNotFound,
@@ -50,7 +50,7 @@ from .errors import (
     MigrationFailed,
     NameConflict,
 )
-from .restore import LABEL_CHECKPOINT, LABEL_SOURCE, restore, resume
+from ._restore import LABEL_CHECKPOINT, LABEL_SOURCE, restore, resume
 
 __all__ = ["Migration", "migrate"]
 

@@ -16,6 +16,7 @@ import os
 import socket
 import struct
 import threading
+import uuid
 import weakref
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, Optional, Union
@@ -25,7 +26,7 @@ import docker.errors
 import requests.exceptions
 from docker.models.containers import Container
 
-from . import retry
+from . import _retry as retry
 from .errors import (
     CheckpointFailed,
     ContainerNotFound,
@@ -119,6 +120,24 @@ def criu_error(cls: type, container_id: str, command: str, cause: Exception) -> 
     return cls(f"{command} of container {container_id[:12]} failed: {cause}", log_lines=lines, log_path=path)
 
 
+def _marker(path: Path) -> str:
+    """The random marker at ``path``, made (atomically, once) when there is none."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    tmp.write_text(uuid.uuid4().hex)
+    try:
+        os.link(tmp, path)  # fails if another process made it first: then theirs stands
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return path.read_text().strip()
+
+
 def _peer_shares_our_files(socket_path: Optional[str]) -> bool:
     if not socket_path:
         return False
@@ -145,6 +164,7 @@ class Engine:
         self.api = client.api
         self._info: Optional[Dict[str, Any]] = None
         self._local: Optional[bool] = None
+        self._identity: Optional[tuple] = None
 
     @classmethod
     def of(cls, client: Optional[docker.DockerClient] = None) -> "Engine":
@@ -169,9 +189,19 @@ class Engine:
 
     @property
     def identity(self) -> tuple:
-        """What tells two engines apart. The engine ID alone does not: engines on one host that
-        share /etc/docker share their ID; their data roots differ."""
-        return (self.info().get("ID"), self.info().get("DockerRootDir"))
+        """What tells two engines apart, so that two are the same only if they really are. The
+        engine ID alone does not: engines that share /etc/docker (or a copied key.json) share it,
+        and a data root's path names the same folder on every host. So each engine's data root
+        gets a random marker, ``dolly/engine-id``, made once: two clients reach the same engine
+        exactly when they find the same marker. An engine whose files this process cannot see
+        is told apart by its ID, name and data root."""
+        if self._identity is None:
+            info = self.info()
+            if self.files_are_local():
+                self._identity = (info.get("ID"), _marker(Path(info["DockerRootDir"]) / "dolly" / "engine-id"))
+            else:
+                self._identity = (info.get("ID"), info.get("Name"), info.get("DockerRootDir"))
+        return self._identity
 
     @property
     def root_dir(self) -> Path:

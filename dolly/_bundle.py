@@ -15,14 +15,14 @@ laid out like Podman's checkpoint export, plus Dolly's manifest:
     stats-dump         CRIU's dump statistics
 
 Importing treats the bundle as written by an attacker until it is verified, and reads the caller's
-file exactly once, as a stream (:func:`dolly.archive.open_bundle`):
+file exactly once, as a stream (:func:`dolly._archive.open_bundle`):
 
 1. the manifest: every field checked against the rules Dolly's own values follow
-   (:mod:`dolly.names`); the signature by a trusted key; freshness; no rollback in its lineage;
+   (:mod:`dolly._names`); the signature by a trusted key; freshness; no rollback in its lineage;
 2. each member, in order: listed, once, of its listed size, a regular file, written into a private
    staging folder in the engine's root-only spool while it is hashed; a digest that differs stops
    the import;
-3. the layout: the writable layer checked and converted (:func:`dolly.rootfs.to_overlay_form`),
+3. the layout: the writable layer checked and converted (:func:`dolly._rootfs.to_overlay_form`),
    the recorded configuration parsed and held to the restore policy (:mod:`dolly.policy`);
 4. only then the image (copied from ``image_source`` when missing; a tag is added only where the
    name is free), and the staging folder renamed into the store, under the lineage lock.
@@ -49,9 +49,9 @@ import docker
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from filelock import FileLock
 
-from . import archive, criu, names, policy, rootfs, trust
-from .checkpoint import METADATA, ROOTFS_DIFF, Checkpoint, require
-from .engine import Engine
+from . import _archive as archive, _criu as criu, _names as names, policy, _rootfs as rootfs, trust
+from ._checkpoint import METADATA, ROOTFS_DIFF, Checkpoint, require
+from ._engine import Engine
 from .errors import (
     ImageRewriteError,
     BundleError,
@@ -114,7 +114,8 @@ def export(
             newest-seen; default the source container's ID.
         max_bytes: refuse a writable layer that would take more than this in the bundle
             (sparse files are written out whole).
-        client: the engine the checkpoint is on (for the manifest's source fields).
+        client: the engine the checkpoint is on (for the manifest's source fields); default the
+            one the checkpoint knows.
 
     Raises:
         InvalidArgument: an unknown compression, a bad key or lineage, a non-positive
@@ -132,7 +133,7 @@ def export(
     if encryption_key is not None:
         trust.EncryptingWriter(encryption_key, io.BytesIO())  # a bad key fails before any work
     require(checkpoint)
-    engine = Engine.of(client)
+    engine = Engine.of(client if client is not None else checkpoint.client)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     engine.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -329,7 +330,7 @@ def import_bundle(
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return Checkpoint.load(final)
+    return Checkpoint.load(final, engine.client)
 
 
 def _refuse_claims(engine: Engine, container_id: str) -> None:
@@ -446,7 +447,7 @@ def _extract(tar: tarfile.TarFile, first: Optional[tarfile.TarInfo], members: It
 
 def _make_checkpoint(extracted: Path, folder: Path, manifest: Dict[str, Any], final: Path,
                      origin: Dict[str, Any], max_bytes: int) -> Checkpoint:
-    """Dolly's checkpoint folder (see dolly.checkpoint) from a verified bundle's members, with
+    """Dolly's checkpoint folder (see dolly._checkpoint) from a verified bundle's members, with
     the recorded configuration checked and its metadata written by Dolly, not copied."""
     folder.mkdir(mode=0o700)
     os.rename(extracted / "checkpoint", folder / "criu")
@@ -634,6 +635,7 @@ def transfer(
         the errors of :func:`export` and :func:`import_bundle`.
     """
     steps = {} if steps is None else steps
+    source = source if source is not None else checkpoint.client
     private, public = trust.generate_keypair()
     spool = Engine.of(target).spool_dir
     spool.mkdir(mode=0o700, parents=True, exist_ok=True)

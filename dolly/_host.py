@@ -7,8 +7,8 @@ from typing import List, Optional
 
 import docker
 
-from . import criu
-from .engine import RUNTIME, Engine
+from . import _criu as criu
+from ._engine import RUNTIME, Engine
 from .errors import DollyError
 
 __all__ = ["Check", "HostReport", "check_host"]
@@ -43,10 +43,15 @@ class HostReport:
 
 
 def check_host(client: Optional[docker.DockerClient] = None) -> HostReport:
-    """Check the engine and CRIU; never raises for what it finds, it reports it.
+    """Check the engine and CRIU, line by line, each failing line with its fix.
 
-    Lines: engine reachable, experimental mode, the ``dolly`` runtime, the engine's data root
-    on this machine, CRIU version (4.2 or newer), ``criu check``, pycriu importable.
+    Lines: engine reachable, experimental mode, the ``dolly`` runtime, the engine's files
+    visible to this process (decided by the process at the other end of its socket, see
+    ``Engine.files_are_local``), CRIU version (4.2 or newer), ``criu check``, pycriu importable.
+
+    Raises:
+        Nothing for what it finds: an unreachable engine, a remote one, a missing CRIU are
+        failing lines of the report.
     """
     checks: List[Check] = []
     make_host = "run `make host` as root"
@@ -66,10 +71,12 @@ def check_host(client: Optional[docker.DockerClient] = None) -> HostReport:
         default = info.get("DefaultRuntime")
         checks.append(Check(f"'{RUNTIME}' runtime", has and default == RUNTIME,
                             f"registered: {has}, engine default: {default}", make_host))
-        root = engine.root_dir
-        local = (root / "containers").is_dir()
-        checks.append(Check("data root", local, f"{root} {'is' if local else 'is not'} on this machine",
-                            "run Dolly as root on the engine's host"))
+        root = info.get("DockerRootDir")
+        local = engine.files_are_local() and (engine.root_dir / "containers").is_dir()
+        checks.append(Check("data root", local,
+                            f"{root} {'is' if local else 'is not'} visible to this process",
+                            "run Dolly as root on the engine's host, beside its files (engines on other "
+                            "hosts are not reached yet)"))
     v = criu.version()
     new_enough = v is not None and v[:2] >= criu.MIN_VERSION
     checks.append(Check("CRIU version", new_enough,

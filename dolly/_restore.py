@@ -24,9 +24,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import docker
 from docker.models.containers import Container
 
-from . import criu, names, policy, rootfs
-from .checkpoint import Checkpoint, require
-from .engine import RUNTIME, ContainerRef, Engine
+from . import _criu as criu, _names as names, policy, _rootfs as rootfs
+from ._checkpoint import Checkpoint, require
+from ._engine import RUNTIME, ContainerRef, Engine
 from .errors import InvalidArgument, NameConflict
 
 __all__ = ["restore", "clone", "resume", "allocate_names", "clone_config"]
@@ -63,7 +63,8 @@ def restore(
         on_create: called with the new container's ID as soon as the engine has created it,
             before anything else happens to it (to track what is made; if it raises, the
             container is removed and the error passes).
-        client: the engine; default ``docker.from_env()``.
+        client: the engine; default the one the checkpoint knows (``checkpoint.client``), else
+            ``docker.from_env()``.
 
     Returns:
         The running container, with its own name, hostname, IP and MAC, labelled with its source
@@ -110,7 +111,8 @@ def clone(
             that say who made the source (Dolly's ``dolly.pytest.*``, ``dolly.operation``).
         on_create: called with each clone's ID as soon as the engine has created it (as
             :func:`restore`).
-        client: the engine; default ``docker.from_env()``.
+        client: the engine; default the one the checkpoint knows (``checkpoint.client``), else
+            ``docker.from_env()``.
         engines: spread the clones round-robin over these engines (clients). The checkpoint is
             copied to each engine that lacks it as a signed bundle, with its image, and that copy
             is removed again afterwards. The list is in engine order, then name order.
@@ -139,9 +141,9 @@ def clone(
         # what the bundle recorded, and this is the last step before the engine sees it.
         policy.check(checkpoint.config, checkpoint.origin.get("allowed") or ())
     if engines is not None:
-        return _clone_across(checkpoint, n, list(engines), home=client, name_prefix=name_prefix,
+        return _clone_across(checkpoint, n, list(engines), home=client or checkpoint.client, name_prefix=name_prefix,
                              labels=labels, on_create=on_create, max_workers=max_workers, progress=progress)
-    engine = Engine.of(client)
+    engine = Engine.of(client if client is not None else checkpoint.client)
     criu.require_version()
     engine.require_checkpoint_support()
     image = engine.image_ref(checkpoint.image_id, checkpoint.config["Config"].get("Image"))
@@ -193,7 +195,7 @@ def _clone_across(
     max_workers: int,
     progress: Optional[Callable[[Container], None]],
 ) -> List[Container]:
-    from .bundle import transfer  # bundles build on checkpoints; only this path needs them
+    from ._bundle import transfer  # bundles build on checkpoints; only this path needs them
 
     if not engines:
         raise InvalidArgument("engines must name at least one engine")
@@ -210,7 +212,7 @@ def _clone_across(
             return clone(copy, count, name_prefix=name_prefix, labels=labels, on_create=on_create,
                          client=engine_client, max_workers=max_workers, progress=progress)
         finally:
-            from .checkpoint import remove_checkpoint
+            from ._checkpoint import remove_checkpoint
 
             remove_checkpoint(copy)
 
@@ -233,9 +235,11 @@ def _clone_across(
 
 
 def _holds(client: docker.DockerClient, cp: Checkpoint) -> bool:
-    """Whether ``cp`` is in ``client``'s engine's store."""
+    """Whether ``cp`` is on ``client``'s engine: the engine it knows is that engine."""
+    if cp.client is None:
+        return False
     try:
-        return cp.path.is_relative_to(Engine.of(client).store_dir)
+        return Engine.of(cp.client).identity == Engine.of(client).identity
     except Exception:  # an engine that does not answer holds nothing we can use
         return False
 
@@ -262,7 +266,8 @@ def resume(
     Args:
         checkpoint: a checkpoint of the container, taken on this engine (not imported).
         container: a Container, a name or an ID; default the checkpoint's own container.
-        client: the engine; default ``docker.from_env()``.
+        client: the engine; default the one the checkpoint knows (``checkpoint.client``), else
+            ``docker.from_env()``.
 
     Returns:
         The running container.
@@ -283,7 +288,7 @@ def resume(
             "only from a checkpoint taken of it on this engine (a bundle can name any container's "
             "ID); dolly.restore makes a new container from an imported one"
         )
-    engine = Engine.of(client)
+    engine = Engine.of(client if client is not None else checkpoint.client)
     engine.require_checkpoint_support()
     target = engine.container(container if container is not None else checkpoint.container_id)
     if target.id != checkpoint.container_id:

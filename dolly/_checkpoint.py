@@ -32,8 +32,8 @@ import docker
 from docker.models.containers import Container
 from filelock import FileLock
 
-from . import criu, names
-from .engine import RUNTIME, ContainerRef, Engine
+from . import _criu as criu, _names as names
+from ._engine import RUNTIME, ContainerRef, Engine
 from .errors import (
     CheckpointExists,
     CheckpointFailed,
@@ -65,6 +65,8 @@ class Checkpoint:
         hostname: the source's kernel hostname, as CRIU recorded it.
         config: the source's ``docker inspect`` at checkpoint time; clones are created from it.
         path: the checkpoint's folder on the engine's host.
+        client: the engine that holds it (a docker-py client), so that later calls need no
+            ``client=``; None for a value made by hand.
         origin: None for a checkpoint taken on this engine; for one imported from a bundle, where
             it came from (``bundle_id``, ``signer``: the verified key's id or None, ``source``)
             and the restore policy items its importer allowed (``allowed``, see
@@ -82,6 +84,7 @@ class Checkpoint:
     config: Mapping[str, Any] = field(repr=False, compare=False, hash=False)
     path: Path = field(compare=False)
     origin: Optional[Mapping[str, Any]] = field(default=None, repr=False, compare=False, hash=False)
+    client: Optional[docker.DockerClient] = field(default=None, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         # Both become path parts (the store, the clone's checkpoints folder): checked here, so no
@@ -110,8 +113,8 @@ class Checkpoint:
         return str(self.config["Image"])
 
     @classmethod
-    def load(cls, path: Path) -> "Checkpoint":
-        """The checkpoint stored at ``path``.
+    def load(cls, path: Path, client: Optional[docker.DockerClient] = None) -> "Checkpoint":
+        """The checkpoint stored at ``path``, on the engine of ``client``.
 
         Raises:
             CheckpointNotFound: ``path`` holds no complete checkpoint.
@@ -127,6 +130,7 @@ class Checkpoint:
                 config=types.MappingProxyType(meta["config"]),
                 path=Path(path),
                 origin=meta.get("origin"),
+                client=client,
             )
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointNotFound(f"no usable checkpoint at {path}: {e}") from e
@@ -311,6 +315,7 @@ def _checkpoint_locked(
             hostname=criu.read_hostname(staging / "criu"),
             config=types.MappingProxyType(source.attrs),
             path=final,
+            client=engine.client,
         )
         _write_private(staging / METADATA, json.dumps(cp._metadata()))
         try:
@@ -537,7 +542,7 @@ def list_checkpoints(
         for path in sorted(folder.iterdir()) if folder.is_dir() else []:
             if path.name.startswith(".") or not (path / METADATA).exists():
                 continue
-            found.append(Checkpoint.load(path))
+            found.append(Checkpoint.load(path, engine.client))
     return sorted(found, key=lambda cp: cp.created_at)
 
 
@@ -557,7 +562,7 @@ def get_checkpoint(
     path = _source_folder(engine, container) / name
     if not (path / METADATA).exists():
         raise CheckpointNotFound(f"no checkpoint named {name!r} for container {_ref_text(container)}")
-    return Checkpoint.load(path)
+    return Checkpoint.load(path, engine.client)
 
 
 def remove_checkpoint(checkpoint: Checkpoint, client: Optional[docker.DockerClient] = None) -> None:

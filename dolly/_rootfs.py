@@ -22,7 +22,7 @@ import tarfile
 from pathlib import Path
 from typing import Dict, List
 
-from . import archive
+from . import _archive as archive
 from .errors import CheckpointNotFound, DollyError, InvalidArgument, UnsafeArchive
 
 MAX_FILES = 100_000
