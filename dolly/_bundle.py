@@ -43,7 +43,7 @@ import types
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import IO, Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import docker
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -132,8 +132,14 @@ def export(
         names.lineage(lineage)
     if encryption_key is not None:
         trust.EncryptingWriter(encryption_key, io.BytesIO())  # a bad key fails before any work
-    require(checkpoint)
     engine = Engine.of(client if client is not None else checkpoint.client)
+    if not engine.files_are_local():
+        from . import _remote
+
+        return _remote.export(engine, checkpoint, Path(path), signer=signer, compression=compression,
+                              encryption_key=encryption_key, expires_in=expires_in, lineage=lineage,
+                              max_bytes=max_bytes)
+    require(checkpoint)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     engine.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -180,29 +186,43 @@ def export(
             "members": [{"name": name, "sha256": archive.sha256_file(p), "size": p.stat().st_size}
                         for name, p in members],
         }
-        manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
 
-        fd, partial = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
-        try:
-            with os.fdopen(fd, "wb") as raw:
-                sealed = trust.EncryptingWriter(encryption_key, raw) if encryption_key is not None else None
-                with archive.compressor(sealed or raw, compression) as stream, \
-                        tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                    _add_bytes(tar, "manifest.json", manifest_bytes, now)
-                    if signer is not None:
-                        _add_bytes(tar, "manifest.sig", trust.sign(signer, manifest_bytes), now)
-                    for name, p in members:
-                        member = tarfile.TarInfo(name)
-                        member.size, member.mode, member.mtime = p.stat().st_size, 0o600, int(now.timestamp())
-                        with open(p, "rb") as f:
-                            tar.addfile(member, f)
-                if sealed is not None:
-                    sealed.close()
-            os.chmod(partial, 0o600)
-            os.replace(partial, out)
-        except BaseException:
-            Path(partial).unlink(missing_ok=True)
-            raise
+        def opened() -> Iterator[Tuple[str, int, IO[bytes]]]:
+            for name, p in members:
+                with open(p, "rb") as f:
+                    yield name, p.stat().st_size, f
+
+        write_bundle(out, manifest, opened(), signer=signer, compression=compression, encryption_key=encryption_key)
+    return out
+
+
+def write_bundle(out: Path, manifest: Dict[str, Any], members: Iterable[Tuple[str, int, IO[bytes]]], *,
+                 signer: Optional[Ed25519PrivateKey], compression: str, encryption_key: Optional[bytes]) -> Path:
+    """Write the bundle file ``out``: the manifest (signed when ``signer`` is given), then each
+    ``(name, size, data)`` member in order, compressed and encrypted as it is written, into a
+    0600 partial file renamed into place at the end (removed on failure)."""
+    now = datetime.now(timezone.utc)
+    manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    fd, partial = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            sealed = trust.EncryptingWriter(encryption_key, raw) if encryption_key is not None else None
+            with archive.compressor(sealed or raw, compression) as stream, \
+                    tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                _add_bytes(tar, "manifest.json", manifest_bytes, now)
+                if signer is not None:
+                    _add_bytes(tar, "manifest.sig", trust.sign(signer, manifest_bytes), now)
+                for name, size, data in members:
+                    member = tarfile.TarInfo(name)
+                    member.size, member.mode, member.mtime = size, 0o600, int(now.timestamp())
+                    tar.addfile(member, data)
+            if sealed is not None:
+                sealed.close()
+        os.chmod(partial, 0o600)
+        os.replace(partial, out)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
     return out
 
 
@@ -237,6 +257,8 @@ def import_bundle(
     encryption_key: Optional[bytes] = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     _between_own_engines: bool = False,
+    _relayed_for: Optional[str] = None,
+    _relayed: bool = False,
 ) -> Checkpoint:
     """Make a bundle a checkpoint on ``client``'s engine, usable by :func:`dolly.restore` and
     :func:`dolly.clone`. It is listed under its source container's name and ID.
@@ -275,6 +297,12 @@ def import_bundle(
         raise InvalidArgument(f"max_bytes must be a positive int, got {max_bytes!r}")
     trusted = list(trusted_keys)
     engine = Engine.of(client)
+    if not engine.files_are_local():
+        from . import _remote
+
+        return _remote.import_bundle(engine, Path(path), trusted=trusted, allow_unsigned=allow_unsigned,
+                                     allow=allowed, image_source=image_source, encryption_key=encryption_key,
+                                     max_bytes=max_bytes, between_own_engines=_between_own_engines)
     lineages = _Lineages(engine)
     engine.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     staging = names.inside(engine.spool_dir, f"import-{uuid.uuid4().hex}")
@@ -286,6 +314,8 @@ def import_bundle(
             manifest = _parse_manifest(manifest_bytes)
             signature, first = _signature(tar, members)
             signer = _check_signature(manifest_bytes, manifest, signature, trusted, allow_unsigned)
+            if _relayed:  # verified by the caller of Dolly's agent, which re-signed it for this hop
+                signer = _relayed_for
             _check_fresh(manifest)
             meta = manifest["checkpoint"]
             lineage = _lineage_key(manifest, signer)
@@ -391,6 +421,19 @@ def _check_signature(data: bytes, manifest: Dict[str, Any], signature: Optional[
         raise UntrustedSigner(f"the bundle is signed by key {manifest['signer']}, and no trusted_keys "
                               "were given: pass the signer's public key")
     raise UnsignedBundle("the bundle is not signed; pass allow_unsigned=True to import it anyway")
+
+
+def check_signature_and_freshness(data: bytes, manifest: Dict[str, Any], signature: Optional[bytes],
+                                  trusted: List[Ed25519PublicKey], allow_unsigned: bool) -> Optional[str]:
+    """The checks an import makes of a manifest before any member: the verified signer's key id
+    (None when the caller accepts an unverifiable bundle), and freshness.
+
+    Raises:
+        UnsignedBundle, UntrustedSigner, SignatureInvalid, BundleExpired, BundleError.
+    """
+    signer = _check_signature(data, manifest, signature, trusted, allow_unsigned)
+    _check_fresh(manifest)
+    return signer
 
 
 def _check_fresh(manifest: Dict[str, Any]) -> None:
@@ -637,9 +680,16 @@ def transfer(
     steps = {} if steps is None else steps
     source = source if source is not None else checkpoint.client
     private, public = trust.generate_keypair()
-    spool = Engine.of(target).spool_dir
-    spool.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=spool) as tmp:
+    target_engine = Engine.of(target)
+    if target_engine.files_are_local() and Engine.of(source).files_are_local():
+        # Both engines' files are here: the bundle goes straight into the target's spool.
+        target_engine.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder: Any = tempfile.TemporaryDirectory(dir=target_engine.spool_dir)
+    else:
+        from . import _remote
+
+        folder = _remote.private_tempdir()
+    with folder as tmp:
         started = time.perf_counter()
         path = export(checkpoint, Path(tmp) / "transfer.dolly", signer=private, compression=compression,
                       expires_in=timedelta(hours=1), client=source)
@@ -649,3 +699,8 @@ def transfer(
                              image_source=source or Engine.of(None).client, _between_own_engines=True)
         steps["import"] = time.perf_counter() - started
         return copy
+
+
+# What Dolly's agent path (dolly._remote) shares with a local import.
+first_member = _first_member
+parse_manifest = _parse_manifest

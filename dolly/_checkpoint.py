@@ -208,6 +208,11 @@ def checkpoint(
         raise InvalidArgument(f"max_layer_bytes must be a positive int (at most {_MAX_LAYER_LIMIT}), "
                               f"not {max_layer_bytes!r}")
     engine = Engine.of(client)
+    if not engine.files_are_local():  # another host's engine: its agent does the same there
+        from . import _remote
+
+        return _remote.checkpoint(engine, container, name, leave_running=leave_running,
+                                  max_layer_bytes=max_layer_bytes)
     criu.require_version()
     engine.require_checkpoint_support()
     source = engine.container(container)
@@ -533,6 +538,10 @@ def list_checkpoints(
         InvalidArgument: ``container`` names more than one removed container.
     """
     engine = Engine.of(client)
+    if not engine.files_are_local():
+        from . import _remote
+
+        return _remote.list_checkpoints(engine, container)
     if container is None:
         folders = sorted(engine.store_dir.iterdir()) if engine.store_dir.is_dir() else []
     else:
@@ -559,6 +568,10 @@ def get_checkpoint(
     """
     names.checkpoint_name(name)
     engine = Engine.of(client)
+    if not engine.files_are_local():
+        from . import _remote
+
+        return _remote.get_checkpoint(engine, container, name)
     path = _source_folder(engine, container) / name
     if not (path / METADATA).exists():
         raise CheckpointNotFound(f"no checkpoint named {name!r} for container {_ref_text(container)}")
@@ -573,7 +586,13 @@ def remove_checkpoint(checkpoint: Checkpoint, client: Optional[docker.DockerClie
             folder of Dolly's store.
         CheckpointNotFound: it was removed already.
     """
-    path = require(checkpoint)
+    require(checkpoint)
+    engine = Engine.of(client if client is not None else checkpoint.client)
+    if not engine.files_are_local():
+        from . import _remote
+
+        return _remote.remove_checkpoint(engine, checkpoint)
+    path = checkpoint.path
     # The folder must be what Dolly's store layout says it is (<store>/<container-id>/<name>), a
     # real folder and no symlink: a Checkpoint made by hand must not aim the removal elsewhere.
     if (path.name != checkpoint.name or path.parent.name != checkpoint.container_id
@@ -602,6 +621,8 @@ def require(checkpoint: Any) -> Path:
     """
     if not isinstance(checkpoint, Checkpoint):
         raise InvalidArgument(f"expected a dolly.Checkpoint, got {type(checkpoint).__name__}")
+    if checkpoint.client is not None and not Engine.of(checkpoint.client).files_are_local():
+        return checkpoint.path  # on another host: its engine's agent checks it there
     if not (checkpoint.path / METADATA).exists() or not checkpoint.images_dir.is_dir():
         raise CheckpointNotFound(
             f"checkpoint {checkpoint.name!r} of {checkpoint.container_name} no longer exists "

@@ -28,15 +28,30 @@ _HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?(\.[A-Za
 def version() -> Optional[Tuple[int, ...]]:
     """The version of the ``criu`` on PATH, or None when there is none."""
     # The one on PATH is the one runc will run.
-    exe = shutil.which("criu")
-    if exe is None:
+    command = criu_command()
+    if command is None:
         return None
     try:
-        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired):
         return None
     m = re.search(r"Version:\s*([\d.]+)", out)
     return tuple(int(x) for x in m.group(1).split(".")) if m else None
+
+
+def criu_command() -> Optional[list]:
+    """How to run the ``criu`` that runc will run: the one on PATH; inside Dolly's agent (a
+    container on the engine's host), the host's, in the host's mount namespace."""
+    if os.environ.get("DOLLY_AGENT") == "1":
+        from ._engine import peer_pid  # the engine's dockerd: runc runs CRIU in its mount namespace
+
+        try:
+            return ["nsenter", "--target", str(peer_pid("/var/run/docker.sock")), "--mount", "--",
+                    "env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "criu"]
+        except OSError:
+            return None
+    exe = shutil.which("criu")
+    return [exe] if exe else None
 
 
 def require_version() -> Tuple[int, ...]:

@@ -138,15 +138,25 @@ def _marker(path: Path) -> str:
     return path.read_text().strip()
 
 
+def peer_pid(socket_path: str) -> int:
+    """The process at the other end of a unix socket (SO_PEERCRED): for an engine's socket,
+    its dockerd.
+
+    Raises:
+        OSError: no such socket, or nobody answers on it.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(socket_path)
+        pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return int(pid)
+
+
 def _peer_shares_our_files(socket_path: Optional[str]) -> bool:
     if not socket_path:
         return False
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(5)
-            sock.connect(socket_path)
-            pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                            struct.calcsize("3i")))
+        pid = peer_pid(socket_path)
         ours, theirs = os.stat("/proc/self/ns/mnt"), os.stat(f"/proc/{pid}/ns/mnt")
         if (ours.st_dev, ours.st_ino) != (theirs.st_dev, theirs.st_ino):
             return False
@@ -223,7 +233,10 @@ class Engine:
         """Whether the engine's files are this process's files, decided by a check, not by path
         names: the engine must answer on a unix socket whose other end (SO_PEERCRED) is a
         process in this process's mount namespace with this process's root. Over TCP or SSH,
-        or from another mount namespace, the same path names would be other files."""
+        or from another mount namespace, the same path names would be other files. Dolly's
+        agent (``DOLLY_AGENT=1``) is placed beside its engine's files by construction."""
+        if self._local is None and os.environ.get("DOLLY_AGENT") == "1":
+            self._local = True
         if self._local is None:
             self._local = _peer_shares_our_files(getattr(self.api._custom_adapter, "socket_path", None)
                                                  if hasattr(self.api, "_custom_adapter") else None)
@@ -263,7 +276,7 @@ class Engine:
                 f"the Docker Engine has no '{RUNTIME}' runtime: run `make host`, which registers "
                 "scripts/dolly-runc in /etc/docker/daemon.json"
             )
-        if not (self.root_dir / "containers").is_dir():
+        if self.files_are_local() and not (self.root_dir / "containers").is_dir():
             raise HostNotReady(
                 f"the engine's data root {self.root_dir} is not on this machine: Dolly must run "
                 "as root on the engine's host"

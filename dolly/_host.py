@@ -62,6 +62,18 @@ def check_host(client: Optional[docker.DockerClient] = None) -> HostReport:
     except DollyError as e:
         engine = None
         checks.append(Check("engine", False, str(e), f"start dockerd ({make_host})"))
+    if engine is not None and not engine.files_are_local():
+        # Another host's engine: Dolly's agent checks that host, beside its files.
+        from . import _remote
+
+        try:
+            rows = _remote.check_host(engine)
+        except DollyError as e:
+            checks.append(Check("agent", False, str(e), "run `make host` on the engine's host"))
+            return HostReport(checks)
+        checks.append(Check("agent", True, f"Dolly's agent answers beside the files of {engine.api.base_url}"))
+        checks += [Check(**row) for row in rows if row["name"] != "engine"]
+        return HostReport(checks)
     if engine is not None:
         exp = engine.experimental()
         checks.append(Check("experimental mode", exp, "on" if exp else "off",
@@ -83,7 +95,7 @@ def check_host(client: Optional[docker.DockerClient] = None) -> HostReport:
                         "not installed" if v is None else ".".join(map(str, v)) + " (4.2 or newer needed)",
                         make_host))
     if v is not None:
-        res = subprocess.run(["criu", "check"], capture_output=True, text=True)
+        res = subprocess.run([*(criu.criu_command() or ["criu"]), "check"], capture_output=True, text=True)
         text = (res.stdout + res.stderr).strip().splitlines()
         checks.append(Check("criu check", res.returncode == 0, text[-1] if text else f"exit {res.returncode}",
                             make_host))

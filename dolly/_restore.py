@@ -144,6 +144,11 @@ def clone(
         return _clone_across(checkpoint, n, list(engines), home=client or checkpoint.client, name_prefix=name_prefix,
                              labels=labels, on_create=on_create, max_workers=max_workers, progress=progress)
     engine = Engine.of(client if client is not None else checkpoint.client)
+    if not engine.files_are_local():  # another host's engine: its agent clones there
+        from . import _remote
+
+        return _remote.clone(engine, checkpoint, n, name_prefix=name_prefix, labels=labels, max_workers=max_workers,
+                             names=_names, on_create=on_create, progress=progress)
     criu.require_version()
     engine.require_checkpoint_support()
     image = engine.image_ref(checkpoint.image_id, checkpoint.config["Config"].get("Image"))
@@ -289,6 +294,10 @@ def resume(
             "ID); dolly.restore makes a new container from an imported one"
         )
     engine = Engine.of(client if client is not None else checkpoint.client)
+    if not engine.files_are_local():
+        from . import _remote
+
+        return _remote.resume(engine, checkpoint, container)
     engine.require_checkpoint_support()
     target = engine.container(container if container is not None else checkpoint.container_id)
     if target.id != checkpoint.container_id:

@@ -50,3 +50,17 @@ def checkpoint_upload() -> Retrying:
         before_sleep=before_sleep_log(log, logging.INFO),
         reraise=True,
     )
+
+
+class StillRunning(Exception):
+    """An exec whose output has ended but that the engine has not yet seen exit."""
+
+
+def exec_end() -> Retrying:
+    """For the exit code of an exec of Dolly's agent: it follows its output's end within a moment."""
+    return Retrying(
+        retry=retry_if_exception_type(StillRunning),
+        stop=stop_after_delay(30),
+        wait=wait_exponential(multiplier=0.01, max=0.5),
+        reraise=True,
+    )

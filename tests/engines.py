@@ -328,8 +328,11 @@ class IsolatedEngine:
         self._reap_stale()
         for folder in self.binds:
             folder.mkdir(parents=True, exist_ok=True)
+        # The label tells Dolly's agent where this engine's socket is on its host (as `make host`
+        # says /var/run/docker.sock for a host's main engine).
         config = {"experimental": True, "runtimes": {"dolly": {"path": "/usr/local/sbin/dolly-runc"}},
-                  "default-runtime": "dolly", "cgroup-parent": self.cgroup_parent}
+                  "default-runtime": "dolly", "cgroup-parent": self.cgroup_parent,
+                  "labels": [f"dolly.socket={self.socket}"]}
         (self.base / "etc" / "daemon.json").write_text(json.dumps(config, indent=2))
         self.log.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(["ip", "link", "add", "name", self.bridge, "type", "bridge"], check=True)

@@ -1,0 +1,301 @@
+"""The agent: Dolly's host-side steps, run beside the files of an engine on another host.
+
+Dolly reaches an engine's host through that engine's API only: no SSH of its own, no shared
+filesystem. When an engine's files are not this process's to see (``Engine.files_are_local``:
+another host, or another mount namespace), Dolly keeps one small container on that engine, the
+agent, and runs its own functions there with ``exec`` (``python -m dolly._agent OP``), where the
+engine's data root is mounted at its own path and the engine's socket is at hand:
+
+    name        dolly-agent, labelled dolly.agent=<protocol>; started on demand, kept warm
+    image       dolly/python (Debian's userland), with Dolly's Python, virtualenv and source
+                mounted read-only from the same paths on that host (``make host`` there puts
+                them there, as here)
+    mounts      the data root (same path), the engine's socket (the engine's label
+                ``dolly.socket``, else /var/run/docker.sock), /var/log/dolly, /run/dolly
+    runs as     root with the capabilities file work needs (not privileged), the host's PID
+                namespace, no network, runtime runc: what Dolly does as root on a local engine's
+                host, no more
+
+Results come back as one JSON line on stdout; a Dolly error comes back by its class name and
+message and is raised here as the same class. Bundles travel over the exec's stdout (export) and
+stdin (import) as plain tar streams: signing, verifying, compression and encryption happen in the
+calling process, so no key leaves it (see :mod:`dolly._bundle`).
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional
+
+import docker
+from docker.utils.socket import consume_socket_output, demux_adaptor, frames_iter
+
+from . import _retry as retry, errors
+from ._engine import Engine, translate_errors
+from .errors import DollyError, EngineError, HostNotReady
+
+PROTOCOL = "1"
+NAME = "dolly-agent"
+LABEL = "dolly.agent"
+IMAGE = "dolly/python"
+SOCKET_LABEL = "dolly.socket"
+_CHUNK = 1 << 20
+# What Dolly does as root beside an engine's files: read and write any file there (DAC_*, FOWNER,
+# CHOWN, FSETID), make overlay whiteouts (MKNOD) and trusted.* attributes (SYS_ADMIN), look at
+# other processes (SYS_PTRACE).
+AGENT_CAPABILITIES = ["SYS_ADMIN", "DAC_READ_SEARCH", "DAC_OVERRIDE", "FOWNER", "CHOWN", "FSETID", "MKNOD",
+                      "SYS_PTRACE"]
+
+
+class Agent:
+    """The agent of one engine. Get one with :meth:`of`."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._id: Optional[str] = None
+
+    @classmethod
+    def of(cls, engine: Engine) -> "Agent":
+        agent = getattr(engine, "_agent", None)
+        if agent is None:
+            agent = engine._agent = cls(engine)  # type: ignore[attr-defined]
+        return agent
+
+    # --- the container ---------------------------------------------------------------------------
+
+    def container_id(self) -> str:
+        """The running agent's ID, started (or replaced, when of another protocol) on demand.
+
+        Raises:
+            HostNotReady: the engine lacks the image, or the agent does not start.
+        """
+        if self._id is not None:
+            return self._id
+        api = self.engine.api
+        try:
+            found = api.inspect_container(NAME)
+        except docker.errors.NotFound:
+            found = None
+        except docker.errors.APIError as e:
+            raise EngineError(str(e)) from e
+        if found is not None and (found["Config"]["Labels"] or {}).get(LABEL) == _fingerprint() \
+                and found["State"]["Running"]:
+            self._id = found["Id"]
+            return self._id
+        if found is not None:
+            api.remove_container(found["Id"], force=True)
+        if not self.engine.has_image(IMAGE):
+            raise HostNotReady(f"the engine at {api.base_url} has no image {IMAGE}, which Dolly's agent runs "
+                               "in: run `make host` on that host (or copy the image there)")
+        info = self.engine.info()
+        root = info["DockerRootDir"]
+        engine_socket = _label(info, SOCKET_LABEL) or "/var/run/docker.sock"
+        binds = [f"{root}:{root}", f"{engine_socket}:/var/run/docker.sock", "/var/log/dolly:/var/log/dolly",
+                 "/run/dolly:/run/dolly"]
+        binds += [f"{p}:{p}:ro" for p in _runtime_paths()]
+        # Not privileged: a privileged container asks for every capability, and hosts whose root
+        # lacks one (CAP_SYS_RESOURCE, on some VMs and CI sandboxes) refuse to start it.
+        host_config = api.create_host_config(binds=binds, cap_add=AGENT_CAPABILITIES, pid_mode="host",
+                                             security_opt=["seccomp=unconfined", "apparmor=unconfined"],
+                                             network_mode="none", runtime="runc")
+        with translate_errors():
+            created = api.create_container(
+                IMAGE, ["sleep", "infinity"], name=NAME, labels={LABEL: _fingerprint()}, host_config=host_config,
+                environment={"DOLLY_AGENT": "1", "PYTHONPATH": str(_source_root()), "PYTHONDONTWRITEBYTECODE": "1"})
+            try:
+                api.start(created["Id"])
+            except docker.errors.APIError:
+                api.remove_container(created["Id"], force=True)
+                raise
+        self._id = created["Id"]
+        return self._id
+
+    def remove(self) -> None:
+        """Stop and remove the agent (it is started again when needed)."""
+        self._id = None
+        try:
+            self.engine.api.remove_container(NAME, force=True)
+        except docker.errors.NotFound:
+            pass
+
+    # --- calls -----------------------------------------------------------------------------------
+
+    def call(self, op: str, **args: Any) -> Any:
+        """Run ``op`` in the agent and return its JSON result.
+
+        Raises:
+            the Dolly error the operation raised there, as the same class.
+        """
+        out, err, code = self._exec(op, args)
+        return _result(out, err, code)
+
+    @contextlib.contextmanager
+    def stream_out(self, op: str, **args: Any) -> Iterator[IO[bytes]]:
+        """Run ``op`` and read its stdout (a bundle) as a stream, as it comes.
+
+        Raises:
+            the Dolly error the operation raised there (when the stream ends).
+        """
+        api = self.engine.api
+        exec_id = api.exec_create(self.container_id(), _command(op, args), stdout=True, stderr=True)["Id"]
+        sock = api.exec_start(exec_id, socket=True)
+        err = bytearray()
+
+        def stdout() -> Iterator[bytes]:
+            for stream, data in frames_iter(sock, tty=False):
+                if stream == 1:
+                    yield data
+                else:
+                    err.extend(data)
+
+        chunks = stdout()
+        try:
+            yield io.BufferedReader(_ChunkReader(chunks), _CHUNK)
+            for _ in chunks:  # what the reader left (a tar's padding): the exec ends with its output
+                pass
+        finally:
+            sock.close()
+        code = _exit_code(api, exec_id)
+        if code != 0:
+            _result(b"", bytes(err), code)
+
+    def stream_in(self, op: str, produce: Callable[[IO[bytes]], None], **args: Any) -> Any:
+        """Run ``op`` with what ``produce(sink)`` writes (a bundle) on its stdin; returns its JSON
+        result."""
+        api = self.engine.api
+        exec_id = api.exec_create(self.container_id(), _command(op, args), stdin=True, stdout=True,
+                                  stderr=True)["Id"]
+        sock = api.exec_start(exec_id, socket=True)
+        raw = getattr(sock, "_sock", sock)
+        try:
+            produce(_SocketWriter(raw))
+            raw.shutdown(socket.SHUT_WR)
+            out, err = consume_socket_output([demux_adaptor(*f) for f in frames_iter(sock, tty=False)], demux=True)
+        finally:
+            sock.close()
+        return _result(out or b"", err or b"", _exit_code(api, exec_id))
+
+    def _exec(self, op: str, args: Dict[str, Any]) -> tuple:
+        api = self.engine.api
+        exec_id = api.exec_create(self.container_id(), _command(op, args), stdout=True, stderr=True)["Id"]
+        out, err = api.exec_start(exec_id, demux=True)
+        return out or b"", err or b"", _exit_code(api, exec_id)
+
+
+class _ChunkReader(io.RawIOBase):
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        super().__init__()
+        self._chunks, self._buffer = chunks, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buffer:
+            self._buffer = next(self._chunks, b"")
+            if not self._buffer:
+                return 0
+        n = min(len(b), len(self._buffer))
+        b[:n], self._buffer = self._buffer[:n], self._buffer[n:]
+        return n
+
+
+class _SocketWriter(io.RawIOBase):
+    def __init__(self, sock: Any) -> None:
+        super().__init__()
+        self._sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self._sock.sendall(data)
+        return len(data)
+
+
+def _exit_code(api: Any, exec_id: str) -> Optional[int]:
+    """The exec's exit code, once the engine has seen it end (its output ends a moment before)."""
+    for attempt in retry.exec_end():
+        with attempt:
+            state = api.exec_inspect(exec_id)
+            if state["Running"]:
+                raise retry.StillRunning(exec_id)
+            return state["ExitCode"]
+    return None  # pragma: no cover
+
+
+def _command(op: str, args: Dict[str, Any]) -> List[str]:
+    encoded = base64.b64encode(json.dumps(args).encode()).decode()
+    return [sys.executable, "-m", "dolly._agent", op, encoded]
+
+
+def _result(out: bytes, err: bytes, code: int) -> Any:
+    lines = [line for line in out.decode(errors="replace").splitlines() if line.startswith("{")]
+    try:
+        reply = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        reply = None
+    if reply is None:
+        raise HostNotReady(f"Dolly's agent failed (exit {code}): {err.decode(errors='replace')[-2000:]}")
+    if "error" in reply:
+        cls = getattr(errors, reply["error"], DollyError)
+        if not (isinstance(cls, type) and issubclass(cls, DollyError)):
+            cls = DollyError
+        try:
+            exc = cls(reply["message"])
+        except TypeError:  # a class whose constructor takes more: the message is what matters
+            exc = DollyError(f"{reply['error']}: {reply['message']}")
+        raise exc
+    return reply["result"]
+
+
+def _label(info: Dict[str, Any], key: str) -> Optional[str]:
+    for label in info.get("Labels") or []:
+        k, _, v = str(label).partition("=")
+        if k == key:
+            return v
+    return None
+
+
+def _source_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def _runtime_paths() -> List[str]:
+    """What the agent needs to run this very Dolly: the Python it runs on, its virtualenv and
+    Dolly's source, at the same paths on the engine's host."""
+    paths = {os.path.realpath(sys.base_prefix), sys.prefix, str(_source_root())}
+    return sorted(p for p in paths if p and p != "/")
+
+
+def _fingerprint() -> str:
+    """The agent is replaced when the calling Dolly runs from elsewhere."""
+    return f"{PROTOCOL}:{sys.executable}:{_source_root()}"
+
+
+# --- inside the agent ------------------------------------------------------------------------------
+
+
+def main(argv: List[str]) -> int:
+    """``python -m dolly._agent OP ARGS``: run one operation against the engine beside us."""
+    from . import _operations
+
+    op, args = argv[0], json.loads(base64.b64decode(argv[1]))
+    try:
+        result = _operations.run(op, args, stdin=sys.stdin.buffer, stdout=sys.stdout.buffer)
+    except DollyError as e:
+        print(json.dumps({"error": type(e).__name__, "message": str(e)}), flush=True)
+        return 1
+    if result is not _operations.STREAMED:
+        print(json.dumps({"result": result}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

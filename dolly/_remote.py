@@ -1,0 +1,190 @@
+"""Dolly's functions for an engine whose files this process cannot see: each runs in the engine's
+agent (:mod:`dolly._agent`), and its result comes back as the same values a local call returns:
+:class:`~dolly.Checkpoint` objects that know their engine, docker-py containers of that engine.
+
+Bundles cross over as plain tar streams. Keys stay here: an export is signed, compressed and
+encrypted in this process as the agent's plain stream passes through; an import is decrypted and
+its signature verified here, then re-signed with a key made for that one transfer, which the
+agent trusts alone, so that the agent checks every member's digest, the layout and the policy as
+a local import does, while the original signer is what its lineage and ``origin`` record.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import tarfile
+import tempfile
+import types
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import docker
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from docker.models.containers import Container
+
+from . import _archive as archive, trust
+from ._agent import Agent
+from ._checkpoint import Checkpoint
+from ._engine import ContainerRef, Engine
+from .errors import BundleError
+
+_CHUNK = 1 << 20
+
+
+def checkpoint_from(engine: Engine, data: Dict[str, Any]) -> Checkpoint:
+    return Checkpoint(
+        container_id=data["container_id"],
+        container_name=data["container_name"],
+        name=data["name"],
+        created_at=datetime.fromisoformat(data["created_at"]),
+        hostname=data["hostname"],
+        config=types.MappingProxyType(data["config"]),
+        path=Path(data["path"]),
+        origin=data.get("origin"),
+        client=engine.client,
+    )
+
+
+def _ref(container: Optional[ContainerRef]) -> Optional[str]:
+    return container.id if isinstance(container, Container) else container
+
+
+def checkpoint(engine: Engine, container: ContainerRef, name: str, *, leave_running: bool,
+               max_layer_bytes: int) -> Checkpoint:
+    data = Agent.of(engine).call("checkpoint", container=_ref(container), name=name, leave_running=leave_running,
+                                 max_layer_bytes=max_layer_bytes)
+    return checkpoint_from(engine, data)
+
+
+def list_checkpoints(engine: Engine, container: Optional[ContainerRef]) -> List[Checkpoint]:
+    return [checkpoint_from(engine, d) for d in Agent.of(engine).call("list", container=_ref(container))]
+
+
+def get_checkpoint(engine: Engine, container: ContainerRef, name: str) -> Checkpoint:
+    return checkpoint_from(engine, Agent.of(engine).call("get", container=_ref(container), name=name))
+
+
+def remove_checkpoint(engine: Engine, cp: Checkpoint) -> None:
+    Agent.of(engine).call("remove", container_id=cp.container_id, name=cp.name)
+
+
+def clone(engine: Engine, cp: Checkpoint, n: int, *, name_prefix: Optional[str], labels: Optional[Dict[str, str]],
+          max_workers: int, names: Optional[List[str]], on_create: Optional[Callable[[str], None]],
+          progress: Optional[Callable[[Container], None]]) -> List[Container]:
+    ids = Agent.of(engine).call("clone", container_id=cp.container_id, name=cp.name, n=n, name_prefix=name_prefix,
+                                labels=labels, max_workers=max_workers, names=names)
+    made = [engine.container(i) for i in ids]
+    for c in made:  # the agent cannot call back: each hook runs once the clones run
+        if on_create is not None:
+            on_create(c.id)
+        if progress is not None:
+            progress(c)
+    return made
+
+
+def resume(engine: Engine, cp: Checkpoint, container: Optional[ContainerRef]) -> Container:
+    return engine.container(Agent.of(engine).call("resume", container_id=cp.container_id, name=cp.name,
+                                                  container=_ref(container)))
+
+
+def check_host(engine: Engine) -> List[Dict[str, Any]]:
+    return list(Agent.of(engine).call("check_host"))
+
+
+def export(engine: Engine, cp: Checkpoint, out: Path, *, signer: Optional[Ed25519PrivateKey], compression: str,
+           encryption_key: Optional[bytes], expires_in: timedelta, lineage: Optional[str], max_bytes: int) -> Path:
+    """The agent's plain, unsigned bundle, signed, compressed and encrypted here as it passes."""
+    from ._bundle import write_bundle
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with Agent.of(engine).stream_out("export", container_id=cp.container_id, name=cp.name,
+                                     expires_in_s=expires_in.total_seconds(), lineage=lineage,
+                                     max_bytes=max_bytes) as plain, \
+            tarfile.open(fileobj=plain, mode="r|", tarinfo=archive.BoundedTarInfo) as tar:
+        members = iter(tar)
+        first = next(members, None)
+        data = tar.extractfile(first) if first is not None and first.name == "manifest.json" else None
+        if data is None:
+            raise BundleError("Dolly's agent sent no manifest")
+        manifest = json.loads(data.read())
+        manifest["compression"] = compression
+        manifest["signer"] = trust.key_id(signer) if signer is not None else None
+
+        def rest() -> Iterable[tuple]:
+            for member in members:
+                if member.name != "manifest.sig":
+                    yield member.name, member.size, tar.extractfile(member)
+
+        return write_bundle(out, manifest, rest(), signer=signer, compression=compression,
+                            encryption_key=encryption_key)
+
+
+def import_bundle(engine: Engine, path: Path, *, trusted: List[Ed25519PublicKey], allow_unsigned: bool,
+                  allow: Iterable[str], image_source: Optional[docker.DockerClient],
+                  encryption_key: Optional[bytes], max_bytes: int, between_own_engines: bool) -> Checkpoint:
+    """Verified here (signature, freshness, form), re-signed for the agent with a one-time key,
+    streamed to it; it checks the rest as a local import does."""
+    from ._bundle import check_signature_and_freshness, parse_manifest, first_member
+
+    transit, transit_public = trust.generate_keypair()
+    loaded = False
+    with archive.open_bundle(path, encryption_key) as tar:
+        members = iter(tar)
+        manifest_bytes = first_member(tar, members)
+        manifest = parse_manifest(manifest_bytes)
+        nxt = next(members, None)
+        signature = None
+        if nxt is not None and nxt.name == "manifest.sig":
+            sig = tar.extractfile(nxt)
+            signature = sig.read(1024) if sig is not None else None
+            nxt = next(members, None)
+        signer = check_signature_and_freshness(manifest_bytes, manifest, signature, trusted, allow_unsigned)
+        loaded = engine.ensure_image(manifest["image"]["id"], manifest["image"]["name"], tag=False,
+                                     source=Engine.of(image_source) if image_source is not None else None)
+        relayed = dict(manifest, signer=trust.key_id(transit))
+        relayed_bytes = json.dumps(relayed, indent=1, sort_keys=True).encode()
+        now = datetime.now(timezone.utc)
+
+        def produce(sink: Any) -> None:
+            with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as out:
+                for name, payload in (("manifest.json", relayed_bytes), ("manifest.sig", trust.sign(transit, relayed_bytes))):
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mode, info.mtime = len(payload), 0o600, int(now.timestamp())
+                    out.addfile(info, _bytes(payload))
+                member = nxt
+                while member is not None:
+                    if not member.isfile():
+                        raise BundleError(f"{member.name!r} in the bundle is not a regular file")
+                    info = tarfile.TarInfo(member.name)
+                    info.size, info.mode, info.mtime = member.size, 0o600, int(now.timestamp())
+                    out.addfile(info, tar.extractfile(member))
+                    member = next(members, None)
+
+        try:
+            data = Agent.of(engine).stream_in(
+                "import", produce, transit_key=base64.b64encode(transit_public.public_bytes(
+                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)).decode(),
+                allow=sorted(allow), max_bytes=max_bytes, signed_by=signer, signed=signer is not None,
+                between_own_engines=between_own_engines)
+        except BaseException:
+            if loaded:
+                engine.remove_image(manifest["image"]["id"])
+            raise
+    return checkpoint_from(engine, data)
+
+
+def _bytes(payload: bytes) -> Any:
+    import io
+
+    return io.BytesIO(payload)
+
+
+def private_tempdir() -> tempfile.TemporaryDirectory:
+    """A root-only folder of this process's, for a bundle on its way between two engines."""
+    base = Path(os.environ.get("DOLLY_SPOOL", "/var/lib/dolly/spool"))
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(base, 0o700)
+    return tempfile.TemporaryDirectory(dir=base, prefix="transfer-")
