@@ -46,11 +46,18 @@ LABEL = "dolly.agent"
 IMAGE = "dolly/python"
 SOCKET_LABEL = "dolly.socket"
 _CHUNK = 1 << 20
-# What Dolly does as root beside an engine's files: read and write any file there (DAC_*, FOWNER,
-# CHOWN, FSETID), make overlay whiteouts (MKNOD) and trusted.* attributes (SYS_ADMIN), look at
-# other processes (SYS_PTRACE).
-AGENT_CAPABILITIES = ["SYS_ADMIN", "DAC_READ_SEARCH", "DAC_OVERRIDE", "FOWNER", "CHOWN", "FSETID", "MKNOD",
-                      "SYS_PTRACE"]
+# What root has on the engine's host, as Dolly does there: files (DAC_*, FOWNER, CHOWN, FSETID),
+# overlay whiteouts (MKNOD) and trusted.* attributes (SYS_ADMIN), other processes (SYS_PTRACE)
+# and what `criu check` looks for. Not CAP_SYS_RESOURCE: some hosts' root lacks it (VMs, CI
+# sandboxes), and a container that asks for it (as privileged ones do) is refused there. Only
+# names Docker 20.10 knows (not BPF, PERFMON, CHECKPOINT_RESTORE).
+AGENT_CAPABILITIES = ["AUDIT_CONTROL", "AUDIT_READ", "AUDIT_WRITE", "BLOCK_SUSPEND", "CHOWN",
+                      "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "IPC_LOCK",
+                      "IPC_OWNER", "KILL", "LEASE", "LINUX_IMMUTABLE", "MAC_ADMIN", "MAC_OVERRIDE",
+                      "MKNOD", "NET_ADMIN", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_RAW",
+                      "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_ADMIN", "SYS_BOOT",
+                      "SYS_CHROOT", "SYS_MODULE", "SYS_NICE", "SYS_PACCT", "SYS_PTRACE",
+                      "SYS_RAWIO", "SYS_TIME", "SYS_TTY_CONFIG", "SYSLOG", "WAKE_ALARM"]
 
 
 class Agent:

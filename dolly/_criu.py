@@ -41,12 +41,12 @@ def version() -> Optional[Tuple[int, ...]]:
 
 def criu_command() -> Optional[list]:
     """How to run the ``criu`` that runc will run: the one on PATH; inside Dolly's agent (a
-    container on the engine's host), the host's, in the host's mount namespace."""
+    container on the engine's host), the host's, in the namespaces of the engine's dockerd."""
     if os.environ.get("DOLLY_AGENT") == "1":
         from ._engine import peer_pid  # the engine's dockerd: runc runs CRIU in its mount namespace
 
         try:
-            return ["nsenter", "--target", str(peer_pid("/var/run/docker.sock")), "--mount", "--",
+            return ["nsenter", "--target", str(peer_pid("/var/run/docker.sock")), "--all", "--",
                     "env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "criu"]
         except OSError:
             return None

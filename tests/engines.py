@@ -460,6 +460,17 @@ class IsolatedEngine:
             self.image_source = None
             self._own_source = False
 
+    def kill(self) -> None:
+        """The host disappears: every process of its mount namespace (dockerd, containerd, the
+        shims) is killed at once. ``stop`` clears up after it."""
+        if self.proc is None:
+            return
+        if self.mount_ns is None:
+            self.mount_ns = _mount_ns(self.proc.pid)
+        for pid in _pids_in_mount_ns(self.mount_ns) if self.mount_ns else [self.proc.pid]:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
     def _reap_stale(self) -> None:
         """What a crashed run with the same name left behind: any mount namespace where this
         engine's data root is bound over /var/lib/docker (its dockerd, or the containerd and

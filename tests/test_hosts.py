@@ -14,7 +14,6 @@ import docker
 import pytest
 import requests
 
-import dolly
 from dolly._engine import Engine
 from helpers import BUSYBOX, COUNTER, PYTHON, read_int
 

@@ -1,0 +1,184 @@
+"""Engines on other hosts: every public function through the engine's API alone.
+
+host_b, host_c and host_tls (tests/engines.py IsolatedEngine) are dockerds in mount namespaces of
+their own, with their own data roots and /etc/docker, reached only over their sockets (host_tls
+over TCP with verified TLS). No test here touches their files: Dolly reaches them through its
+agent, a container it keeps on each of them.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import docker
+import pytest
+
+import dolly
+from dolly import errors, trust
+from dolly._agent import NAME as AGENT
+from dolly._bundle import read_manifest
+from dolly._engine import Engine
+from engines import IsolatedEngine
+from helpers import BUSYBOX, COUNTER, RUN_ID, TEST_LABEL, assert_counts_on, read_int
+
+FILE_AND_COUNTER = "echo carried > /carried; " + COUNTER
+
+
+@pytest.fixture
+def on_host():
+    """``on_host(client)``: a counter with a file in its writable layer, on that engine; what the
+    test made there (containers labelled for this run, Dolly's checkpoints of them) goes after."""
+    made = []
+
+    def start(client: docker.DockerClient):
+        c = client.containers.run(BUSYBOX, ["sh", "-c", FILE_AND_COUNTER], detach=True, labels={TEST_LABEL: RUN_ID})
+        made.append(client)
+        time.sleep(0.5)
+        return c
+
+    yield start
+    for client in made:
+        for c in client.containers.list(all=True, filters={"label": f"{TEST_LABEL}={RUN_ID}"}):
+            for cp in dolly.list_checkpoints(c.id, client):
+                dolly.remove_checkpoint(cp)
+            c.remove(force=True)
+        for cp in dolly.list_checkpoints(client=client):
+            if cp.config.get("Config", {}).get("Labels", {}).get(TEST_LABEL) == RUN_ID:
+                dolly.remove_checkpoint(cp)
+
+
+def test_checkpoint_and_clone_on_another_host(on_host, host_b):
+    assert not Engine.of(host_b).files_are_local()
+    source = on_host(host_b)
+    before = read_int(source)
+    cp = dolly.checkpoint(source.id, "there", client=host_b)
+    assert cp.client is host_b
+    assert not cp.path.exists(), "the checkpoint was written on this machine, not on host b"
+    assert dolly.list_checkpoints(source.id, host_b) == [cp]
+    clones = dolly.clone(cp, 2)  # no client: the checkpoint knows its engine
+    for clone in clones:
+        assert host_b.containers.get(clone.id).status == "running"
+        assert clone.exec_run(["cat", "/carried"]).output == b"carried\n"
+        assert_counts_on(clone, before)
+    assert len({c.attrs["Config"]["Hostname"] for c in clones}) == 2
+    dolly.remove_checkpoint(cp)
+    assert dolly.list_checkpoints(source.id, host_b) == []
+
+
+def test_export_from_one_host_import_into_another(on_host, host_b, host_c, tmp_path):
+    private, public = trust.generate_keypair()
+    source = on_host(host_b)
+    before = read_int(source)
+    cp = dolly.checkpoint(source.id, "moving", client=host_b)
+    path = dolly.export(cp, tmp_path / "b.dolly", signer=private, compression="zstd")
+    manifest = read_manifest(path)
+    assert manifest["signer"] == trust.key_id(public) and manifest["compression"] == "zstd"
+    assert manifest["source"]["engine_id"] == Engine.of(host_b).info()["ID"]
+    # A byte changed on the way is refused there, and nothing of it stays.
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (tmp_path / "bad.dolly").write_bytes(bytes(data))
+    with pytest.raises(errors.BundleError):
+        dolly.import_bundle(tmp_path / "bad.dolly", client=host_c, trusted_keys=[public])
+    assert dolly.list_checkpoints(client=host_c) == []
+    cp_c = dolly.import_bundle(path, client=host_c, trusted_keys=[public])
+    try:
+        assert cp_c.client is host_c and cp_c.origin["signer"] == trust.key_id(public)
+        (clone,) = dolly.clone(cp_c, 1)
+        assert host_c.containers.get(clone.id).exec_run(["cat", "/carried"]).output == b"carried\n"
+        assert_counts_on(clone, before)
+        clone.remove(force=True)
+    finally:
+        dolly.remove_checkpoint(cp_c)
+
+
+def test_migrate_around_three_engines(on_host, client, host_b, host_c, run):
+    """A -> B -> C -> A, the counter going on from where it was and the file kept at each hop."""
+    moving = run(BUSYBOX, ["sh", "-c", FILE_AND_COUNTER])
+    time.sleep(0.5)
+    on_host(host_b), on_host(host_c)  # so that what lands there is removed after the test
+    for source_client, target_client in ((client, host_b), (host_b, host_c), (host_c, client)):
+        before = read_int(moving)
+        moved = dolly.migrate(moving.id, target_client, source_client=source_client)
+        assert moved.container.client is target_client
+        assert moved.container.exec_run(["cat", "/carried"]).output == b"carried\n"
+        assert_counts_on(moved.container, before)
+        with pytest.raises(docker.errors.NotFound):
+            source_client.containers.get(moving.id)
+        moving = moved.container
+    assert client.containers.get(moving.id).status == "running"
+
+
+def test_clone_spread_over_three_engines(client, host_b, host_c, run):
+    source = run(BUSYBOX, ["sh", "-c", FILE_AND_COUNTER])
+    time.sleep(0.5)
+    before = read_int(source)
+    cp = dolly.checkpoint(source, "spread")
+    clones = dolly.clone(cp, 6, engines=[client, host_b, host_c])
+    try:
+        for engine_client in (client, host_b, host_c):
+            mine = [c for c in clones if c.client is engine_client]
+            assert len(mine) == 2
+            for c in mine:
+                assert engine_client.containers.get(c.id).status == "running"
+                assert_counts_on(c, before)
+        # The copies made on the other engines for this call are gone again.
+        assert dolly.list_checkpoints(client=host_b) == [] and dolly.list_checkpoints(client=host_c) == []
+    finally:
+        for c in clones:
+            c.remove(force=True)
+
+
+def test_an_engine_over_tcp_with_tls(on_host, host_tls):
+    source = on_host(host_tls)
+    before = read_int(source)
+    cp = dolly.checkpoint(source.id, "tls", client=host_tls)
+    (clone,) = dolly.clone(cp, 1)
+    assert_counts_on(clone, before)
+    assert host_tls.api.base_url.startswith("https://")
+
+
+def test_check_host_checks_another_host_completely(host_b):
+    report = dolly.check_host(host_b)
+    assert report.ok, str(report)
+    names = [c.name for c in report.checks]
+    for line in ("agent", "experimental mode", "'dolly' runtime", "CRIU version", "criu check", "pycriu"):
+        assert line in names
+    assert host_b.containers.get(AGENT).status == "running"
+
+
+def test_a_transfer_cut_in_the_middle_leaves_the_source_running(client, run):
+    """The target engine dies while the bundle is on its way: the source goes on, with its
+    memory, and nothing of the move stays on this side."""
+    target = IsolatedEngine(f"cut{RUN_ID[:4]}", subnet="10.213.119.1/24")
+    d = target.start()
+    try:
+        source = run(BUSYBOX, ["sh", "-c", FILE_AND_COUNTER])
+        time.sleep(0.5)
+        before = read_int(source)
+
+        def kill_when_the_agent_starts() -> None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    if d.containers.list(filters={"name": AGENT}):
+                        target.kill()
+                        return
+                except Exception:
+                    return
+                time.sleep(0.01)
+
+        watcher = threading.Thread(target=kill_when_the_agent_starts, daemon=True)
+        watcher.start()
+        with pytest.raises(errors.MigrationFailed):
+            dolly.migrate(source, d)
+        watcher.join(timeout=10)
+        source.reload()
+        assert source.status == "running"
+        assert_counts_on(source, before, new=False)
+        assert dolly.list_checkpoints(source) == []
+        assert not any(Path("/var/lib/dolly/spool").glob("transfer-*"))
+        assert not any(Engine.of(client).spool_dir.glob("*"))
+    finally:
+        target.stop()
