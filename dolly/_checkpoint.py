@@ -120,20 +120,28 @@ class Checkpoint:
             CheckpointNotFound: ``path`` holds no complete checkpoint.
         """
         try:
-            meta = json.loads((Path(path) / METADATA).read_text())
-            return cls(
-                container_id=meta["container_id"],
-                container_name=meta["container_name"],
-                name=meta["name"],
-                created_at=datetime.fromisoformat(meta["created_at"]),
-                hostname=meta["hostname"],
-                config=types.MappingProxyType(meta["config"]),
-                path=Path(path),
-                origin=meta.get("origin"),
-                client=client,
-            )
+            return cls.from_metadata(json.loads((Path(path) / METADATA).read_text()), Path(path), client)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointNotFound(f"no usable checkpoint at {path}: {e}") from e
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any], path: Path, client: Optional[docker.DockerClient]) -> "Checkpoint":
+        """The checkpoint its ``dolly.json`` describes, at ``path`` on the engine of ``client``.
+
+        Raises:
+            KeyError, ValueError, TypeError: metadata that is not a checkpoint's.
+        """
+        return cls(
+            container_id=meta["container_id"],
+            container_name=meta["container_name"],
+            name=meta["name"],
+            created_at=datetime.fromisoformat(meta["created_at"]),
+            hostname=meta["hostname"],
+            config=types.MappingProxyType(meta["config"]),
+            path=path,
+            origin=meta.get("origin"),
+            client=client,
+        )
 
     def _metadata(self) -> dict:
         meta = {

@@ -15,7 +15,6 @@ import json
 import os
 import tarfile
 import tempfile
-import types
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional
@@ -35,17 +34,7 @@ _CHUNK = 1 << 20
 
 
 def checkpoint_from(engine: Engine, data: Dict[str, Any]) -> Checkpoint:
-    return Checkpoint(
-        container_id=data["container_id"],
-        container_name=data["container_name"],
-        name=data["name"],
-        created_at=datetime.fromisoformat(data["created_at"]),
-        hostname=data["hostname"],
-        config=types.MappingProxyType(data["config"]),
-        path=Path(data["path"]),
-        origin=data.get("origin"),
-        client=engine.client,
-    )
+    return Checkpoint.from_metadata(data, Path(data["path"]), engine.client)
 
 
 def _ref(container: Optional[ContainerRef]) -> Optional[str]:
