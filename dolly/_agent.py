@@ -242,8 +242,9 @@ def _command(op: str, args: Dict[str, Any]) -> List[str]:
     return [sys.executable, "-m", "dolly._agent", op, encoded]
 
 
-def _result(out: bytes, err: bytes, code: int) -> Any:
-    lines = [line for line in out.decode(errors="replace").splitlines() if line.startswith("{")]
+def _result(out: bytes, err: bytes, code: Optional[int]) -> Any:
+    stream = err if code else out
+    lines = [line for line in stream.decode(errors="replace").splitlines() if line.startswith("{")]
     try:
         reply = json.loads(lines[-1]) if lines else None
     except ValueError:
@@ -297,7 +298,8 @@ def main(argv: List[str]) -> int:
     try:
         result = _operations.run(op, args, stdin=sys.stdin.buffer, stdout=sys.stdout.buffer)
     except DollyError as e:
-        print(json.dumps({"error": type(e).__name__, "message": str(e)}), flush=True)
+        # On stderr: stdout may already carry part of a bundle.
+        print(json.dumps({"error": type(e).__name__, "message": str(e)}), file=sys.stderr, flush=True)
         return 1
     if result is not _operations.STREAMED:
         print(json.dumps({"result": result}), flush=True)

@@ -24,7 +24,7 @@ import re
 import tarfile
 import zlib
 from pathlib import Path
-from typing import IO, Any, Iterator, Optional
+from typing import IO, Any, Iterator, Optional, Union
 
 import zstandard
 
@@ -133,20 +133,26 @@ def _check_pax(buf: bytes) -> None:
 
 
 @contextlib.contextmanager
-def open_bundle(path: Path, key: Optional[bytes]) -> Iterator[tarfile.TarFile]:
-    """The bundle at ``path`` as a tar stream (``r|``): one sequential read of the file,
-    decrypted with ``key`` when it is encrypted, decompressed when compressed.
+def open_bundle(source: Union[Path, IO[bytes]], key: Optional[bytes]) -> Iterator[tarfile.TarFile]:
+    """The bundle at ``source`` (a path, or a readable binary stream such as a pipe) as a tar
+    stream (``r|``): one sequential read, decrypted with ``key`` when it is encrypted,
+    decompressed when compressed.
 
     Raises:
         BundleError: not readable, not a tar, or damaged (also while iterating).
         DecryptionFailed: encrypted and ``key`` is missing or wrong, or the ciphertext was altered.
         UnsafeArchive: a header breaks the bounds (also while iterating).
     """
+    path = source if isinstance(source, (str, Path)) else "the bundle stream"
     try:
-        raw = open(path, "rb")
+        raw: Any = open(source, "rb") if isinstance(source, (str, Path)) else source
     except OSError as e:
-        raise BundleError(f"cannot read bundle {path}: {e}") from e
-    with raw:
+        raise BundleError(f"cannot read bundle {source}: {e}") from e
+    if not hasattr(raw, "peek"):
+        raw = io.BufferedReader(raw, CHUNK)
+    with contextlib.ExitStack() as own:
+        if isinstance(source, (str, Path)):
+            own.enter_context(raw)
         try:
             if raw.peek(len(trust.MAGIC))[: len(trust.MAGIC)] == trust.MAGIC:
                 if key is None:
@@ -171,7 +177,7 @@ def open_bundle(path: Path, key: Optional[bytes]) -> Iterator[tarfile.TarFile]:
 
 
 @contextlib.contextmanager
-def damaged_is_bundle_error(path: Path) -> Iterator[None]:
+def damaged_is_bundle_error(path: Any) -> Iterator[None]:
     """What the readers raise for a damaged archive, as a :class:`BundleError`. Errors of the
     host (a full disk) are not the bundle's: they pass as they are."""
     try:

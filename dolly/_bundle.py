@@ -38,6 +38,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import threading
 import time
 import types
 import uuid
@@ -139,9 +140,32 @@ def export(
         return _remote.export(engine, checkpoint, Path(path), signer=signer, compression=compression,
                               encryption_key=encryption_key, expires_in=expires_in, lineage=lineage,
                               max_bytes=max_bytes)
-    require(checkpoint)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _export(checkpoint, engine, lambda manifest, members: write_bundle(
+        out, manifest, members, signer=signer, compression=compression, encryption_key=encryption_key),
+        signer=signer, compression=compression, expires_in=expires_in, lineage=lineage, max_bytes=max_bytes)
+    return out
+
+
+def export_stream(checkpoint: Checkpoint, sink: IO[bytes], *, engine: Engine, expires_in: timedelta,
+                  lineage: Optional[str], max_bytes: int) -> None:
+    """Write ``checkpoint`` to ``sink`` as a plain bundle (unsigned, not compressed), as it is
+    read: what Dolly's agent sends, to be signed and sealed by its caller.
+
+    Raises:
+        the errors of :func:`export`.
+    """
+    _export(checkpoint, engine, lambda manifest, members: write_stream(
+        sink, manifest, members, signer=None, compression="none", encryption_key=None),
+        signer=None, compression="none", expires_in=expires_in, lineage=lineage, max_bytes=max_bytes)
+
+
+def _export(checkpoint: Checkpoint, engine: Engine, emit: Any, *, signer: Optional[Ed25519PrivateKey],
+            compression: str, expires_in: timedelta, lineage: Optional[str], max_bytes: int) -> None:
+    """Build the manifest and the members of ``checkpoint``'s bundle (the layer converted in the
+    engine's root-only spool) and hand them to ``emit(manifest, members)``."""
+    require(checkpoint)
     engine.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     with tempfile.TemporaryDirectory(dir=engine.spool_dir, prefix="export-") as tmp:
@@ -192,8 +216,7 @@ def export(
                 with open(p, "rb") as f:
                     yield name, p.stat().st_size, f
 
-        write_bundle(out, manifest, opened(), signer=signer, compression=compression, encryption_key=encryption_key)
-    return out
+        emit(manifest, opened())
 
 
 def write_bundle(out: Path, manifest: Dict[str, Any], members: Iterable[Tuple[str, int, IO[bytes]]], *,
@@ -201,29 +224,38 @@ def write_bundle(out: Path, manifest: Dict[str, Any], members: Iterable[Tuple[st
     """Write the bundle file ``out``: the manifest (signed when ``signer`` is given), then each
     ``(name, size, data)`` member in order, compressed and encrypted as it is written, into a
     0600 partial file renamed into place at the end (removed on failure)."""
-    now = datetime.now(timezone.utc)
-    manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
     fd, partial = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as raw:
-            sealed = trust.EncryptingWriter(encryption_key, raw) if encryption_key is not None else None
-            with archive.compressor(sealed or raw, compression) as stream, \
-                    tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                _add_bytes(tar, "manifest.json", manifest_bytes, now)
-                if signer is not None:
-                    _add_bytes(tar, "manifest.sig", trust.sign(signer, manifest_bytes), now)
-                for name, size, data in members:
-                    member = tarfile.TarInfo(name)
-                    member.size, member.mode, member.mtime = size, 0o600, int(now.timestamp())
-                    tar.addfile(member, data)
-            if sealed is not None:
-                sealed.close()
+            write_stream(raw, manifest, members, signer=signer, compression=compression,
+                         encryption_key=encryption_key)
         os.chmod(partial, 0o600)
         os.replace(partial, out)
     except BaseException:
         Path(partial).unlink(missing_ok=True)
         raise
     return out
+
+
+def write_stream(sink: IO[bytes], manifest: Dict[str, Any], members: Iterable[Tuple[str, int, IO[bytes]]], *,
+                 signer: Optional[Ed25519PrivateKey], compression: str, encryption_key: Optional[bytes]) -> None:
+    """A bundle written to ``sink`` as it goes: the manifest (signed when ``signer`` is given),
+    then each ``(name, size, data)`` member, compressed and encrypted on the way."""
+    now = datetime.now(timezone.utc)
+    manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    sealed = trust.EncryptingWriter(encryption_key, sink) if encryption_key is not None else None
+    with archive.compressor(sealed or sink, compression) as stream, \
+            tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        _add_bytes(tar, "manifest.json", manifest_bytes, now)
+        if signer is not None:
+            _add_bytes(tar, "manifest.sig", trust.sign(signer, manifest_bytes), now)
+        for name, size, data in members:
+            member = tarfile.TarInfo(name)
+            member.size, member.mode, member.mtime = size, 0o600, int(now.timestamp())
+            tar.addfile(member, data)
+    if sealed is not None:
+        sealed.close()
+    sink.flush()
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, when: datetime) -> None:
@@ -247,7 +279,7 @@ def read_manifest(path: PathLike, *, encryption_key: Optional[bytes] = None) -> 
 
 
 def import_bundle(
-    path: PathLike,
+    path: Union[PathLike, IO[bytes]],
     *,
     client: Optional[docker.DockerClient] = None,
     trusted_keys: Iterable[Ed25519PublicKey] = (),
@@ -264,6 +296,7 @@ def import_bundle(
     :func:`dolly.clone`. It is listed under its source container's name and ID.
 
     Args:
+        path: the bundle's file, or a readable binary stream of it (read once, in order).
         trusted_keys: public keys whose signatures are accepted. When any are given, the bundle
             must be signed by one of them, whatever ``allow_unsigned`` says.
         allow_unsigned: with no ``trusted_keys``, accept a bundle whose signature cannot be
@@ -300,7 +333,7 @@ def import_bundle(
     if not engine.files_are_local():
         from . import _remote
 
-        return _remote.import_bundle(engine, Path(path), trusted=trusted, allow_unsigned=allow_unsigned,
+        return _remote.import_bundle(engine, _source(path), trusted=trusted, allow_unsigned=allow_unsigned,
                                      allow=allowed, image_source=image_source, encryption_key=encryption_key,
                                      max_bytes=max_bytes, between_own_engines=_between_own_engines)
     lineages = _Lineages(engine)
@@ -308,7 +341,7 @@ def import_bundle(
     staging = names.inside(engine.spool_dir, f"import-{uuid.uuid4().hex}")
     staging.mkdir(mode=0o700)
     try:
-        with archive.open_bundle(Path(path), encryption_key) as tar:
+        with archive.open_bundle(_source(path), encryption_key) as tar:
             members = iter(tar)
             manifest_bytes = _first_member(tar, members)
             manifest = _parse_manifest(manifest_bytes)
@@ -378,6 +411,10 @@ def _refuse_claims(engine: Engine, container_id: str) -> None:
         if own:
             raise CheckpointExists(f"the bundle claims to be of container {container_id[:12]}, which has "
                                    "checkpoints taken on this engine")
+
+
+def _source(path: Union[PathLike, IO[bytes]]) -> Union[Path, IO[bytes]]:
+    return path if hasattr(path, "read") else Path(path)  # type: ignore[return-value,arg-type]
 
 
 def _first_member(tar: tarfile.TarFile, members: Optional[Iterator[tarfile.TarInfo]] = None) -> bytes:
@@ -669,36 +706,83 @@ def transfer(
     compression: str = "none",
     steps: Optional[Dict[str, float]] = None,
 ) -> Checkpoint:
-    """Copy a checkpoint to another engine: a bundle signed with a key made for this one copy,
-    imported on the target with only that key trusted, with the image copied if it lacks it.
-    Both engines are the caller's, so the restore policy allows everything the source had.
-    ``steps``, when given, receives the seconds ``"export"`` and ``"import"`` took, each as it ends.
+    """Copy a checkpoint to another engine, with the image copied if it lacks it. Both engines are
+    the caller's, so the restore policy allows everything the source had. Between engines whose
+    files are both here: a bundle signed with a key made for this one copy, in the target's spool,
+    imported with only that key trusted (``steps`` gets ``"export"`` and ``"import"``). With an
+    engine on another host: one stream from the export into the import, through Dolly's agent(s),
+    never a file (``steps`` gets ``"transfer"``; ``compression`` is not used).
 
     Raises:
         the errors of :func:`export` and :func:`import_bundle`.
     """
     steps = {} if steps is None else steps
     source = source if source is not None else checkpoint.client
+    source_engine, target_engine = Engine.of(source), Engine.of(target)
+    image_source = source_engine.client
+    if not (target_engine.files_are_local() and source_engine.files_are_local()):
+        # An engine on another host: the bundle streams from the export into the import, never
+        # into a file. It is not signed: it travels inside this process and the engines' own API
+        # connections (a remote target's import is re-signed for its agent, see dolly._remote).
+        started = time.perf_counter()
+        copy = _stream_between(checkpoint, source_engine, target, image_source)
+        steps["transfer"] = time.perf_counter() - started
+        return copy
+    # Both engines' files are here: the bundle goes straight into the target's spool.
     private, public = trust.generate_keypair()
-    target_engine = Engine.of(target)
-    if target_engine.files_are_local() and Engine.of(source).files_are_local():
-        # Both engines' files are here: the bundle goes straight into the target's spool.
-        target_engine.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        folder: Any = tempfile.TemporaryDirectory(dir=target_engine.spool_dir)
-    else:
-        from . import _remote
-
-        folder = _remote.private_tempdir()
-    with folder as tmp:
+    target_engine.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target_engine.spool_dir) as tmp:
         started = time.perf_counter()
         path = export(checkpoint, Path(tmp) / "transfer.dolly", signer=private, compression=compression,
                       expires_in=timedelta(hours=1), client=source)
         steps["export"] = time.perf_counter() - started
         started = time.perf_counter()
         copy = import_bundle(path, client=target, trusted_keys=[public], allow=policy.ALL,
-                             image_source=source or Engine.of(None).client, _between_own_engines=True)
+                             image_source=image_source, _between_own_engines=True)
         steps["import"] = time.perf_counter() - started
         return copy
+
+
+def _stream_between(checkpoint: Checkpoint, source: Engine, target: docker.DockerClient,
+                    image_source: docker.DockerClient) -> Checkpoint:
+    def into_target(stream: IO[bytes]) -> Checkpoint:
+        return import_bundle(stream, client=target, allow_unsigned=True, allow=policy.ALL,
+                             image_source=image_source, _between_own_engines=True)
+
+    if not source.files_are_local():
+        from ._agent import Agent
+
+        with Agent.of(source).stream_out("export", container_id=checkpoint.container_id, name=checkpoint.name,
+                                         expires_in_s=3600.0, lineage=None, max_bytes=DEFAULT_MAX_BYTES) as plain:
+            return into_target(plain)
+    # A local export, written by a thread into a pipe that the import reads.
+    read_fd, write_fd = os.pipe()
+    failed: List[BaseException] = []
+
+    def produce() -> None:
+        try:
+            with os.fdopen(write_fd, "wb") as sink:
+                export_stream(checkpoint, sink, engine=source, expires_in=timedelta(hours=1), lineage=None,
+                              max_bytes=DEFAULT_MAX_BYTES)
+        except BrokenPipeError:
+            pass  # the import stopped reading: its error is the one that counts
+        except BaseException as e:  # raised below, in the caller's thread
+            failed.append(e)
+
+    producer = threading.Thread(target=produce, name="dolly-export", daemon=True)
+    producer.start()
+    try:
+        with os.fdopen(read_fd, "rb") as stream:
+            copy = into_target(stream)
+    except BaseException:
+        producer.join()
+        if failed:
+            raise failed[0] from None
+        raise
+    producer.join()
+    if failed:
+        raise failed[0]
+    return copy
 
 
 # What Dolly's agent path (dolly._remote) shares with a local import.

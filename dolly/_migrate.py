@@ -181,8 +181,9 @@ def migrate(
         _settle(target_engine, target, restored_as)
         steps[step] = time.perf_counter() - t
     except BaseException as e:
-        if step == "transfer":  # transfer records each of its steps as it ends
-            step = "import" if "export" in steps else "export"
+        if step == "transfer" and "transfer" not in steps:  # a local transfer records each step as it ends
+            step = "import" if "export" in steps else ("transfer" if not _both_local(source_engine, target_engine)
+                                                       else "export")
         _roll_back(source_engine, target_engine, source, cp, moved, target, step=step, error=e)
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
@@ -355,3 +356,7 @@ def _running(container: Container) -> bool:
 
 def _name() -> str:
     return "migrate-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+def _both_local(*engines: Engine) -> bool:
+    return all(e.files_are_local() for e in engines)

@@ -17,7 +17,7 @@ import tarfile
 import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import IO, Any, Callable, Dict, Iterable, List, Optional, Union
 
 import docker
 from cryptography.hazmat.primitives import serialization
@@ -111,7 +111,7 @@ def export(engine: Engine, cp: Checkpoint, out: Path, *, signer: Optional[Ed2551
                             encryption_key=encryption_key)
 
 
-def import_bundle(engine: Engine, path: Path, *, trusted: List[Ed25519PublicKey], allow_unsigned: bool,
+def import_bundle(engine: Engine, source: Union[Path, IO[bytes]], *, trusted: List[Ed25519PublicKey], allow_unsigned: bool,
                   allow: Iterable[str], image_source: Optional[docker.DockerClient],
                   encryption_key: Optional[bytes], max_bytes: int, between_own_engines: bool) -> Checkpoint:
     """Verified here (signature, freshness, form), re-signed for the agent with a one-time key,
@@ -120,7 +120,7 @@ def import_bundle(engine: Engine, path: Path, *, trusted: List[Ed25519PublicKey]
 
     transit, transit_public = trust.generate_keypair()
     loaded = False
-    with archive.open_bundle(path, encryption_key) as tar:
+    with archive.open_bundle(source, encryption_key) as tar:
         members = iter(tar)
         manifest_bytes = first_member(tar, members)
         manifest = parse_manifest(manifest_bytes)

@@ -18,7 +18,8 @@ import click
 import docker
 from docker.models.containers import Container
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TransferSpeedColumn)
 from rich.table import Table
 
 import dolly
@@ -168,6 +169,12 @@ def _working(text: str) -> Progress:
                     disable=not err.is_terminal)
 
 
+def _bytes_bar(text: str) -> Progress:
+    """A bar for a stream of known length."""
+    return Progress(TextColumn(text), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn(),
+                    console=err, transient=True, disable=not err.is_terminal)
+
+
 @cli.command("keygen")
 @click.argument("private_pem", type=click.Path(dir_okay=False))
 @click.argument("public_pem", type=click.Path(dir_okay=False))
@@ -231,11 +238,13 @@ def import_cmd(ctx: Context, path: str, trusted: List[str], allow_unsigned: bool
     devices, add capabilities, join host namespaces, change security options, set sysctls or a
     cgroup parent, or log off the host; --allow lets it, item by item."""
     source = docker.DockerClient(base_url=image_from) if image_from else None
-    with _working("importing") as bar:
-        bar.add_task("import", total=None)
-        cp = dolly.import_bundle(path, client=ctx.client, trusted_keys=[trust.load_public_key(k) for k in trusted],
-                                 allow_unsigned=allow_unsigned, allow=allow, image_source=source,
-                                 encryption_key=_read_key(key_file))
+    keys = [trust.load_public_key(k) for k in trusted]
+    # The bundle is read once, as a stream: the bar follows the bytes read (to this engine, or
+    # on their way to another host's).
+    with _bytes_bar(f"importing {Path(path).name}") as bar, \
+            bar.wrap_file(open(path, "rb"), total=Path(path).stat().st_size, description="import") as stream:
+        cp = dolly.import_bundle(stream, client=ctx.client, trusted_keys=keys, allow_unsigned=allow_unsigned,
+                                 allow=allow, image_source=source, encryption_key=_read_key(key_file))
     _print_checkpoints(ctx, [cp])
 
 

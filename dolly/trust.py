@@ -279,6 +279,8 @@ class DecryptingReader(io.RawIOBase):
 
 
 def _peek(f: BinaryIO) -> bool:
+    if hasattr(f, "peek"):  # a buffered stream (a pipe, a socket): look ahead without seeking
+        return bool(f.peek(1))
     pos = f.tell()
     more = bool(f.read(1))
     f.seek(pos)
