@@ -152,18 +152,18 @@ def peer_pid(socket_path: str) -> int:
     return int(pid)
 
 
-def _peer_shares_our_files(socket_path: Optional[str]) -> bool:
+def _peer_shares_our_files(socket_path: Optional[str], data_root: str) -> bool:
+    """Whether ``data_root`` here is the very folder that the process at the other end of the
+    socket (the engine's dockerd) calls ``data_root``: the same device and inode, looked up in
+    its own mount namespace through ``/proc/<pid>/root``."""
     if not socket_path:
         return False
     try:
         pid = peer_pid(socket_path)
-        ours, theirs = os.stat("/proc/self/ns/mnt"), os.stat(f"/proc/{pid}/ns/mnt")
-        if (ours.st_dev, ours.st_ino) != (theirs.st_dev, theirs.st_ino):
-            return False
-        ours, theirs = os.stat("/proc/self/root"), os.stat(f"/proc/{pid}/root")
-        return (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino)
+        ours, theirs = os.stat(data_root), os.stat(f"/proc/{pid}/root{data_root}")
     except OSError:
         return False
+    return (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino)
 
 
 class Engine:
@@ -231,15 +231,15 @@ class Engine:
 
     def files_are_local(self) -> bool:
         """Whether the engine's files are this process's files, decided by a check, not by path
-        names: the engine must answer on a unix socket whose other end (SO_PEERCRED) is a
-        process in this process's mount namespace with this process's root. Over TCP or SSH,
-        or from another mount namespace, the same path names would be other files. Dolly's
-        agent (``DOLLY_AGENT=1``) is placed beside its engine's files by construction."""
-        if self._local is None and os.environ.get("DOLLY_AGENT") == "1":
-            self._local = True
+        names: the engine must answer on a unix socket, and its data root here must be the same
+        folder (device and inode) as the data root of the process at the other end of that
+        socket (SO_PEERCRED), seen through that process's own root. Over TCP or SSH, or beside a
+        dockerd whose data root is another folder under the same name (another mount namespace,
+        another host), it is not. Dolly's agent passes the same check beside its engine."""
         if self._local is None:
-            self._local = _peer_shares_our_files(getattr(self.api._custom_adapter, "socket_path", None)
-                                                 if hasattr(self.api, "_custom_adapter") else None)
+            adapter = getattr(self.api, "_custom_adapter", None)
+            self._local = _peer_shares_our_files(getattr(adapter, "socket_path", None),
+                                                 str(self.info()["DockerRootDir"]))
         return self._local
 
     @property

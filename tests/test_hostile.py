@@ -558,19 +558,25 @@ def test_export_refuses_a_layer_that_a_bundle_would_blow_up(run, tmp_path):
 
 
 def test_a_remote_engines_paths_are_never_taken_for_local_ones(tmp_path):
-    """An engine whose files live in another mount namespace (as on another host) is told apart by
-    the process at the other end of its socket, not by its path names."""
+    """An engine whose data root is another folder under the same name (its own mount namespace,
+    as on another host) is told apart by the folder itself, seen through the process at the other
+    end of its socket, not by path names."""
     from dolly._engine import _peer_shares_our_files
 
-    sock = tmp_path / "other.sock"
+    sock, root = tmp_path / "other.sock", tmp_path / "data-root"
+    root.mkdir()
     server = ("import socket, sys, time; s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1); "
               "print('ready', flush=True); c, _ = s.accept(); time.sleep(2)")
-    for unshare, local in ((["unshare", "--mount", "--propagation", "private"], False), ([], True)):
+    over = f"mount -t tmpfs none {root} && exec {sys.executable} -c \"$0\" \"$1\""
+    cases = ((["unshare", "--mount", "--propagation", "private", "sh", "-c", over], False),  # its own folder there
+             (["unshare", "--mount", "--propagation", "private", sys.executable, "-c"], True),  # same folder
+             ([sys.executable, "-c"], True))
+    for command, local in cases:
         sock.unlink(missing_ok=True)
-        proc = subprocess.Popen([*unshare, sys.executable, "-c", server, str(sock)], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([*command, server, str(sock)], stdout=subprocess.PIPE, text=True)
         try:
             assert proc.stdout.readline().strip() == "ready"
-            assert _peer_shares_our_files(str(sock)) is local
+            assert _peer_shares_our_files(str(sock), str(root)) is local
         finally:
             proc.kill()
             proc.wait()
