@@ -24,12 +24,15 @@ calling process, so no key leaves it (see :mod:`dolly._bundle`).
 from __future__ import annotations
 
 import base64
+import hashlib
 import contextlib
 import io
 import json
 import os
 import socket
+import ssl
 import sys
+import threading
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, Iterator, List, Optional
 
@@ -38,7 +41,7 @@ from docker.utils.socket import consume_socket_output, demux_adaptor, frames_ite
 
 from . import _retry as retry, errors
 from ._engine import Engine, translate_errors
-from .errors import DollyError, EngineError, HostNotReady
+from .errors import ContainerNotFound, DollyError, EngineError, HostNotReady
 
 PROTOCOL = "1"
 NAME = "dolly-agent"
@@ -77,7 +80,9 @@ class Agent:
     # --- the container ---------------------------------------------------------------------------
 
     def container_id(self) -> str:
-        """The running agent's ID, started (or replaced, when of another protocol) on demand.
+        """The running agent's ID, started on demand. Each Dolly (its Python and source paths)
+        has its own agent, ``dolly-agent-<fingerprint>``: two installs never replace each
+        other's; two processes starting it at once share the one the engine made first.
 
         Raises:
             HostNotReady: the engine lacks the image, or the agent does not start.
@@ -85,18 +90,22 @@ class Agent:
         if self._id is not None:
             return self._id
         api = self.engine.api
-        try:
-            found = api.inspect_container(NAME)
-        except docker.errors.NotFound:
-            found = None
-        except docker.errors.APIError as e:
-            raise EngineError(str(e)) from e
-        if found is not None and (found["Config"]["Labels"] or {}).get(LABEL) == _fingerprint() \
-                and found["State"]["Running"]:
-            self._id = found["Id"]
-            return self._id
-        if found is not None:
-            api.remove_container(found["Id"], force=True)
+        name = f"{NAME}-{_fingerprint()}"
+        with translate_errors():
+            try:
+                found = api.inspect_container(name)
+            except docker.errors.NotFound:
+                found = None
+            if found is not None and not found["State"]["Running"]:
+                api.remove_container(found["Id"], force=True)
+                found = None
+            if found is None:
+                found = self._start(name)
+        self._id = str(found["Id"])
+        return self._id
+
+    def _start(self, name: str) -> Dict[str, Any]:
+        api = self.engine.api
         if not self.engine.has_image(IMAGE):
             raise HostNotReady(f"the engine at {api.base_url} has no image {IMAGE}, which Dolly's agent runs "
                                "in: run `make host` on that host (or copy the image there)")
@@ -110,26 +119,41 @@ class Agent:
         # lacks one (CAP_SYS_RESOURCE, on some VMs and CI sandboxes) refuse to start it.
         host_config = api.create_host_config(binds=binds, cap_add=AGENT_CAPABILITIES, pid_mode="host",
                                              security_opt=["seccomp=unconfined", "apparmor=unconfined"],
-                                             network_mode="none", runtime="runc")
-        with translate_errors():
+                                             network_mode="none", runtime="runc",
+                                             restart_policy={"Name": "unless-stopped"})
+        try:
             created = api.create_container(
-                IMAGE, ["sleep", "infinity"], name=NAME, labels={LABEL: _fingerprint()}, host_config=host_config,
+                IMAGE, ["sleep", "infinity"], name=name, labels={LABEL: PROTOCOL}, host_config=host_config,
                 environment={"DOLLY_AGENT": "1", "PYTHONPATH": str(_source_root()), "PYTHONDONTWRITEBYTECODE": "1"})
-            try:
-                api.start(created["Id"])
-            except docker.errors.APIError:
-                api.remove_container(created["Id"], force=True)
+        except docker.errors.APIError as e:
+            if e.status_code != 409:
                 raise
-        self._id = created["Id"]
-        return self._id
+            return api.inspect_container(name)  # another process made it first: share it
+        try:
+            api.start(created["Id"])
+        except docker.errors.APIError:
+            api.remove_container(created["Id"], force=True)
+            raise
+        return api.inspect_container(created["Id"])
 
     def remove(self) -> None:
         """Stop and remove the agent (it is started again when needed)."""
         self._id = None
-        try:
-            self.engine.api.remove_container(NAME, force=True)
-        except docker.errors.NotFound:
-            pass
+        with contextlib.suppress(docker.errors.NotFound):
+            self.engine.api.remove_container(f"{NAME}-{_fingerprint()}", force=True)
+
+    def _exec_create(self, op: str, args: Dict[str, Any], **streams: bool) -> str:
+        """An exec of ``op`` in the agent; once more with a new agent when the engine lost it
+        (a restart, a removal)."""
+        for again in (True, False):
+            try:
+                with translate_errors():
+                    return str(self.engine.api.exec_create(self.container_id(), _command(op, args), **streams)["Id"])
+            except (ContainerNotFound, EngineError):
+                if not again:
+                    raise
+                self._id = None
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # --- calls -----------------------------------------------------------------------------------
 
@@ -139,19 +163,24 @@ class Agent:
         Raises:
             the Dolly error the operation raised there, as the same class.
         """
-        out, err, code = self._exec(op, args)
-        return _result(out, err, code)
+        api = self.engine.api
+        exec_id = self._exec_create(op, args, stdout=True, stderr=True)
+        with translate_errors():
+            out, err = api.exec_start(exec_id, demux=True)
+        return _result(out or b"", err or b"", _exit_code(api, exec_id))
 
     @contextlib.contextmanager
     def stream_out(self, op: str, **args: Any) -> Iterator[IO[bytes]]:
         """Run ``op`` and read its stdout (a bundle) as a stream, as it comes.
 
         Raises:
-            the Dolly error the operation raised there (when the stream ends).
+            the Dolly error the operation raised there, in preference to what reading its
+            stream raised (a stream that ended early because the operation failed).
         """
         api = self.engine.api
-        exec_id = api.exec_create(self.container_id(), _command(op, args), stdout=True, stderr=True)["Id"]
-        sock = api.exec_start(exec_id, socket=True)
+        exec_id = self._exec_create(op, args, stdout=True, stderr=True)
+        with translate_errors():
+            sock = api.exec_start(exec_id, socket=True)
         err = bytearray()
 
         def stdout() -> Iterator[bytes]:
@@ -163,7 +192,15 @@ class Agent:
 
         chunks = stdout()
         try:
-            yield io.BufferedReader(_ChunkReader(chunks), _CHUNK)
+            try:
+                yield io.BufferedReader(_ChunkReader(chunks), _CHUNK)
+            except BaseException:
+                for _ in chunks:
+                    pass
+                code = _exit_code(api, exec_id)
+                if code:
+                    _result(b"", bytes(err), code)  # raises the agent's own error
+                raise
             for _ in chunks:  # what the reader left (a tar's padding): the exec ends with its output
                 pass
         finally:
@@ -174,25 +211,40 @@ class Agent:
 
     def stream_in(self, op: str, produce: Callable[[IO[bytes]], None], **args: Any) -> Any:
         """Run ``op`` with what ``produce(sink)`` writes (a bundle) on its stdin; returns its JSON
-        result."""
+        result. The agent's output is read as it comes (no deadlock when it writes while reading),
+        and when it stops reading early, its own error is raised, not the broken pipe."""
         api = self.engine.api
-        exec_id = api.exec_create(self.container_id(), _command(op, args), stdin=True, stdout=True,
-                                  stderr=True)["Id"]
-        sock = api.exec_start(exec_id, socket=True)
+        exec_id = self._exec_create(op, args, stdin=True, stdout=True, stderr=True)
+        with translate_errors():
+            sock = api.exec_start(exec_id, socket=True)
         raw = getattr(sock, "_sock", sock)
+        frames: List[Any] = []
+
+        def read() -> None:
+            with contextlib.suppress(OSError, ValueError):  # a connection that breaks ends the output
+                frames.extend(frames_iter(sock, tty=False))
+
+        reader = threading.Thread(target=read, name="dolly-agent-out", daemon=True)
+        reader.start()
         try:
-            produce(_SocketWriter(raw))
-            raw.shutdown(socket.SHUT_WR)
-            out, err = consume_socket_output([demux_adaptor(*f) for f in frames_iter(sock, tty=False)], demux=True)
+            try:
+                produce(_SocketWriter(raw))
+                if not isinstance(raw, ssl.SSLSocket):
+                    # Over TLS a half-close ends the TLS session for reading too; the agent does not
+                    # need the end of its stdin anyway: the tar marks its own end.
+                    raw.shutdown(socket.SHUT_WR)
+            except OSError:
+                reader.join(timeout=30)
+                code = _exit_code(api, exec_id)
+                out, err = consume_socket_output([demux_adaptor(*f) for f in frames], demux=True)
+                if code:
+                    _result(out or b"", err or b"", code)
+                raise
+            reader.join()
         finally:
             sock.close()
+        out, err = consume_socket_output([demux_adaptor(*f) for f in frames], demux=True)
         return _result(out or b"", err or b"", _exit_code(api, exec_id))
-
-    def _exec(self, op: str, args: Dict[str, Any]) -> tuple:
-        api = self.engine.api
-        exec_id = api.exec_create(self.container_id(), _command(op, args), stdout=True, stderr=True)["Id"]
-        out, err = api.exec_start(exec_id, demux=True)
-        return out or b"", err or b"", _exit_code(api, exec_id)
 
 
 class _ChunkReader(io.RawIOBase):
@@ -228,12 +280,16 @@ class _SocketWriter(io.RawIOBase):
 
 def _exit_code(api: Any, exec_id: str) -> Optional[int]:
     """The exec's exit code, once the engine has seen it end (its output ends a moment before)."""
-    for attempt in retry.exec_end():
-        with attempt:
-            state = api.exec_inspect(exec_id)
-            if state["Running"]:
-                raise retry.StillRunning(exec_id)
-            return state["ExitCode"]
+    try:
+        for attempt in retry.exec_end():
+            with attempt:
+                with translate_errors():
+                    state = api.exec_inspect(exec_id)
+                if state["Running"]:
+                    raise retry.StillRunning(exec_id)
+                return state["ExitCode"]
+    except retry.StillRunning:
+        return None
     return None  # pragma: no cover
 
 
@@ -243,7 +299,7 @@ def _command(op: str, args: Dict[str, Any]) -> List[str]:
 
 
 def _result(out: bytes, err: bytes, code: Optional[int]) -> Any:
-    stream = err if code else out
+    stream = err if code != 0 else out
     lines = [line for line in stream.decode(errors="replace").splitlines() if line.startswith("{")]
     try:
         reply = json.loads(lines[-1]) if lines else None
@@ -252,15 +308,22 @@ def _result(out: bytes, err: bytes, code: Optional[int]) -> Any:
     if reply is None:
         raise HostNotReady(f"Dolly's agent failed (exit {code}): {err.decode(errors='replace')[-2000:]}")
     if "error" in reply:
-        cls = getattr(errors, reply["error"], DollyError)
+        cls = getattr(errors, str(reply["error"]), DollyError)
         if not (isinstance(cls, type) and issubclass(cls, DollyError)):
             cls = DollyError
-        try:
-            exc = cls(reply["message"])
-        except TypeError:  # a class whose constructor takes more: the message is what matters
-            exc = DollyError(f"{reply['error']}: {reply['message']}")
+        # The same class, with its message and the attributes callers use (``kept`` is a path on
+        # the engine's host), set as they were: the constructors would write the message again.
+        exc = cls.__new__(cls)
+        Exception.__init__(exc, str(reply["message"]))
+        for key, value in (reply.get("attrs") or {}).items():
+            if key in _CARRIED:
+                setattr(exc, key, Path(value) if key in ("kept", "log_path") else value)
         raise exc
     return reply["result"]
+
+
+# What a Dolly error carries besides its message (errors.py), sent back from the agent.
+_CARRIED = ("kept", "log_lines", "log_path", "items", "status_code", "step", "logs")
 
 
 def _label(info: Dict[str, Any], key: str) -> Optional[str]:
@@ -283,8 +346,8 @@ def _runtime_paths() -> List[str]:
 
 
 def _fingerprint() -> str:
-    """The agent is replaced when the calling Dolly runs from elsewhere."""
-    return f"{PROTOCOL}:{sys.executable}:{_source_root()}"
+    """Which Dolly an agent runs: its protocol, Python and source paths, as a short name part."""
+    return hashlib.sha256(f"{PROTOCOL}:{sys.executable}:{_source_root()}".encode()).hexdigest()[:12]
 
 
 # --- inside the agent ------------------------------------------------------------------------------
@@ -298,8 +361,11 @@ def main(argv: List[str]) -> int:
     try:
         result = _operations.run(op, args, stdin=sys.stdin.buffer, stdout=sys.stdout.buffer)
     except DollyError as e:
-        # On stderr: stdout may already carry part of a bundle.
-        print(json.dumps({"error": type(e).__name__, "message": str(e)}), file=sys.stderr, flush=True)
+        # On stderr: stdout may already carry part of a bundle. With the attributes callers use.
+        attrs = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(e).items()
+                 if k in _CARRIED and v is not None}
+        print(json.dumps({"error": type(e).__name__, "message": str(e), "attrs": attrs}), file=sys.stderr,
+              flush=True)
         return 1
     if result is not _operations.STREAMED:
         print(json.dumps({"result": result}), flush=True)

@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from filelock import FileLock
 
 from . import _archive as archive, _criu as criu, _names as names, policy, _rootfs as rootfs, trust
-from ._checkpoint import METADATA, ROOTFS_DIFF, Checkpoint, require
+from ._checkpoint import METADATA, ROOTFS_DIFF, Checkpoint, engine_of, require
 from ._engine import Engine
 from .errors import (
     ImageRewriteError,
@@ -133,7 +133,7 @@ def export(
         names.lineage(lineage)
     if encryption_key is not None:
         trust.EncryptingWriter(encryption_key, io.BytesIO())  # a bad key fails before any work
-    engine = Engine.of(client if client is not None else checkpoint.client)
+    engine = engine_of(checkpoint, client)
     if not engine.files_are_local():
         from . import _remote
 
@@ -288,9 +288,6 @@ def import_bundle(
     image_source: Optional[docker.DockerClient] = None,
     encryption_key: Optional[bytes] = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
-    _between_own_engines: bool = False,
-    _relayed_for: Optional[str] = None,
-    _relayed: bool = False,
 ) -> Checkpoint:
     """Make a bundle a checkpoint on ``client``'s engine, usable by :func:`dolly.restore` and
     :func:`dolly.clone`. It is listed under its source container's name and ID.
@@ -325,6 +322,51 @@ def import_bundle(
         InvalidArgument: an unknown ``allow`` item or a bad ``max_bytes``.
         BundleError: not a Dolly bundle, or one whose fields break Dolly's rules.
     """
+    return _import(path, client=client, trusted_keys=trusted_keys, allow_unsigned=allow_unsigned, allow=allow,
+                   image_source=image_source, encryption_key=encryption_key, max_bytes=max_bytes)
+
+
+def import_between_own_engines(path: Union[PathLike, IO[bytes]], *, client: Optional[docker.DockerClient],
+                               trusted_keys: Iterable[Ed25519PublicKey] = (), allow_unsigned: bool = False,
+                               image_source: Optional[docker.DockerClient], max_bytes: int = DEFAULT_MAX_BYTES,
+                               ) -> Checkpoint:
+    """An import of a copy that :func:`transfer` makes between engines the caller drives: every
+    policy item allowed, no claim or rollback bookkeeping (a copy's key is made for it alone)."""
+    return _import(path, client=client, trusted_keys=trusted_keys, allow_unsigned=allow_unsigned, allow=policy.ALL,
+                   image_source=image_source, max_bytes=max_bytes, between_own_engines=True)
+
+
+def import_relayed(stream: IO[bytes], *, client: docker.DockerClient, transit_key: Ed25519PublicKey,
+                   signed_by: Optional[str], allow: Iterable[str], max_bytes: int,
+                   between_own_engines: bool) -> Checkpoint:
+    """What Dolly's agent runs for an import its caller verified (see dolly._remote): the stream
+    is signed by the one-time ``transit_key``; ``signed_by`` is the original signer's key id (or
+    None), which the lineage and ``origin`` record.
+
+    Raises:
+        the errors of :func:`import_bundle`; BundleError for a ``signed_by`` that is no key id.
+    """
+    if signed_by is not None and not (isinstance(signed_by, str) and _KEY_ID_RE.match(signed_by)):
+        raise BundleError(f"not a key id: {signed_by!r:.40}")
+    return _import(stream, client=client, trusted_keys=[transit_key], allow_unsigned=False, allow=allow,
+                   image_source=None, max_bytes=max_bytes, between_own_engines=between_own_engines,
+                   relayed=True, relayed_for=signed_by)
+
+
+def _import(
+    path: Union[PathLike, IO[bytes]],
+    *,
+    client: Optional[docker.DockerClient],
+    trusted_keys: Iterable[Ed25519PublicKey],
+    allow_unsigned: bool,
+    allow: Iterable[str],
+    image_source: Optional[docker.DockerClient],
+    max_bytes: int,
+    encryption_key: Optional[bytes] = None,
+    between_own_engines: bool = False,
+    relayed: bool = False,
+    relayed_for: Optional[str] = None,
+) -> Checkpoint:
     allowed = policy.items(allow)
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
         raise InvalidArgument(f"max_bytes must be a positive int, got {max_bytes!r}")
@@ -335,7 +377,7 @@ def import_bundle(
 
         return _remote.import_bundle(engine, _source(path), trusted=trusted, allow_unsigned=allow_unsigned,
                                      allow=allowed, image_source=image_source, encryption_key=encryption_key,
-                                     max_bytes=max_bytes, between_own_engines=_between_own_engines)
+                                     max_bytes=max_bytes, between_own_engines=between_own_engines)
     lineages = _Lineages(engine)
     engine.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     staging = names.inside(engine.spool_dir, f"import-{uuid.uuid4().hex}")
@@ -347,8 +389,8 @@ def import_bundle(
             manifest = _parse_manifest(manifest_bytes)
             signature, first = _signature(tar, members)
             signer = _check_signature(manifest_bytes, manifest, signature, trusted, allow_unsigned)
-            if _relayed:  # verified by the caller of Dolly's agent, which re-signed it for this hop
-                signer = _relayed_for
+            if relayed:  # verified by the caller of Dolly's agent, which re-signed it for this hop
+                signer = relayed_for
             _check_fresh(manifest)
             meta = manifest["checkpoint"]
             lineage = _lineage_key(manifest, signer)
@@ -373,7 +415,7 @@ def import_bundle(
                                 host_paths=[p for p in policy.masked_paths() if os.path.exists(p)])
         except ImageRewriteError as e:
             raise UnsafeArchive(f"the bundle's process images cannot be read: {e}") from e
-        if not _between_own_engines:
+        if not between_own_engines:
             _refuse_claims(engine, meta["container_id"])
         # By ID, and never tagged: a bundle's name must not take over one of this engine's.
         loaded = engine.ensure_image(manifest["image"]["id"], manifest["image"]["name"], tag=False,
@@ -385,7 +427,7 @@ def import_bundle(
                 if final.exists():
                     raise CheckpointExists(f"checkpoint {meta['name']!r} of {meta['container_name']} appeared meanwhile")
                 os.rename(staging / "cp", final)
-                if not _between_own_engines:  # a copy's key is made for it alone: nothing to roll back to
+                if not between_own_engines:  # a copy's key is made for it alone: nothing to roll back to
                     lineages.record(lineage, manifest["created_at"])
         except BaseException:
             if loaded:
@@ -737,8 +779,7 @@ def transfer(
                       expires_in=timedelta(hours=1), client=source)
         steps["export"] = time.perf_counter() - started
         started = time.perf_counter()
-        copy = import_bundle(path, client=target, trusted_keys=[public], allow=policy.ALL,
-                             image_source=image_source, _between_own_engines=True)
+        copy = import_between_own_engines(path, client=target, trusted_keys=[public], image_source=image_source)
         steps["import"] = time.perf_counter() - started
         return copy
 
@@ -746,8 +787,7 @@ def transfer(
 def _stream_between(checkpoint: Checkpoint, source: Engine, target: docker.DockerClient,
                     image_source: docker.DockerClient) -> Checkpoint:
     def into_target(stream: IO[bytes]) -> Checkpoint:
-        return import_bundle(stream, client=target, allow_unsigned=True, allow=policy.ALL,
-                             image_source=image_source, _between_own_engines=True)
+        return import_between_own_engines(stream, client=target, allow_unsigned=True, image_source=image_source)
 
     if not source.files_are_local():
         from ._agent import Agent

@@ -85,6 +85,7 @@ class Checkpoint:
     path: Path = field(compare=False)
     origin: Optional[Mapping[str, Any]] = field(default=None, repr=False, compare=False, hash=False)
     client: Optional[docker.DockerClient] = field(default=None, repr=False, compare=False, hash=False)
+    remote_size: Optional[int] = field(default=None, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         # Both become path parts (the store, the clone's checkpoints folder): checked here, so no
@@ -104,7 +105,10 @@ class Checkpoint:
 
     @property
     def size(self) -> int:
-        """Bytes on disk (images and writable layer)."""
+        """Bytes on disk (images and writable layer). For a checkpoint on another host, as its
+        engine's agent measured it: its path names a folder there, not here."""
+        if self.client is not None and not Engine.of(self.client).files_are_local():
+            return int(self.remote_size or 0)
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
     @property
@@ -141,6 +145,7 @@ class Checkpoint:
             path=path,
             origin=meta.get("origin"),
             client=client,
+            remote_size=meta.get("size") if isinstance(meta.get("size"), int) else None,
         )
 
     def _metadata(self) -> dict:
@@ -595,7 +600,7 @@ def remove_checkpoint(checkpoint: Checkpoint, client: Optional[docker.DockerClie
         CheckpointNotFound: it was removed already.
     """
     require(checkpoint)
-    engine = Engine.of(client if client is not None else checkpoint.client)
+    engine = engine_of(checkpoint, client)
     if not engine.files_are_local():
         from . import _remote
 
@@ -618,6 +623,23 @@ def remove_checkpoint(checkpoint: Checkpoint, client: Optional[docker.DockerClie
         path.parent.rmdir()  # the source's folder, once it holds no checkpoint
     except OSError:
         pass
+
+
+def engine_of(checkpoint: Checkpoint, client: Optional[docker.DockerClient]) -> Engine:
+    """The engine that holds ``checkpoint``: ``client``'s, which must then be that one.
+
+    Raises:
+        InvalidArgument: ``client`` is another engine than the one the checkpoint is on.
+    """
+    if client is None:
+        return Engine.of(checkpoint.client)
+    engine = Engine.of(client)
+    if checkpoint.client is not None and checkpoint.client is not client \
+            and Engine.of(checkpoint.client).identity != engine.identity:
+        raise InvalidArgument(
+            f"checkpoint {checkpoint.name!r} is on another engine than the client given: pass its own "
+            "(checkpoint.client), or copy it there (dolly.clone(..., engines=[client]))")
+    return engine
 
 
 def require(checkpoint: Any) -> Path:

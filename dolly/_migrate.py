@@ -32,6 +32,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import docker
@@ -39,7 +40,7 @@ from docker.models.containers import Container
 
 from . import _bundle as bundle, _criu as criu
 from . import ready as _ready
-from ._checkpoint import Checkpoint, checkpoint, remove_checkpoint
+from ._checkpoint import Checkpoint, checkpoint, get_checkpoint, remove_checkpoint
 from ._engine import ContainerRef, Engine
 from .errors import (
     CheckpointFailed,
@@ -128,7 +129,8 @@ def migrate(
     """
     source_engine = Engine.of(source_client)
     target_engine = Engine.of(target_client)
-    criu.require_version()
+    if source_engine.files_are_local() or target_engine.files_are_local():
+        criu.require_version()  # engines elsewhere are checked by their agents
     source_engine.require_checkpoint_support()
     target_engine.require_checkpoint_support()
     source = source_engine.container(container)
@@ -320,7 +322,8 @@ def _resume_after_failed_checkpoint(source_engine: Engine, source: Container, er
             "running and no images were kept to start it again from", step="roll back"
         ) from error
     try:
-        kept = Checkpoint.load(error.kept)
+        # By its place in the store (<id>/<name>), on the source's engine, wherever its files are.
+        kept = get_checkpoint(Path(error.kept).parent.name, Path(error.kept).name, source_engine.client)
         resume(kept, source.id, client=source_engine.client)
     except DollyError as e:
         raise MigrationFailed(

@@ -11,7 +11,7 @@ import docker
 from cryptography.hazmat.primitives import serialization
 
 from . import _host, policy
-from ._bundle import export_stream, import_bundle
+from ._bundle import export_stream, import_relayed
 from ._checkpoint import Checkpoint, checkpoint, get_checkpoint, list_checkpoints, remove_checkpoint
 from ._engine import Engine
 from ._restore import clone, resume
@@ -23,7 +23,7 @@ _CHUNK = 1 << 20
 
 def checkpoint_json(cp: Checkpoint) -> Dict[str, Any]:
     """A checkpoint as it travels back to the caller."""
-    return {**cp._metadata(), "path": str(cp.path)}
+    return {**cp._metadata(), "path": str(cp.path), "size": cp.size}
 
 
 def run(op: str, args: Dict[str, Any], *, stdin: IO[bytes], stdout: IO[bytes]) -> Any:
@@ -61,9 +61,8 @@ def run(op: str, args: Dict[str, Any], *, stdin: IO[bytes], stdout: IO[bytes]) -
         return STREAMED
     if op == "import":  # straight from stdin, verified as it is extracted
         key = serialization.load_pem_public_key(base64.b64decode(args["transit_key"]))
-        cp = import_bundle(stdin, client=client, trusted_keys=[key],  # type: ignore[list-item]
-                           allow=policy.items(args["allow"]), max_bytes=args["max_bytes"],
-                           _between_own_engines=args["between_own_engines"],
-                           _relayed=True, _relayed_for=args["signed_by"])
+        cp = import_relayed(stdin, client=client, transit_key=key,  # type: ignore[arg-type]
+                            signed_by=args["signed_by"], allow=policy.items(args["allow"]),
+                            max_bytes=args["max_bytes"], between_own_engines=bool(args["between_own_engines"]))
         return checkpoint_json(cp)
     raise InvalidArgument(f"Dolly's agent knows no operation {op!r}")

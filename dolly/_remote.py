@@ -11,10 +11,10 @@ a local import does, while the original signer is what its lineage and ``origin`
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
-import os
+import uuid
 import tarfile
-import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, Iterable, List, Optional, Union
@@ -26,6 +26,7 @@ from docker.models.containers import Container
 
 from . import _archive as archive, trust
 from ._agent import Agent
+from ._bundle import check_signature_and_freshness, first_member, parse_manifest
 from ._checkpoint import Checkpoint
 from ._engine import ContainerRef, Engine
 from .errors import BundleError
@@ -65,12 +66,17 @@ def clone(engine: Engine, cp: Checkpoint, n: int, *, name_prefix: Optional[str],
           progress: Optional[Callable[[Container], None]]) -> List[Container]:
     ids = Agent.of(engine).call("clone", container_id=cp.container_id, name=cp.name, n=n, name_prefix=name_prefix,
                                 labels=labels, max_workers=max_workers, names=names)
-    made = [engine.container(i) for i in ids]
-    for c in made:  # the agent cannot call back: each hook runs once the clones run
-        if on_create is not None:
-            on_create(c.id)
-        if progress is not None:
-            progress(c)
+    try:
+        made = [engine.container(i) for i in ids]
+        for c in made:  # the agent cannot call back: each hook runs once the clones run
+            if on_create is not None:
+                on_create(c.id)
+            if progress is not None:
+                progress(c)
+    except BaseException:
+        for i in ids:  # as a local clone() does: a hook's failure leaves no clone behind
+            engine.remove(i)
+        raise
     return made
 
 
@@ -94,18 +100,26 @@ def export(engine: Engine, cp: Checkpoint, out: Path, *, signer: Optional[Ed2551
                                      max_bytes=max_bytes) as plain, \
             tarfile.open(fileobj=plain, mode="r|", tarinfo=archive.BoundedTarInfo) as tar:
         members = iter(tar)
-        first = next(members, None)
-        data = tar.extractfile(first) if first is not None and first.name == "manifest.json" else None
-        if data is None:
-            raise BundleError("Dolly's agent sent no manifest")
-        manifest = json.loads(data.read())
-        manifest["compression"] = compression
-        manifest["signer"] = trust.key_id(signer) if signer is not None else None
+        manifest = parse_manifest(first_member(tar, members))
+        if (manifest["checkpoint"]["container_id"], manifest["checkpoint"]["name"]) != (cp.container_id, cp.name):
+            raise BundleError("Dolly's agent sent the bundle of another checkpoint")
+        # What the caller's key signs is the caller's: its clock, its lineage, a bundle ID of its own.
+        now = datetime.now(timezone.utc)
+        manifest.update(bundle_id=uuid.uuid4().hex, lineage=lineage or cp.container_id, created_at=now.isoformat(),
+                        expires_at=(now + expires_in).isoformat(), compression=compression,
+                        signer=trust.key_id(signer) if signer is not None else None)
+        listed = {m["name"]: m for m in manifest["members"]}
 
         def rest() -> Iterable[tuple]:
+            seen = set()
             for member in members:
-                if member.name != "manifest.sig":
-                    yield member.name, member.size, tar.extractfile(member)
+                want = listed.get(member.name)
+                if want is None or member.name in seen or not member.isfile() or member.size != want["size"]:
+                    raise BundleError(f"Dolly's agent sent {member.name!r}, which its manifest does not list so")
+                seen.add(member.name)
+                yield member.name, member.size, _Hashing(tar.extractfile(member), want["sha256"], member.name, member.size)
+            if seen != set(listed):  # a stream cut at a member's end looks whole to tar: not to this
+                raise BundleError(f"Dolly's agent's bundle stopped short: {', '.join(sorted(set(listed) - seen))} missing")
 
         return write_bundle(out, manifest, rest(), signer=signer, compression=compression,
                             encryption_key=encryption_key)
@@ -116,7 +130,6 @@ def import_bundle(engine: Engine, source: Union[Path, IO[bytes]], *, trusted: Li
                   encryption_key: Optional[bytes], max_bytes: int, between_own_engines: bool) -> Checkpoint:
     """Verified here (signature, freshness, form), re-signed for the agent with a one-time key,
     streamed to it; it checks the rest as a local import does."""
-    from ._bundle import check_signature_and_freshness, parse_manifest, first_member
 
     transit, transit_public = trust.generate_keypair()
     loaded = False
@@ -165,15 +178,22 @@ def import_bundle(engine: Engine, source: Union[Path, IO[bytes]], *, trusted: Li
     return checkpoint_from(engine, data)
 
 
+class _Hashing:
+    """A member's data as it passes, checked against its digest when it ends."""
+
+    def __init__(self, data: Any, sha256: str, name: str, size: int) -> None:
+        self.data, self.want, self.name, self.left, self.hash = data, sha256, name, size, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self.data.read(n)
+        self.hash.update(chunk)
+        self.left -= len(chunk)
+        if (self.left <= 0 or not chunk) and self.hash.hexdigest() != self.want:
+            raise BundleError(f"{self.name} from Dolly's agent does not match its SHA-256")
+        return bytes(chunk)
+
+
 def _bytes(payload: bytes) -> Any:
     import io
 
     return io.BytesIO(payload)
-
-
-def private_tempdir() -> tempfile.TemporaryDirectory:
-    """A root-only folder of this process's, for a bundle on its way between two engines."""
-    base = Path(os.environ.get("DOLLY_SPOOL", "/var/lib/dolly/spool"))
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(base, 0o700)
-    return tempfile.TemporaryDirectory(dir=base, prefix="transfer-")

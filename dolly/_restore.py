@@ -25,7 +25,7 @@ import docker
 from docker.models.containers import Container
 
 from . import _criu as criu, _names as names, policy, _rootfs as rootfs
-from ._checkpoint import Checkpoint, require
+from ._checkpoint import Checkpoint, engine_of, require
 from ._engine import RUNTIME, ContainerRef, Engine
 from .errors import InvalidArgument, NameConflict
 
@@ -140,8 +140,10 @@ def clone(
         # Checked at import already; again here, because the clone's create body is built from
         # what the bundle recorded, and this is the last step before the engine sees it.
         policy.check(checkpoint.config, checkpoint.origin.get("allowed") or ())
+    if engines is None and client is not None and checkpoint.client is not None and not _holds(client, checkpoint):
+        engines = [client]  # another engine than the checkpoint's: it is copied there first
     if engines is not None:
-        return _clone_across(checkpoint, n, list(engines), home=client or checkpoint.client, name_prefix=name_prefix,
+        return _clone_across(checkpoint, n, list(engines), home=checkpoint.client or client, name_prefix=name_prefix,
                              labels=labels, on_create=on_create, max_workers=max_workers, progress=progress)
     engine = Engine.of(client if client is not None else checkpoint.client)
     if not engine.files_are_local():  # another host's engine: its agent clones there
@@ -293,7 +295,7 @@ def resume(
             "only from a checkpoint taken of it on this engine (a bundle can name any container's "
             "ID); dolly.restore makes a new container from an imported one"
         )
-    engine = Engine.of(client if client is not None else checkpoint.client)
+    engine = engine_of(checkpoint, client)
     if not engine.files_are_local():
         from . import _remote
 

@@ -41,8 +41,14 @@ class Context:
     @property
     def client(self) -> Optional[docker.DockerClient]:
         if self.host and self._client is None:
-            self._client = docker.DockerClient(base_url=self.host)
+            self._client = client_for(self.host)
         return self._client
+
+
+def client_for(url: str) -> docker.DockerClient:
+    """A client of the engine at ``url``, with TLS as docker's own CLI takes it from the
+    environment (DOCKER_TLS_VERIFY, DOCKER_CERT_PATH) for a tcp:// engine."""
+    return docker.DockerClient(**{**docker.utils.kwargs_from_env(), "base_url": url})
 
 
 def command(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -237,7 +243,7 @@ def import_cmd(ctx: Context, path: str, trusted: List[str], allow_unsigned: bool
     By default its container may not be privileged, mount host paths or named volumes, use host
     devices, add capabilities, join host namespaces, change security options, set sysctls or a
     cgroup parent, or log off the host; --allow lets it, item by item."""
-    source = docker.DockerClient(base_url=image_from) if image_from else None
+    source = client_for(image_from) if image_from else None
     keys = [trust.load_public_key(k) for k in trusted]
     # The bundle is read once, as a stream: the bar follows the bytes read (to this engine, or
     # on their way to another host's).
@@ -260,7 +266,7 @@ def migrate_cmd(ctx: Context, container: str, target: str, drop_volumes: bool, r
     """Move a running CONTAINER to another engine, memory and files, under the same name."""
     with _working(f"migrating {container}") as bar:
         bar.add_task("migrate", total=None)
-        moved = dolly.migrate(container, docker.DockerClient(base_url=target), source_client=ctx.client,
+        moved = dolly.migrate(container, client_for(target), source_client=ctx.client,
                               drop_volumes=drop_volumes, rebind_mounts=rebind_mounts)
     if ctx.as_json:
         _print_json({**_container_dict(moved.container), "downtime_s": moved.downtime, "steps_s": moved.steps})
