@@ -8,7 +8,7 @@ from typing import List, Optional
 import docker
 
 from . import _criu as criu
-from ._engine import RUNTIME, Engine
+from ._engine import RUNTIME, Engine, translate_errors
 from .errors import DollyError
 
 __all__ = ["Check", "HostReport", "check_host"]
@@ -57,11 +57,14 @@ def check_host(client: Optional[docker.DockerClient] = None) -> HostReport:
     make_host = "run `make host` as root"
     try:
         engine = Engine.of(client)
+        with translate_errors():  # once, not retried: a report, not an operation that must succeed
+            engine.api.ping()
         info = engine.info(refresh=True)
         checks.append(Check("engine", True, f"Docker {info.get('ServerVersion')} at {engine.api.base_url}"))
     except DollyError as e:
         engine = None
-        checks.append(Check("engine", False, str(e), f"start dockerd ({make_host})"))
+        checks.append(Check("engine", False, f"{_url(client)}: {e}",
+                            f"start dockerd there, or point DOCKER_HOST / -H at one ({make_host})"))
     if engine is not None and not engine.files_are_local():
         # Another host's engine: Dolly's agent checks that host, beside its files.
         from . import _remote
@@ -107,3 +110,10 @@ def check_host(client: Optional[docker.DockerClient] = None) -> HostReport:
         checks.append(Check("pycriu", False, str(e), make_host + " (installs it into .venv)"))
     return HostReport(checks)
 
+
+def _url(client: Optional[docker.DockerClient]) -> str:
+    """Where the engine was looked for, as a user would write it."""
+    if client is None:
+        return "the engine of DOCKER_HOST (or unix:///var/run/docker.sock)"
+    socket_path = getattr(getattr(client.api, "_custom_adapter", None), "socket_path", None)
+    return f"unix://{socket_path}" if socket_path else str(client.api.base_url)

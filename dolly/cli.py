@@ -40,23 +40,31 @@ class Context:
 
     @property
     def client(self) -> Optional[docker.DockerClient]:
-        if self.host and self._client is None:
-            self._client = client_for(self.host)
+        if self._client is None:
+            self._client = client_for(self.host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock")
         return self._client
+
+
+API_VERSION = "1.41"
 
 
 def client_for(url: str) -> docker.DockerClient:
     """A client of the engine at ``url``, with TLS as docker's own CLI takes it from the
     environment (DOCKER_TLS_VERIFY, DOCKER_CERT_PATH) for a tcp:// engine."""
-    return docker.DockerClient(**{**docker.utils.kwargs_from_env(), "base_url": url})
+    # A fixed API version (what Dolly needs, which Docker 20.10 and later speak): without it, the
+    # client asks the engine at once, and an engine that does not answer fails here, raw, before
+    # `dolly doctor` can report it.
+    return docker.DockerClient(**{**docker.utils.kwargs_from_env(), "base_url": url, "version": API_VERSION})
 
 
 def command(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn Dolly's errors into one line on stderr and exit code 1."""
+    """Turn Dolly's errors into one line on stderr and exit code 1; take ``--json`` after the
+    command too (``dolly ls --json``), as well as before it."""
 
     @functools.wraps(fn)
     @click.pass_obj
-    def wrapper(ctx: Context, *args: Any, **kwargs: Any) -> Any:
+    def wrapper(ctx: Context, *args: Any, json_after: bool = False, **kwargs: Any) -> Any:
+        ctx.as_json = ctx.as_json or json_after
         try:
             return fn(ctx, *args, **kwargs)
         except (DollyError, docker.errors.DockerException) as e:
@@ -70,18 +78,34 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             sys.exit(130)
 
-    return wrapper
+    return click.option("--json", "json_after", is_flag=True, help="Print JSON instead of tables.")(wrapper)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.option("-H", "--host", envvar="DOCKER_HOST", help="Docker Engine URL (default: DOCKER_HOST or the local socket).")
-@click.version_option(dolly.__version__, prog_name="dolly")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=lambda c, p, v: _versions(c, v),
+              help="Print the versions of Dolly, CRIU and the engine, and exit.")
 @click.pass_context
 def cli(ctx: click.Context, as_json: bool, debug: bool, host: Optional[str]) -> None:
     """Checkpoint, restore and clone running Docker containers with CRIU."""
     ctx.obj = Context(as_json, debug, host)
+
+
+def _versions(ctx: click.Context, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from dolly._criu import version as criu_version
+
+    criu_v = criu_version()
+    try:
+        engine_v = client_for(os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock").version()["Version"]
+    except docker.errors.DockerException as e:
+        engine_v = f"not reachable ({str(e).splitlines()[0][:80]})"
+    click.echo(f"dolly {dolly.__version__}\ncriu {'.'.join(map(str, criu_v)) if criu_v else 'not installed'}\n"
+               f"docker engine {engine_v}")
+    ctx.exit(0)
 
 
 @cli.command()

@@ -102,3 +102,27 @@ def test_keygen_export_import_migrate(run, client, engine_b, tmp_path):
     assert_counts_on(engine_b.containers.get(moved["id"]), before)
     assert source.id not in {c.id for c in client.containers.list(all=True)}
     engine_b.containers.get(moved["id"]).remove(force=True)
+
+
+def test_output_options_after_the_command_and_versions(busybox_checkpoint):
+    after = dolly_cmd("ls", "--json")
+    assert after.returncode == 0, after.stderr
+    rows = json.loads(after.stdout)
+    assert any(r["name"] == busybox_checkpoint.name and r["container_id"] == busybox_checkpoint.container_id
+               for r in rows)
+    assert json.loads(dolly_cmd("--json", "ls").stdout) == rows
+    version = dolly_cmd("--version")
+    assert version.returncode == 0
+    lines = dict(line.split(" ", 1) if not line.startswith("docker engine") else ("engine", line[14:])
+                 for line in version.stdout.splitlines())
+    assert lines["dolly"] == "0.1.0" and lines["criu"].startswith("4.2") and lines["engine"][0].isdigit()
+
+
+def test_doctor_reports_an_engine_that_does_not_answer(tmp_path):
+    url = f"unix://{tmp_path}/nobody.sock"
+    res = subprocess.run([DOLLY, "-H", url, "doctor", "--json"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, res.stderr
+    rows = {r["name"]: r for r in json.loads(res.stdout)}
+    assert not rows["engine"]["ok"] and url in rows["engine"]["detail"] and rows["engine"]["fix"]
+    assert rows["CRIU version"]["ok"]  # the rest of the report is still there
+    assert "Traceback" not in res.stderr and "DockerException" not in res.stderr
