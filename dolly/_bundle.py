@@ -275,7 +275,7 @@ def read_manifest(path: PathLike, *, encryption_key: Optional[bytes] = None) -> 
         BundleError: not a Dolly bundle; DecryptionFailed: encrypted without the right key.
     """
     with archive.open_bundle(Path(path), encryption_key) as tar:
-        return _parse_manifest(_first_member(tar))
+        return parse_manifest(first_member(tar))
 
 
 def import_bundle(
@@ -385,9 +385,9 @@ def _import(
     try:
         with archive.open_bundle(_source(path), encryption_key) as tar:
             members = iter(tar)
-            manifest_bytes = _first_member(tar, members)
-            manifest = _parse_manifest(manifest_bytes)
-            signature, first = _signature(tar, members)
+            manifest_bytes = first_member(tar, members)
+            manifest = parse_manifest(manifest_bytes)
+            signature, first = read_signature(tar, members)
             signer = _check_signature(manifest_bytes, manifest, signature, trusted, allow_unsigned)
             if relayed:  # verified by the caller of Dolly's agent, which re-signed it for this hop
                 signer = relayed_for
@@ -459,7 +459,7 @@ def _source(path: Union[PathLike, IO[bytes]]) -> Union[Path, IO[bytes]]:
     return path if hasattr(path, "read") else Path(path)  # type: ignore[return-value,arg-type]
 
 
-def _first_member(tar: tarfile.TarFile, members: Optional[Iterator[tarfile.TarInfo]] = None) -> bytes:
+def first_member(tar: tarfile.TarFile, members: Optional[Iterator[tarfile.TarInfo]] = None) -> bytes:
     first = next(members if members is not None else iter(tar), None)
     if first is None or first.name != "manifest.json" or not first.isfile() or first.size > MAX_MANIFEST:
         raise BundleError("not a Dolly bundle: it does not start with manifest.json")
@@ -469,7 +469,8 @@ def _first_member(tar: tarfile.TarFile, members: Optional[Iterator[tarfile.TarIn
     return data.read()
 
 
-def _signature(tar: tarfile.TarFile, members: Iterator[tarfile.TarInfo]) -> Tuple[Optional[bytes], Optional[tarfile.TarInfo]]:
+def read_signature(tar: tarfile.TarFile, members: Iterator[tarfile.TarInfo]
+                   ) -> Tuple[Optional[bytes], Optional[tarfile.TarInfo]]:
     """The signature, when the next member is one; and the first member after it."""
     nxt = next(members, None)
     if nxt is None or nxt.name != "manifest.sig":
@@ -631,7 +632,7 @@ def _source_fields(source: Any) -> Optional[Dict[str, str]]:
     return {k: v[:200] for k, v in source.items() if k in ("engine_id", "host", "docker_version") and isinstance(v, str)}
 
 
-def _parse_manifest(data: bytes) -> Dict[str, Any]:
+def parse_manifest(data: bytes) -> Dict[str, Any]:
     """The manifest, every field held to the rules of Dolly's own values (no ``assert``: these
     checks must survive ``python -O``).
 
@@ -824,7 +825,3 @@ def _stream_between(checkpoint: Checkpoint, source: Engine, target: docker.Docke
         raise failed[0]
     return copy
 
-
-# What Dolly's agent path (dolly._remote) shares with a local import.
-first_member = _first_member
-parse_manifest = _parse_manifest

@@ -366,9 +366,10 @@ class Engine:
             ) from None
         return image_id
 
-    def has_image(self, image_id: str) -> bool:
+    def has_image(self, ref: str) -> bool:
+        """Whether the engine has an image of that ID or name."""
         try:
-            self._call(self.client.images.get, image_id)
+            self._call(self.client.images.get, ref)
             return True
         except (ImageNotFound, ContainerNotFound):
             return False
@@ -393,7 +394,7 @@ class Engine:
             stream = self._call(source.client.images.get, image_id).save(named=False)
             self._call(self.client.images.load, stream)
             copied = True
-        if tag and name and not name.startswith("sha256:") and not self._has_name(name):
+        if tag and name and not name.startswith("sha256:") and not self.has_image(name):
             self._call(self.api.tag, image_id, *_split_tag(name))
         return copied
 
@@ -407,13 +408,6 @@ class Engine:
             self._call(self.api.inspect_container, container_id)
             return True
         except ContainerNotFound:
-            return False
-
-    def _has_name(self, name: str) -> bool:
-        try:
-            self._call(self.client.images.get, name)
-            return True
-        except (ImageNotFound, ContainerNotFound):
             return False
 
     def upper_dir(self, container: Container) -> Path:

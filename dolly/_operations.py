@@ -18,7 +18,6 @@ from ._restore import clone, resume
 from .errors import InvalidArgument
 
 STREAMED = object()
-_CHUNK = 1 << 20
 
 
 def checkpoint_json(cp: Checkpoint) -> Dict[str, Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import uuid
 import tarfile
 from datetime import datetime, timedelta, timezone
@@ -26,7 +25,7 @@ from docker.models.containers import Container
 
 from . import _archive as archive, trust
 from ._agent import Agent
-from ._bundle import check_signature_and_freshness, first_member, parse_manifest
+from ._bundle import check_signature_and_freshness, first_member, parse_manifest, read_signature, write_stream
 from ._checkpoint import Checkpoint
 from ._engine import ContainerRef, Engine
 from .errors import BundleError
@@ -137,39 +136,28 @@ def import_bundle(engine: Engine, source: Union[Path, IO[bytes]], *, trusted: Li
         members = iter(tar)
         manifest_bytes = first_member(tar, members)
         manifest = parse_manifest(manifest_bytes)
-        nxt = next(members, None)
-        signature = None
-        if nxt is not None and nxt.name == "manifest.sig":
-            sig = tar.extractfile(nxt)
-            signature = sig.read(1024) if sig is not None else None
-            nxt = next(members, None)
+        signature, first = read_signature(tar, members)
         signer = check_signature_and_freshness(manifest_bytes, manifest, signature, trusted, allow_unsigned)
         loaded = engine.ensure_image(manifest["image"]["id"], manifest["image"]["name"], tag=False,
                                      source=Engine.of(image_source) if image_source is not None else None)
-        relayed = dict(manifest, signer=trust.key_id(transit))
-        relayed_bytes = json.dumps(relayed, indent=1, sort_keys=True).encode()
-        now = datetime.now(timezone.utc)
+
+        def rest() -> Iterable[tuple]:
+            member = first
+            while member is not None:
+                if not member.isfile():
+                    raise BundleError(f"{member.name!r} in the bundle is not a regular file")
+                yield member.name, member.size, tar.extractfile(member)
+                member = next(members, None)
 
         def produce(sink: Any) -> None:
-            with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as out:
-                for name, payload in (("manifest.json", relayed_bytes), ("manifest.sig", trust.sign(transit, relayed_bytes))):
-                    info = tarfile.TarInfo(name)
-                    info.size, info.mode, info.mtime = len(payload), 0o600, int(now.timestamp())
-                    out.addfile(info, _bytes(payload))
-                member = nxt
-                while member is not None:
-                    if not member.isfile():
-                        raise BundleError(f"{member.name!r} in the bundle is not a regular file")
-                    info = tarfile.TarInfo(member.name)
-                    info.size, info.mode, info.mtime = member.size, 0o600, int(now.timestamp())
-                    out.addfile(info, tar.extractfile(member))
-                    member = next(members, None)
+            write_stream(sink, dict(manifest, signer=trust.key_id(transit)), rest(), signer=transit,
+                         compression="none", encryption_key=None)
 
         try:
             data = Agent.of(engine).stream_in(
                 "import", produce, transit_key=base64.b64encode(transit_public.public_bytes(
                     serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)).decode(),
-                allow=sorted(allow), max_bytes=max_bytes, signed_by=signer, signed=signer is not None,
+                allow=sorted(allow), max_bytes=max_bytes, signed_by=signer,
                 between_own_engines=between_own_engines)
         except BaseException:
             if loaded:
@@ -191,9 +179,3 @@ class _Hashing:
         if (self.left <= 0 or not chunk) and self.hash.hexdigest() != self.want:
             raise BundleError(f"{self.name} from Dolly's agent does not match its SHA-256")
         return bytes(chunk)
-
-
-def _bytes(payload: bytes) -> Any:
-    import io
-
-    return io.BytesIO(payload)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator, Optional, Tuple, Union
@@ -165,19 +166,9 @@ def _nonce(prefix: bytes, index: int) -> bytes:
 
 def encrypt_stream(key: bytes, src: BinaryIO, dst: BinaryIO) -> None:
     """Encrypt ``src`` into ``dst``: MAGIC, an 8-byte nonce prefix, then sealed chunks."""
-    aead = _aead(key)
-    prefix = os.urandom(8)
-    dst.write(MAGIC + prefix)
-    index = 0
-    chunk = src.read(CHUNK)
-    while True:
-        nxt = src.read(CHUNK)
-        last = not nxt
-        aad = MAGIC + struct.pack(">IB", index, last)
-        dst.write(aead.encrypt(_nonce(prefix, index), chunk, aad))
-        if last:
-            return
-        chunk, index = nxt, index + 1
+    writer = EncryptingWriter(key, dst)
+    shutil.copyfileobj(src, writer, CHUNK)
+    writer.close()
 
 
 def is_encrypted(path: Path) -> bool:
@@ -214,8 +205,8 @@ def decrypt_chunks(key: Optional[bytes], src: BinaryIO) -> Iterator[bytes]:
 
 
 class EncryptingWriter(io.RawIOBase):
-    """A writable stream that seals what is written into ``dst`` as :func:`encrypt_stream`
-    does, chunk by chunk, so that no plaintext is ever written anywhere. ``close()`` seals the
+    """A writable stream that seals what is written into ``dst`` (MAGIC, an 8-byte nonce prefix,
+    then sealed chunks), chunk by chunk, so that no plaintext is ever written anywhere. ``close()`` seals the
     last chunk (and does not close ``dst``)."""
 
     def __init__(self, key: bytes, dst: BinaryIO) -> None:

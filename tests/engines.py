@@ -26,6 +26,17 @@ import docker
 import docker.tls
 
 
+def _end(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to a dockerd we started and wait for it, killing it after 30 s."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class SecondEngine:
     def __init__(self, name: str, *, experimental: bool, subnet: str, live_restore: bool = False) -> None:
         """``subnet``: the bridge's address with its prefix length, like ``10.213.100.1/24``.
@@ -91,13 +102,8 @@ class SecondEngine:
         subprocess.run(["pkill", "-KILL", "-f", f"containerd --config {self.exec_root}"], check=False)
 
     def _end_daemon(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            _end(self.proc, sig)
         self.proc = None
 
     def _launch(self) -> docker.DockerClient:
@@ -442,13 +448,7 @@ class IsolatedEngine:
         if self.proc is not None:
             if self.mount_ns is None:
                 self.mount_ns = _mount_ns(self.proc.pid)
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+            _end(self.proc, signal.SIGTERM)
             self.proc = None
         self._end_everything(self.mount_ns)
         self.mount_ns = None

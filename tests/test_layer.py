@@ -4,6 +4,7 @@ dumped, a checkpoint that stopped its container never deletes the only images, c
 container do not mix, and the runtime hands CRIU no folder but the container's own."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -84,6 +85,21 @@ def nothing_kept(engine: Engine, source) -> None:
     assert not store.exists() or list(store.iterdir()) == []
     assert list(engine.checkpoints_dir(source.id).glob("*")) == []
     assert list(engine.spool_dir.glob(f"{source.id}.*")) == []
+
+
+@contextlib.contextmanager
+def spool_on_tmpfs(engine: Engine, source, size: str):
+    """The container's own spool folder on a tmpfs of ``size``: a filesystem of its own, small
+    if asked. Unmounted and removed afterwards."""
+    spool = engine.spool_dir / f"{source.id}.checkpoint"
+    spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "dolly-test-layer", str(spool)],
+                   check=True)
+    try:
+        yield spool
+    finally:
+        subprocess.run(["umount", str(spool)], check=True)
+        shutil.rmtree(spool, ignore_errors=True)
 
 
 def counter(run, extra: str = ""):
@@ -170,16 +186,10 @@ def test_no_room_for_the_layer_is_refused_and_the_source_untouched(run, engine):
     source = counter(run, "dd if=/dev/urandom of=/tmp/blob bs=1M count=8 2>/dev/null")
     pid = source.attrs["State"]["Pid"]
     # The destination's filesystem, made small: this container's own spool folder on a tmpfs.
-    spool = engine.spool_dir / f"{source.id}.checkpoint"
-    spool.mkdir(mode=0o700, parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "dolly-test-layer", str(spool)], check=True)
-    try:
+    with spool_on_tmpfs(engine, source, "4m"):
         with pytest.raises(errors.CheckpointFailed) as info:
             dolly.checkpoint(source, "full", leave_running=False)
         assert info.value.kept is None
-    finally:
-        subprocess.run(["umount", str(spool)], check=True)
-        shutil.rmtree(spool, ignore_errors=True)
     message = str(info.value)
     found = re.search(r"needs .* \((\d+) bytes\) in .* has .* \((\d+) bytes\) free", message)
     assert found, message
@@ -269,15 +279,9 @@ def test_images_kept_when_they_cannot_be_moved_into_the_store(run, engine):
     """The spool on a filesystem of its own: its rename into the store fails after the dump stopped
     the container; the images are copied into the store instead of deleted."""
     source = counter(run)
-    spool = engine.spool_dir / f"{source.id}.checkpoint"
-    spool.mkdir(mode=0o700, parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m,mode=0700", "dolly-test-layer", str(spool)], check=True)
-    try:
+    with spool_on_tmpfs(engine, source, "256m"):
         with pytest.raises(errors.CheckpointFailed) as info:
             dolly.checkpoint(source, "moved", leave_running=False)
-    finally:
-        subprocess.run(["umount", str(spool)], check=True)
-        shutil.rmtree(spool, ignore_errors=True)
     kept = info.value.kept
     assert kept == engine.store_dir / source.id / "moved"
     assert isinstance(info.value.__cause__, OSError)  # a mount point cannot be renamed (EBUSY)
