@@ -21,7 +21,7 @@ import io
 import os
 import posixpath
 import re
-import tarfile
+import sys
 import zlib
 from pathlib import Path
 from typing import IO, Any, Iterator, Optional, Union
@@ -30,6 +30,14 @@ import zstandard
 
 from . import trust
 from .errors import BundleError, DecryptionFailed, DigestMismatch, DollyError, UnsafeArchive
+
+# The tarfile of Python 3.12, with its extraction filters (`data_filter`), on every Python Dolly
+# runs on: Debian 12's 3.11.2 predates them, and backports.tarfile is the same module. Dolly's
+# other modules take it from here, so one archive is never read by two different tarfiles.
+if sys.version_info >= (3, 12):
+    import tarfile
+else:
+    from backports import tarfile
 
 MAX_HEADER = 64 << 10  # one pax or GNU long-name header; Linux's largest xattr value is 64 KiB
 CHUNK = 1 << 20

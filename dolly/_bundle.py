@@ -36,7 +36,6 @@ import json
 import os
 import re
 import shutil
-import tarfile
 import tempfile
 import threading
 import time
@@ -51,6 +50,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from filelock import FileLock
 
 from . import _archive as archive, _criu as criu, _names as names, policy, _rootfs as rootfs, trust
+from ._archive import tarfile
 from ._checkpoint import METADATA, ROOTFS_DIFF, Checkpoint, engine_of, require
 from ._engine import Engine
 from .errors import (

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import posixpath
 import subprocess
-import tarfile
 from pathlib import Path
 from typing import Dict, List
 
 from . import _archive as archive
+from ._archive import tarfile
 from .errors import CheckpointNotFound, DollyError, InvalidArgument, UnsafeArchive
 
 MAX_FILES = 100_000

@@ -4,7 +4,10 @@
 #  1. Debian packages: Docker Engine, CRIU's build dependencies, image-building tools.
 #  2. CRIU 4.2.1 built from Debian's source package when the installed criu is older or fails
 #     `criu check` (Debian 12's 3.17 cannot handle this kernel's vDSO; 4.1 cannot dump inet sockets).
-#  3. The `dolly` OCI runtime (scripts/dolly-runc, a wrapper around runc) as the engine's default.
+#  3. The `dolly` OCI runtime (scripts/dolly-runc, a wrapper around runc), registered with the
+#     engine and made its default; DOLLY_DEFAULT_RUNTIME=0 registers it only (containers then run
+#     under runc unless created with runtime="dolly", and Dolly checkpoints them by a slower path:
+#     README, "Runtimes").
 #  4. dockerd with experimental mode, started if it is not answering.
 #  5. The project's virtual environment .venv, with pycriu from the same CRIU source.
 #  6. The local images the demo and the tests use (no registry is reachable).
@@ -22,8 +25,7 @@ RUNTIME_BIN=/usr/local/sbin/dolly-runc
 log() { printf 'host: %s\n' "$*" >&2; }
 
 [ "$(id -u)" = 0 ] || { log "must run as root (CRIU and the Docker Engine need it)"; exit 1; }
-# Appended, not prepended: the caller's python3 comes first (Debian 12's own 3.11.2 lacks
-# tarfile's extraction filters, which bundle import needs).
+# Appended, not prepended: the caller's python3 comes first.
 export PATH=$PATH:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export DEBIAN_FRONTEND=noninteractive
 
@@ -31,15 +33,18 @@ export DEBIAN_FRONTEND=noninteractive
 PACKAGES=(docker.io runc containerd iptables iproute2 busybox-static mmdebstrap zstd xz-utils
   build-essential pkgconf libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev
   libnl-3-dev libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler uuid-dev
-  python3-protobuf)
+  python3-protobuf python3-venv)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The machine's package lists are refreshed only when they cannot serve the install.
+  if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1; then
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
 fi
 
 # --- 2. CRIU -------------------------------------------------------------------------------------
@@ -53,19 +58,28 @@ criu_ok() {
 }
 
 fetch_criu_source() {
-  # The orig tarball of Debian's unstable criu package; the mirror is the one this machine's apt
-  # already uses, so no host is named here.
-  local uri list tmp
+  # The orig tarball of Debian's unstable criu package, pinned by its hash; the mirror is the one
+  # this machine's apt already uses, so no host is named here. apt runs on state of its own under
+  # $CACHE/apt (source list, package lists, caches): the machine's own lists and caches are not
+  # read or written, so `apt-get install` works afterwards exactly as it did before.
+  local uri apt tmp
   uri=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
-  [ -n "$uri" ] || uri=$(awk '$1=="deb"{print $2; exit}' /etc/apt/sources.list)
-  list=/etc/apt/sources.list.d/dolly-criu-src.sources
-  printf 'Types: deb-src\nURIs: %s\nSuites: sid\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$uri" >"$list"
+  [ -n "$uri" ] || uri=$(awk '$1=="deb"{print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+  [ -n "$uri" ] || { log "no Debian mirror in /etc/apt/sources.list{,.d/debian.sources}"; exit 1; }
+  apt=$CACHE/apt
+  rm -rf "$apt"
+  mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial"
+  printf 'Types: deb-src\nURIs: %s\nSuites: sid\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+    "$uri" >"$apt/criu-src.sources"
+  local opts=(-qq -o Dir::Etc::sourcelist="$apt/criu-src.sources" -o Dir::Etc::sourceparts=-
+    -o Dir::State::Lists="$apt/lists" -o Dir::Cache="$apt/cache" -o Dir::Cache::pkgcache=
+    -o Dir::Cache::srcpkgcache= -o APT::Sandbox::User=root)
+  apt-get update "${opts[@]}" >/dev/null
   tmp=$(mktemp -d)
-  apt-get update -qq -o Dir::Etc::sourcelist="$list" -o Dir::Etc::sourceparts=- >/dev/null
-  # The debian.tar.xz may be missing on the mirror; the orig tarball is all that is needed.
-  (cd "$tmp" && apt-get source --download-only -qq "criu=$CRIU_VERSION-*" >/dev/null 2>&1 ||
-    apt-get source --download-only -qq criu >/dev/null 2>&1 || true)
-  rm -f "$list"
+  # The debian.tar.xz may be missing on the mirror (apt then fails); the orig tarball is all that
+  # is needed, and its hash is checked below.
+  (cd "$tmp" && apt-get source --download-only "${opts[@]}" criu >/dev/null 2>&1 || true)
+  rm -rf "$apt"
   [ -f "$tmp/criu_$CRIU_VERSION.orig.tar.xz" ] || { log "could not download criu_$CRIU_VERSION.orig.tar.xz"; exit 1; }
   echo "$CRIU_SHA256  $tmp/criu_$CRIU_VERSION.orig.tar.xz" | sha256sum -c --quiet
   mkdir -p "$CACHE"
@@ -79,27 +93,34 @@ if ! criu_ok || [ ! -d "$CRIU_SRC/lib" ]; then
   [ -f "$CRIU_SRC/Makefile" ] || fetch_criu_source
   if ! criu_ok; then
     log "building CRIU $CRIU_VERSION"
-    make -C "$CRIU_SRC" -j"$(nproc)" criu >/dev/null
+    # CRIU's Makefile asks git for a release name at parse time ("fatal: not a git repository"
+    # from a source tarball): that line alone is dropped, every other message is kept.
+    make -C "$CRIU_SRC" -j"$(nproc)" criu 2> >(grep -v '^fatal: not a git repository' >&2) >/dev/null
     install -m 0755 "$CRIU_SRC/criu/criu" /usr/sbin/criu
     criu_ok || { criu check; exit 1; }
   fi
 fi
 [ -f "$CRIU_SRC/lib/pycriu/images/images.py" ] && ls "$CRIU_SRC"/lib/pycriu/images/*_pb2.py >/dev/null 2>&1 ||
-  make -C "$CRIU_SRC" lib >/dev/null
+  make -C "$CRIU_SRC" lib 2> >(grep -v '^fatal: not a git repository' >&2) >/dev/null
 
 # --- 3. the dolly runtime ------------------------------------------------------------------------
 cmp -s "$here/scripts/dolly-runc" "$RUNTIME_BIN" || install -m 0755 "$here/scripts/dolly-runc" "$RUNTIME_BIN"
 
 # --- 4. dockerd ----------------------------------------------------------------------------------
 mkdir -p /etc/docker
-changed=$(python3 - "$DAEMON_JSON" "$RUNTIME_BIN" <<'EOF'
+DEFAULT_RUNTIME=${DOLLY_DEFAULT_RUNTIME:-1}
+case "$DEFAULT_RUNTIME" in 0|1) ;; *) log "DOLLY_DEFAULT_RUNTIME must be 0 or 1"; exit 1 ;; esac
+changed=$(python3 - "$DAEMON_JSON" "$RUNTIME_BIN" "$DEFAULT_RUNTIME" <<'EOF'
 import json, os, sys
-path, runtime = sys.argv[1], sys.argv[2]
+path, runtime, default = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 cfg = json.load(open(path)) if os.path.exists(path) and os.path.getsize(path) else {}
 want = dict(cfg)
 want["experimental"] = True
-want.setdefault("runtimes", {})["dolly"] = {"path": runtime}
-want["default-runtime"] = "dolly"
+want["runtimes"] = {**cfg.get("runtimes", {}), "dolly": {"path": runtime}}
+if default:
+    want["default-runtime"] = "dolly"
+elif cfg.get("default-runtime") == "dolly":  # ours, from an earlier run: back to the engine's own
+    del want["default-runtime"]
 if want != cfg:
     with open(path + ".tmp", "w") as f:
         json.dump(want, f, indent=2)
@@ -117,7 +138,9 @@ start_dockerd() {
   log "dockerd did not answer within 60 s; see /var/log/dolly/dockerd.log"; tail -n 20 /var/log/dolly/dockerd.log >&2; exit 1
 }
 if docker_up; then
-  if [ -n "$changed" ] || [ "$(docker info -f '{{.DefaultRuntime}}')" != dolly ] ||
+  default=$(docker info -f '{{.DefaultRuntime}}')
+  if [ -n "$changed" ] || { [ "$DEFAULT_RUNTIME" = 1 ] && [ "$default" != dolly ]; } ||
+     { [ "$DEFAULT_RUNTIME" = 0 ] && [ "$default" = dolly ]; } ||
      [ "$(docker version -f '{{.Server.Experimental}}')" != true ]; then
     log "restarting dockerd to apply $DAEMON_JSON"
     pid=$(cat /var/run/docker.pid 2>/dev/null || pgrep -xo dockerd)
@@ -130,17 +153,15 @@ else
 fi
 
 # --- 5. Python environment -----------------------------------------------------------------------
-has_filters='import sys, tarfile; sys.exit(not hasattr(tarfile, "data_filter"))'
-if [ -x "$VENV/bin/python" ] && ! "$VENV/bin/python" -c "$has_filters"; then
-  rm -rf "$VENV"  # made with a Python that lacks tarfile's extraction filters
+# Any Python 3.11 or newer: Debian 12's own 3.11.2 included (backports.tarfile brings the
+# extraction filters of 3.12's tarfile to it). A venv whose Python is gone is made again.
+if [ -e "$VENV" ] && ! "$VENV/bin/python" -c '' 2>/dev/null; then
+  rm -rf "$VENV"
 fi
 if [ ! -x "$VENV/bin/python" ]; then
-  py=
-  for candidate in python3 python3.13 python3.12 python3.11 "$HOME"/.pyenv/shims/python3 /root/.pyenv/versions/*/bin/python3; do
-    if command -v "$candidate" >/dev/null && "$candidate" -c "$has_filters" 2>/dev/null; then py=$candidate; break; fi
-  done
-  [ -n "$py" ] || { log "no Python with tarfile extraction filters (3.11.4 or newer) on PATH"; exit 1; }
-  "$py" -m venv "$VENV"
+  python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+    { log "python3 on PATH is $(python3 --version 2>&1); Dolly needs 3.11 or newer"; exit 1; }
+  python3 -m venv "$VENV"
 fi
 # Reinstalled when the project's dependencies change (setup.cfg), not on every run.
 want=$(cat "$here/setup.cfg" "$CRIU_SRC/lib/setup.py" 2>/dev/null | sha256sum | cut -c1-16)

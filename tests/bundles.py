@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tarfile
+from dolly._archive import tarfile  # the one Dolly reads with: 3.12's, backported to 3.11
 from pathlib import Path
 
 import pytest

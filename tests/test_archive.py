@@ -5,7 +5,7 @@ import io
 import json
 import os
 import subprocess
-import tarfile
+from dolly._archive import tarfile  # the one Dolly reads with: 3.12's, backported to 3.11
 
 import pytest
 

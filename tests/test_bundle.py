@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
+from dolly._archive import tarfile  # the one Dolly reads with: 3.12's, backported to 3.11
 import time
 from datetime import timedelta
 from pathlib import Path

@@ -9,7 +9,7 @@ import hashlib
 import io
 import json
 import os
-import tarfile
+from dolly._archive import tarfile  # the one Dolly reads with: 3.12's, backported to 3.11
 import tempfile
 from pathlib import Path
 

@@ -14,7 +14,7 @@ import os
 import select
 import subprocess
 import sys
-import tarfile
+from dolly._archive import tarfile  # the one Dolly reads with: 3.12's, backported to 3.11
 import threading
 import time
 from datetime import datetime, timedelta, timezone

@@ -13,7 +13,7 @@ import shutil
 import stat
 import subprocess
 import sys
-import tarfile
+from dolly._archive import tarfile  # the one Dolly reads with: 3.12's, backported to 3.11
 import threading
 import time
 import uuid
