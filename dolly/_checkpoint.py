@@ -26,13 +26,13 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import docker
 from docker.models.containers import Container
 from filelock import FileLock
 
-from . import _criu as criu, _names as names
+from . import _criu as criu, _names as names, _rootfs as rootfs
 from ._engine import RUNTIME, ContainerRef, Engine
 from .errors import (
     CheckpointExists,
@@ -40,7 +40,7 @@ from .errors import (
     CheckpointNotFound,
     ContainerNotFound,
     ContainerNotRunning,
-    HostNotReady,
+    DollyError,
     InvalidArgument,
 )
 
@@ -185,7 +185,9 @@ def checkpoint(
     """Checkpoint a running container: its processes' memory (CRIU) and its writable layer.
 
     The writable layer is archived (sparse files stay sparse) while the container is frozen, just
-    before CRIU dumps it. A layer over ``max_layer_bytes``, or one the destination's filesystem
+    before CRIU dumps it: by Dolly's runtime, or, for a container under another runtime (runc),
+    by Dolly around the engine's own checkpoint, with the container paused from before the archive
+    to after the dump (slower: the images go through containerd; README, "Runtimes"). A layer over ``max_layer_bytes``, or one the destination's filesystem
     has no room for, is refused before anything is dumped: the container is left as it was,
     running, whatever ``leave_running`` says. Checkpoints of one container are taken one at a
     time.
@@ -231,14 +233,6 @@ def checkpoint(
     source = engine.container(container)
     if not source.attrs["State"].get("Running"):
         raise ContainerNotRunning(f"container {source.name} is {source.status}, not running")
-    if source.attrs["HostConfig"].get("Runtime") != RUNTIME:
-        raise HostNotReady(
-            f"container {source.name} runs with the runtime "
-            f"{source.attrs['HostConfig'].get('Runtime')!r}; Dolly needs the '{RUNTIME}' runtime "
-            f"(`make host` makes it the engine's default; or create it with runtime='{RUNTIME}') "
-            "to take its files at the instant of the checkpoint"
-        )
-
     final = engine.store_dir / source.id / name
     if final.exists():
         raise CheckpointExists(f"container {source.name} already has a checkpoint named {name!r}")
@@ -288,17 +282,22 @@ def _checkpoint_locked(
     # Docker refuses a custom checkpoint folder: it writes into the container's own, under a name
     # of ours. Dolly's runtime has CRIU dump into the spool folder made here instead, so that the
     # images skip Docker's copy through containerd; Docker's folder then holds nothing we need.
+    # A container under another runtime (runc) takes the engine's own path: Dolly pauses it,
+    # archives its writable layer, has Docker dump it while still paused, and then resumes it.
     docker_name = f"dolly-{uuid.uuid4().hex[:16]}"
     staging = folder / f".{docker_name}"
     spool = engine.spool_dir / f"{source.id}.checkpoint"
+    own_runtime = source.attrs["HostConfig"].get("Runtime") == RUNTIME
     if spool.is_symlink():
         spool.unlink()
     shutil.rmtree(spool, ignore_errors=True)
-    spool.mkdir(mode=0o700, exist_ok=True)  # a mount point stays (a spool on a filesystem of its own)
-    _write_private(spool / RUNTIME_REQUEST, f"max_layer_bytes={max_layer_bytes}\n")
+    if own_runtime:
+        spool.mkdir(mode=0o700, exist_ok=True)  # a mount point stays (a spool on a filesystem of its own)
+        _write_private(spool / RUNTIME_REQUEST, f"max_layer_bytes={max_layer_bytes}\n")
     created_at = datetime.now(timezone.utc)
     images = engine.checkpoints_dir(source.id) / docker_name
     doomed = [images, staging, spool]
+    paused = False
     try:
         # A restart policy would have Docker start the container again, from scratch, as soon as
         # the dump stops it: "no" for the length of the dump, then the user's own again.
@@ -307,6 +306,11 @@ def _checkpoint_locked(
         if pause_policy:
             engine.set_restart_policy(source.id, {"Name": "no", "MaximumRetryCount": 0})
         try:
+            if not own_runtime:
+                staging.mkdir(mode=0o700)
+                engine.pause(source.id)
+                paused = True
+                _take_files_paused(engine, source, staging, max_layer_bytes)
             engine.create_checkpoint(source.id, docker_name, exit=not leave_running)
         except CheckpointFailed as e:
             refused = _refusal(e, source, engine)
@@ -316,10 +320,11 @@ def _checkpoint_locked(
         finally:
             if pause_policy:
                 engine.set_restart_policy(source.id, policy)
-        staging.mkdir(mode=0o700)
+            if paused:
+                _unpause(engine, source)
+        staging.mkdir(mode=0o700, exist_ok=True)
         os.rename(spool if (spool / "inventory.img").exists() else images, staging / "criu")
-        diff = staging / "criu" / RUNTIME_ROOTFS_DIFF
-        if not diff.exists():
+        if own_runtime and not (staging / "criu" / RUNTIME_ROOTFS_DIFF).exists():
             raise CheckpointFailed(
                 f"the '{RUNTIME}' runtime left no {RUNTIME_ROOTFS_DIFF} in the checkpoint of "
                 f"{source.name}: is /usr/local/sbin/dolly-runc current? (run `make host`)"
@@ -357,6 +362,41 @@ def _checkpoint_locked(
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+def _take_files_paused(engine: Engine, source: Container, staging: Path, max_layer_bytes: int) -> None:
+    """What Dolly's runtime adds to a dump, for a container under another runtime, taken while
+    it is paused: its writable layer, and its OCI spec from the bundle of its runtime's shim (the
+    parent of its first process, whose working folder the bundle is; skipped when not found).
+
+    Raises:
+        CheckpointFailed: the layer was refused (too large, no room) or could not be archived.
+    """
+    try:
+        rootfs.archive_layer(engine.upper_dir(source), staging / ROOTFS_DIFF, max_bytes=max_layer_bytes)
+    except rootfs.LayerRefused as e:
+        raise _refused(e.reason, e.fields, source, staging) from e
+    except DollyError as e:
+        raise CheckpointFailed(f"container {source.name} was not checkpointed: {e}") from e
+    pid = source.attrs["State"].get("Pid")
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            shim = int(f.read().rsplit(")", 1)[1].split()[1])
+        spec = Path(f"/proc/{shim}/cwd/config.json").read_bytes()
+        json.loads(spec)
+    except (OSError, ValueError, IndexError):
+        return
+    _write_private(staging / "spec.dump", spec.decode())
+
+
+def _unpause(engine: Engine, source: Container) -> None:
+    """Resume a container Dolly paused, unless the dump has stopped it."""
+    try:
+        state = engine.container(source.id).attrs["State"]
+        if state.get("Running") and state.get("Paused"):
+            engine.unpause(source.id)
+    except ContainerNotFound:
+        pass
+
+
 def _take_runtime_files(staging: Path) -> None:
     """Move what the runtime added beside CRIU's images to their places in the checkpoint, and
     make every file root-only."""
@@ -378,26 +418,34 @@ def _refusal(error: CheckpointFailed, source: Container, engine: Engine) -> Opti
     m = re.search(r"DOLLY_REFUSED reason=([a-z-]+)((?: [a-z_]+=[0-9]+)*)", str(error))
     if m is None:
         return None
-    reason, fields = m.group(1), dict(kv.split("=", 1) for kv in m.group(2).split())
+    reason = m.group(1)
+    fields = {k: int(v) for k, v in (kv.split("=", 1) for kv in m.group(2).split())}
+    if (reason == "layer-too-large" and {"allocated", "max"} <= fields.keys()) or (
+            reason == "no-space" and {"need", "avail"} <= fields.keys()):
+        return _refused(reason, fields, source, engine.spool_dir / f"{source.id}.checkpoint")
     untouched = "Nothing was dumped: the container is untouched and keeps running."
-    if reason == "layer-too-large" and {"allocated", "max"} <= fields.keys():
-        size, cap = int(fields["allocated"]), int(fields["max"])
+    return CheckpointFailed(f"container {source.name} was not checkpointed: {m.group(0)}. {untouched}")
+
+
+def _refused(reason: str, fields: Dict[str, int], source: Container, where: Path) -> CheckpointFailed:
+    """Dolly's words for a refused writable layer (``reason`` and ``fields`` as the runtime
+    reports them: layer-too-large with allocated and max, no-space with need and avail)."""
+    untouched = "Nothing was dumped: the container is untouched and keeps running."
+    if reason == "layer-too-large":
+        size, cap = fields["allocated"], fields["max"]
         return CheckpointFailed(
             f"container {source.name} was not checkpointed: its writable layer holds "
             f"{_bytes_text(size)} ({size} bytes allocated), over the cap of {_bytes_text(cap)} "
             f"({cap} bytes). To take it anyway, raise the cap: "
             f"dolly.checkpoint(..., max_layer_bytes={_next_cap(size)}). {untouched}"
         )
-    if reason == "no-space" and {"need", "avail"} <= fields.keys():
-        need, avail = int(fields["need"]), int(fields["avail"])
-        spool = engine.spool_dir / f"{source.id}.checkpoint"
-        return CheckpointFailed(
-            f"container {source.name} was not checkpointed: its writable layer needs "
-            f"{_bytes_text(need)} ({need} bytes) in {spool}, whose filesystem has "
-            f"{_bytes_text(avail)} ({avail} bytes) free. Free space there (or remove old "
-            f"checkpoints with dolly.remove_checkpoint). {untouched}"
-        )
-    return CheckpointFailed(f"container {source.name} was not checkpointed: {m.group(0)}. {untouched}")
+    need, avail = fields["need"], fields["avail"]
+    return CheckpointFailed(
+        f"container {source.name} was not checkpointed: its writable layer needs "
+        f"{_bytes_text(need)} ({need} bytes) in {where}, whose filesystem has "
+        f"{_bytes_text(avail)} ({avail} bytes) free. Free space there (or remove old "
+        f"checkpoints with dolly.remove_checkpoint). {untouched}"
+    )
 
 
 def _bytes_text(n: int) -> str:

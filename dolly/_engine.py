@@ -323,6 +323,12 @@ class Engine:
 
         self._call(call)
 
+    def pause(self, container_id: str) -> None:
+        self._call(self.api.pause, container_id)
+
+    def unpause(self, container_id: str) -> None:
+        self._call(self.api.unpause, container_id)
+
     def set_restart_policy(self, container_id: str, policy: Dict[str, Any]) -> None:
         """Change a container's restart policy in place (``docker update --restart``)."""
         self._call(self.api.update_container, container_id, restart_policy=policy)

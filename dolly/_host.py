@@ -84,14 +84,19 @@ def check_host(client: Optional[docker.DockerClient] = None) -> HostReport:
         runtimes = info.get("Runtimes") or {}
         has = RUNTIME in runtimes
         default = info.get("DefaultRuntime")
-        checks.append(Check(f"'{RUNTIME}' runtime", has and default == RUNTIME,
-                            f"registered: {has}, engine default: {default}", make_host))
+        if not has:
+            detail = "not registered"
+        elif default == RUNTIME:
+            detail = "registered, the engine's default"
+        else:
+            detail = (f"registered; the engine's default is {default!r}: its containers are "
+                      "checkpointed by the slower path (README, \"Runtimes\")")
+        checks.append(Check(f"'{RUNTIME}' runtime", has, detail, make_host))
         root = info.get("DockerRootDir")
         local = engine.files_are_local() and (engine.root_dir / "containers").is_dir()
         checks.append(Check("data root", local,
                             f"{root} {'is' if local else 'is not'} visible to this process",
-                            "run Dolly as root on the engine's host, beside its files (engines on other "
-                            "hosts are not reached yet)"))
+                            "run Dolly as root, or make the engine's data root readable to this process"))
     v = criu.version()
     new_enough = v is not None and v[:2] >= criu.MIN_VERSION
     checks.append(Check("CRIU version", new_enough,

@@ -16,10 +16,12 @@ outside the clone's layer.
 """
 from __future__ import annotations
 
+import os
 import posixpath
+import shutil
 import subprocess
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from . import _archive as archive
 from ._archive import tarfile
@@ -35,6 +37,66 @@ _SPARSE = "GNU.sparse."
 _KEPT_XATTRS = ("SCHILY.xattr.user.", "SCHILY.xattr.security.capability")
 
 TAR_OPTIONS = ["--numeric-owner", "--xattrs", "--xattrs-include=*"]
+# Room left free on the destination's filesystem beyond the archive itself, and the headers a file
+# takes in it: the same figures as scripts/dolly-runc's.
+RESERVE_BYTES = 1 << 20
+HEADER_BYTES = 2048
+
+
+class LayerRefused(DollyError):
+    """The writable layer was not archived: ``reason`` is ``"layer-too-large"`` (``fields``:
+    allocated, max) or ``"no-space"`` (need, avail), as scripts/dolly-runc reports them."""
+
+    def __init__(self, reason: str, fields: Dict[str, int]) -> None:
+        super().__init__(f"{reason} {fields}")
+        self.reason = reason
+        self.fields = fields
+
+
+def allocated_bytes(upper_dir: Path) -> Tuple[int, int]:
+    """The bytes a layer's files hold on disk (a sparse file counts what it holds; hard links
+    count once) and the number of entries, not crossing into other filesystems."""
+    top = os.lstat(upper_dir)
+    seen = set()
+    total, entries = top.st_blocks * 512, 1
+    for folder, dirs, files in os.walk(upper_dir):
+        for name in dirs + files:
+            st = os.lstat(os.path.join(folder, name))
+            entries += 1
+            if st.st_dev != top.st_dev:
+                continue
+            if st.st_nlink > 1 and not os.path.isdir(os.path.join(folder, name)):
+                if st.st_ino in seen:
+                    continue
+                seen.add(st.st_ino)
+            total += st.st_blocks * 512
+        dirs[:] = [d for d in dirs if os.lstat(os.path.join(folder, d)).st_dev == top.st_dev]
+    return total, entries
+
+
+def archive_layer(upper_dir: Path, out: Path, *, max_bytes: int) -> None:
+    """Archive a writable layer (an overlay upper directory) as scripts/dolly-runc does: GNU tar,
+    sparse-aware, with whiteouts and extended attributes, readable by root only. The caller has
+    frozen the container.
+
+    Raises:
+        LayerRefused: the layer holds more than ``max_bytes``, or ``out``'s filesystem lacks room.
+        DollyError: tar failed.
+    """
+    size, entries = allocated_bytes(upper_dir)
+    if size > max_bytes:
+        raise LayerRefused("layer-too-large", {"allocated": size, "max": max_bytes})
+    need = size + entries * HEADER_BYTES + RESERVE_BYTES
+    avail = shutil.disk_usage(out.parent).free
+    if avail < need:
+        raise LayerRefused("no-space", {"need": need, "avail": avail})
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        res = subprocess.run(["tar", "-C", str(upper_dir), *TAR_OPTIONS, "--sparse", "-cf", "-", "."],
+                             stdout=f, stderr=subprocess.PIPE, text=True)
+    if res.returncode != 0:
+        out.unlink(missing_ok=True)
+        raise DollyError(f"could not archive the writable layer {upper_dir}: {res.stderr.strip()}")
 
 
 def apply_diff(diff: Path, upper_dir: Path) -> None:
