@@ -7,7 +7,8 @@
 """
 from . import policy, trust
 from ._bundle import export, import_bundle
-from ._checkpoint import Checkpoint, checkpoint, get_checkpoint, list_checkpoints, remove_checkpoint
+from ._checkpoint import (Checkpoint, PruneReport, checkpoint, get_checkpoint, list_checkpoints, prune,
+                          remove_checkpoint)
 from .errors import DollyError
 from ._host import HostReport, check_host
 from ._migrate import Migration, migrate
@@ -18,6 +19,7 @@ __all__ = [
     "DollyError",
     "HostReport",
     "Migration",
+    "PruneReport",
     "check_host",
     "checkpoint",
     "clone",
@@ -27,6 +29,7 @@ __all__ = [
     "list_checkpoints",
     "migrate",
     "policy",
+    "prune",
     "remove_checkpoint",
     "restore",
     "resume",

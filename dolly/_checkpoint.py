@@ -24,9 +24,9 @@ import time
 import types
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import docker
 from docker.models.containers import Container
@@ -44,7 +44,8 @@ from .errors import (
     InvalidArgument,
 )
 
-__all__ = ["Checkpoint", "checkpoint", "list_checkpoints", "get_checkpoint", "remove_checkpoint", "DEFAULT_MAX_LAYER_BYTES"]
+__all__ = ["Checkpoint", "PruneReport", "checkpoint", "list_checkpoints", "get_checkpoint", "remove_checkpoint",
+           "prune", "DEFAULT_MAX_LAYER_BYTES"]
 
 METADATA = "dolly.json"
 ROOTFS_DIFF = "rootfs-diff.tar"
@@ -671,6 +672,86 @@ def remove_checkpoint(checkpoint: Checkpoint, client: Optional[docker.DockerClie
         path.parent.rmdir()  # the source's folder, once it holds no checkpoint
     except OSError:
         pass
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What :func:`prune` removed (or, with ``dry_run``, would remove).
+
+    Attributes:
+        checkpoints: the checkpoints, oldest first.
+        reclaimed: the bytes they held.
+        dry_run: nothing was removed.
+    """
+
+    checkpoints: Tuple[Checkpoint, ...]
+    reclaimed: int
+    dry_run: bool = False
+
+
+def prune(
+    *,
+    all_containers: bool = False,
+    older_than: Optional[timedelta] = None,
+    labels: Optional[Mapping[str, str]] = None,
+    dry_run: bool = False,
+    client: Optional[docker.DockerClient] = None,
+) -> PruneReport:
+    """Remove the checkpoints nobody needs any more, as ``docker image prune`` removes images.
+
+    By default: the checkpoints taken on this engine of containers that no longer exist.
+    Imported checkpoints (which never had a container here) and those of existing containers
+    are kept unless ``all_containers`` is set. ``older_than`` and ``labels`` narrow either
+    choice. Containers restored from a removed checkpoint are
+    not affected.
+
+    Args:
+        all_containers: every checkpoint, not only those of removed containers.
+        older_than: only checkpoints taken more than this long ago.
+        labels: only checkpoints whose source container carried all these labels (as
+            ``docker ... prune --filter label=KEY=VALUE``).
+        dry_run: remove nothing; report what would go.
+        client: the engine; default ``docker.from_env()``.
+
+    Raises:
+        InvalidArgument: ``older_than`` is not a non-negative ``timedelta``, or ``labels`` not a
+            mapping of strings.
+    """
+    if labels is not None and not (isinstance(labels, Mapping) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items())):
+        raise InvalidArgument(f"labels must map strings to strings, not {labels!r}")
+    if older_than is not None and (not isinstance(older_than, timedelta) or older_than < timedelta(0)):
+        raise InvalidArgument(f"older_than must be a non-negative timedelta, not {older_than!r}")
+    engine = Engine.of(client)
+    cutoff = None if older_than is None else datetime.now(timezone.utc) - older_than
+    exists: Dict[str, bool] = {}
+    chosen = []
+    for cp in list_checkpoints(client=engine.client):
+        if cutoff is not None and cp.created_at > cutoff:
+            continue
+        source_labels = (cp.config.get("Config") or {}).get("Labels") or {}
+        if labels and any(source_labels.get(k) != v for k, v in labels.items()):
+            continue
+        if not all_containers:
+            if cp.origin is not None:
+                continue
+            if cp.container_id not in exists:
+                exists[cp.container_id] = engine.has_container(cp.container_id)
+            if exists[cp.container_id]:
+                continue
+        chosen.append(cp)
+    reclaimed = 0
+    removed = []
+    for cp in chosen:
+        size = cp.size
+        if not dry_run:
+            try:
+                remove_checkpoint(cp, engine.client)
+            except CheckpointNotFound:  # removed meanwhile by another caller
+                continue
+        reclaimed += size
+        removed.append(cp)
+    return PruneReport(tuple(removed), reclaimed, dry_run)
 
 
 def engine_of(checkpoint: Checkpoint, client: Optional[docker.DockerClient]) -> Engine:

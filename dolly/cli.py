@@ -1,14 +1,15 @@
 """The `dolly` command: checkpoint, restore and clone from a shell.
 
 Tables for people, ``--json`` for scripts, a progress bar for several clones, and errors in one
-line (``--debug`` shows the traceback). Exit codes: 0 success, 1 a Dolly error (or a failing
-``doctor``), 2 a usage error, 130 interrupted.
+line (``--debug`` shows the traceback). Exit codes: 0 success; 1 a Dolly error, a failing
+``doctor`` line, or a ``prune`` answered "no"; 2 a usage error; 130 interrupted.
 """
 from __future__ import annotations
 
 import functools
 import json
 import os
+import re
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -193,6 +194,57 @@ def rm_cmd(ctx: Context, container: str, checkpoints: List[str]) -> None:
         _print_json({"removed": list(checkpoints)})
 
 
+@cli.command("prune")
+@click.option("-a", "--all", "all_containers", is_flag=True,
+              help="Every checkpoint, not only those of removed containers (imported ones too).")
+@click.option("--older-than", type=str, metavar="DURATION",
+              help="Only checkpoints taken longer ago than this (90s, 30m, 24h, 7d, 1h30m).")
+@click.option("--label", "label_args", multiple=True, metavar="KEY=VALUE",
+              help="Only checkpoints of containers that carried this label (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Remove nothing; list what would go.")
+@click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
+@command
+def prune_cmd(ctx: Context, all_containers: bool, older_than: Optional[str], label_args: List[str], dry_run: bool,
+              force: bool) -> None:
+    """Remove checkpoints of removed containers (with --all: every checkpoint)."""
+    age = _duration(older_than) if older_than is not None else None
+    if any("=" not in a for a in label_args):
+        raise click.BadParameter("give labels as KEY=VALUE", param_hint="--label")
+    labels = dict(a.split("=", 1) for a in label_args) or None
+    if not (force or dry_run):
+        found = dolly.prune(all_containers=all_containers, older_than=age, labels=labels, dry_run=True,
+                            client=ctx.client)
+        if not found.checkpoints:
+            _print_prune(ctx, found)
+            return
+        what = "every checkpoint" if all_containers else "the checkpoints of removed containers"
+        click.confirm(f"This removes {what}{f' older than {older_than}' if age else ''}: "
+                      f"{len(found.checkpoints)}, {found.reclaimed / 2**20:.1f} MiB. Continue?", abort=True, err=True)
+    _print_prune(ctx, dolly.prune(all_containers=all_containers, older_than=age, labels=labels, dry_run=dry_run,
+                                  client=ctx.client))
+
+
+def _duration(text: str) -> timedelta:
+    """``90s``, ``30m``, ``24h``, ``7d`` or a sum of them (``1h30m``), as ``docker ... --filter until=`` takes them."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    parts = re.findall(r"(\d+)([smhd])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise click.BadParameter(f"{text!r} is not a duration like 90s, 30m, 24h, 7d or 1h30m", param_hint="--older-than")
+    return timedelta(seconds=sum(int(n) * units[u] for n, u in parts))
+
+
+def _print_prune(ctx: Context, report: dolly.PruneReport) -> None:
+    if ctx.as_json:
+        _print_json({"dry_run": report.dry_run, "reclaimed_bytes": report.reclaimed,
+                     "checkpoints": [_checkpoint_dict(cp, size=False) for cp in report.checkpoints]})
+        return
+    verb = "would remove" if report.dry_run else "removed"
+    for cp in report.checkpoints:
+        out.print(f"{verb} {cp.container_name} {cp.name}", highlight=False)
+    out.print(f"{'Would reclaim' if report.dry_run else 'Reclaimed'} {report.reclaimed / 2**20:.1f} MiB "
+              f"({len(report.checkpoints)} checkpoints)", highlight=False)
+
+
 def _working(text: str) -> Progress:
     """A bar for steps whose length is not known up front (export, import, migrate)."""
     return Progress(TextColumn(text), BarColumn(), TimeElapsedColumn(), console=err, transient=True,
@@ -304,14 +356,15 @@ def _read_key(path: Optional[str]) -> Optional[bytes]:
     return Path(path).read_bytes() if path else None
 
 
-def _checkpoint_dict(cp: Checkpoint) -> Dict[str, Any]:
+def _checkpoint_dict(cp: Checkpoint, *, size: bool = True) -> Dict[str, Any]:
+    """A checkpoint for --json; ``size=False`` for one whose files are gone."""
     return {
         "container_id": cp.container_id,
         "container": cp.container_name,
         "name": cp.name,
         "created_at": cp.created_at.isoformat(),
         "hostname": cp.hostname,
-        "size_bytes": cp.size,
+        **({"size_bytes": cp.size} if size else {}),
         "path": str(cp.path),
     }
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 from dolly import ready
 
@@ -24,6 +28,14 @@ ENGINE_B_URL = f"unix:///run/dolly-test-{ENGINE_B}.sock"
 COUNTER = "i=0; while true; do i=$((i+1)); echo $i; echo $i > /tmp/c.new; mv /tmp/c.new /tmp/count; sleep 0.1; done"
 # A container that wrote, changed and deleted files, and counts.
 FILES = "echo hello > /greeting; rm /etc/group; mkdir -p /d; echo x > /d/f; " + COUNTER
+
+
+DOLLY = shutil.which("dolly") or str(Path(sys.executable).with_name("dolly"))
+
+
+def dolly_cmd(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    """The `dolly` command as a user runs it: the installed console script, in a subprocess."""
+    return subprocess.run([DOLLY, *args], capture_output=True, text=True, timeout=300, input=input)
 
 
 def read_int(container, path: str = "/tmp/count") -> int:

@@ -2,24 +2,13 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from helpers import BUSYBOX, COUNTER, ENGINE_B_URL, RUN_ID, assert_counts_on, read_int
+from helpers import BUSYBOX, COUNTER, ENGINE_B_URL, RUN_ID, assert_counts_on, dolly_cmd, read_int
 
-DOLLY = shutil.which("dolly") or str(Path(sys.executable).with_name("dolly"))
-
-
-def dolly_cmd(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([DOLLY, *args], capture_output=True, text=True, timeout=300)
-
-
-@pytest.mark.parametrize("sub", ["", "checkpoint", "restore", "clone", "ls", "rm", "doctor",
+@pytest.mark.parametrize("sub", ["", "checkpoint", "restore", "clone", "ls", "rm", "prune", "doctor",
                                  "keygen", "export", "import", "migrate"])
 def test_help(sub):
     res = dolly_cmd(*([sub] if sub else []), "--help")
@@ -120,7 +109,7 @@ def test_output_options_after_the_command_and_versions(busybox_checkpoint):
 
 def test_doctor_reports_an_engine_that_does_not_answer(tmp_path):
     url = f"unix://{tmp_path}/nobody.sock"
-    res = subprocess.run([DOLLY, "-H", url, "doctor", "--json"], capture_output=True, text=True, timeout=120)
+    res = dolly_cmd("-H", url, "doctor", "--json")
     assert res.returncode == 1, res.stderr
     rows = {r["name"]: r for r in json.loads(res.stdout)}
     assert not rows["engine"]["ok"] and url in rows["engine"]["detail"] and rows["engine"]["fix"]

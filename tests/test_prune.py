@@ -1,0 +1,99 @@
+"""Keeping the store tidy: prune removes the checkpoints of removed containers (or, asked, every
+checkpoint, or those older than an age), and nothing else. Each test narrows prune to its own
+run's label, so that checkpoints outside the test suite are never touched."""
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+
+import pytest
+
+import dolly
+from dolly.errors import InvalidArgument
+from helpers import BUSYBOX, COUNTER, RUN_ID, TEST_LABEL, dolly_cmd, read_int
+
+OURS = {TEST_LABEL: RUN_ID}
+
+
+def names(cps) -> set:
+    return {(cp.container_id, cp.name) for cp in cps}
+
+
+def test_prune_removes_the_checkpoints_of_removed_containers_only(run, keys, tmp_path):
+    gone = run(BUSYBOX, ["sh", "-c", COUNTER])
+    live = run(BUSYBOX, ["sh", "-c", COUNTER])
+    elsewhere = run(BUSYBOX, ["sh", "-c", COUNTER])
+    time.sleep(1)
+    gone_cps = [dolly.checkpoint(gone, "g1"), dolly.checkpoint(gone, "g2")]
+    live_cp = dolly.checkpoint(live, "l1")
+    # An imported checkpoint is kept unless asked, though no container of its own is here: as one
+    # brought from another host would be (its source exported, then gone from this engine).
+    exported = dolly.checkpoint(elsewhere, "to-export")
+    bundle = dolly.export(exported, tmp_path / "b.dolly", signer=keys[0])
+    dolly.remove_checkpoint(exported)
+    elsewhere.remove(force=True)
+    imported = dolly.import_bundle(bundle, trusted_keys=[keys[1]])
+    assert imported.origin is not None
+    (clone,) = dolly.clone(gone_cps[1], 1)
+    at = read_int(clone)
+    sizes = {(cp.container_id, cp.name): cp.size for cp in gone_cps}
+    gone.remove(force=True)
+
+    seen = dolly.prune(dry_run=True, labels=OURS)
+    assert names(seen.checkpoints) == names(gone_cps) and seen.dry_run
+    assert seen.reclaimed == sum(sizes.values())
+    assert names(dolly.list_checkpoints()) >= names(gone_cps)  # a dry run removes nothing
+
+    done = dolly.prune(labels=OURS)
+    assert names(done.checkpoints) == names(gone_cps) and not done.dry_run
+    assert done.reclaimed == sum(sizes.values())
+    assert not any(cp.path.exists() for cp in gone_cps)
+    left = names(cp for cp in dolly.list_checkpoints() if cp.config["Config"]["Labels"].get(TEST_LABEL) == RUN_ID)
+    assert left == names([live_cp, imported])
+    # A clone made from a pruned checkpoint runs on.
+    time.sleep(0.3)
+    assert read_int(clone) > at
+
+    everything = dolly.prune(all_containers=True, labels=OURS)
+    assert names(everything.checkpoints) == names([live_cp, imported])
+    assert not live_cp.path.exists() and not imported.path.exists()
+    live.reload()
+    assert live.status == "running"
+
+
+def test_prune_older_than_keeps_the_younger_checkpoints(run):
+    source = run(BUSYBOX, ["sh", "-c", COUNTER])
+    time.sleep(0.5)
+    old = dolly.checkpoint(source, "old")
+    time.sleep(3)
+    young = dolly.checkpoint(source, "young")
+    report = dolly.prune(all_containers=True, older_than=timedelta(seconds=1.5), labels=OURS)
+    assert names(report.checkpoints) == names([old])
+    assert names(dolly.list_checkpoints(source)) == names([young])
+
+
+@pytest.mark.parametrize("bad", [{"older_than": 3600}, {"older_than": timedelta(seconds=-1)},
+                                 {"labels": {"a": 1}}, {"labels": ["a"]}])
+def test_prune_refuses_bad_arguments(bad):
+    with pytest.raises(InvalidArgument):
+        dolly.prune(**bad)
+
+
+def test_prune_on_the_command_line_asks_first(run):
+    source = run(BUSYBOX, ["sh", "-c", COUNTER])
+    time.sleep(0.5)
+    cp = dolly.checkpoint(source, "cli-prune")
+    source.remove(force=True)
+    label = f"--label={TEST_LABEL}={RUN_ID}"
+
+    refused = dolly_cmd("prune", label, input="n\n")
+    assert refused.returncode == 1 and "Continue?" in refused.stderr
+    assert cp.path.exists()
+
+    res = dolly_cmd("prune", label, "--force", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert [c["name"] for c in out["checkpoints"]] == ["cli-prune"] and out["reclaimed_bytes"] > 0
+    assert not cp.path.exists()
+    assert dolly_cmd("prune", "--older-than", "soon").returncode == 2
