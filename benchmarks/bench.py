@@ -29,8 +29,8 @@ from typing import Callable, Dict, List, Optional
 import docker
 
 import dolly
-from dolly.demo import SERVICE
 from dolly._engine import Engine
+from dolly.demo import SERVICE
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -349,7 +349,7 @@ def table(results: dict) -> str:
         if wname in ("scale", "machine"):
             continue
         for tool, row in tools.items():
-            lines.append(f"{wname:<9}{tool:<14}" + "".join(f"{str(row.get(c, '')):>20}" for c in cols))
+            lines.append(f"{wname:<9}{tool:<14}" + "".join(f"{row.get(c, '')!s:>20}" for c in cols))
         d, p = tools.get("dolly", {}), tools.get("podman", {})
         ratios = []
         if d.get("clone1_s") and p.get("clone1_s"):

@@ -10,6 +10,7 @@ while /var/log/dolly/criu/.keep exists. Medians are printed.
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import statistics
 import sys
@@ -18,12 +19,10 @@ from pathlib import Path
 
 import docker
 
-import importlib
-
 import dolly
 from dolly import _rootfs as rootfs
-from dolly.demo import SERVICE
 from dolly._engine import CRIU_LOG_DIR, Engine
+from dolly.demo import SERVICE
 
 # The module, not the function of the same name that `dolly` re-exports.
 _restore = importlib.import_module("dolly._restore")

@@ -22,7 +22,7 @@ from dolly import ready
 from dolly.demo import SERVICE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from engines import IsolatedEngine  # noqa: E402
+from engines import IsolatedEngine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "remote.json"
 

@@ -8,10 +8,10 @@
 from . import policy, trust
 from ._bundle import export, import_bundle
 from ._checkpoint import Checkpoint, checkpoint, get_checkpoint, list_checkpoints, remove_checkpoint
-from .errors import DollyError
 from ._host import HostReport, check_host
 from ._migrate import Migration, migrate
 from ._restore import clone, restore, resume
+from .errors import DollyError
 
 __all__ = [
     "Checkpoint",

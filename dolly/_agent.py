@@ -24,8 +24,8 @@ calling process, so no key leaves it (see :mod:`dolly._bundle`).
 from __future__ import annotations
 
 import base64
-import hashlib
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -71,7 +71,7 @@ class Agent:
         self._id: Optional[str] = None
 
     @classmethod
-    def of(cls, engine: Engine) -> "Agent":
+    def of(cls, engine: Engine) -> Agent:
         agent = getattr(engine, "_agent", None)
         if agent is None:
             agent = engine._agent = cls(engine)  # type: ignore[attr-defined]

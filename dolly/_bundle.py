@@ -42,7 +42,7 @@ import threading
 import time
 import types
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
@@ -50,15 +50,15 @@ import docker
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from filelock import FileLock
 
-from . import _archive as archive, _criu as criu, _names as names, policy, _rootfs as rootfs, trust
+from . import _archive as archive, _criu as criu, _names as names, _rootfs as rootfs, policy, trust
 from ._checkpoint import METADATA, ROOTFS_DIFF, Checkpoint, engine_of, require
 from ._engine import Engine
 from .errors import (
-    ImageRewriteError,
     BundleError,
     BundleExpired,
     CheckpointExists,
     DigestMismatch,
+    ImageRewriteError,
     InvalidArgument,
     RollbackRefused,
     UnsafeArchive,
@@ -185,7 +185,7 @@ def _export(checkpoint: Checkpoint, engine: Engine, emit: Any, *, signer: Option
         ]
         members += [(n, checkpoint.path / n) for n in ("spec.dump", "stats-dump") if (checkpoint.path / n).exists()]
 
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         info = engine.info()
         manifest = {
             "format": FORMAT,
@@ -241,7 +241,7 @@ def write_stream(sink: IO[bytes], manifest: Dict[str, Any], members: Iterable[Tu
                  signer: Optional[Ed25519PrivateKey], compression: str, encryption_key: Optional[bytes]) -> None:
     """A bundle written to ``sink`` as it goes: the manifest (signed when ``signer`` is given),
     then each ``(name, size, data)`` member, compressed and encrypted on the way."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
     sealed = trust.EncryptingWriter(encryption_key, sink) if encryption_key is not None else None
     with archive.compressor(sealed or sink, compression) as stream, \
@@ -404,7 +404,7 @@ def _import(
             "bundle_id": manifest["bundle_id"],
             "signer": signer,
             "source": _source_fields(manifest.get("source")),
-            "imported_at": datetime.now(timezone.utc).isoformat(),
+            "imported_at": datetime.now(UTC).isoformat(),
             "allowed": sorted(allowed),
         }
         cp = _make_checkpoint(staging / "in", staging / "cp", manifest, final, origin, max_bytes)
@@ -517,7 +517,7 @@ def check_signature_and_freshness(data: bytes, manifest: Dict[str, Any], signatu
 
 
 def _check_fresh(manifest: Dict[str, Any]) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     expires = datetime.fromisoformat(manifest["expires_at"])
     if now > expires:
         raise BundleExpired(f"the bundle expired at {expires.isoformat()}")

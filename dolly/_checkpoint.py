@@ -24,7 +24,7 @@ import time
 import types
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, List, Mapping, Optional
 
@@ -117,7 +117,7 @@ class Checkpoint:
         return str(self.config["Image"])
 
     @classmethod
-    def load(cls, path: Path, client: Optional[docker.DockerClient] = None) -> "Checkpoint":
+    def load(cls, path: Path, client: Optional[docker.DockerClient] = None) -> Checkpoint:
         """The checkpoint stored at ``path``, on the engine of ``client``.
 
         Raises:
@@ -129,7 +129,7 @@ class Checkpoint:
             raise CheckpointNotFound(f"no usable checkpoint at {path}: {e}") from e
 
     @classmethod
-    def from_metadata(cls, meta: Mapping[str, Any], path: Path, client: Optional[docker.DockerClient]) -> "Checkpoint":
+    def from_metadata(cls, meta: Mapping[str, Any], path: Path, client: Optional[docker.DockerClient]) -> Checkpoint:
         """The checkpoint its ``dolly.json`` describes, at ``path`` on the engine of ``client``.
 
         Raises:
@@ -296,7 +296,7 @@ def _checkpoint_locked(
     shutil.rmtree(spool, ignore_errors=True)
     spool.mkdir(mode=0o700, exist_ok=True)  # a mount point stays (a spool on a filesystem of its own)
     _write_private(spool / RUNTIME_REQUEST, f"max_layer_bytes={max_layer_bytes}\n")
-    created_at = datetime.now(timezone.utc)
+    created_at = datetime.now(UTC)
     images = engine.checkpoints_dir(source.id) / docker_name
     doomed = [images, staging, spool]
     try:
@@ -704,7 +704,7 @@ def _ref_text(container: ContainerRef) -> str:
 
 
 def _default_name() -> str:
-    return "cp-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    return "cp-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
 
 
 def _make_private_dir(path: Path) -> None:

@@ -47,7 +47,7 @@ RUNTIME = "dolly"
 
 _default_client: Optional[docker.DockerClient] = None
 _default_lock = threading.Lock()
-_engines: "weakref.WeakKeyDictionary[docker.DockerClient, Engine]" = weakref.WeakKeyDictionary()
+_engines: weakref.WeakKeyDictionary[docker.DockerClient, Engine] = weakref.WeakKeyDictionary()
 
 
 def default_client() -> docker.DockerClient:
@@ -177,7 +177,7 @@ class Engine:
         self._identity: Optional[tuple] = None
 
     @classmethod
-    def of(cls, client: Optional[docker.DockerClient] = None) -> "Engine":
+    def of(cls, client: Optional[docker.DockerClient] = None) -> Engine:
         """The :class:`Engine` for ``client`` (default: ``docker.from_env()``), made once."""
         client = client or default_client()
         with _default_lock:
@@ -374,7 +374,7 @@ class Engine:
         except (ImageNotFound, ContainerNotFound):
             return False
 
-    def ensure_image(self, image_id: str, name: Optional[str], *, source: Optional["Engine"],
+    def ensure_image(self, image_id: str, name: Optional[str], *, source: Optional[Engine],
                      tag: bool = True) -> bool:
         """Make sure this engine has the image ``image_id``, copying it from ``source`` (docker
         save | docker load, streamed) when it lacks it; returns whether it was copied now. With

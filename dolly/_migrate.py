@@ -31,17 +31,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import docker
 from docker.models.containers import Container
 
-from . import _bundle as bundle, _criu as criu
-from . import ready as _ready
+from . import _bundle as bundle, _criu as criu, ready as _ready
 from ._checkpoint import Checkpoint, checkpoint, get_checkpoint, remove_checkpoint
 from ._engine import ContainerRef, Engine
+from ._restore import LABEL_CHECKPOINT, LABEL_SOURCE, restore, resume
 from .errors import (
     CheckpointFailed,
     ContainerNotFound,
@@ -51,7 +51,6 @@ from .errors import (
     MigrationFailed,
     NameConflict,
 )
-from ._restore import LABEL_CHECKPOINT, LABEL_SOURCE, restore, resume
 
 __all__ = ["Migration", "migrate"]
 
@@ -269,7 +268,7 @@ def _clear_target(target_engine: Engine, source: Container, moved: Optional[Chec
         # Else a container that is not this migration's took the name meanwhile: not ours to
         # remove, and ours, which would hold that name, is gone.
         return None
-    except Exception as e:  # noqa: BLE001 - whatever the engine did, the target's state is unknown
+    except Exception as e:  # whatever the engine did, the target's state is unknown
         return f"{type(e).__name__}: {e}"
 
 
@@ -358,7 +357,7 @@ def _running(container: Container) -> bool:
 
 
 def _name() -> str:
-    return "migrate-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    return "migrate-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
 
 
 def _both_local(*engines: Engine) -> bool:

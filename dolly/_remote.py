@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import uuid
 import tarfile
-from datetime import datetime, timedelta, timezone
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, Iterable, List, Optional, Union
 
@@ -103,7 +103,7 @@ def export(engine: Engine, cp: Checkpoint, out: Path, *, signer: Optional[Ed2551
         if (manifest["checkpoint"]["container_id"], manifest["checkpoint"]["name"]) != (cp.container_id, cp.name):
             raise BundleError("Dolly's agent sent the bundle of another checkpoint")
         # What the caller's key signs is the caller's: its clock, its lineage, a bundle ID of its own.
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         manifest.update(bundle_id=uuid.uuid4().hex, lineage=lineage or cp.container_id, created_at=now.isoformat(),
                         expires_at=(now + expires_in).isoformat(), compression=compression,
                         signer=trust.key_id(signer) if signer is not None else None)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import docker
 from docker.models.containers import Container
 
-from . import _criu as criu, _names as names, policy, _rootfs as rootfs
+from . import _criu as criu, _names as names, _rootfs as rootfs, policy
 from ._checkpoint import Checkpoint, engine_of, require
 from ._engine import RUNTIME, ContainerRef, Engine
 from .errors import InvalidArgument, NameConflict
@@ -170,7 +170,7 @@ def clone(
             for f in futures:
                 try:
                     results.append((f.result(), None))
-                except BaseException as e:  # noqa: B902 - collected, then re-raised below
+                except BaseException as e:  # collected, then re-raised below
                     results.append((None, e))
     finally:
         with _reserved_lock:
@@ -230,7 +230,7 @@ def _clone_across(
         for f in futures:
             try:
                 outcomes.append((f.result(), None))
-            except BaseException as e:  # noqa: B902 - collected, then re-raised below
+            except BaseException as e:  # collected, then re-raised below
                 outcomes.append(([], e))
     errors = [e for _, e in outcomes if e is not None]
     if errors:
@@ -327,7 +327,7 @@ def _started_since(cp: Checkpoint, container: Container) -> Optional[str]:
     Docker gives it; else None. Two tests, either one enough: the start time differs from the one
     the checkpoint recorded (exact, no clocks compared), or it is later than the checkpoint's own
     time. A start time that cannot be read counts as a start since: refusing is the safe side."""
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
     started = str((container.attrs.get("State") or {}).get("StartedAt") or "")
     recorded = (cp.config.get("State") or {}).get("StartedAt")
@@ -344,9 +344,9 @@ def _started_since(cp: Checkpoint, container: Container) -> Optional[str]:
         when = datetime.fromisoformat(text)
     except ValueError:
         return started or "at an unknown time"
-    taken = cp.created_at if cp.created_at.tzinfo else cp.created_at.replace(tzinfo=timezone.utc)
+    taken = cp.created_at if cp.created_at.tzinfo else cp.created_at.replace(tzinfo=UTC)
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return started if when > taken else None
 
 
@@ -418,7 +418,7 @@ def _start_from(engine: Engine, cp: Checkpoint, container_id: str, *, hostname: 
             shutil.rmtree(done, ignore_errors=True)
 
 
-def _place_images(cp: Checkpoint, folder: "os.PathLike[str]", *, hostname: Optional[str]) -> None:
+def _place_images(cp: Checkpoint, folder: os.PathLike[str], *, hostname: Optional[str]) -> None:
     """The checkpoint's images as hard links in ``folder`` (no data copied), except the UTS
     image, which is rewritten with ``hostname`` (a new file: the checkpoint's own stays as it
     is). With ``hostname`` None every image is linked as is, so pycriu is not needed."""

@@ -63,8 +63,8 @@ from filelock import FileLock
 from . import ready as _ready
 from ._checkpoint import Checkpoint, checkpoint
 from ._engine import Engine
-from .errors import ContainerNotFound
 from ._restore import restore
+from .errors import ContainerNotFound
 
 __all__ = ["warm_service"]
 
@@ -281,7 +281,7 @@ class Owner:
         return f"{self.boot_id}:{self.pid_ns}:{self.pid}:{self.start}"
 
     @classmethod
-    def current(cls) -> "Owner":
+    def current(cls) -> Owner:
         """This process.
 
         Raises:
@@ -290,7 +290,7 @@ class Owner:
         return cls.of(os.getpid())
 
     @classmethod
-    def of(cls, pid: int) -> "Owner":
+    def of(cls, pid: int) -> Owner:
         """The process ``pid`` as this process numbers it (in this process's PID namespace).
 
         Raises:
@@ -304,7 +304,7 @@ class Owner:
         return cls(_boot_id(), os.stat("/proc/self/ns/pid").st_ino, pid, start)
 
     @classmethod
-    def parse(cls, text: Optional[str]) -> Optional["Owner"]:
+    def parse(cls, text: Optional[str]) -> Optional[Owner]:
         """The owner a label names, or None for a missing or malformed one (never reaped)."""
         parts = (text or "").strip().split(":")
         if len(parts) != 4 or not parts[0] or not all(p.isdigit() for p in parts[1:]):

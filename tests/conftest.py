@@ -18,7 +18,6 @@ import pytest
 import dolly
 from dolly import trust
 from dolly._engine import Engine
-
 from engines import SecondEngine
 from helpers import BUSYBOX, COUNTER, ENGINE_B, ENGINE_B_SUBNET, FILES, RUN_ID, TEST_LABEL
 

@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from dolly import _archive as archive, errors, _rootfs as rootfs, trust
+from dolly import _archive as archive, _rootfs as rootfs, errors, trust
 
 
 def tar_bytes(*members, pax_first: bytes = b"") -> bytes:

@@ -16,7 +16,6 @@ from bundles import assert_refused, member, rebuild, rootfs_tar
 from helpers import BUSYBOX, FILES, RUN_ID, read_int
 
 
-
 @pytest.mark.parametrize("compression", ["zstd", "gzip", "none"])
 def test_round_trip_to_another_engine(source_cp, engine_b, keys, tmp_path, compression):
     private, public = keys

@@ -14,8 +14,8 @@ import pytest
 
 import dolly
 from dolly import errors, ready
-from dolly.demo import SERVICE
 from dolly._engine import Engine
+from dolly.demo import SERVICE
 from engines import SecondEngine
 from helpers import BUSYBOX, COUNTER, PYTHON, ask, assert_counts_on, read_int
 

@@ -14,8 +14,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dolly
 from dolly import _criu as criu, errors, trust
@@ -39,7 +38,7 @@ def base_bundle(busybox_checkpoint, engine_b, client):
 class Base(tuple):
     """(bundle bytes, public key), with a short repr for hypothesis's failure reports."""
 
-    def __new__(cls, data: bytes, public) -> "Base":
+    def __new__(cls, data: bytes, public) -> Base:
         return super().__new__(cls, (data, public))
 
     def __repr__(self) -> str:

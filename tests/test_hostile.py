@@ -17,7 +17,7 @@ import sys
 import tarfile
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -28,7 +28,6 @@ from dolly._checkpoint import METADATA, Checkpoint
 from dolly._engine import Engine, default_client
 from bundles import assert_refused, edit_config, member, rebuild, rootfs_tar
 from helpers import BUSYBOX, COUNTER, ENGINE_B_URL, PYTHON, RUN_ID
-
 
 
 @pytest.fixture
@@ -294,7 +293,7 @@ def test_a_lineage_belongs_to_its_signer(source_cp, base, engine_b, keys, tmp_pa
     block that container's signed bundles."""
     private, public = keys
     squatter = with_checkpoint_fields(base, tmp_path / "squat.dolly", name="squatter")
-    ahead = (datetime.now(timezone.utc) + timedelta(minutes=5)).isoformat()  # within the clock skew allowed
+    ahead = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()  # within the clock skew allowed
     squatter = rebuild(squatter, tmp_path / "squat2.dolly",
                        manifest_edit=lambda m: m.update(created_at=ahead, expires_at="2999-12-31T00:00:00+00:00"))
     squatted = dolly.import_bundle(squatter, client=engine_b, allow_unsigned=True, image_source=default_client())

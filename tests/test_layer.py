@@ -23,7 +23,7 @@ from typing import Callable, Dict, List
 import pytest
 
 import dolly
-from dolly import errors, _rootfs as rootfs
+from dolly import _rootfs as rootfs, errors
 from dolly._engine import CRIU_LOG_DIR, Engine
 from dolly._restore import clone_config
 from helpers import BUSYBOX, COUNTER

@@ -7,8 +7,8 @@ import stat
 import pytest
 
 from dolly import _criu as criu
-from dolly.errors import HostNotReady, InvalidArgument
 from dolly._restore import allocate_names, clone_config
+from dolly.errors import HostNotReady, InvalidArgument
 
 SOURCE_ID = "0123456789ab" + "c" * 52
 

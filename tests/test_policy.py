@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dolly import errors, _names as names, policy
+from dolly import _names as names, errors, policy
 
 # What `docker inspect` records for `docker run busybox` on Docker 20.10 (the fields the policy reads).
 PLAIN = {
