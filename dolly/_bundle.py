@@ -397,7 +397,8 @@ def _import(
             lineages.check(lineage, manifest["created_at"])  # early; again under the lock below
             final = names.inside(engine.store_dir, meta["container_id"], meta["name"], error=BundleError)
             if final.exists():
-                raise CheckpointExists(f"this engine already has checkpoint {meta['name']!r} of {meta['container_name']}")
+                raise CheckpointExists(f"this engine already has checkpoint {meta['name']!r} "
+                                       f"of {meta['container_name']}")
             _extract(tar, first, members, staging / "in", manifest, max_bytes)
 
         origin = {
@@ -425,7 +426,8 @@ def _import(
                 lineages.check(lineage, manifest["created_at"])
                 final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 if final.exists():
-                    raise CheckpointExists(f"checkpoint {meta['name']!r} of {meta['container_name']} appeared meanwhile")
+                    raise CheckpointExists(f"checkpoint {meta['name']!r} of {meta['container_name']} "
+                                           "appeared meanwhile")
                 os.rename(staging / "cp", final)
                 if not between_own_engines:  # a copy's key is made for it alone: nothing to roll back to
                     lineages.record(lineage, manifest["created_at"])
@@ -629,7 +631,8 @@ def _source_fields(source: Any) -> Optional[Dict[str, str]]:
     """The manifest's (unverifiable, informative) source fields, kept only as short strings."""
     if not isinstance(source, dict):
         return None
-    return {k: v[:200] for k, v in source.items() if k in ("engine_id", "host", "docker_version") and isinstance(v, str)}
+    return {k: v[:200] for k, v in source.items()
+            if k in ("engine_id", "host", "docker_version") and isinstance(v, str)}
 
 
 def parse_manifest(data: bytes) -> Dict[str, Any]:

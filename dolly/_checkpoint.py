@@ -44,7 +44,8 @@ from .errors import (
     InvalidArgument,
 )
 
-__all__ = ["Checkpoint", "checkpoint", "list_checkpoints", "get_checkpoint", "remove_checkpoint", "DEFAULT_MAX_LAYER_BYTES"]
+__all__ = ["Checkpoint", "checkpoint", "list_checkpoints", "get_checkpoint", "remove_checkpoint",
+           "DEFAULT_MAX_LAYER_BYTES"]
 
 METADATA = "dolly.json"
 ROOTFS_DIFF = "rootfs-diff.tar"

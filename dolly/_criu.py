@@ -22,7 +22,8 @@ warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"pycriu\.
 MIN_VERSION = (4, 2)
 # Linux's __NEW_UTS_LEN; a longer nodename cannot be restored.
 HOSTNAME_MAX = 64
-_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*$")
+_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
+                          r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*$")
 
 
 def version() -> Optional[Tuple[int, ...]]:

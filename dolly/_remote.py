@@ -116,16 +116,18 @@ def export(engine: Engine, cp: Checkpoint, out: Path, *, signer: Optional[Ed2551
                 if want is None or member.name in seen or not member.isfile() or member.size != want["size"]:
                     raise BundleError(f"Dolly's agent sent {member.name!r}, which its manifest does not list so")
                 seen.add(member.name)
-                yield member.name, member.size, _Hashing(tar.extractfile(member), want["sha256"], member.name, member.size)
+                yield member.name, member.size, _Hashing(tar.extractfile(member), want["sha256"], member.name,
+                                                         member.size)
             if seen != set(listed):  # a stream cut at a member's end looks whole to tar: not to this
-                raise BundleError(f"Dolly's agent's bundle stopped short: {', '.join(sorted(set(listed) - seen))} missing")
+                missing = ", ".join(sorted(set(listed) - seen))
+                raise BundleError(f"Dolly's agent's bundle stopped short: {missing} missing")
 
         return write_bundle(out, manifest, rest(), signer=signer, compression=compression,
                             encryption_key=encryption_key)
 
 
-def import_bundle(engine: Engine, source: Union[Path, IO[bytes]], *, trusted: List[Ed25519PublicKey], allow_unsigned: bool,
-                  allow: Iterable[str], image_source: Optional[docker.DockerClient],
+def import_bundle(engine: Engine, source: Union[Path, IO[bytes]], *, trusted: List[Ed25519PublicKey],
+                  allow_unsigned: bool, allow: Iterable[str], image_source: Optional[docker.DockerClient],
                   encryption_key: Optional[bytes], max_bytes: int, between_own_engines: bool) -> Checkpoint:
     """Verified here (signature, freshness, form), re-signed for the agent with a one-time key,
     streamed to it; it checks the rest as a local import does."""

@@ -223,7 +223,7 @@ def _clone_across(
 
             remove_checkpoint(copy)
 
-    jobs = [(c, k) for c, k in zip(engines, counts) if k > 0]
+    jobs = [(c, k) for c, k in zip(engines, counts, strict=True) if k > 0]
     with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="dolly-engine") as pool:
         futures = [pool.submit(on, c, k) for c, k in jobs]
         outcomes: List[Tuple[List[Container], Optional[BaseException]]] = []

@@ -91,7 +91,8 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-@click.option("-H", "--host", envvar="DOCKER_HOST", help="Docker Engine URL (default: DOCKER_HOST or the local socket).")
+@click.option("-H", "--host", envvar="DOCKER_HOST",
+              help="Docker Engine URL (default: DOCKER_HOST or the local socket).")
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=lambda c, p, v: _versions(c, v),
               help="Print the versions of Dolly, CRIU and the engine, and exit.")
 @click.pass_context
@@ -234,7 +235,8 @@ def keygen_cmd(ctx: Context, private_pem: str, public_pem: str) -> None:
 @click.argument("container")
 @click.argument("checkpoint")
 @click.argument("path", type=click.Path(dir_okay=False))
-@click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False), help="Sign with this PEM private key.")
+@click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False),
+              help="Sign with this PEM private key.")
 @click.option("--compression", type=click.Choice(["zstd", "gzip", "none"]), default="zstd", show_default=True)
 @click.option("--encrypt", "key_file", type=click.Path(exists=True, dir_okay=False),
               help="Encrypt with the 32-byte key in this file (AES-256-GCM).")
@@ -333,20 +335,23 @@ def _container_dict(c: Container) -> Dict[str, Any]:
 
 
 def _print_checkpoints(ctx: Context, cps: List[Checkpoint]) -> None:
-    _print_rows(ctx, [_checkpoint_dict(cp) for cp in cps], ("container", "checkpoint", "created (UTC)", "size", "hostname"),
+    _print_rows(ctx, [_checkpoint_dict(cp) for cp in cps],
+                ("container", "checkpoint", "created (UTC)", "size", "hostname"),
                 lambda r: (r["container"], r["name"], r["created_at"][:19].replace("T", " "),
                            f"{r['size_bytes'] / 2**20:.1f} MiB", r["hostname"]))
 
 
 def _print_containers(ctx: Context, containers: List[Container]) -> None:
     def cells(r: Dict[str, Any]) -> tuple:
-        ports = ", ".join(f"{b['HostIp']}:{b['HostPort']}->{p}" for p, bs in (r["ports"] or {}).items() for b in (bs or []))
+        ports = ", ".join(f"{b['HostIp']}:{b['HostPort']}->{p}"
+                          for p, bs in (r["ports"] or {}).items() for b in (bs or []))
         return r["name"], r["hostname"], r["ip"] or "", ports
 
     _print_rows(ctx, [_container_dict(c) for c in containers], ("name", "hostname", "IP", "ports"), cells)
 
 
-def _print_rows(ctx: Context, rows: List[Dict[str, Any]], columns: tuple, cells: Callable[[Dict[str, Any]], tuple]) -> None:
+def _print_rows(ctx: Context, rows: List[Dict[str, Any]], columns: tuple,
+                cells: Callable[[Dict[str, Any]], tuple]) -> None:
     """JSON with --json, else a table of ``columns`` with one row of ``cells(row)`` each."""
     if ctx.as_json:
         _print_json(rows)

@@ -7,6 +7,7 @@ that ask for no engine fixture (pure logic, formats, policies) run without one, 
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import uuid
@@ -18,7 +19,7 @@ import pytest
 import dolly
 from dolly import trust
 from dolly._engine import Engine
-from engines import SecondEngine
+from engines import IsolatedEngine, SecondEngine
 from helpers import BUSYBOX, COUNTER, ENGINE_B, ENGINE_B_SUBNET, FILES, RUN_ID, TEST_LABEL
 
 
@@ -155,10 +156,6 @@ def source_cp(run):
 # --- Engines that behave like other hosts (tests/engines.py, IsolatedEngine) -----------------------
 # Their names (hence bridges, sockets, folders) and subnets can be changed, like ENGINE_B's, so that
 # two test runs on one machine do not share them.
-import os  # noqa: E402
-
-from engines import IsolatedEngine  # noqa: E402
-
 HOST_B = os.environ.get("DOLLY_TEST_HOST_B", "b")
 HOST_B_SUBNET = os.environ.get("DOLLY_TEST_HOST_B_SUBNET", "10.213.111.1/24")
 HOST_C = os.environ.get("DOLLY_TEST_HOST_C", "c")

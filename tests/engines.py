@@ -506,7 +506,7 @@ class IsolatedEngine:
                         os.kill(pid, signal.SIGKILL)
                 time.sleep(0.1)
         self._kill_cgroups()
-        for attempt in range(50):
+        for _ in range(50):
             try:
                 shutil.rmtree(self.base)
                 break

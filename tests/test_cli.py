@@ -81,7 +81,8 @@ def test_keygen_export_import_migrate(run, client, engine_b, tmp_path):
     time.sleep(0.5)
     assert dolly_cmd("keygen", str(tmp_path / "k.pem"), str(tmp_path / "k.pub")).returncode == 0
     assert dolly_cmd("checkpoint", source.name, "e1").returncode == 0
-    res = dolly_cmd("--json", "export", source.name, "e1", str(tmp_path / "e1.dolly"), "--sign", str(tmp_path / "k.pem"))
+    res = dolly_cmd("--json", "export", source.name, "e1", str(tmp_path / "e1.dolly"),
+                    "--sign", str(tmp_path / "k.pem"))
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["size_bytes"] > 0
 

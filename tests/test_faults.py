@@ -216,7 +216,10 @@ def test_target_engine_disappears_during_migrate(run, client):
             ask(source)
         before = ask(source)
         spool = Engine.of(target.client).spool_dir  # an import stages in the target's spool
-        importing = lambda: spool.exists() and any(spool.glob("import-*"))  # noqa: E731
+
+        def importing() -> bool:
+            return spool.exists() and any(spool.glob("import-*"))
+
         watcher = when(importing, target.kill)
         with pytest.raises(errors.MigrationFailed) as info:
             dolly.migrate(source, target.client)

@@ -384,7 +384,8 @@ _watching = threading.Event()
 def _audit(event: str, args: tuple) -> None:
     if _watching.is_set() and event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
         mode, flags = args[1], args[2] if len(args) > 2 else 0
-        if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR)):
+        if ((isinstance(mode, str) and any(c in mode for c in "wax+"))
+                or (isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR))):
             _writes.append(os.fsdecode(args[0]))
 
 
@@ -512,14 +513,16 @@ def test_process_images_cannot_grant_what_the_configuration_does_not(base, engin
             else:
                 core["seccomp_mode"] = "disabled"
 
-    hostile = rebuild(base, tmp_path / "images.dolly", signer=private, replace={member: edited_image(base, member, edit)})
+    hostile = rebuild(base, tmp_path / "images.dolly", signer=private,
+                      replace={member: edited_image(base, member, edit)})
     with pytest.raises(errors.PolicyRefused) as refused:
         dolly.import_bundle(hostile, client=engine_b, trusted_keys=[public], image_source=default_client())
     assert refused.value.items == [item]
     assert_refused(errors.PolicyRefused, hostile, engine_b, trusted_keys=[public], image_source=default_client())
 
 
-def test_a_bundle_cannot_pass_for_a_checkpoint_of_this_engines_container(source_cp, base, client, engine_b, keys, tmp_path):
+def test_a_bundle_cannot_pass_for_a_checkpoint_of_this_engines_container(source_cp, base, client, engine_b, keys,
+                                                                          tmp_path):
     private, public = keys
     signed = rebuild(base, tmp_path / "claim.dolly", signer=private)
     # On the engine that runs the container it claims: refused, and the container's own
