@@ -48,7 +48,10 @@ MAX_DEPTH = 256
 
 
 class BoundedTarInfo(tarfile.TarInfo):
-    """A tar header read with bounds (see the module's docstring). Sparse files are refused."""
+    """A tar header read with bounds (see the module's docstring). Sparse files are refused.
+
+    It overrides tarfile's private header parsers, which its type stubs leave out: hence the
+    ``type: ignore`` on the calls to them."""
 
     sparse_ok = False
 
@@ -61,20 +64,21 @@ class BoundedTarInfo(tarfile.TarInfo):
                 raise UnsafeArchive(f"more than {MAX_CHAIN} extended tar headers in a row")
             tar._dolly_chain = chain  # type: ignore[attr-defined]
             try:
-                return super()._proc_member(tar)
+                return super()._proc_member(tar)  # type: ignore[misc]
             finally:
                 tar._dolly_chain = chain - 1  # type: ignore[attr-defined]
         if self.type == tarfile.GNUTYPE_SPARSE and not self.sparse_ok:
             raise UnsafeArchive(f"{self.name!r} is a sparse file, which Dolly does not accept from outside")
-        return super()._proc_member(tar)
+        return super()._proc_member(tar)  # type: ignore[misc]
 
     def _proc_pax(self, tar: tarfile.TarFile) -> Any:
         raw = tar.fileobj
-        buf = raw.read(self._block(self.size))
+        buf = raw.read(self._block(self.size))  # type: ignore[attr-defined]
         _check_pax(buf[: self.size])
-        tar.fileobj = _Replay(buf, raw)  # tarfile reads the same bytes again, now known to be sound
+        # tarfile reads the same bytes again, now known to be sound
+        tar.fileobj = _Replay(buf, raw)  # type: ignore[assignment]
         try:
-            info = super()._proc_pax(tar)
+            info = super()._proc_pax(tar)  # type: ignore[misc]
         finally:
             tar.fileobj = raw
         if info.sparse is not None and not self.sparse_ok:
@@ -162,7 +166,7 @@ def open_bundle(source: Union[Path, IO[bytes]], key: Optional[bytes]) -> Iterato
                 plain = raw
             magic = plain.peek(4)[:4]
             if magic == ZSTD_MAGIC:
-                stream: IO[bytes] = zstandard.ZstdDecompressor().stream_reader(plain)
+                stream: Union[IO[bytes], gzip.GzipFile] = zstandard.ZstdDecompressor().stream_reader(plain)
             elif magic[:2] == GZIP_MAGIC:
                 stream = gzip.GzipFile(fileobj=plain, mode="rb")
             else:

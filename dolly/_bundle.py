@@ -44,7 +44,7 @@ import types
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import IO, Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union, cast
 
 import docker
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -244,7 +244,8 @@ def write_stream(sink: IO[bytes], manifest: Dict[str, Any], members: Iterable[Tu
     now = datetime.now(UTC)
     manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
     sealed = trust.EncryptingWriter(encryption_key, sink) if encryption_key is not None else None
-    with archive.compressor(sealed or sink, compression) as stream, \
+    # EncryptingWriter is a raw stream: to the compressor, a file like any other.
+    with archive.compressor(cast(IO[bytes], sealed or sink), compression) as stream, \
             tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         _add_bytes(tar, "manifest.json", manifest_bytes, now)
         if signer is not None:
@@ -458,7 +459,7 @@ def _refuse_claims(engine: Engine, container_id: str) -> None:
 
 
 def _source(path: Union[PathLike, IO[bytes]]) -> Union[Path, IO[bytes]]:
-    return path if hasattr(path, "read") else Path(path)  # type: ignore[return-value,arg-type]
+    return path if hasattr(path, "read") else Path(path)  # type: ignore[return-value]
 
 
 def first_member(tar: tarfile.TarFile, members: Optional[Iterator[tarfile.TarInfo]] = None) -> bytes:

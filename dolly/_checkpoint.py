@@ -33,7 +33,7 @@ from docker.models.containers import Container
 from filelock import FileLock
 
 from . import _criu as criu, _names as names
-from ._engine import RUNTIME, ContainerRef, Engine
+from ._engine import RUNTIME, ContainerRef, Engine, id_of, name_of
 from .errors import (
     CheckpointExists,
     CheckpointFailed,
@@ -240,7 +240,7 @@ def checkpoint(
             "to take its files at the instant of the checkpoint"
         )
 
-    final = engine.store_dir / source.id / name
+    final = engine.store_dir / id_of(source) / name
     if final.exists():
         raise CheckpointExists(f"container {source.name} already has a checkpoint named {name!r}")
     # Root-only: the spool holds process memory on its way into the store.
@@ -253,7 +253,7 @@ def checkpoint(
     engine.lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with FileLock(str(engine.lock_dir / f"{source.id}.checkpoint.lock")):
         # As it is now, after any checkpoint we waited for (which paused it meanwhile).
-        source = _running(engine, source.id)
+        source = _running(engine, id_of(source))
         if final.exists():
             raise CheckpointExists(f"container {source.name} already has a checkpoint named {name!r}")
         _make_private_dir(final.parent)
@@ -298,7 +298,7 @@ def _checkpoint_locked(
     spool.mkdir(mode=0o700, exist_ok=True)  # a mount point stays (a spool on a filesystem of its own)
     _write_private(spool / RUNTIME_REQUEST, f"max_layer_bytes={max_layer_bytes}\n")
     created_at = datetime.now(UTC)
-    images = engine.checkpoints_dir(source.id) / docker_name
+    images = engine.checkpoints_dir(id_of(source)) / docker_name
     doomed = [images, staging, spool]
     try:
         # A restart policy would have Docker start the container again, from scratch, as soon as
@@ -306,9 +306,9 @@ def _checkpoint_locked(
         policy = source.attrs["HostConfig"].get("RestartPolicy") or {}
         pause_policy = not leave_running and policy.get("Name") not in (None, "", "no")
         if pause_policy:
-            engine.set_restart_policy(source.id, {"Name": "no", "MaximumRetryCount": 0})
+            engine.set_restart_policy(id_of(source), {"Name": "no", "MaximumRetryCount": 0})
         try:
-            engine.create_checkpoint(source.id, docker_name, exit=not leave_running)
+            engine.create_checkpoint(id_of(source), docker_name, exit=not leave_running)
         except CheckpointFailed as e:
             refused = _refusal(e, source, engine)
             if refused is not None:
@@ -316,7 +316,7 @@ def _checkpoint_locked(
             raise
         finally:
             if pause_policy:
-                engine.set_restart_policy(source.id, policy)
+                engine.set_restart_policy(id_of(source), policy)
         staging.mkdir(mode=0o700)
         os.rename(spool if (spool / "inventory.img").exists() else images, staging / "criu")
         diff = staging / "criu" / RUNTIME_ROOTFS_DIFF
@@ -327,8 +327,8 @@ def _checkpoint_locked(
             )
         _take_runtime_files(staging)
         cp = Checkpoint(
-            container_id=source.id,
-            container_name=source.name,
+            container_id=id_of(source),
+            container_name=name_of(source),
             name=name,
             created_at=created_at,
             hostname=criu.read_hostname(staging / "criu"),
@@ -461,13 +461,13 @@ def _keep_images(
         try:
             hostname = criu.read_hostname(staging / "criu")
         except Exception:  # pycriu missing or the image unreadable: the container's own
-            hostname = source.attrs["Config"].get("Hostname") or source.id[:12]
+            hostname = source.attrs["Config"].get("Hostname") or id_of(source)[:12]
         kept_name = name
         if (staging.parent / name).exists():
             kept_name = f"{name[:105]}-kept-{uuid.uuid4().hex[:8]}"
         cp = Checkpoint(
-            container_id=source.id,
-            container_name=source.name,
+            container_id=id_of(source),
+            container_name=name_of(source),
             name=kept_name,
             created_at=created_at,
             hostname=hostname,
@@ -510,7 +510,7 @@ def _stopped(engine: Engine, source: Container, *, settle: float = 5.0) -> bool:
     deadline = time.monotonic() + settle
     while True:
         try:
-            if not engine.container(source.id).attrs["State"].get("Running"):
+            if not engine.container(id_of(source)).attrs["State"].get("Running"):
                 return True
         except ContainerNotFound:
             return True  # removed meanwhile: its images are all there is
@@ -664,9 +664,9 @@ def require(checkpoint: Any) -> Path:
 
 def _source_folder(engine: Engine, container: ContainerRef) -> Path:
     try:
-        return engine.store_dir / engine.container(container).id
+        return engine.store_dir / id_of(engine.container(container))
     except ContainerNotFound:
-        if isinstance(container, Container):
+        if isinstance(container, Container) and container.id is not None:
             return engine.store_dir / container.id
     # The source is gone: find its folder by full ID, else by a unique ID prefix or recorded name.
     # Two removed containers may have had one name: then the reference is ambiguous, never
@@ -701,7 +701,7 @@ def _recorded_names(folder: Path) -> set:
 
 
 def _ref_text(container: ContainerRef) -> str:
-    return container.name if isinstance(container, Container) else str(container)
+    return str(container.name) if isinstance(container, Container) else str(container)
 
 
 def _default_name() -> str:

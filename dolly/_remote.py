@@ -27,7 +27,7 @@ from . import _archive as archive, trust
 from ._agent import Agent
 from ._bundle import check_signature_and_freshness, first_member, parse_manifest, read_signature, write_stream
 from ._checkpoint import Checkpoint
-from ._engine import ContainerRef, Engine
+from ._engine import ContainerRef, Engine, id_of
 from .errors import BundleError
 
 _CHUNK = 1 << 20
@@ -69,7 +69,7 @@ def clone(engine: Engine, cp: Checkpoint, n: int, *, name_prefix: Optional[str],
         made = [engine.container(i) for i in ids]
         for c in made:  # the agent cannot call back: each hook runs once the clones run
             if on_create is not None:
-                on_create(c.id)
+                on_create(id_of(c))
             if progress is not None:
                 progress(c)
     except BaseException:

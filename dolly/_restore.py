@@ -26,7 +26,7 @@ from docker.models.containers import Container
 
 from . import _criu as criu, _names as names, _rootfs as rootfs, policy
 from ._checkpoint import Checkpoint, engine_of, require
-from ._engine import RUNTIME, ContainerRef, Engine
+from ._engine import RUNTIME, ContainerRef, Engine, id_of
 from .errors import InvalidArgument, NameConflict
 
 __all__ = ["restore", "clone", "resume", "allocate_names", "clone_config"]
@@ -157,7 +157,7 @@ def clone(
 
     explicit = _names is not None
     prefix = name_prefix or f"{checkpoint.container_name}-clone"
-    chosen = list(_names) if explicit else _reserve(prefix, n, engine)
+    chosen = list(_names) if _names is not None else _reserve(prefix, n, engine)
     # Every container of this call carries its ID, so that a failure can remove them all, even
     # one whose create the engine carried out but never answered (it was restarting, say).
     labels = {**_check_labels(labels), **_labels(checkpoint), LABEL_OPERATION: uuid.uuid4().hex}
@@ -180,13 +180,13 @@ def clone(
     if errors:
         for c, _ in results:
             if c is not None:
-                engine.remove(c.id)
+                engine.remove(id_of(c))
         engine.remove_labelled(LABEL_OPERATION, labels[LABEL_OPERATION])
         raise errors[0]
     clones = [c for c, _ in results if c is not None]
     # A create that the engine carried out but never answered (it restarted meanwhile) was retried
     # under another name; the first one is an orphan of this call.
-    engine.remove_labelled(LABEL_OPERATION, labels[LABEL_OPERATION], keep={c.id for c in clones})
+    engine.remove_labelled(LABEL_OPERATION, labels[LABEL_OPERATION], keep={id_of(c) for c in clones})
     return clones
 
 
@@ -236,7 +236,7 @@ def _clone_across(
     if errors:
         for made, _ in outcomes:
             for c in made:
-                Engine.of(c.client).remove(c.id)
+                Engine.of(c.client).remove(id_of(c))
         raise errors[0]
     return [c for made, _ in outcomes for c in made]
 
@@ -305,7 +305,7 @@ def resume(
     if target.id != checkpoint.container_id:
         raise InvalidArgument(
             f"checkpoint {checkpoint.name!r} was taken of container {checkpoint.container_id[:12]}, "
-            f"not of {target.name} ({target.id[:12]}): resume starts a container from its own "
+            f"not of {target.name} ({id_of(target)[:12]}): resume starts a container from its own "
             "checkpoint; dolly.restore makes a new one from any"
         )
     if target.attrs["State"].get("Running"):

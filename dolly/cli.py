@@ -12,10 +12,11 @@ import os
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import click
 import docker
+import docker.utils
 from docker.models.containers import Container
 from rich.console import Console
 from rich.progress import (
@@ -61,7 +62,8 @@ def client_for(url: str) -> docker.DockerClient:
     # A fixed API version (what Dolly needs, which Docker 20.10 and later speak): without it, the
     # client asks the engine at once, and an engine that does not answer fails here, raw, before
     # `dolly doctor` can report it.
-    return docker.DockerClient(**{**docker.utils.kwargs_from_env(), "base_url": url, "version": API_VERSION})
+    kwargs: Dict[str, Any] = {**docker.utils.kwargs_from_env(), "base_url": url, "version": API_VERSION}
+    return docker.DockerClient(**kwargs)
 
 
 def command(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -70,7 +72,7 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     @click.pass_obj
-    def wrapper(ctx: Context, *args: Any, json_after: bool = False, **kwargs: Any) -> Any:
+    def wrapper(ctx: Context, /, *args: Any, json_after: bool = False, **kwargs: Any) -> Any:
         ctx.as_json = ctx.as_json or json_after
         try:
             return fn(ctx, *args, **kwargs)
@@ -342,7 +344,7 @@ def _print_checkpoints(ctx: Context, cps: List[Checkpoint]) -> None:
 
 
 def _print_containers(ctx: Context, containers: List[Container]) -> None:
-    def cells(r: Dict[str, Any]) -> tuple:
+    def cells(r: Dict[str, Any]) -> Tuple[str, ...]:
         ports = ", ".join(f"{b['HostIp']}:{b['HostPort']}->{p}"
                           for p, bs in (r["ports"] or {}).items() for b in (bs or []))
         return r["name"], r["hostname"], r["ip"] or "", ports
@@ -350,8 +352,8 @@ def _print_containers(ctx: Context, containers: List[Container]) -> None:
     _print_rows(ctx, [_container_dict(c) for c in containers], ("name", "hostname", "IP", "ports"), cells)
 
 
-def _print_rows(ctx: Context, rows: List[Dict[str, Any]], columns: tuple,
-                cells: Callable[[Dict[str, Any]], tuple]) -> None:
+def _print_rows(ctx: Context, rows: List[Dict[str, Any]], columns: Tuple[str, ...],
+                cells: Callable[[Dict[str, Any]], Tuple[str, ...]]) -> None:
     """JSON with --json, else a table of ``columns`` with one row of ``cells(row)`` each."""
     if ctx.as_json:
         _print_json(rows)
