@@ -22,6 +22,20 @@ from dolly._engine import Engine
 from engines import IsolatedEngine, SecondEngine
 from helpers import BUSYBOX, COUNTER, ENGINE_B, ENGINE_B_SUBNET, FILES, RUN_ID, TEST_LABEL
 
+# The fixtures that start or reach a Docker Engine. A test that asks for one of them, directly or
+# through the fixtures it asks for, is marked `engine`; the others are `make unit`: no engine, no
+# root. A test that reaches an engine some other way is marked by hand.
+ENGINE_FIXTURES = frozenset({
+    "client", "engine_b", "host_b", "host_c", "host_tls",
+    "host_b_engine", "host_c_engine", "host_tls_engine",  # what host_b, host_c and host_tls are clients of
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    for item in items:
+        if ENGINE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.engine)
+
 
 @pytest.fixture(scope="session")
 def client() -> Iterator[docker.DockerClient]:

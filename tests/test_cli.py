@@ -26,6 +26,7 @@ def test_help(sub):
     assert res.returncode == 0 and "Usage: dolly" in res.stdout
 
 
+@pytest.mark.engine  # the whole host: the engine, CRIU, pycriu
 def test_doctor_passes_on_this_host():
     res = dolly_cmd("doctor")
     assert res.returncode == 0, res.stdout + res.stderr
@@ -125,5 +126,5 @@ def test_doctor_reports_an_engine_that_does_not_answer(tmp_path):
     assert res.returncode == 1, res.stderr
     rows = {r["name"]: r for r in json.loads(res.stdout)}
     assert not rows["engine"]["ok"] and url in rows["engine"]["detail"] and rows["engine"]["fix"]
-    assert rows["CRIU version"]["ok"]  # the rest of the report is still there
+    assert "CRIU version" in rows  # the rest of the report is still there (CRIU is `make host`'s)
     assert "Traceback" not in res.stderr and "DockerException" not in res.stderr

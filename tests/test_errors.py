@@ -97,6 +97,7 @@ def test_a_taken_or_invalid_name(busybox_checkpoint, client, run):
     assert len(client.containers.list(all=True)) == before
 
 
+@pytest.mark.engine  # starts a dockerd of its own
 def test_engine_without_experimental_mode():
     second = SecondEngine("noexp", experimental=False, subnet="10.213.100.1/24")
     client = second.start()

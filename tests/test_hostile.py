@@ -559,6 +559,7 @@ def test_export_refuses_a_layer_that_a_bundle_would_blow_up(run, tmp_path):
     assert {p.name for p in spool.iterdir()} == before and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.engine  # root: it mounts in a mount namespace of its own
 def test_a_remote_engines_paths_are_never_taken_for_local_ones(tmp_path):
     """An engine whose data root is another folder under the same name (its own mount namespace,
     as on another host) is told apart by the folder itself, seen through the process at the other

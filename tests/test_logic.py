@@ -91,6 +91,7 @@ def test_missing_criu_is_refused(tmp_path, monkeypatch):
         criu.require_version()
 
 
+@pytest.mark.engine  # the host's own CRIU, as root: a check of the host, not of logic
 def test_installed_criu_is_new_enough():
     assert os.geteuid() == 0
     assert criu.require_version()[:2] >= (4, 2)
