@@ -1,7 +1,9 @@
-# Everything needs root: Docker Engine and CRIU do.
+# Everything but lint and unit needs root: Docker Engine and CRIU do.
 PY := .venv/bin/python
+# pytest exits 5 when it selects nothing: PYTEST_ARGS named tests of the other kind only.
+NONE_SELECTED_OK := || [ $$? -eq 5 ]
 
-.PHONY: host demo test bench soak
+.PHONY: host venv lint unit demo test bench soak
 
 ## host: install and start what Dolly needs (Docker Engine, CRIU 4.2, pycriu, images); idempotent
 host:
@@ -11,9 +13,22 @@ host:
 demo: host
 	@$(PY) -m dolly.demo
 
-## test: the whole test suite against the real engine and CRIU
-test: host
-	$(PY) -m pytest $(PYTEST_ARGS)
+## venv: only checks that the project's virtual environment exists (`make host` makes it)
+venv:
+	@test -x $(PY) || { echo "make: $(PY) is missing: run \`make host\` (as root) once to make it" >&2; exit 1; }
+
+## lint: ruff and mypy, as configured in pyproject.toml; no root, no engine
+lint: venv
+	$(PY) -m ruff check dolly tests benchmarks examples
+	$(PY) -m mypy
+
+## unit: the tests that need no engine (pure logic, formats, policies): seconds, no root
+unit: venv
+	$(PY) -m pytest -m "not engine" -q $(PYTEST_ARGS) $(NONE_SELECTED_OK)
+
+## test: lint, the unit tests, then the tests against the real engine and CRIU (marked engine)
+test: host lint unit
+	$(PY) -m pytest -m engine $(PYTEST_ARGS) $(NONE_SELECTED_OK)
 
 ## bench: Dolly against Podman and Docker by hand (benchmarks/README.md); BENCH_ARGS to narrow it
 bench: host

@@ -29,8 +29,8 @@ from typing import Callable, Dict, List, Optional
 import docker
 
 import dolly
-from dolly.demo import SERVICE
 from dolly._engine import Engine
+from dolly.demo import SERVICE
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -134,7 +134,8 @@ class DollyRunner:
 
 
 def cgroup_rss_mb(container_id: str) -> float:
-    for base in (f"/sys/fs/cgroup/memory/docker/{container_id}", f"/sys/fs/cgroup/system.slice/docker-{container_id}.scope"):
+    for base in (f"/sys/fs/cgroup/memory/docker/{container_id}",
+                 f"/sys/fs/cgroup/system.slice/docker-{container_id}.scope"):
         stat = Path(base) / "memory.stat"
         if stat.exists():
             values = dict(line.split() for line in stat.read_text().splitlines())
@@ -173,8 +174,10 @@ class DockerByHand:
                 c = self.client.containers.create(source.attrs["Config"]["Image"], source.attrs["Config"]["Cmd"],
                                                   environment=source.attrs["Config"]["Env"], labels={LABEL: "1"})
                 made.append(c)
-                shutil.copytree(self.engine.checkpoints_dir(source.id) / name, self.engine.checkpoints_dir(c.id) / name)
-                subprocess.run(["docker", "start", "--checkpoint", name, c.id], check=True, capture_output=True, text=True)
+                shutil.copytree(self.engine.checkpoints_dir(source.id) / name,
+                                self.engine.checkpoints_dir(c.id) / name)
+                subprocess.run(["docker", "start", "--checkpoint", name, c.id],
+                               check=True, capture_output=True, text=True)
         except BaseException:
             self.remove(made)
             raise
@@ -246,7 +249,8 @@ def measure(runner, w: Workload, repeats: int, clone_ns: List[int], results: dic
     try:
         _measure(runner, w, repeats, clone_ns, row, cold=cold)
     except (subprocess.CalledProcessError, dolly.DollyError, docker.errors.DockerException, TimeoutError) as e:
-        detail = e.stderr.strip().splitlines()[-1] if isinstance(e, subprocess.CalledProcessError) and e.stderr else str(e)
+        failed_run = isinstance(e, subprocess.CalledProcessError) and e.stderr
+        detail = e.stderr.strip().splitlines()[-1] if failed_run else str(e)
         row["failed"] = f"{type(e).__name__}: {detail}"[:300]
         print(f"  {w.name:<8} {runner.name:<12} FAILED {row['failed']}", flush=True)
 
@@ -277,11 +281,15 @@ def _measure(runner, w: Workload, repeats: int, clone_ns: List[int], row: dict, 
                 runner.drop(cp)
             if source is not None:
                 runner.remove([source])
-    med = lambda xs: round(statistics.median(xs), 3) if xs else None  # noqa: E731
+
+    def med(xs):
+        return round(statistics.median(xs), 3) if xs else None
+
     row.update({"cold_s": med(colds), "checkpoint_s": med(cps),
                 **{f"clone{n}_s": med(v) for n, v in clones.items()},
                 "memory_per_clone_mb": med(mems), "runs": repeats})
-    print(f"  {w.name:<8} {runner.name:<12} " + "  ".join(f"{k}={v}" for k, v in row.items() if k != "runs"), flush=True)
+    print(f"  {w.name:<8} {runner.name:<12} " + "  ".join(f"{k}={v}" for k, v in row.items() if k != "runs"),
+          flush=True)
 
 
 def scale(client: docker.DockerClient, total: int, results: dict) -> None:
@@ -349,7 +357,7 @@ def table(results: dict) -> str:
         if wname in ("scale", "machine"):
             continue
         for tool, row in tools.items():
-            lines.append(f"{wname:<9}{tool:<14}" + "".join(f"{str(row.get(c, '')):>20}" for c in cols))
+            lines.append(f"{wname:<9}{tool:<14}" + "".join(f"{row.get(c, '')!s:>20}" for c in cols))
         d, p = tools.get("dolly", {}), tools.get("podman", {})
         ratios = []
         if d.get("clone1_s") and p.get("clone1_s"):
@@ -373,7 +381,7 @@ def chart(results: dict, path: Path) -> None:
     names = [w for w in results if w not in ("scale", "machine")]
     tools = ["dolly", "podman", "podman-none", "docker"]
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), squeeze=False)
-    for ax, w in zip(axes[0], names):
+    for ax, w in zip(axes[0], names, strict=True):
         for i, tool in enumerate(tools):
             row = results[w].get(tool, {})
             vals = [row.get(k) or 0 for k in ("cold_s", "checkpoint_s", "clone1_s", "clone4_s")]

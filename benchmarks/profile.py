@@ -10,6 +10,7 @@ while /var/log/dolly/criu/.keep exists. Medians are printed.
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import statistics
 import sys
@@ -18,17 +19,15 @@ from pathlib import Path
 
 import docker
 
-import importlib
-
 import dolly
 from dolly import _rootfs as rootfs
-from dolly.demo import SERVICE
 from dolly._engine import CRIU_LOG_DIR, Engine
+from dolly.demo import SERVICE
 
 # The module, not the function of the same name that `dolly` re-exports.
 _restore = importlib.import_module("dolly._restore")
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import answers, docker_ip  # noqa: E402
+from bench import answers, docker_ip  # noqa: E402 - once sys.path holds this folder
 
 
 def criu_seconds(container_id: str) -> float:
@@ -53,7 +52,8 @@ def main() -> int:
     source = client.containers.run("dolly/python", ["python3", "-c", SERVICE], detach=True,
                                    environment={"STATE_MB": str(args.state_mb), "WARMUP_S": str(args.warmup),
                                                 "RANDOM_STATE": "1"})
-    phases: dict = {k: [] for k in ("create", "writable layer", "images", "start", "of which CRIU", "first answer", "total")}
+    phases: dict = {k: [] for k in ("create", "writable layer", "images", "start", "of which CRIU", "first answer",
+                                    "total")}
     try:
         while not (docker_ip(source) and answers(docker_ip(source))):
             time.sleep(0.05)
@@ -79,7 +79,8 @@ def main() -> int:
             while not answers(docker_ip(c)):
                 time.sleep(0.005)
             t5 = time.perf_counter()
-            for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, criu_seconds(cid), t5 - t4, t5 - t0)):
+            took = (t1 - t0, t2 - t1, t3 - t2, t4 - t3, criu_seconds(cid), t5 - t4, t5 - t0)
+            for k, v in zip(phases, took, strict=True):
                 phases[k].append(v)
             c.remove(force=True)
             import shutil

@@ -22,7 +22,7 @@ from dolly import ready
 from dolly.demo import SERVICE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from engines import IsolatedEngine  # noqa: E402
+from engines import IsolatedEngine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "remote.json"
 
@@ -53,7 +53,7 @@ def main() -> int:
         hops = {"A->B": [], "B->A": []}
         steps = {"A->B": [], "B->A": []}
         here, there = a, b
-        for i in range(2 * args.repeats):
+        for _ in range(2 * args.repeats):
             key = "A->B" if here is a else "B->A"
             m = dolly.migrate(moving.id, there, source_client=here, ready=ready.http(8000))
             hops[key].append(m.downtime)
@@ -69,7 +69,7 @@ def main() -> int:
         source = service(a, args.state_mb)
         cp = dolly.checkpoint(source, "bench")
         one, two = [], []
-        for i in range(args.repeats):
+        for _ in range(args.repeats):
             for runs, engines in ((one, None), (two, [a, b])):
                 t = time.perf_counter()
                 clones = dolly.clone(cp, 4, engines=engines) if engines else dolly.clone(cp, 4)

@@ -46,7 +46,7 @@ def main() -> int:
         for rt in runtimes
     }
     try:
-        for rt, c in sources.items():
+        for c in sources.values():
             ready.wait(c, ready.http(8000), timeout=120)
         for i in range(args.repeats):
             for rt in (runtimes if i % 2 == 0 else runtimes[::-1]):

@@ -7,12 +7,11 @@
 """
 from . import policy, trust
 from ._bundle import export, import_bundle
-from ._checkpoint import (Checkpoint, PruneReport, checkpoint, get_checkpoint, list_checkpoints, prune,
-                          remove_checkpoint)
-from .errors import DollyError
+from ._checkpoint import Checkpoint, PruneReport, checkpoint, get_checkpoint, list_checkpoints, prune, remove_checkpoint
 from ._host import HostReport, check_host
 from ._migrate import Migration, migrate
 from ._restore import clone, restore, resume
+from .errors import DollyError
 
 __all__ = [
     "Checkpoint",

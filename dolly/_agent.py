@@ -24,8 +24,8 @@ calling process, so no key leaves it (see :mod:`dolly._bundle`).
 from __future__ import annotations
 
 import base64
-import hashlib
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -34,7 +34,7 @@ import ssl
 import sys
 import threading
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Iterator, List, Optional
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, cast
 
 import docker
 from docker.utils.socket import consume_socket_output, demux_adaptor, frames_iter
@@ -71,7 +71,7 @@ class Agent:
         self._id: Optional[str] = None
 
     @classmethod
-    def of(cls, engine: Engine) -> "Agent":
+    def of(cls, engine: Engine) -> Agent:
         agent = getattr(engine, "_agent", None)
         if agent is None:
             agent = engine._agent = cls(engine)  # type: ignore[attr-defined]
@@ -142,13 +142,16 @@ class Agent:
         with contextlib.suppress(docker.errors.NotFound):
             self.engine.api.remove_container(f"{NAME}-{_fingerprint()}", force=True)
 
-    def _exec_create(self, op: str, args: Dict[str, Any], **streams: bool) -> str:
+    def _exec_create(self, op: str, args: Dict[str, Any], *, stdin: bool = False, stdout: bool = True,
+                     stderr: bool = True) -> str:
         """An exec of ``op`` in the agent; once more with a new agent when the engine lost it
         (a restart, a removal)."""
         for again in (True, False):
             try:
                 with translate_errors():
-                    return str(self.engine.api.exec_create(self.container_id(), _command(op, args), **streams)["Id"])
+                    made = self.engine.api.exec_create(self.container_id(), _command(op, args), stdin=stdin,
+                                                       stdout=stdout, stderr=stderr)
+                    return str(made["Id"])
             except (ContainerNotFound, EngineError):
                 if not again:
                     raise
@@ -217,7 +220,7 @@ class Agent:
         exec_id = self._exec_create(op, args, stdin=True, stdout=True, stderr=True)
         with translate_errors():
             sock = api.exec_start(exec_id, socket=True)
-        raw = getattr(sock, "_sock", sock)
+        raw: Any = getattr(sock, "_sock", sock)  # the socket itself, under docker-py's wrapper
         frames: List[Any] = []
 
         def read() -> None:
@@ -228,7 +231,7 @@ class Agent:
         reader.start()
         try:
             try:
-                produce(_SocketWriter(raw))
+                produce(cast(IO[bytes], _SocketWriter(raw)))  # a raw stream: written to like a file
                 if not isinstance(raw, ssl.SSLSocket):
                     # Over TLS a half-close ends the TLS session for reading too; the agent does not
                     # need the end of its stdin anyway: the tar marks its own end.

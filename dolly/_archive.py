@@ -24,7 +24,7 @@ import re
 import sys
 import zlib
 from pathlib import Path
-from typing import IO, Any, Iterator, Optional, Union
+from typing import IO, TYPE_CHECKING, Any, Iterator, Optional, Union
 
 import zstandard
 
@@ -34,7 +34,8 @@ from .errors import BundleError, DecryptionFailed, DigestMismatch, DollyError, U
 # The tarfile of Python 3.12, with its extraction filters (`data_filter`), on every Python Dolly
 # runs on: Debian 12's 3.11.2 predates them, and backports.tarfile is the same module. Dolly's
 # other modules take it from here, so one archive is never read by two different tarfiles.
-if sys.version_info >= (3, 12):
+# (Type checking reads the standard library's, whose stubs describe the same module.)
+if TYPE_CHECKING or sys.version_info >= (3, 12):
     import tarfile
 else:
     from backports import tarfile
@@ -56,7 +57,10 @@ MAX_DEPTH = 256
 
 
 class BoundedTarInfo(tarfile.TarInfo):
-    """A tar header read with bounds (see the module's docstring). Sparse files are refused."""
+    """A tar header read with bounds (see the module's docstring). Sparse files are refused.
+
+    It overrides tarfile's private header parsers, which its type stubs leave out: hence the
+    ``type: ignore`` on the calls to them."""
 
     sparse_ok = False
 
@@ -69,20 +73,21 @@ class BoundedTarInfo(tarfile.TarInfo):
                 raise UnsafeArchive(f"more than {MAX_CHAIN} extended tar headers in a row")
             tar._dolly_chain = chain  # type: ignore[attr-defined]
             try:
-                return super()._proc_member(tar)
+                return super()._proc_member(tar)  # type: ignore[misc]
             finally:
                 tar._dolly_chain = chain - 1  # type: ignore[attr-defined]
         if self.type == tarfile.GNUTYPE_SPARSE and not self.sparse_ok:
             raise UnsafeArchive(f"{self.name!r} is a sparse file, which Dolly does not accept from outside")
-        return super()._proc_member(tar)
+        return super()._proc_member(tar)  # type: ignore[misc]
 
     def _proc_pax(self, tar: tarfile.TarFile) -> Any:
         raw = tar.fileobj
-        buf = raw.read(self._block(self.size))
+        buf = raw.read(self._block(self.size))  # type: ignore[attr-defined]
         _check_pax(buf[: self.size])
-        tar.fileobj = _Replay(buf, raw)  # tarfile reads the same bytes again, now known to be sound
+        # tarfile reads the same bytes again, now known to be sound
+        tar.fileobj = _Replay(buf, raw)  # type: ignore[assignment]
         try:
-            info = super()._proc_pax(tar)
+            info = super()._proc_pax(tar)  # type: ignore[misc]
         finally:
             tar.fileobj = raw
         if info.sparse is not None and not self.sparse_ok:
@@ -170,7 +175,7 @@ def open_bundle(source: Union[Path, IO[bytes]], key: Optional[bytes]) -> Iterato
                 plain = raw
             magic = plain.peek(4)[:4]
             if magic == ZSTD_MAGIC:
-                stream: IO[bytes] = zstandard.ZstdDecompressor().stream_reader(plain)
+                stream: Union[IO[bytes], gzip.GzipFile] = zstandard.ZstdDecompressor().stream_reader(plain)
             elif magic[:2] == GZIP_MAGIC:
                 stream = gzip.GzipFile(fileobj=plain, mode="rb")
             else:

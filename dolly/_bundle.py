@@ -41,24 +41,24 @@ import threading
 import time
 import types
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import IO, Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union, cast
 
 import docker
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from filelock import FileLock
 
-from . import _archive as archive, _criu as criu, _names as names, policy, _rootfs as rootfs, trust
+from . import _archive as archive, _criu as criu, _names as names, _rootfs as rootfs, policy, trust
 from ._archive import tarfile
 from ._checkpoint import METADATA, ROOTFS_DIFF, Checkpoint, engine_of, require
 from ._engine import Engine
 from .errors import (
-    ImageRewriteError,
     BundleError,
     BundleExpired,
     CheckpointExists,
     DigestMismatch,
+    ImageRewriteError,
     InvalidArgument,
     RollbackRefused,
     UnsafeArchive,
@@ -185,7 +185,7 @@ def _export(checkpoint: Checkpoint, engine: Engine, emit: Any, *, signer: Option
         ]
         members += [(n, checkpoint.path / n) for n in ("spec.dump", "stats-dump") if (checkpoint.path / n).exists()]
 
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         info = engine.info()
         manifest = {
             "format": FORMAT,
@@ -241,10 +241,11 @@ def write_stream(sink: IO[bytes], manifest: Dict[str, Any], members: Iterable[Tu
                  signer: Optional[Ed25519PrivateKey], compression: str, encryption_key: Optional[bytes]) -> None:
     """A bundle written to ``sink`` as it goes: the manifest (signed when ``signer`` is given),
     then each ``(name, size, data)`` member, compressed and encrypted on the way."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
     sealed = trust.EncryptingWriter(encryption_key, sink) if encryption_key is not None else None
-    with archive.compressor(sealed or sink, compression) as stream, \
+    # EncryptingWriter is a raw stream: to the compressor, a file like any other.
+    with archive.compressor(cast(IO[bytes], sealed or sink), compression) as stream, \
             tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         _add_bytes(tar, "manifest.json", manifest_bytes, now)
         if signer is not None:
@@ -397,14 +398,15 @@ def _import(
             lineages.check(lineage, manifest["created_at"])  # early; again under the lock below
             final = names.inside(engine.store_dir, meta["container_id"], meta["name"], error=BundleError)
             if final.exists():
-                raise CheckpointExists(f"this engine already has checkpoint {meta['name']!r} of {meta['container_name']}")
+                raise CheckpointExists(f"this engine already has checkpoint {meta['name']!r} "
+                                       f"of {meta['container_name']}")
             _extract(tar, first, members, staging / "in", manifest, max_bytes)
 
         origin = {
             "bundle_id": manifest["bundle_id"],
             "signer": signer,
             "source": _source_fields(manifest.get("source")),
-            "imported_at": datetime.now(timezone.utc).isoformat(),
+            "imported_at": datetime.now(UTC).isoformat(),
             "allowed": sorted(allowed),
         }
         cp = _make_checkpoint(staging / "in", staging / "cp", manifest, final, origin, max_bytes)
@@ -425,7 +427,8 @@ def _import(
                 lineages.check(lineage, manifest["created_at"])
                 final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 if final.exists():
-                    raise CheckpointExists(f"checkpoint {meta['name']!r} of {meta['container_name']} appeared meanwhile")
+                    raise CheckpointExists(f"checkpoint {meta['name']!r} of {meta['container_name']} "
+                                           "appeared meanwhile")
                 os.rename(staging / "cp", final)
                 if not between_own_engines:  # a copy's key is made for it alone: nothing to roll back to
                     lineages.record(lineage, manifest["created_at"])
@@ -456,7 +459,7 @@ def _refuse_claims(engine: Engine, container_id: str) -> None:
 
 
 def _source(path: Union[PathLike, IO[bytes]]) -> Union[Path, IO[bytes]]:
-    return path if hasattr(path, "read") else Path(path)  # type: ignore[return-value,arg-type]
+    return path if hasattr(path, "read") else Path(path)  # type: ignore[return-value]
 
 
 def first_member(tar: tarfile.TarFile, members: Optional[Iterator[tarfile.TarInfo]] = None) -> bytes:
@@ -517,7 +520,7 @@ def check_signature_and_freshness(data: bytes, manifest: Dict[str, Any], signatu
 
 
 def _check_fresh(manifest: Dict[str, Any]) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     expires = datetime.fromisoformat(manifest["expires_at"])
     if now > expires:
         raise BundleExpired(f"the bundle expired at {expires.isoformat()}")
@@ -629,7 +632,8 @@ def _source_fields(source: Any) -> Optional[Dict[str, str]]:
     """The manifest's (unverifiable, informative) source fields, kept only as short strings."""
     if not isinstance(source, dict):
         return None
-    return {k: v[:200] for k, v in source.items() if k in ("engine_id", "host", "docker_version") and isinstance(v, str)}
+    return {k: v[:200] for k, v in source.items()
+            if k in ("engine_id", "host", "docker_version") and isinstance(v, str)}
 
 
 def parse_manifest(data: bytes) -> Dict[str, Any]:

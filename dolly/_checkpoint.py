@@ -24,7 +24,7 @@ import time
 import types
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -33,7 +33,7 @@ from docker.models.containers import Container
 from filelock import FileLock
 
 from . import _criu as criu, _names as names, _rootfs as rootfs
-from ._engine import RUNTIME, ContainerRef, Engine
+from ._engine import RUNTIME, ContainerRef, Engine, id_of, name_of
 from .errors import (
     CheckpointExists,
     CheckpointFailed,
@@ -118,7 +118,7 @@ class Checkpoint:
         return str(self.config["Image"])
 
     @classmethod
-    def load(cls, path: Path, client: Optional[docker.DockerClient] = None) -> "Checkpoint":
+    def load(cls, path: Path, client: Optional[docker.DockerClient] = None) -> Checkpoint:
         """The checkpoint stored at ``path``, on the engine of ``client``.
 
         Raises:
@@ -130,7 +130,7 @@ class Checkpoint:
             raise CheckpointNotFound(f"no usable checkpoint at {path}: {e}") from e
 
     @classmethod
-    def from_metadata(cls, meta: Mapping[str, Any], path: Path, client: Optional[docker.DockerClient]) -> "Checkpoint":
+    def from_metadata(cls, meta: Mapping[str, Any], path: Path, client: Optional[docker.DockerClient]) -> Checkpoint:
         """The checkpoint its ``dolly.json`` describes, at ``path`` on the engine of ``client``.
 
         Raises:
@@ -188,9 +188,10 @@ def checkpoint(
     The writable layer is archived (sparse files stay sparse) while the container is frozen, just
     before CRIU dumps it: by Dolly's runtime, or, for a container under another runtime (runc),
     by Dolly around the engine's own checkpoint, with the container paused from before the archive
-    to after the dump (slower: the images go through containerd; README, "Runtimes"). A layer over ``max_layer_bytes``, or one the destination's filesystem
-    has no room for, is refused before anything is dumped: the container is left as it was,
-    running, whatever ``leave_running`` says. Checkpoints of one container are taken one at a
+    to after the dump (slower: the images go through containerd; README, "Runtimes"). A layer
+    over ``max_layer_bytes``, or one the destination's filesystem has no room for, is refused
+    before anything is dumped: the container is left as it was, running, whatever
+    ``leave_running`` says. Checkpoints of one container are taken one at a
     time.
 
     Args:
@@ -234,7 +235,7 @@ def checkpoint(
     source = engine.container(container)
     if not source.attrs["State"].get("Running"):
         raise ContainerNotRunning(f"container {source.name} is {source.status}, not running")
-    final = engine.store_dir / source.id / name
+    final = engine.store_dir / id_of(source) / name
     if final.exists():
         raise CheckpointExists(f"container {source.name} already has a checkpoint named {name!r}")
     # Root-only: the spool holds process memory on its way into the store.
@@ -247,7 +248,7 @@ def checkpoint(
     engine.lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with FileLock(str(engine.lock_dir / f"{source.id}.checkpoint.lock")):
         # As it is now, after any checkpoint we waited for (which paused it meanwhile).
-        source = _running(engine, source.id)
+        source = _running(engine, id_of(source))
         if final.exists():
             raise CheckpointExists(f"container {source.name} already has a checkpoint named {name!r}")
         _make_private_dir(final.parent)
@@ -295,8 +296,8 @@ def _checkpoint_locked(
     if own_runtime:
         spool.mkdir(mode=0o700, exist_ok=True)  # a mount point stays (a spool on a filesystem of its own)
         _write_private(spool / RUNTIME_REQUEST, f"max_layer_bytes={max_layer_bytes}\n")
-    created_at = datetime.now(timezone.utc)
-    images = engine.checkpoints_dir(source.id) / docker_name
+    created_at = datetime.now(UTC)
+    images = engine.checkpoints_dir(id_of(source)) / docker_name
     doomed = [images, staging, spool]
     paused = False
     try:
@@ -305,14 +306,14 @@ def _checkpoint_locked(
         policy = source.attrs["HostConfig"].get("RestartPolicy") or {}
         pause_policy = not leave_running and policy.get("Name") not in (None, "", "no")
         if pause_policy:
-            engine.set_restart_policy(source.id, {"Name": "no", "MaximumRetryCount": 0})
+            engine.set_restart_policy(id_of(source), {"Name": "no", "MaximumRetryCount": 0})
         try:
             if not own_runtime:
                 staging.mkdir(mode=0o700)
-                engine.pause(source.id)
+                engine.pause(id_of(source))
                 paused = True
                 _take_files_paused(engine, source, staging, max_layer_bytes)
-            engine.create_checkpoint(source.id, docker_name, exit=not leave_running)
+            engine.create_checkpoint(id_of(source), docker_name, exit=not leave_running)
         except CheckpointFailed as e:
             refused = _refusal(e, source, engine)
             if refused is not None:
@@ -320,7 +321,7 @@ def _checkpoint_locked(
             raise
         finally:
             if pause_policy:
-                engine.set_restart_policy(source.id, policy)
+                engine.set_restart_policy(id_of(source), policy)
             if paused:
                 _unpause(engine, source)
         staging.mkdir(mode=0o700, exist_ok=True)
@@ -332,8 +333,8 @@ def _checkpoint_locked(
             )
         _take_runtime_files(staging)
         cp = Checkpoint(
-            container_id=source.id,
-            container_name=source.name,
+            container_id=id_of(source),
+            container_name=name_of(source),
             name=name,
             created_at=created_at,
             hostname=criu.read_hostname(staging / "criu"),
@@ -391,9 +392,9 @@ def _take_files_paused(engine: Engine, source: Container, staging: Path, max_lay
 def _unpause(engine: Engine, source: Container) -> None:
     """Resume a container Dolly paused, unless the dump has stopped it."""
     try:
-        state = engine.container(source.id).attrs["State"]
+        state = engine.container(id_of(source)).attrs["State"]
         if state.get("Running") and state.get("Paused"):
-            engine.unpause(source.id)
+            engine.unpause(id_of(source))
     except ContainerNotFound:
         pass
 
@@ -509,13 +510,13 @@ def _keep_images(
         try:
             hostname = criu.read_hostname(staging / "criu")
         except Exception:  # pycriu missing or the image unreadable: the container's own
-            hostname = source.attrs["Config"].get("Hostname") or source.id[:12]
+            hostname = source.attrs["Config"].get("Hostname") or id_of(source)[:12]
         kept_name = name
         if (staging.parent / name).exists():
             kept_name = f"{name[:105]}-kept-{uuid.uuid4().hex[:8]}"
         cp = Checkpoint(
-            container_id=source.id,
-            container_name=source.name,
+            container_id=id_of(source),
+            container_name=name_of(source),
             name=kept_name,
             created_at=created_at,
             hostname=hostname,
@@ -558,7 +559,7 @@ def _stopped(engine: Engine, source: Container, *, settle: float = 5.0) -> bool:
     deadline = time.monotonic() + settle
     while True:
         try:
-            if not engine.container(source.id).attrs["State"].get("Running"):
+            if not engine.container(id_of(source)).attrs["State"].get("Running"):
                 return True
         except ContainerNotFound:
             return True  # removed meanwhile: its images are all there is
@@ -723,7 +724,7 @@ def prune(
     if older_than is not None and (not isinstance(older_than, timedelta) or older_than < timedelta(0)):
         raise InvalidArgument(f"older_than must be a non-negative timedelta, not {older_than!r}")
     engine = Engine.of(client)
-    cutoff = None if older_than is None else datetime.now(timezone.utc) - older_than
+    cutoff = None if older_than is None else datetime.now(UTC) - older_than
     exists: Dict[str, bool] = {}
     chosen = []
     for cp in list_checkpoints(client=engine.client):
@@ -792,9 +793,9 @@ def require(checkpoint: Any) -> Path:
 
 def _source_folder(engine: Engine, container: ContainerRef) -> Path:
     try:
-        return engine.store_dir / engine.container(container).id
+        return engine.store_dir / id_of(engine.container(container))
     except ContainerNotFound:
-        if isinstance(container, Container):
+        if isinstance(container, Container) and container.id is not None:
             return engine.store_dir / container.id
     # The source is gone: find its folder by full ID, else by a unique ID prefix or recorded name.
     # Two removed containers may have had one name: then the reference is ambiguous, never
@@ -829,11 +830,11 @@ def _recorded_names(folder: Path) -> set:
 
 
 def _ref_text(container: ContainerRef) -> str:
-    return container.name if isinstance(container, Container) else str(container)
+    return str(container.name) if isinstance(container, Container) else str(container)
 
 
 def _default_name() -> str:
-    return "cp-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    return "cp-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
 
 
 def _make_private_dir(path: Path) -> None:

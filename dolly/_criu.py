@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import warnings
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 from .errors import HostNotReady, ImageRewriteError, InvalidArgument
 
@@ -22,7 +22,8 @@ warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"pycriu\.
 MIN_VERSION = (4, 2)
 # Linux's __NEW_UTS_LEN; a longer nodename cannot be restored.
 HOSTNAME_MAX = 64
-_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*$")
+_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
+                          r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*$")
 
 
 def version() -> Optional[Tuple[int, ...]]:
@@ -110,7 +111,7 @@ def hostname_in(image: Path) -> str:
     return nodename
 
 
-def rewrite_hostname(src: Path, dst: Path, hostname: str) -> None:
+def rewrite_hostname(src: Path, dst: Union[str, Path], hostname: str) -> None:
     """Write ``dst``, a copy of the UTS image ``src`` whose nodename is ``hostname``.
 
     A new file, never an edit in place: the other files of a clone's checkpoint folder are hard
@@ -152,7 +153,8 @@ def processes(images_dir: Path) -> list[dict]:
         try:
             core = _load(image)["entries"][0]["thread_core"]
             creds = core["creds"]
-            entry = {key: _mask(creds.get(key)) for key in ("cap_prm", "cap_eff", "cap_bnd", "cap_inh", "cap_amb")}
+            entry: dict[str, object] = {key: _mask(creds.get(key))
+                                        for key in ("cap_prm", "cap_eff", "cap_bnd", "cap_inh", "cap_amb")}
             entry["seccomp_mode"] = core.get("seccomp_mode", "disabled")
             entry["name"] = f"{core.get('comm', '?')} ({image.stem.removeprefix('core-')})"
         except (KeyError, IndexError, TypeError, ValueError) as e:

@@ -19,7 +19,7 @@ import threading
 import uuid
 import weakref
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, ParamSpec, TypeVar, Union
 
 import docker
 import docker.errors
@@ -30,6 +30,7 @@ from . import _retry as retry
 from .errors import (
     CheckpointFailed,
     ContainerNotFound,
+    CriuError,
     DollyError,
     EngineError,
     EngineUnavailable,
@@ -40,6 +41,8 @@ from .errors import (
 )
 
 ContainerRef = Union[Container, str]
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 # Where scripts/dolly-runc copies CRIU's log when CRIU fails (Docker deletes its own copy).
 CRIU_LOG_DIR = Path("/var/log/dolly/criu")
@@ -47,7 +50,7 @@ RUNTIME = "dolly"
 
 _default_client: Optional[docker.DockerClient] = None
 _default_lock = threading.Lock()
-_engines: "weakref.WeakKeyDictionary[docker.DockerClient, Engine]" = weakref.WeakKeyDictionary()
+_engines: weakref.WeakKeyDictionary[docker.DockerClient, Engine] = weakref.WeakKeyDictionary()
 
 
 def default_client() -> docker.DockerClient:
@@ -87,6 +90,25 @@ def translate_errors() -> Iterator[None]:
         raise
 
 
+def id_of(container: Container) -> str:
+    """``container.id``, which docker-py types as optional: a container the engine listed or
+    inspected always has one.
+
+    Raises:
+        ContainerNotFound: a container object with no ID, which no engine gave.
+    """
+    if container.id is None:
+        raise ContainerNotFound(f"not a container the engine knows (it has no ID): {container!r}")
+    return container.id
+
+
+def name_of(container: Container) -> str:
+    """``container.name``, which docker-py types as optional, like :func:`id_of`."""
+    if container.name is None:
+        raise ContainerNotFound(f"not a container the engine knows (it has no name): {container!r}")
+    return container.name
+
+
 def _split_tag(name: str) -> tuple[str, Optional[str]]:
     repo, sep, tag = name.rpartition(":")
     if sep and "/" not in tag:
@@ -114,7 +136,7 @@ def forget_criu_log(container_id: str, command: str) -> None:
     (CRIU_LOG_DIR / f"{container_id}.{command}.log").unlink(missing_ok=True)
 
 
-def criu_error(cls: type, container_id: str, command: str, cause: Exception) -> Exception:
+def criu_error(cls: type[CriuError], container_id: str, command: str, cause: Exception) -> CriuError:
     """A :class:`CriuError` of ``cls`` for a failed ``command``, with CRIU's log."""
     lines, path = criu_log(container_id, command)
     return cls(f"{command} of container {container_id[:12]} failed: {cause}", log_lines=lines, log_path=path)
@@ -174,10 +196,10 @@ class Engine:
         self.api = client.api
         self._info: Optional[Dict[str, Any]] = None
         self._local: Optional[bool] = None
-        self._identity: Optional[tuple] = None
+        self._identity: Optional[tuple[Any, ...]] = None
 
     @classmethod
-    def of(cls, client: Optional[docker.DockerClient] = None) -> "Engine":
+    def of(cls, client: Optional[docker.DockerClient] = None) -> Engine:
         """The :class:`Engine` for ``client`` (default: ``docker.from_env()``), made once."""
         client = client or default_client()
         with _default_lock:
@@ -198,7 +220,7 @@ class Engine:
         return bool(self._call(self.api.version).get("Experimental"))
 
     @property
-    def identity(self) -> tuple:
+    def identity(self) -> tuple[Any, ...]:
         """What tells two engines apart, so that two are the same only if they really are. The
         engine ID alone does not: engines that share /etc/docker (or a copied key.json) share it,
         and a data root's path names the same folder on every host. So each engine's data root
@@ -309,7 +331,8 @@ class Engine:
             NameConflict: ``name`` is taken.
         """
         try:
-            return self._call(self.api.create_container_from_config, config, name)["Id"]
+            made: Dict[str, Any] = self._call(self.api.create_container_from_config, config, name)
+            return str(made["Id"])
         except EngineError as e:
             if e.status_code == 409:
                 raise NameConflict(f"the container name {name!r} is already taken") from e
@@ -317,9 +340,9 @@ class Engine:
 
     def connect(self, container_id: str, network: str, endpoint: Dict[str, Any]) -> None:
         def call() -> None:
-            url = self.api._url("/networks/{0}/connect", network)
-            res = self.api._post_json(url, data={"Container": container_id, "EndpointConfig": endpoint})
-            self.api._result(res)  # reads the body: the connection goes back to the pool
+            url = self._raw._url("/networks/{0}/connect", network)
+            res = self._raw._post_json(url, data={"Container": container_id, "EndpointConfig": endpoint})
+            self._raw._result(res)  # reads the body: the connection goes back to the pool
 
         self._call(call)
 
@@ -331,7 +354,8 @@ class Engine:
 
     def set_restart_policy(self, container_id: str, policy: Dict[str, Any]) -> None:
         """Change a container's restart policy in place (``docker update --restart``)."""
-        self._call(self.api.update_container, container_id, restart_policy=policy)
+        # The stubs' restart policy names only "always" and "on-failure"; the engine takes all four.
+        self._call(self.api.update_container, container_id, restart_policy=policy)  # type: ignore[arg-type]
 
     def remove(self, container_id: str, *, volumes: bool = True) -> None:
         """Remove a container (force: running or not); a missing one is not an error.
@@ -380,7 +404,7 @@ class Engine:
         except (ImageNotFound, ContainerNotFound):
             return False
 
-    def ensure_image(self, image_id: str, name: Optional[str], *, source: Optional["Engine"],
+    def ensure_image(self, image_id: str, name: Optional[str], *, source: Optional[Engine],
                      tag: bool = True) -> bool:
         """Make sure this engine has the image ``image_id``, copying it from ``source`` (docker
         save | docker load, streamed) when it lacks it; returns whether it was copied now. With
@@ -398,7 +422,8 @@ class Engine:
                     + ": load it, or pass image_source=<a client of an engine that has it>"
                 )
             stream = self._call(source.client.images.get, image_id).save(named=False)
-            self._call(self.client.images.load, stream)
+            # docker-py sends an iterator of chunks as it comes; its stubs want bytes or a file.
+            self._call(self.client.images.load, stream)  # type: ignore[arg-type]
             copied = True
         if tag and name and not name.startswith("sha256:") and not self.has_image(name):
             self._call(self.api.tag, image_id, *_split_tag(name))
@@ -444,9 +469,9 @@ class Engine:
         """
 
         def call() -> None:
-            url = self.api._url("/containers/{0}/checkpoints", container_id)
-            res = self.api._post_json(url, data={"CheckpointID": name, "Exit": exit})
-            self.api._result(res)  # reads the body: the connection goes back to the pool
+            url = self._raw._url("/containers/{0}/checkpoints", container_id)
+            res = self._raw._post_json(url, data={"CheckpointID": name, "Exit": exit})
+            self._raw._result(res)  # reads the body: the connection goes back to the pool
 
         forget_criu_log(container_id, "checkpoint")
         try:
@@ -463,10 +488,10 @@ class Engine:
         """
 
         def call() -> None:
-            url = self.api._url("/containers/{0}/start", container_id)
-            res = self.api._post(url, params={"checkpoint": name})
+            url = self._raw._url("/containers/{0}/start", container_id)
+            res = self._raw._post(url, params={"checkpoint": name})
             try:
-                self.api._result(res)  # reads the body: the connection goes back to the pool
+                self._raw._result(res)  # reads the body: the connection goes back to the pool
             except docker.errors.APIError as e:
                 if "already exists" in _explain(e) and "content" in _explain(e):
                     raise retry.ContentConflict(_explain(e)) from e
@@ -482,8 +507,15 @@ class Engine:
 
     # --- plumbing --------------------------------------------------------------------------------
 
-    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Call the engine, retrying while it is unavailable, with errors translated."""
+    @property
+    def _raw(self) -> Any:
+        """The APIClient's request helpers (``_url``, ``_post``, ``_post_json``, ``_result``), which
+        docker-py's type stubs leave out."""
+        return self.api
+
+    def _call(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Call the engine, retrying while it is unavailable, with errors translated: returns what
+        ``fn`` returns."""
         for attempt in retry.engine_calls():
             with attempt:
                 with translate_errors():

@@ -108,7 +108,7 @@ def check_host(client: Optional[docker.DockerClient] = None) -> HostReport:
         checks.append(Check("criu check", res.returncode == 0, text[-1] if text else f"exit {res.returncode}",
                             make_host))
     try:
-        import pycriu.images  # noqa: F401
+        import pycriu.images  # noqa: F401 - imported only to see that it can be
 
         checks.append(Check("pycriu", True, "importable"))
     except ImportError as e:

@@ -31,17 +31,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import docker
 from docker.models.containers import Container
 
-from . import _bundle as bundle, _criu as criu
-from . import ready as _ready
+from . import _bundle as bundle, _criu as criu, ready as _ready
 from ._checkpoint import Checkpoint, checkpoint, get_checkpoint, remove_checkpoint
-from ._engine import ContainerRef, Engine
+from ._engine import ContainerRef, Engine, id_of, name_of
+from ._restore import LABEL_CHECKPOINT, LABEL_SOURCE, restore, resume
 from .errors import (
     CheckpointFailed,
     ContainerNotFound,
@@ -51,7 +51,6 @@ from .errors import (
     MigrationFailed,
     NameConflict,
 )
-from ._restore import LABEL_CHECKPOINT, LABEL_SOURCE, restore, resume
 
 __all__ = ["Migration", "migrate"]
 
@@ -194,7 +193,7 @@ def migrate(
 
     # Past this point the container runs on the target: clean-up failures are only logged.
     # The source goes without its volumes: they hold the user's data (see drop_volumes).
-    for what, undo in (("source container", lambda: source_engine.remove(source.id, volumes=False)),
+    for what, undo in (("source container", lambda: source_engine.remove(id_of(source), volumes=False)),
                        ("source checkpoint", lambda: remove_checkpoint(cp)),
                        ("target checkpoint", lambda: remove_checkpoint(moved))):
         try:
@@ -257,19 +256,19 @@ def _clear_target(target_engine: Engine, source: Container, moved: Optional[Chec
         return None
     try:
         if target is not None:
-            target_engine.remove(target.id)
+            target_engine.remove(id_of(target))
         try:
-            left = target_engine.container(source.name)
+            left = target_engine.container(name_of(source))
         except ContainerNotFound:
             return None
         labels = left.attrs.get("Config", {}).get("Labels") or {}
         if (left.name == source.name and labels.get(LABEL_SOURCE) == source.id
                 and labels.get(LABEL_CHECKPOINT) == moved.name):
-            target_engine.remove(left.id)
+            target_engine.remove(id_of(left))
         # Else a container that is not this migration's took the name meanwhile: not ours to
         # remove, and ours, which would hold that name, is gone.
         return None
-    except Exception as e:  # noqa: BLE001 - whatever the engine did, the target's state is unknown
+    except Exception as e:  # whatever the engine did, the target's state is unknown
         return f"{type(e).__name__}: {e}"
 
 
@@ -291,7 +290,7 @@ def _settle(engine: Engine, container: Container, marks: tuple, *, seconds: floa
     """
     deadline = time.monotonic() + seconds
     while True:
-        now = engine.container(container.id)
+        now = engine.container(id_of(container))
         state = now.attrs.get("State") or {}
         if not state.get("Running") or state.get("Restarting"):
             raise ContainerNotRunning(
@@ -340,7 +339,7 @@ def _resume_after_failed_checkpoint(source_engine: Engine, source: Container, er
 
 def _still_running(engine: Engine, container: Container) -> bool:
     try:
-        return bool(engine.container(container.id).attrs["State"].get("Running"))
+        return bool(engine.container(id_of(container)).attrs["State"].get("Running"))
     except DollyError:
         return False
 
@@ -358,7 +357,7 @@ def _running(container: Container) -> bool:
 
 
 def _name() -> str:
-    return "migrate-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    return "migrate-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
 
 
 def _both_local(*engines: Engine) -> bool:

@@ -28,7 +28,7 @@ _HOST = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0
 IMAGE_NAME = re.compile(rf"^{_HOST}{_COMPONENT}(?:/{_COMPONENT})*(?::[\w][\w.-]{{0,127}})?$")
 
 
-def _check(value: Any, rule: "re.Pattern[str]", what: str, error: Type[DollyError], hint: str = "") -> str:
+def _check(value: Any, rule: re.Pattern[str], what: str, error: Type[DollyError], hint: str = "") -> str:
     if not isinstance(value, str) or not rule.match(value):
         raise error(f"not a valid {what}: {value!r}{hint}")
     return value

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import uuid
 import tarfile
-from datetime import datetime, timedelta, timezone
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, Iterable, List, Optional, Union
 
@@ -27,7 +27,7 @@ from . import _archive as archive, trust
 from ._agent import Agent
 from ._bundle import check_signature_and_freshness, first_member, parse_manifest, read_signature, write_stream
 from ._checkpoint import Checkpoint
-from ._engine import ContainerRef, Engine
+from ._engine import ContainerRef, Engine, id_of
 from .errors import BundleError
 
 _CHUNK = 1 << 20
@@ -69,7 +69,7 @@ def clone(engine: Engine, cp: Checkpoint, n: int, *, name_prefix: Optional[str],
         made = [engine.container(i) for i in ids]
         for c in made:  # the agent cannot call back: each hook runs once the clones run
             if on_create is not None:
-                on_create(c.id)
+                on_create(id_of(c))
             if progress is not None:
                 progress(c)
     except BaseException:
@@ -103,7 +103,7 @@ def export(engine: Engine, cp: Checkpoint, out: Path, *, signer: Optional[Ed2551
         if (manifest["checkpoint"]["container_id"], manifest["checkpoint"]["name"]) != (cp.container_id, cp.name):
             raise BundleError("Dolly's agent sent the bundle of another checkpoint")
         # What the caller's key signs is the caller's: its clock, its lineage, a bundle ID of its own.
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         manifest.update(bundle_id=uuid.uuid4().hex, lineage=lineage or cp.container_id, created_at=now.isoformat(),
                         expires_at=(now + expires_in).isoformat(), compression=compression,
                         signer=trust.key_id(signer) if signer is not None else None)
@@ -116,16 +116,18 @@ def export(engine: Engine, cp: Checkpoint, out: Path, *, signer: Optional[Ed2551
                 if want is None or member.name in seen or not member.isfile() or member.size != want["size"]:
                     raise BundleError(f"Dolly's agent sent {member.name!r}, which its manifest does not list so")
                 seen.add(member.name)
-                yield member.name, member.size, _Hashing(tar.extractfile(member), want["sha256"], member.name, member.size)
+                yield member.name, member.size, _Hashing(tar.extractfile(member), want["sha256"], member.name,
+                                                         member.size)
             if seen != set(listed):  # a stream cut at a member's end looks whole to tar: not to this
-                raise BundleError(f"Dolly's agent's bundle stopped short: {', '.join(sorted(set(listed) - seen))} missing")
+                missing = ", ".join(sorted(set(listed) - seen))
+                raise BundleError(f"Dolly's agent's bundle stopped short: {missing} missing")
 
         return write_bundle(out, manifest, rest(), signer=signer, compression=compression,
                             encryption_key=encryption_key)
 
 
-def import_bundle(engine: Engine, source: Union[Path, IO[bytes]], *, trusted: List[Ed25519PublicKey], allow_unsigned: bool,
-                  allow: Iterable[str], image_source: Optional[docker.DockerClient],
+def import_bundle(engine: Engine, source: Union[Path, IO[bytes]], *, trusted: List[Ed25519PublicKey],
+                  allow_unsigned: bool, allow: Iterable[str], image_source: Optional[docker.DockerClient],
                   encryption_key: Optional[bytes], max_bytes: int, between_own_engines: bool) -> Checkpoint:
     """Verified here (signature, freshness, form), re-signed for the agent with a one-time key,
     streamed to it; it checks the rest as a local import does."""

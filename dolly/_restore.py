@@ -24,9 +24,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import docker
 from docker.models.containers import Container
 
-from . import _criu as criu, _names as names, policy, _rootfs as rootfs
+from . import _criu as criu, _names as names, _rootfs as rootfs, policy
 from ._checkpoint import Checkpoint, engine_of, require
-from ._engine import RUNTIME, ContainerRef, Engine
+from ._engine import RUNTIME, ContainerRef, Engine, id_of
 from .errors import InvalidArgument, NameConflict
 
 __all__ = ["restore", "clone", "resume", "allocate_names", "clone_config"]
@@ -157,7 +157,7 @@ def clone(
 
     explicit = _names is not None
     prefix = name_prefix or f"{checkpoint.container_name}-clone"
-    chosen = list(_names) if explicit else _reserve(prefix, n, engine)
+    chosen = list(_names) if _names is not None else _reserve(prefix, n, engine)
     # Every container of this call carries its ID, so that a failure can remove them all, even
     # one whose create the engine carried out but never answered (it was restarting, say).
     labels = {**_check_labels(labels), **_labels(checkpoint), LABEL_OPERATION: uuid.uuid4().hex}
@@ -170,7 +170,7 @@ def clone(
             for f in futures:
                 try:
                     results.append((f.result(), None))
-                except BaseException as e:  # noqa: B902 - collected, then re-raised below
+                except BaseException as e:  # collected, then re-raised below
                     results.append((None, e))
     finally:
         with _reserved_lock:
@@ -180,13 +180,13 @@ def clone(
     if errors:
         for c, _ in results:
             if c is not None:
-                engine.remove(c.id)
+                engine.remove(id_of(c))
         engine.remove_labelled(LABEL_OPERATION, labels[LABEL_OPERATION])
         raise errors[0]
     clones = [c for c, _ in results if c is not None]
     # A create that the engine carried out but never answered (it restarted meanwhile) was retried
     # under another name; the first one is an orphan of this call.
-    engine.remove_labelled(LABEL_OPERATION, labels[LABEL_OPERATION], keep={c.id for c in clones})
+    engine.remove_labelled(LABEL_OPERATION, labels[LABEL_OPERATION], keep={id_of(c) for c in clones})
     return clones
 
 
@@ -223,20 +223,20 @@ def _clone_across(
 
             remove_checkpoint(copy)
 
-    jobs = [(c, k) for c, k in zip(engines, counts) if k > 0]
+    jobs = [(c, k) for c, k in zip(engines, counts, strict=True) if k > 0]
     with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="dolly-engine") as pool:
         futures = [pool.submit(on, c, k) for c, k in jobs]
         outcomes: List[Tuple[List[Container], Optional[BaseException]]] = []
         for f in futures:
             try:
                 outcomes.append((f.result(), None))
-            except BaseException as e:  # noqa: B902 - collected, then re-raised below
+            except BaseException as e:  # collected, then re-raised below
                 outcomes.append(([], e))
     errors = [e for _, e in outcomes if e is not None]
     if errors:
         for made, _ in outcomes:
             for c in made:
-                Engine.of(c.client).remove(c.id)
+                Engine.of(c.client).remove(id_of(c))
         raise errors[0]
     return [c for made, _ in outcomes for c in made]
 
@@ -305,7 +305,7 @@ def resume(
     if target.id != checkpoint.container_id:
         raise InvalidArgument(
             f"checkpoint {checkpoint.name!r} was taken of container {checkpoint.container_id[:12]}, "
-            f"not of {target.name} ({target.id[:12]}): resume starts a container from its own "
+            f"not of {target.name} ({id_of(target)[:12]}): resume starts a container from its own "
             "checkpoint; dolly.restore makes a new one from any"
         )
     if target.attrs["State"].get("Running"):
@@ -327,7 +327,7 @@ def _started_since(cp: Checkpoint, container: Container) -> Optional[str]:
     Docker gives it; else None. Two tests, either one enough: the start time differs from the one
     the checkpoint recorded (exact, no clocks compared), or it is later than the checkpoint's own
     time. A start time that cannot be read counts as a start since: refusing is the safe side."""
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
     started = str((container.attrs.get("State") or {}).get("StartedAt") or "")
     recorded = (cp.config.get("State") or {}).get("StartedAt")
@@ -344,9 +344,9 @@ def _started_since(cp: Checkpoint, container: Container) -> Optional[str]:
         when = datetime.fromisoformat(text)
     except ValueError:
         return started or "at an unknown time"
-    taken = cp.created_at if cp.created_at.tzinfo else cp.created_at.replace(tzinfo=timezone.utc)
+    taken = cp.created_at if cp.created_at.tzinfo else cp.created_at.replace(tzinfo=UTC)
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return started if when > taken else None
 
 
@@ -418,7 +418,7 @@ def _start_from(engine: Engine, cp: Checkpoint, container_id: str, *, hostname: 
             shutil.rmtree(done, ignore_errors=True)
 
 
-def _place_images(cp: Checkpoint, folder: "os.PathLike[str]", *, hostname: Optional[str]) -> None:
+def _place_images(cp: Checkpoint, folder: os.PathLike[str], *, hostname: Optional[str]) -> None:
     """The checkpoint's images as hard links in ``folder`` (no data copied), except the UTS
     image, which is rewritten with ``hostname`` (a new file: the checkpoint's own stays as it
     is). With ``hostname`` None every image is linked as is, so pycriu is not needed."""

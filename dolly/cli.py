@@ -13,14 +13,22 @@ import re
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import click
 import docker
+import docker.utils
 from docker.models.containers import Container
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TransferSpeedColumn)
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 import dolly
@@ -55,7 +63,8 @@ def client_for(url: str) -> docker.DockerClient:
     # A fixed API version (what Dolly needs, which Docker 20.10 and later speak): without it, the
     # client asks the engine at once, and an engine that does not answer fails here, raw, before
     # `dolly doctor` can report it.
-    return docker.DockerClient(**{**docker.utils.kwargs_from_env(), "base_url": url, "version": API_VERSION})
+    kwargs: Dict[str, Any] = {**docker.utils.kwargs_from_env(), "base_url": url, "version": API_VERSION}
+    return docker.DockerClient(**kwargs)
 
 
 def command(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -64,7 +73,7 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     @click.pass_obj
-    def wrapper(ctx: Context, *args: Any, json_after: bool = False, **kwargs: Any) -> Any:
+    def wrapper(ctx: Context, /, *args: Any, json_after: bool = False, **kwargs: Any) -> Any:
         ctx.as_json = ctx.as_json or json_after
         try:
             return fn(ctx, *args, **kwargs)
@@ -85,7 +94,8 @@ def command(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-@click.option("-H", "--host", envvar="DOCKER_HOST", help="Docker Engine URL (default: DOCKER_HOST or the local socket).")
+@click.option("-H", "--host", envvar="DOCKER_HOST",
+              help="Docker Engine URL (default: DOCKER_HOST or the local socket).")
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=lambda c, p, v: _versions(c, v),
               help="Print the versions of Dolly, CRIU and the engine, and exit.")
 @click.pass_context
@@ -229,7 +239,8 @@ def _duration(text: str) -> timedelta:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     parts = re.findall(r"(\d+)([smhd])", text)
     if not parts or "".join(n + u for n, u in parts) != text:
-        raise click.BadParameter(f"{text!r} is not a duration like 90s, 30m, 24h, 7d or 1h30m", param_hint="--older-than")
+        raise click.BadParameter(f"{text!r} is not a duration like 90s, 30m, 24h, 7d or 1h30m",
+                                 param_hint="--older-than")
     return timedelta(seconds=sum(int(n) * units[u] for n, u in parts))
 
 
@@ -279,7 +290,8 @@ def keygen_cmd(ctx: Context, private_pem: str, public_pem: str) -> None:
 @click.argument("container")
 @click.argument("checkpoint")
 @click.argument("path", type=click.Path(dir_okay=False))
-@click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False), help="Sign with this PEM private key.")
+@click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False),
+              help="Sign with this PEM private key.")
 @click.option("--compression", type=click.Choice(["zstd", "gzip", "none"]), default="zstd", show_default=True)
 @click.option("--encrypt", "key_file", type=click.Path(exists=True, dir_okay=False),
               help="Encrypt with the 32-byte key in this file (AES-256-GCM).")
@@ -379,20 +391,23 @@ def _container_dict(c: Container) -> Dict[str, Any]:
 
 
 def _print_checkpoints(ctx: Context, cps: List[Checkpoint]) -> None:
-    _print_rows(ctx, [_checkpoint_dict(cp) for cp in cps], ("container", "checkpoint", "created (UTC)", "size", "hostname"),
+    _print_rows(ctx, [_checkpoint_dict(cp) for cp in cps],
+                ("container", "checkpoint", "created (UTC)", "size", "hostname"),
                 lambda r: (r["container"], r["name"], r["created_at"][:19].replace("T", " "),
                            f"{r['size_bytes'] / 2**20:.1f} MiB", r["hostname"]))
 
 
 def _print_containers(ctx: Context, containers: List[Container]) -> None:
-    def cells(r: Dict[str, Any]) -> tuple:
-        ports = ", ".join(f"{b['HostIp']}:{b['HostPort']}->{p}" for p, bs in (r["ports"] or {}).items() for b in (bs or []))
+    def cells(r: Dict[str, Any]) -> Tuple[str, ...]:
+        ports = ", ".join(f"{b['HostIp']}:{b['HostPort']}->{p}"
+                          for p, bs in (r["ports"] or {}).items() for b in (bs or []))
         return r["name"], r["hostname"], r["ip"] or "", ports
 
     _print_rows(ctx, [_container_dict(c) for c in containers], ("name", "hostname", "IP", "ports"), cells)
 
 
-def _print_rows(ctx: Context, rows: List[Dict[str, Any]], columns: tuple, cells: Callable[[Dict[str, Any]], tuple]) -> None:
+def _print_rows(ctx: Context, rows: List[Dict[str, Any]], columns: Tuple[str, ...],
+                cells: Callable[[Dict[str, Any]], Tuple[str, ...]]) -> None:
     """JSON with --json, else a table of ``columns`` with one row of ``cells(row)`` each."""
     if ctx.as_json:
         _print_json(rows)

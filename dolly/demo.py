@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
         t = time.perf_counter()
         cp = dolly.checkpoint(source, "demo")
-        print(f"checkpoint   {time.perf_counter() - t:6.2f} s  {cp.name} ({_size_mb(cp.path):.0f} MB), source keeps running")
+        print(f"checkpoint   {time.perf_counter() - t:6.2f} s  {cp.name} ({_size_mb(cp.path):.0f} MB), "
+              "source keeps running")
 
         t = time.perf_counter()
         replicas = dolly.clone(cp, args.n)

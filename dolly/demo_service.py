@@ -23,7 +23,7 @@ else:
     table = [hashlib.sha256(i.to_bytes(8, "little")).digest() * 32 for i in range(rows)]  # 1 KiB rows
 checksum = hashlib.sha256(b"".join(table[:: max(1, rows // 64)])).hexdigest()[:16]
 token = os.urandom(8).hex()
-index = {}
+index: dict[bytes, int] = {}
 deadline = time.process_time() + float(os.environ.get("WARMUP_S", "0"))
 while time.process_time() < deadline:
     for _ in range(1000):

@@ -222,7 +222,8 @@ def capability_mask(config: Mapping[str, Any], allowed: Iterable[str]) -> int:
         return (1 << 64) - 1
     names = set(DEFAULT_CAPABILITIES)
     if "capabilities" in allowed:
-        added = {str(c).upper().removeprefix("CAP_") for c in _list(host.get("CapAdd")) + _list(host.get("Capabilities"))}
+        added = {str(c).upper().removeprefix("CAP_")
+                 for c in _list(host.get("CapAdd")) + _list(host.get("Capabilities"))}
         if "ALL" in added:
             return (1 << 64) - 1
         names |= added

@@ -12,9 +12,9 @@ takes a docker-py ``Container`` and returns true when the service is ready:
 """
 from __future__ import annotations
 
-from http.client import HTTPConnection
 import shlex
 from dataclasses import dataclass
+from http.client import HTTPConnection
 from typing import Callable, List, Optional, Sequence, Union
 
 from docker.models.containers import Container
@@ -99,7 +99,7 @@ def log(text: str) -> Log:
     return Log(text)
 
 
-def exec(command: Union[str, Sequence[str]]) -> Exec:  # noqa: A001 - the name users expect
+def exec(command: Union[str, Sequence[str]]) -> Exec:  # shadows the builtin: the name users expect
     """Ready when ``command`` (a list, or a string split like a shell would) exits 0 inside."""
     return Exec(tuple(shlex.split(command) if isinstance(command, str) else command))
 

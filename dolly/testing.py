@@ -62,9 +62,9 @@ from filelock import FileLock
 
 from . import ready as _ready
 from ._checkpoint import Checkpoint, checkpoint
-from ._engine import Engine
-from .errors import ContainerNotFound
+from ._engine import Engine, id_of
 from ._restore import restore
+from .errors import ContainerNotFound
 
 __all__ = ["warm_service"]
 
@@ -127,8 +127,11 @@ def warm_service(
     @pytest.fixture
     def fixture(request: pytest.FixtureRequest) -> Iterator[Container]:
         plugin: Plugin = request.config.stash[_plugin_key]
-        cp = plugin.warm_checkpoint(spec, request.fixturename)
-        clone = plugin.clone(cp, request.fixturename)
+        name = request.fixturename
+        if name is None:  # pytest names a fixture's own request; typed optional for the others
+            raise RuntimeError("warm_service's fixture was requested without a fixture name")
+        cp = plugin.warm_checkpoint(spec, name)
+        clone = plugin.clone(cp, name)
         request.node.stash.setdefault(_clones_key, []).append(clone)
         try:
             yield clone
@@ -155,8 +158,9 @@ class Plugin:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.is_worker = hasattr(config, "workerinput")
-        self.run_id: str = config.workerinput["dolly_run_id"] if self.is_worker else uuid.uuid4().hex[:12]
-        self.owner: str = config.workerinput["dolly_owner"] if self.is_worker else str(Owner.current())
+        # workerinput (and workeroutput): what pytest-xdist adds to a worker's config
+        self.run_id: str = config.workerinput["dolly_run_id"] if self.is_worker else uuid.uuid4().hex[:12]  # type: ignore[attr-defined]
+        self.owner: str = config.workerinput["dolly_owner"] if self.is_worker else str(Owner.current())  # type: ignore[attr-defined]
         self.state_dir = STATE_ROOT / self.run_id
         self.stats = Stats()
         self._client: Optional[docker.DockerClient] = None
@@ -204,7 +208,7 @@ class Plugin:
         started = time.perf_counter()
         source = self.client.containers.create(
             spec.image,
-            spec.command,
+            spec.command,  # type: ignore[arg-type]  # any sequence does; the stubs say list
             environment=dict(spec.environment),
             detach=True,
             name=f"pytest-{key}-{self.run_id}",
@@ -212,7 +216,7 @@ class Plugin:
             **{k: v for k, v in spec.run_options.items() if k != "labels"},
         )
         try:
-            self.record(source.id)
+            self.record(id_of(source))
             source.start()
             if spec.ready is not None:
                 _ready.wait(source, spec.ready, timeout=spec.ready_timeout)
@@ -220,7 +224,7 @@ class Plugin:
             # The source is not needed once checkpointed: stop it, keep it until the run ends.
             return checkpoint(source, "warm", leave_running=False, client=self.client), cold
         except BaseException:
-            _remove(self.client, source.id)
+            _remove(self.client, id_of(source))
             raise
 
     # --- a clone per test ------------------------------------------------------------------------
@@ -235,14 +239,15 @@ class Plugin:
         return c
 
     def discard(self, container: Container) -> None:
-        _remove(self.client, container.id)
+        _remove(self.client, id_of(container))
 
     # --- the end of the run ----------------------------------------------------------------------
 
     def finish(self) -> None:
         """Remove what this run made. Under xdist only the controller does it, after the workers."""
         if self.is_worker:
-            self.config.workeroutput["dolly_stats"] = {"cold_s": self.stats.cold_s, "clone_s": self.stats.clone_s}
+            self.config.workeroutput["dolly_stats"] = {  # type: ignore[attr-defined]
+                "cold_s": self.stats.cold_s, "clone_s": self.stats.clone_s}
             return
         if self.state_dir.exists():
             remove_run(self.client, self.run_id)
@@ -281,7 +286,7 @@ class Owner:
         return f"{self.boot_id}:{self.pid_ns}:{self.pid}:{self.start}"
 
     @classmethod
-    def current(cls) -> "Owner":
+    def current(cls) -> Owner:
         """This process.
 
         Raises:
@@ -290,7 +295,7 @@ class Owner:
         return cls.of(os.getpid())
 
     @classmethod
-    def of(cls, pid: int) -> "Owner":
+    def of(cls, pid: int) -> Owner:
         """The process ``pid`` as this process numbers it (in this process's PID namespace).
 
         Raises:
@@ -304,7 +309,7 @@ class Owner:
         return cls(_boot_id(), os.stat("/proc/self/ns/pid").st_ino, pid, start)
 
     @classmethod
-    def parse(cls, text: Optional[str]) -> Optional["Owner"]:
+    def parse(cls, text: Optional[str]) -> Optional[Owner]:
         """The owner a label names, or None for a missing or malformed one (never reaped)."""
         parts = (text or "").strip().split(":")
         if len(parts) != 4 or not parts[0] or not all(p.isdigit() for p in parts[1:]):
@@ -559,7 +564,7 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
     if report.failed:
         for c in item.stash.get(_clones_key, []):

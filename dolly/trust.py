@@ -19,7 +19,7 @@ import os
 import shutil
 import struct
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator, Optional, Tuple, Union
+from typing import IO, Any, BinaryIO, Iterable, Iterator, Optional, Tuple, Union
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import serialization
@@ -209,7 +209,7 @@ class EncryptingWriter(io.RawIOBase):
     then sealed chunks), chunk by chunk, so that no plaintext is ever written anywhere. ``close()`` seals the
     last chunk (and does not close ``dst``)."""
 
-    def __init__(self, key: bytes, dst: BinaryIO) -> None:
+    def __init__(self, key: bytes, dst: IO[bytes]) -> None:
         super().__init__()
         self._aead = _aead(key)
         self._dst = dst

@@ -5,7 +5,7 @@ Run it with `pytest examples/` (add `-n 2` with pytest-xdist).
 """
 import http.client
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dolly.testing
 from dolly import ready
@@ -62,7 +62,7 @@ def test_the_clone_is_warm_and_answers_as_itself(web):
     assert len(answer["token"]) == 8
     # Warm, not started over: its process started (and slept its 3 s warm-up) before this
     # clone's container was even created.
-    created = datetime.strptime(web.attrs["Created"][:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
+    created = datetime.strptime(web.attrs["Created"][:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
     assert created.timestamp() - answer["started"] > 2
 
 

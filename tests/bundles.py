@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dolly._archive import tarfile  # the one Dolly reads with: 3.12's, backported to 3.11
 from pathlib import Path
 
 import pytest
 
 import dolly
 from dolly import trust
+from dolly._archive import tarfile  # the one Dolly reads with: 3.12's, backported to 3.11
 from dolly._engine import Engine
 
 

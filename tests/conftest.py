@@ -7,6 +7,7 @@ that ask for no engine fixture (pure logic, formats, policies) run without one, 
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import uuid
@@ -18,9 +19,22 @@ import pytest
 import dolly
 from dolly import trust
 from dolly._engine import Engine
-
-from engines import SecondEngine
+from engines import IsolatedEngine, SecondEngine
 from helpers import BUSYBOX, COUNTER, ENGINE_B, ENGINE_B_SUBNET, FILES, RUN_ID, TEST_LABEL
+
+# The fixtures that start or reach a Docker Engine. A test that asks for one of them, directly or
+# through the fixtures it asks for, is marked `engine`; the others are `make unit`: no engine, no
+# root. A test that reaches an engine some other way is marked by hand.
+ENGINE_FIXTURES = frozenset({
+    "client", "engine_b", "host_b", "host_c", "host_tls",
+    "host_b_engine", "host_c_engine", "host_tls_engine",  # what host_b, host_c and host_tls are clients of
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    for item in items:
+        if ENGINE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.engine)
 
 
 @pytest.fixture(scope="session")
@@ -156,10 +170,6 @@ def source_cp(run):
 # --- Engines that behave like other hosts (tests/engines.py, IsolatedEngine) -----------------------
 # Their names (hence bridges, sockets, folders) and subnets can be changed, like ENGINE_B's, so that
 # two test runs on one machine do not share them.
-import os  # noqa: E402
-
-from engines import IsolatedEngine  # noqa: E402
-
 HOST_B = os.environ.get("DOLLY_TEST_HOST_B", "b")
 HOST_B_SUBNET = os.environ.get("DOLLY_TEST_HOST_B_SUBNET", "10.213.111.1/24")
 HOST_C = os.environ.get("DOLLY_TEST_HOST_C", "c")

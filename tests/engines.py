@@ -199,7 +199,7 @@ def make_tls_files(folder: Path, server_ip: str) -> dict:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=2)
 
     def name(cn: str) -> x509.Name:
@@ -360,7 +360,7 @@ class IsolatedEngine:
         script = (
             "awk '$3 == \"overlay\" || $3 == \"nsfs\" || $2 ~ \"^/(var/lib|run)/(docker/|containerd/|dolly-)\""
             " {print $2}' /proc/self/mounts | sort -r | while read -r m; do umount -l \"$m\" 2>/dev/null; done; "
-            + "mkdir -p " + " ".join(self.binds.values()) + " && "
+             "mkdir -p " + " ".join(self.binds.values()) + " && "
             + " && ".join(f"mount --bind {shlex.quote(str(src))} {dst}" for src, dst in self.binds.items())
             + " && exec " + " ".join(shlex.quote(a) for a in dockerd)
         )
@@ -506,7 +506,7 @@ class IsolatedEngine:
                         os.kill(pid, signal.SIGKILL)
                 time.sleep(0.1)
         self._kill_cgroups()
-        for attempt in range(50):
+        for _ in range(50):
             try:
                 shutil.rmtree(self.base)
                 break

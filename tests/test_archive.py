@@ -5,11 +5,11 @@ import io
 import json
 import os
 import subprocess
-from dolly._archive import tarfile  # the one Dolly reads with: 3.12's, backported to 3.11
 
 import pytest
 
-from dolly import _archive as archive, errors, _rootfs as rootfs, trust
+from dolly import _archive as archive, _rootfs as rootfs, errors, trust
+from dolly._archive import tarfile  # the one Dolly reads with: 3.12's, backported to 3.11
 
 
 def tar_bytes(*members, pax_first: bytes = b"") -> bytes:

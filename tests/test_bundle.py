@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-from dolly._archive import tarfile  # the one Dolly reads with: 3.12's, backported to 3.11
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -12,9 +11,9 @@ import pytest
 
 import dolly
 from dolly import _bundle as bundle, errors, trust
+from dolly._archive import tarfile  # the one Dolly reads with: 3.12's, backported to 3.11
 from bundles import assert_refused, member, rebuild, rootfs_tar
 from helpers import BUSYBOX, FILES, RUN_ID, read_int
-
 
 
 @pytest.mark.parametrize("compression", ["zstd", "gzip", "none"])
@@ -29,7 +28,8 @@ def test_round_trip_to_another_engine(source_cp, engine_b, keys, tmp_path, compr
     assert any(n.startswith("checkpoint/pages-") for n in names)
     assert manifest["image"]["id"] == source_cp.image_id and manifest["kernel"] and manifest["criu_version"]
 
-    cp_b = dolly.import_bundle(path, client=engine_b, trusted_keys=[public], image_source=dolly._engine.default_client())
+    cp_b = dolly.import_bundle(path, client=engine_b, trusted_keys=[public],
+                               image_source=dolly._engine.default_client())
     try:
         assert dolly.list_checkpoints(source_cp.container_id, engine_b) == [cp_b]
         (clone,) = dolly.clone(cp_b, 1, client=engine_b)
@@ -117,7 +117,8 @@ def test_a_wrong_key_and_an_altered_manifest_are_refused(source_cp, engine_b, ke
     _, stranger = trust.generate_keypair()
     path = dolly.export(source_cp, tmp_path / "b.dolly", signer=private, compression="none")
     assert_refused(errors.UntrustedSigner, path, engine_b, trusted_keys=[stranger])
-    altered = rebuild(path, tmp_path / "altered.dolly", manifest_edit=lambda m: m.update(expires_at="2999-01-01T00:00:00+00:00"))
+    altered = rebuild(path, tmp_path / "altered.dolly",
+                      manifest_edit=lambda m: m.update(expires_at="2999-01-01T00:00:00+00:00"))
     assert_refused(errors.SignatureInvalid, altered, engine_b, trusted_keys=[public])
 
 

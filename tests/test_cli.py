@@ -8,6 +8,7 @@ import pytest
 
 from helpers import BUSYBOX, COUNTER, ENGINE_B_URL, RUN_ID, assert_counts_on, dolly_cmd, read_int
 
+
 @pytest.mark.parametrize("sub", ["", "checkpoint", "restore", "clone", "ls", "rm", "prune", "doctor",
                                  "keygen", "export", "import", "migrate"])
 def test_help(sub):
@@ -15,6 +16,7 @@ def test_help(sub):
     assert res.returncode == 0 and "Usage: dolly" in res.stdout
 
 
+@pytest.mark.engine  # the whole host: the engine, CRIU, pycriu
 def test_doctor_passes_on_this_host():
     res = dolly_cmd("doctor")
     assert res.returncode == 0, res.stdout + res.stderr
@@ -70,7 +72,8 @@ def test_keygen_export_import_migrate(run, client, engine_b, tmp_path):
     time.sleep(0.5)
     assert dolly_cmd("keygen", str(tmp_path / "k.pem"), str(tmp_path / "k.pub")).returncode == 0
     assert dolly_cmd("checkpoint", source.name, "e1").returncode == 0
-    res = dolly_cmd("--json", "export", source.name, "e1", str(tmp_path / "e1.dolly"), "--sign", str(tmp_path / "k.pem"))
+    res = dolly_cmd("--json", "export", source.name, "e1", str(tmp_path / "e1.dolly"),
+                    "--sign", str(tmp_path / "k.pem"))
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["size_bytes"] > 0
 
@@ -113,5 +116,5 @@ def test_doctor_reports_an_engine_that_does_not_answer(tmp_path):
     assert res.returncode == 1, res.stderr
     rows = {r["name"]: r for r in json.loads(res.stdout)}
     assert not rows["engine"]["ok"] and url in rows["engine"]["detail"] and rows["engine"]["fix"]
-    assert rows["CRIU version"]["ok"]  # the rest of the report is still there
+    assert "CRIU version" in rows  # the rest of the report is still there (CRIU is `make host`'s)
     assert "Traceback" not in res.stderr and "DockerException" not in res.stderr

@@ -74,7 +74,8 @@ def test_http_service_clones_answer_with_their_own_identity(run, network):
         ep = c.attrs["NetworkSettings"]["Networks"][net.name]
         hostname = c.exec_run(["cat", "/etc/hostname"]).output.decode().strip()
         assert answer["hostname"] == hostname == kernel_hostname(c) == c.attrs["Config"]["Hostname"]
-        assert c.exec_run(["python3", "-c", "import os; print(os.uname().nodename)"]).output.decode().strip() == hostname
+        nodename = c.exec_run(["python3", "-c", "import os; print(os.uname().nodename)"]).output.decode().strip()
+        assert nodename == hostname
         seen_ips.add(ep["IPAddress"])
         seen_macs.add(ep["MacAddress"])
         seen_hosts.add(hostname)

@@ -97,6 +97,7 @@ def test_a_taken_or_invalid_name(busybox_checkpoint, client, run):
     assert len(client.containers.list(all=True)) == before
 
 
+@pytest.mark.engine  # starts a dockerd of its own
 def test_engine_without_experimental_mode():
     second = SecondEngine("noexp", experimental=False, subnet="10.213.100.1/24")
     client = second.start()
@@ -125,13 +126,14 @@ def test_criu_too_old_refuses_before_touching_the_source(counter, engine, tmp_pa
 def test_criu_dump_failure_carries_its_log(run, network, engine):
     net = network("10.213.9.0/24")
     server = run(PYTHON, ["python3", "-c",
-                          "import socket,time\nl=socket.socket(); l.bind(('0.0.0.0', 9000)); l.listen()\n"
-                          "print('listening', flush=True); c,_=l.accept(); time.sleep(1e6)"], network=net.name)
+                          ("import socket,time\nl=socket.socket(); l.bind(('0.0.0.0', 9000)); l.listen()\n"
+                           "print('listening', flush=True); c,_=l.accept(); time.sleep(1e6)")], network=net.name)
     ready.wait(server, ready.log("listening"), timeout=30)
     server.reload()
     ip = ready.ip_address(server)
     client_c = run(PYTHON, ["python3", "-c",
-                            f"import socket,time\ns=socket.create_connection(({ip!r}, 9000)); print('up', flush=True); time.sleep(1e6)"],
+                            (f"import socket,time\ns=socket.create_connection(({ip!r}, 9000)); "
+                             "print('up', flush=True); time.sleep(1e6)")],
                    network=net.name)
     ready.wait(client_c, ready.log("up"), timeout=30)
 

@@ -14,8 +14,8 @@ import pytest
 
 import dolly
 from dolly import errors, ready
-from dolly.demo import SERVICE
 from dolly._engine import Engine
+from dolly.demo import SERVICE
 from engines import SecondEngine
 from helpers import BUSYBOX, COUNTER, PYTHON, ask, assert_counts_on, read_int
 
@@ -216,7 +216,10 @@ def test_target_engine_disappears_during_migrate(run, client):
             ask(source)
         before = ask(source)
         spool = Engine.of(target.client).spool_dir  # an import stages in the target's spool
-        importing = lambda: spool.exists() and any(spool.glob("import-*"))  # noqa: E731
+
+        def importing() -> bool:
+            return spool.exists() and any(spool.glob("import-*"))
+
         watcher = when(importing, target.kill)
         with pytest.raises(errors.MigrationFailed) as info:
             dolly.migrate(source, target.client)

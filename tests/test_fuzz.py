@@ -9,16 +9,15 @@ import hashlib
 import io
 import json
 import os
-from dolly._archive import tarfile  # the one Dolly reads with: 3.12's, backported to 3.11
 import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dolly
 from dolly import _criu as criu, errors, trust
+from dolly._archive import tarfile  # the one Dolly reads with: 3.12's, backported to 3.11
 from dolly._engine import Engine
 
 EXAMPLES = int(os.environ.get("DOLLY_FUZZ_EXAMPLES", "200"))
@@ -39,7 +38,7 @@ def base_bundle(busybox_checkpoint, engine_b, client):
 class Base(tuple):
     """(bundle bytes, public key), with a short repr for hypothesis's failure reports."""
 
-    def __new__(cls, data: bytes, public) -> "Base":
+    def __new__(cls, data: bytes, public) -> Base:
         return super().__new__(cls, (data, public))
 
     def __repr__(self) -> str:
@@ -159,17 +158,19 @@ def archives(draw, image_id: str = "sha256:" + "0" * 64):
                    ("rootfs-diff.tar", tarfile.REGTYPE, draw(layers()), ""),
                    ("deleted.files", tarfile.REGTYPE,
                     json.dumps(draw(st.lists(LAYER_PATHS.map(lambda p: "/" + p), max_size=3))).encode(), ""),
-                   ("checkpoint/inventory.img", tarfile.REGTYPE, b"inventory", "")] + members
+                   ("checkpoint/inventory.img", tarfile.REGTYPE, b"inventory", ""), *members]
     listed = [{"name": n, "sha256": hashlib.sha256(p).hexdigest(), "size": len(p)}
               for n, t, p, _ in members if t == tarfile.REGTYPE]
     manifest = {"format": "dolly-bundle/1", "bundle_id": "0" * 32, "lineage": "fuzz", "created_at": created,
                 "expires_at": "2999-01-01T00:00:00+00:00", "signer": None, "members": listed,
                 "checkpoint": {"name": name, "container_id": container_id, "container_name": "fuzz",
                                "created_at": created, "hostname": "fuzz"},
-                "image": {"id": image_id, "name": draw(st.sampled_from([None, "dolly/busybox", "victim:latest", "../x"]))}}
+                "image": {"id": image_id,
+                          "name": draw(st.sampled_from([None, "dolly/busybox", "victim:latest", "../x"]))}}
     if draw(st.integers(0, 5)) == 0:
         manifest = draw(st.recursive(st.none() | st.integers() | st.text(max_size=10),
-                                     lambda inner: st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=8))
+                                     lambda inner: st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                                     max_leaves=8))
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         payload = json.dumps(manifest).encode()

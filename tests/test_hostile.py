@@ -14,21 +14,20 @@ import os
 import select
 import subprocess
 import sys
-from dolly._archive import tarfile  # the one Dolly reads with: 3.12's, backported to 3.11
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 import dolly
 from dolly import errors, trust
+from dolly._archive import tarfile  # the one Dolly reads with: 3.12's, backported to 3.11
 from dolly._checkpoint import METADATA, Checkpoint
 from dolly._engine import Engine, default_client
 from bundles import assert_refused, edit_config, member, rebuild, rootfs_tar
 from helpers import BUSYBOX, COUNTER, ENGINE_B_URL, PYTHON, RUN_ID
-
 
 
 @pytest.fixture
@@ -294,7 +293,7 @@ def test_a_lineage_belongs_to_its_signer(source_cp, base, engine_b, keys, tmp_pa
     block that container's signed bundles."""
     private, public = keys
     squatter = with_checkpoint_fields(base, tmp_path / "squat.dolly", name="squatter")
-    ahead = (datetime.now(timezone.utc) + timedelta(minutes=5)).isoformat()  # within the clock skew allowed
+    ahead = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()  # within the clock skew allowed
     squatter = rebuild(squatter, tmp_path / "squat2.dolly",
                        manifest_edit=lambda m: m.update(created_at=ahead, expires_at="2999-12-31T00:00:00+00:00"))
     squatted = dolly.import_bundle(squatter, client=engine_b, allow_unsigned=True, image_source=default_client())
@@ -385,7 +384,8 @@ _watching = threading.Event()
 def _audit(event: str, args: tuple) -> None:
     if _watching.is_set() and event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
         mode, flags = args[1], args[2] if len(args) > 2 else 0
-        if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR)):
+        if ((isinstance(mode, str) and any(c in mode for c in "wax+"))
+                or (isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR))):
             _writes.append(os.fsdecode(args[0]))
 
 
@@ -513,14 +513,16 @@ def test_process_images_cannot_grant_what_the_configuration_does_not(base, engin
             else:
                 core["seccomp_mode"] = "disabled"
 
-    hostile = rebuild(base, tmp_path / "images.dolly", signer=private, replace={member: edited_image(base, member, edit)})
+    hostile = rebuild(base, tmp_path / "images.dolly", signer=private,
+                      replace={member: edited_image(base, member, edit)})
     with pytest.raises(errors.PolicyRefused) as refused:
         dolly.import_bundle(hostile, client=engine_b, trusted_keys=[public], image_source=default_client())
     assert refused.value.items == [item]
     assert_refused(errors.PolicyRefused, hostile, engine_b, trusted_keys=[public], image_source=default_client())
 
 
-def test_a_bundle_cannot_pass_for_a_checkpoint_of_this_engines_container(source_cp, base, client, engine_b, keys, tmp_path):
+def test_a_bundle_cannot_pass_for_a_checkpoint_of_this_engines_container(source_cp, base, client, engine_b, keys,
+                                                                          tmp_path):
     private, public = keys
     signed = rebuild(base, tmp_path / "claim.dolly", signer=private)
     # On the engine that runs the container it claims: refused, and the container's own
@@ -557,6 +559,7 @@ def test_export_refuses_a_layer_that_a_bundle_would_blow_up(run, tmp_path):
     assert {p.name for p in spool.iterdir()} == before and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.engine  # root: it mounts in a mount namespace of its own
 def test_a_remote_engines_paths_are_never_taken_for_local_ones(tmp_path):
     """An engine whose data root is another folder under the same name (its own mount namespace,
     as on another host) is told apart by the folder itself, seen through the process at the other

@@ -44,6 +44,7 @@ def test_each_host_has_its_own_engine_id(client, host_b, host_c, host_b_engine):
     assert b["DockerRootDir"] == c["DockerRootDir"] == main["DockerRootDir"] == "/var/lib/docker"
 
 
+@pytest.mark.engine  # its engine fixture comes by name, at run time
 @pytest.mark.parametrize("host", ["host_b_engine", "host_c_engine"])
 def test_data_root_is_not_this_process_s(request, started, host):
     engine = request.getfixturevalue(host)

@@ -13,7 +13,6 @@ import shutil
 import stat
 import subprocess
 import sys
-from dolly._archive import tarfile  # the one Dolly reads with: 3.12's, backported to 3.11
 import threading
 import time
 import uuid
@@ -23,7 +22,8 @@ from typing import Callable, Dict, List
 import pytest
 
 import dolly
-from dolly import errors, _rootfs as rootfs
+from dolly import _rootfs as rootfs, errors
+from dolly._archive import tarfile  # the one Dolly reads with: 3.12's, backported to 3.11
 from dolly._engine import CRIU_LOG_DIR, Engine
 from dolly._restore import clone_config
 from helpers import BUSYBOX, COUNTER

@@ -15,8 +15,18 @@ import dolly
 from dolly import errors, ready
 from dolly._engine import Engine
 from engines import SecondEngine
-from helpers import (BUSYBOX, COUNTER, ENGINE_B, ENGINE_B_URL, PYTHON, RUN_ID, ask, assert_counts_on,
-                     kernel_hostname, read_int)
+from helpers import (
+    BUSYBOX,
+    COUNTER,
+    ENGINE_B,
+    ENGINE_B_URL,
+    PYTHON,
+    RUN_ID,
+    ask,
+    assert_counts_on,
+    kernel_hostname,
+    read_int,
+)
 
 # A counter in memory and a file written at start-up: both must survive the move.
 STATEFUL = """

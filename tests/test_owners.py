@@ -137,7 +137,8 @@ def test_runs_without_a_readable_owner_survive(client, plugin_run):
     # names a dead owner.
     no_owner = plugin_run(new_run_id(), None, state_owner=dead)
     garbage = plugin_run(new_run_id(), "not an owner", state_owner=dead)
-    old_style = plugin_run(new_run_id(), "999999:12345", state_owner=dead)  # <pid>:<start>: which machine, which namespace?
+    # <pid>:<start>: which machine, which namespace?
+    old_style = plugin_run(new_run_id(), "999999:12345", state_owner=dead)
     mixed_run = new_run_id()  # one container of the run names a dead owner, the other none
     mixed_dead = plugin_run(mixed_run, dead)
     mixed_none = plugin_run(mixed_run, None)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dolly import errors, _names as names, policy
+from dolly import _names as names, errors, policy
 
 # What `docker inspect` records for `docker run busybox` on Docker 20.10 (the fields the policy reads).
 PLAIN = {
@@ -98,7 +98,8 @@ def test_unknown_items_are_invalid_arguments():
 
 
 @pytest.mark.parametrize("check,good,bad", [
-    (names.checkpoint_name, ["cp-1", "a", "A.b_c-d", "x" * 128], ["", ".", "..", "../x", "a/b", "-a", "x" * 129, None, 3]),
+    (names.checkpoint_name, ["cp-1", "a", "A.b_c-d", "x" * 128],
+     ["", ".", "..", "../x", "a/b", "-a", "x" * 129, None, 3]),
     (names.container_id, ["a" * 64, "0123456789abcdef" * 4], ["A" * 64, "a" * 63, ".", "../" + "a" * 61, None]),
     (names.container_name, ["web", "web-clone-1", "a.b_c"], ["", "..", "a/b", "/web", " web"]),
     (names.image_id, ["sha256:" + "f" * 64], ["f" * 64, "sha256:" + "F" * 64, "sha256:../x"]),
@@ -168,7 +169,8 @@ def test_process_images_cannot_grant_more(change, item):
 
 def test_allowed_capabilities_and_unmasked_paths():
     admin = asking(CapAdd=["SYS_ADMIN"])
-    policy.check_images([{**PROCESS, "cap_eff": DEFAULT_MASK | 1 << 21}], MOUNTS, admin, ["capabilities"], host_paths=HOST)
+    policy.check_images([{**PROCESS, "cap_eff": DEFAULT_MASK | 1 << 21}], MOUNTS, admin, ["capabilities"],
+                        host_paths=HOST)
     with pytest.raises(errors.PolicyRefused):
         policy.check_images([{**PROCESS, "cap_eff": DEFAULT_MASK | 1 << 21}], MOUNTS, admin, (), host_paths=HOST)
     with pytest.raises(errors.PolicyRefused, match="/proc/keys"):
