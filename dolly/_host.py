@@ -103,10 +103,14 @@ def check_host(client: Optional[docker.DockerClient] = None) -> HostReport:
                         "not installed" if v is None else ".".join(map(str, v)) + " (4.2 or newer needed)",
                         make_host))
     if v is not None:
-        res = subprocess.run([*(criu.criu_command() or ["criu"]), "check"], capture_output=True, text=True)
-        text = (res.stdout + res.stderr).strip().splitlines()
-        checks.append(Check("criu check", res.returncode == 0, text[-1] if text else f"exit {res.returncode}",
-                            make_host))
+        try:
+            res = subprocess.run([*(criu.criu_command() or ["criu"]), "check"], capture_output=True, text=True,
+                                 timeout=120)
+            text = (res.stdout + res.stderr).strip().splitlines()
+            checks.append(Check("criu check", res.returncode == 0,
+                                text[-1] if text else f"exit {res.returncode}", make_host))
+        except (OSError, subprocess.TimeoutExpired) as e:
+            checks.append(Check("criu check", False, f"could not run: {e}", make_host))
     try:
         import pycriu.images  # noqa: F401 - imported only to see that it can be
 

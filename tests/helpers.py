@@ -33,9 +33,9 @@ FILES = "echo hello > /greeting; rm /etc/group; mkdir -p /d; echo x > /d/f; " + 
 DOLLY = shutil.which("dolly") or str(Path(sys.executable).with_name("dolly"))
 
 
-def dolly_cmd(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+def dolly_cmd(*args: str, input: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """The `dolly` command as a user runs it: the installed console script, in a subprocess."""
-    return subprocess.run([DOLLY, *args], capture_output=True, text=True, timeout=300, input=input)
+    return subprocess.run([DOLLY, *args], capture_output=True, text=True, timeout=300, input=input, env=env)
 
 
 def read_int(container, path: str = "/tmp/count") -> int:

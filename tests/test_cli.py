@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -118,3 +121,36 @@ def test_doctor_reports_an_engine_that_does_not_answer(tmp_path):
     assert not rows["engine"]["ok"] and url in rows["engine"]["detail"] and rows["engine"]["fix"]
     assert "CRIU version" in rows  # the rest of the report is still there (CRIU is `make host`'s)
     assert "Traceback" not in res.stderr and "DockerException" not in res.stderr
+
+
+def doctor_rows(res: subprocess.CompletedProcess) -> dict:
+    assert "Traceback" not in res.stderr, res.stderr
+    return {r["name"]: r for r in json.loads(res.stdout)}
+
+
+@pytest.mark.engine
+def test_doctor_reports_a_missing_or_old_criu_and_a_missing_pycriu(tmp_path):
+    # No criu on PATH (make host installs it in /usr/sbin).
+    res = dolly_cmd("doctor", "--json", env={**os.environ, "PATH": "/usr/bin:/bin"})
+    rows = doctor_rows(res)
+    assert res.returncode == 1 and rows["engine"]["ok"]
+    assert not rows["CRIU version"]["ok"] and "not installed" in rows["CRIU version"]["detail"]
+    assert "make host" in rows["CRIU version"]["fix"]
+
+    # An old one: it answers --version as CRIU 3.17 does, and fails its check.
+    old = tmp_path / "criu"
+    old.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "Version: 3.17.1" && exit 0\n'
+                   'echo "Looks bad." >&2; exit 1\n')
+    old.chmod(0o755)
+    res = dolly_cmd("doctor", "--json", env={**os.environ, "PATH": f"{tmp_path}:/usr/bin:/bin"})
+    rows = doctor_rows(res)
+    assert not rows["CRIU version"]["ok"] and rows["CRIU version"]["detail"].startswith("3.17.1")
+    assert not rows["criu check"]["ok"] and "make host" in rows["criu check"]["fix"]
+
+    # pycriu not importable: the CLI run by a Python that refuses to import it.
+    hide = ("import sys; sys.modules['pycriu'] = None; sys.argv = ['dolly', 'doctor', '--json']; "
+            "from dolly.cli import main; main()")
+    res = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, timeout=120)
+    rows = doctor_rows(res)
+    assert res.returncode == 1 and rows["CRIU version"]["ok"]
+    assert not rows["pycriu"]["ok"] and "make host" in rows["pycriu"]["fix"]

@@ -106,6 +106,8 @@ def test_engine_without_experimental_mode():
         assert not report.ok
         (line,) = [c for c in report.checks if c.name == "experimental mode"]
         assert not line.ok and "daemon.json" in line.fix
+        (runtime,) = [c for c in report.checks if c.name == "'dolly' runtime"]
+        assert not runtime.ok and runtime.detail == "not registered" and "make host" in runtime.fix
         with pytest.raises(errors.HostNotReady, match="experimental"):
             dolly.checkpoint("anything", client=client)
     finally:
