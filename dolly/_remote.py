@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import tarfile
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,6 +24,7 @@ from docker.models.containers import Container
 
 from . import _archive as archive, trust
 from ._agent import Agent
+from ._archive import tarfile
 from ._bundle import check_signature_and_freshness, first_member, parse_manifest, read_signature, write_stream
 from ._checkpoint import Checkpoint
 from ._engine import ContainerRef, Engine, id_of

@@ -1,26 +1,36 @@
 """Keeping the store tidy: prune removes the checkpoints of removed containers (or, asked, every
-checkpoint, or those older than an age), and nothing else. Each test narrows prune to its own
-run's label, so that checkpoints outside the test suite are never touched."""
+checkpoint, or those older than an age), and nothing else. Each test labels its containers with a
+value of its own and narrows prune to it, so that no other checkpoint (another test's, the
+session's shared ones, or any outside the test suite) is ever touched."""
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from datetime import timedelta
 
 import pytest
 
 import dolly
 from dolly.errors import InvalidArgument
-from helpers import BUSYBOX, COUNTER, RUN_ID, TEST_LABEL, dolly_cmd, read_int
+from helpers import BUSYBOX, COUNTER, dolly_cmd, read_int
 
-OURS = {TEST_LABEL: RUN_ID}
+PRUNE_LABEL = "dolly.test.prune"
+
+
+@pytest.fixture
+def ours(run):
+    """``(start, labels)``: ``run`` with a label unique to this test, and that label."""
+    labels = {PRUNE_LABEL: uuid.uuid4().hex}
+    return (lambda image, command, **kw: run(image, command, labels=labels, **kw)), labels
 
 
 def names(cps) -> set:
     return {(cp.container_id, cp.name) for cp in cps}
 
 
-def test_prune_removes_the_checkpoints_of_removed_containers_only(run, keys, tmp_path):
+def test_prune_removes_the_checkpoints_of_removed_containers_only(ours, keys, tmp_path):
+    run, labels = ours
     gone = run(BUSYBOX, ["sh", "-c", COUNTER])
     live = run(BUSYBOX, ["sh", "-c", COUNTER])
     elsewhere = run(BUSYBOX, ["sh", "-c", COUNTER])
@@ -40,35 +50,37 @@ def test_prune_removes_the_checkpoints_of_removed_containers_only(run, keys, tmp
     sizes = {(cp.container_id, cp.name): cp.size for cp in gone_cps}
     gone.remove(force=True)
 
-    seen = dolly.prune(dry_run=True, labels=OURS)
+    seen = dolly.prune(dry_run=True, labels=labels)
     assert names(seen.checkpoints) == names(gone_cps) and seen.dry_run
     assert seen.reclaimed == sum(sizes.values())
     assert names(dolly.list_checkpoints()) >= names(gone_cps)  # a dry run removes nothing
 
-    done = dolly.prune(labels=OURS)
+    done = dolly.prune(labels=labels)
     assert names(done.checkpoints) == names(gone_cps) and not done.dry_run
     assert done.reclaimed == sum(sizes.values())
     assert not any(cp.path.exists() for cp in gone_cps)
-    left = names(cp for cp in dolly.list_checkpoints() if cp.config["Config"]["Labels"].get(TEST_LABEL) == RUN_ID)
+    left = names(cp for cp in dolly.list_checkpoints()
+                 if cp.config["Config"]["Labels"].get(PRUNE_LABEL) == labels[PRUNE_LABEL])
     assert left == names([live_cp, imported])
     # A clone made from a pruned checkpoint runs on.
     time.sleep(0.3)
     assert read_int(clone) > at
 
-    everything = dolly.prune(all_containers=True, labels=OURS)
+    everything = dolly.prune(all_containers=True, labels=labels)
     assert names(everything.checkpoints) == names([live_cp, imported])
     assert not live_cp.path.exists() and not imported.path.exists()
     live.reload()
     assert live.status == "running"
 
 
-def test_prune_older_than_keeps_the_younger_checkpoints(run):
+def test_prune_older_than_keeps_the_younger_checkpoints(ours):
+    run, labels = ours
     source = run(BUSYBOX, ["sh", "-c", COUNTER])
     time.sleep(0.5)
     old = dolly.checkpoint(source, "old")
     time.sleep(3)
     young = dolly.checkpoint(source, "young")
-    report = dolly.prune(all_containers=True, older_than=timedelta(seconds=1.5), labels=OURS)
+    report = dolly.prune(all_containers=True, older_than=timedelta(seconds=1.5), labels=labels)
     assert names(report.checkpoints) == names([old])
     assert names(dolly.list_checkpoints(source)) == names([young])
 
@@ -80,12 +92,13 @@ def test_prune_refuses_bad_arguments(bad):
         dolly.prune(**bad)
 
 
-def test_prune_on_the_command_line_asks_first(run):
+def test_prune_on_the_command_line_asks_first(ours):
+    run, labels = ours
     source = run(BUSYBOX, ["sh", "-c", COUNTER])
     time.sleep(0.5)
     cp = dolly.checkpoint(source, "cli-prune")
     source.remove(force=True)
-    label = f"--label={TEST_LABEL}={RUN_ID}"
+    label = f"--label={PRUNE_LABEL}={labels[PRUNE_LABEL]}"
 
     refused = dolly_cmd("prune", label, input="n\n")
     assert refused.returncode == 1 and "Continue?" in refused.stderr
