@@ -28,16 +28,26 @@ _HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
 
 def version() -> Optional[Tuple[int, ...]]:
     """The version of the ``criu`` on PATH, or None when there is none."""
+    m = re.search(r"^Version:\s*([\d.]+)", _version_text(), re.M)
+    return tuple(int(x) for x in m.group(1).split(".")) if m else None
+
+
+def build() -> Optional[str]:
+    """The build of the ``criu`` on PATH as ``criu --version`` names it (``GitID: ...``): for
+    the one ``make host`` builds, ``dolly-<hash of scripts/criu-patches>``; None when unnamed."""
+    m = re.search(r"^GitID:\s*(\S+)", _version_text(), re.M)
+    return m.group(1) if m else None
+
+
+def _version_text() -> str:
     # The one on PATH is the one runc will run.
     command = criu_command()
     if command is None:
-        return None
+        return ""
     try:
-        out = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=10).stdout
+        return subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired):
-        return None
-    m = re.search(r"Version:\s*([\d.]+)", out)
-    return tuple(int(x) for x in m.group(1).split(".")) if m else None
+        return ""
 
 
 def criu_command() -> Optional[list]:

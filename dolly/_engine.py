@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import struct
 import threading
 import uuid
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, ParamSpec, TypeVar, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, ParamSpec, Sequence, TypeVar, Union
 
 import docker
 import docker.errors
@@ -121,14 +122,30 @@ def _explain(e: docker.errors.APIError) -> str:
 
 
 def criu_log(container_id: str, command: str, *, limit: int = 25) -> tuple[list[str], Optional[Path]]:
-    """The lines of CRIU's log that explain a failure: every error line, else the last lines."""
+    """The lines of CRIU's log that explain a failure (see :func:`criu_excerpt`), and where the
+    whole log is."""
     path = CRIU_LOG_DIR / f"{container_id}.{command}.log"
     try:
         lines = path.read_text(errors="replace").splitlines()
     except OSError:
         return [], None
-    errors = [line for line in lines if "Error" in line or "error" in line]
-    return (errors or lines)[-limit:], path
+    return criu_excerpt(lines, limit=limit), path
+
+
+# CRIU's own error lines: "(00.040129) Error (criu/cr-dump.c:389): Can't get rlimit 0: ..." (its
+# log_prefix, then pr_err's "Error (file:line): "); other lines that merely mention an error (a
+# library named libgpg-error.so, say) are not.
+_CRIU_ERROR = re.compile(r"^(\(\s*[\d.]+\)\s+)?(\d+: )?Error \(")
+
+
+def criu_excerpt(lines: Sequence[str], *, limit: int = 25, before: int = 3) -> list[str]:
+    """CRIU's ``Error (...)`` lines with the ``before`` lines ahead of each (what it was doing),
+    at most ``limit`` lines, the last ones; the last ``limit`` lines of the log when it has none."""
+    keep: list[int] = []
+    for i, line in enumerate(lines):
+        if _CRIU_ERROR.match(line):
+            keep.extend(j for j in range(max(0, i - before), i + 1) if not keep or j > keep[-1])
+    return [lines[i] for i in keep][-limit:] if keep else list(lines[-limit:])
 
 
 def forget_criu_log(container_id: str, command: str) -> None:
@@ -263,6 +280,18 @@ class Engine:
             self._local = _peer_shares_our_files(getattr(adapter, "socket_path", None),
                                                  str(self.info()["DockerRootDir"]))
         return self._local
+
+    def daemon_pid(self) -> Optional[int]:
+        """The pid of the engine's dockerd in this process's PID namespace, when it answers on a
+        unix socket here (SO_PEERCRED); None otherwise."""
+        adapter = getattr(self.api, "_custom_adapter", None)
+        socket_path = getattr(adapter, "socket_path", None)
+        if not socket_path:
+            return None
+        try:
+            return peer_pid(socket_path)
+        except OSError:
+            return None
 
     @property
     def store_dir(self) -> Path:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List, Optional
 
 import docker
@@ -97,6 +98,8 @@ def check_host(client: Optional[docker.DockerClient] = None) -> HostReport:
         checks.append(Check("data root", local,
                             f"{root} {'is' if local else 'is not'} visible to this process",
                             "run Dolly as root, or make the engine's data root readable to this process"))
+    if engine is not None:
+        checks.append(_other_users_check(engine, make_host))
     v = criu.version()
     new_enough = v is not None and v[:2] >= criu.MIN_VERSION
     checks.append(Check("CRIU version", new_enough,
@@ -118,6 +121,39 @@ def check_host(client: Optional[docker.DockerClient] = None) -> HostReport:
     except ImportError as e:
         checks.append(Check("pycriu", False, str(e), make_host + " (installs it into .venv)"))
     return HostReport(checks)
+
+
+CAP_SYS_RESOURCE = 24
+
+
+def _other_users_check(engine: Engine, make_host: str) -> Check:
+    """Whether CRIU, run by this engine's runc, can dump processes of other users (Postgres as
+    ``postgres``, ``docker run --user``): reading their resource limits takes CAP_SYS_RESOURCE,
+    which root lacks where the bounding set leaves it out, unless CRIU reads /proc/<pid>/limits
+    instead (the patch ``make host`` builds CRIU with)."""
+    name = "dump other users' processes"
+    caps = _effective_caps(engine.daemon_pid())
+    if caps is not None and caps >> CAP_SYS_RESOURCE & 1:
+        return Check(name, True, "the engine's dockerd has CAP_SYS_RESOURCE")
+    build = criu.build()
+    lacking = "the engine's dockerd lacks CAP_SYS_RESOURCE" if caps is not None else "CAP_SYS_RESOURCE unknown"
+    if build is not None and build.startswith("dolly-"):
+        return Check(name, True, f"{lacking}; CRIU {build} reads /proc/<pid>/limits instead")
+    return Check(name, False, f"{lacking}, and CRIU ({build or 'an unnamed build'}) needs it to read the "
+                 "limits of processes of non-root users", make_host + " (builds CRIU with scripts/criu-patches)")
+
+
+def _effective_caps(pid: Optional[int]) -> Optional[int]:
+    """A process's effective capabilities (a bit set), or None when it cannot be read."""
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _url(client: Optional[docker.DockerClient]) -> str:

@@ -2,8 +2,10 @@
 # Brings this machine up as a Dolly host. Idempotent: a second run checks and changes nothing.
 #
 #  1. Debian packages: Docker Engine, CRIU's build dependencies, image-building tools.
-#  2. CRIU 4.2.1 built from Debian's source package when the installed criu is older or fails
-#     `criu check` (Debian 12's 3.17 cannot handle this kernel's vDSO; 4.1 cannot dump inet sockets).
+#  2. CRIU 4.2.1 built from Debian's source package, with the patches in scripts/criu-patches/
+#     (each says why), when the installed criu is not that build or fails `criu check` (Debian
+#     12's 3.17 cannot handle this kernel's vDSO; 4.1 cannot dump inet sockets). The build names
+#     its patches in `criu --version` ("GitID: dolly-<hash of the patches>").
 #  3. The `dolly` OCI runtime (scripts/dolly-runc, a wrapper around runc), registered with the
 #     engine and made its default; DOLLY_DEFAULT_RUNTIME=0 registers it only (containers then run
 #     under runc unless created with runtime="dolly", and Dolly checkpoints them by a slower path:
@@ -18,6 +20,9 @@ CRIU_VERSION=4.2.1
 CRIU_SHA256=29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9
 CACHE=/var/cache/dolly
 CRIU_SRC=$CACHE/criu-$CRIU_VERSION
+CRIU_TARBALL=$CACHE/criu_$CRIU_VERSION.orig.tar.xz
+CRIU_PATCHES=("$here"/scripts/criu-patches/*.patch)
+CRIU_BUILD=dolly-$(cat "${CRIU_PATCHES[@]}" | sha256sum | cut -c1-12)
 VENV=$here/.venv
 DAEMON_JSON=/etc/docker/daemon.json
 RUNTIME_BIN=/usr/local/sbin/dolly-runc
@@ -31,7 +36,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 # --- 1. packages ---------------------------------------------------------------------------------
 PACKAGES=(docker.io runc containerd iptables iproute2 busybox-static mmdebstrap zstd xz-utils
-  build-essential pkgconf libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev
+  build-essential patch pkgconf libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev
   libnl-3-dev libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler uuid-dev
   python3-protobuf python3-venv)
 missing=()
@@ -51,9 +56,8 @@ fi
 criu_ok() {
   local v
   v=$(criu --version 2>/dev/null | awk '/^Version:/{print $2}') || return 1
-  [ -n "$v" ] || return 1
-  # 4.2 or newer
-  [ "$(printf '%s\n4.2\n' "$v" | sort -V | head -n1)" = "4.2" ] || return 1
+  [ "$v" = "$CRIU_VERSION" ] || return 1
+  criu --version | grep -qx "GitID: $CRIU_BUILD" || return 1
   criu check >/dev/null 2>&1
 }
 
@@ -82,26 +86,44 @@ fetch_criu_source() {
   rm -rf "$apt"
   [ -f "$tmp/criu_$CRIU_VERSION.orig.tar.xz" ] || { log "could not download criu_$CRIU_VERSION.orig.tar.xz"; exit 1; }
   echo "$CRIU_SHA256  $tmp/criu_$CRIU_VERSION.orig.tar.xz" | sha256sum -c --quiet
-  mkdir -p "$CACHE"
-  rm -rf "$CRIU_SRC"
-  tar -C "$CACHE" -xJf "$tmp/criu_$CRIU_VERSION.orig.tar.xz"
-  [ -d "$CRIU_SRC" ] || mv "$CACHE"/criu-"$CRIU_VERSION"* "$CRIU_SRC"
+  mv "$tmp/criu_$CRIU_VERSION.orig.tar.xz" "$CRIU_TARBALL"
   rm -rf "$tmp"
 }
 
-if ! criu_ok || [ ! -d "$CRIU_SRC/lib" ]; then
-  [ -f "$CRIU_SRC/Makefile" ] || fetch_criu_source
+# The source, unpacked and patched: made again from the tarball when the patches change.
+prepare_criu_source() {
+  [ "$(cat "$CRIU_SRC/.dolly-build" 2>/dev/null)" = "$CRIU_BUILD" ] && return 0
+  mkdir -p "$CACHE"
+  if [ ! -f "$CRIU_TARBALL" ] || ! echo "$CRIU_SHA256  $CRIU_TARBALL" | sha256sum -c --quiet 2>/dev/null; then
+    fetch_criu_source
+  fi
+  rm -rf "$CRIU_SRC" "$CACHE/criu-$CRIU_VERSION".tmp
+  mkdir "$CACHE/criu-$CRIU_VERSION".tmp
+  tar -C "$CACHE/criu-$CRIU_VERSION".tmp --strip-components=1 -xJf "$CRIU_TARBALL"
+  for p in "${CRIU_PATCHES[@]}"; do
+    patch -d "$CACHE/criu-$CRIU_VERSION".tmp -p1 --quiet <"$p" || { log "patch $p does not apply"; exit 1; }
+  done
+  echo "$CRIU_BUILD" >"$CACHE/criu-$CRIU_VERSION.tmp/.dolly-build"
+  mv "$CACHE/criu-$CRIU_VERSION".tmp "$CRIU_SRC"
+}
+
+# CRIU's Makefile asks git for a release name at parse time ("fatal: not a git repository" from a
+# source tarball): that line alone is dropped, every other message is kept.
+criu_make() {
+  make -C "$CRIU_SRC" -j"$(nproc)" GITID="$CRIU_BUILD" "$@" 2> >(grep -v '^fatal: not a git repository' >&2) >/dev/null
+}
+
+if ! criu_ok || [ "$(cat "$CRIU_SRC/.dolly-build" 2>/dev/null)" != "$CRIU_BUILD" ]; then
+  prepare_criu_source
   if ! criu_ok; then
-    log "building CRIU $CRIU_VERSION"
-    # CRIU's Makefile asks git for a release name at parse time ("fatal: not a git repository"
-    # from a source tarball): that line alone is dropped, every other message is kept.
-    make -C "$CRIU_SRC" -j"$(nproc)" criu 2> >(grep -v '^fatal: not a git repository' >&2) >/dev/null
+    log "building CRIU $CRIU_VERSION ($CRIU_BUILD: ${#CRIU_PATCHES[@]} patch(es) from scripts/criu-patches)"
+    criu_make criu
     install -m 0755 "$CRIU_SRC/criu/criu" /usr/sbin/criu
-    criu_ok || { criu check; exit 1; }
+    criu_ok || { criu --version; criu check; exit 1; }
   fi
 fi
 [ -f "$CRIU_SRC/lib/pycriu/images/images.py" ] && ls "$CRIU_SRC"/lib/pycriu/images/*_pb2.py >/dev/null 2>&1 ||
-  make -C "$CRIU_SRC" lib 2> >(grep -v '^fatal: not a git repository' >&2) >/dev/null
+  criu_make lib
 
 # --- 3. the dolly runtime ------------------------------------------------------------------------
 cmp -s "$here/scripts/dolly-runc" "$RUNTIME_BIN" || install -m 0755 "$here/scripts/dolly-runc" "$RUNTIME_BIN"

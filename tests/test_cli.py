@@ -146,6 +146,13 @@ def test_doctor_reports_a_missing_or_old_criu_and_a_missing_pycriu(tmp_path):
     rows = doctor_rows(res)
     assert not rows["CRIU version"]["ok"] and rows["CRIU version"]["detail"].startswith("3.17.1")
     assert not rows["criu check"]["ok"] and "make host" in rows["criu check"]["fix"]
+    # Without Dolly's CRIU build, processes of other users dump only where dockerd has CAP_SYS_RESOURCE.
+    dockerd = int(subprocess.run(["pgrep", "-xo", "dockerd"], capture_output=True, text=True).stdout)
+    with open(f"/proc/{dockerd}/status") as f:
+        cap_eff = int(next(line for line in f if line.startswith("CapEff:")).split()[1], 16)
+    other = rows["dump other users' processes"]
+    assert other["ok"] == bool(cap_eff >> 24 & 1)
+    assert other["ok"] or "make host" in other["fix"]
 
     # pycriu not importable: the CLI run by a Python that refuses to import it.
     hide = ("import sys; sys.modules['pycriu'] = None; sys.argv = ['dolly', 'doctor', '--json']; "

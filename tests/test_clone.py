@@ -7,6 +7,7 @@ import pytest
 
 import dolly
 from dolly import ready
+from dolly._archive import tarfile  # the one Dolly reads with: 3.12's, backported to 3.11
 from dolly.demo import SERVICE
 from helpers import BUSYBOX, COUNTER, PYTHON, ask, assert_counts_on, get_json, kernel_hostname, read_int
 
@@ -167,3 +168,21 @@ def test_the_clone_upload_never_collides_in_containerd(busybox_checkpoint):
     for c in clones:
         c.remove(force=True)
 
+
+
+def test_a_process_of_another_user_is_checkpointed_and_cloned(run):
+    # Reading the limits of a process of another user takes CAP_SYS_RESOURCE, which root lacks on
+    # some machines; Dolly's CRIU build reads /proc/<pid>/limits then (scripts/criu-patches).
+    source = run(BUSYBOX, ["sh", "-c", "ulimit -n 321; " + COUNTER], user="1000:1000")
+    time.sleep(1)
+    cp = dolly.checkpoint(source, "as-1000")
+    with tarfile.open(cp.rootfs_diff) as tar:
+        at = int(tar.extractfile("./tmp/count").read())
+    (clone,) = dolly.clone(cp, 1)
+    time.sleep(0.5)
+    logged = [int(x) for x in clone.logs().decode().split()]
+    assert logged and min(logged) in (at + 1, at + 2), (at, logged[:3])
+    assert clone.exec_run(["id", "-u"]).output.strip() == b"1000"
+    # The limits came with the process: its soft limit on open files is the one it set.
+    limits = clone.exec_run(["cat", "/proc/1/limits"]).output.decode()
+    assert limits.split("Max open files")[1].split()[0] == "321"

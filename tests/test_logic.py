@@ -95,3 +95,24 @@ def test_missing_criu_is_refused(tmp_path, monkeypatch):
 def test_installed_criu_is_new_enough():
     assert os.geteuid() == 0
     assert criu.require_version()[:2] >= (4, 2)
+
+
+def test_the_criu_excerpt_is_criu_s_own_error_lines_and_what_came_before():
+    from dolly._engine import criu_excerpt
+
+    log = [
+        "(00.001000) Version: 4.2.1 (gitid dolly-0)",
+        "(00.010000) Found library /usr/lib/x86_64-linux-gnu/libgpg-error.so.0",  # not an error
+        "(00.020000) cg: Set 1 is criu one",
+        "(00.030000) Dumping core (pid: 10959)",
+        "(00.031000) Obtaining task auvx ...",
+        "(00.040129) Error (criu/cr-dump.c:389): Can't get rlimit 0: Operation not permitted",
+        "(00.040132) Error (criu/cr-dump.c:1584): Dump core (pid: 10959) failed with -1",
+        "(00.050000) Unlock network",
+        "(00.084977) Error (criu/cr-dump.c:1975): Dumping FAILED.",
+    ]
+    assert criu_excerpt(log) == log[2:]
+    assert criu_excerpt(log, limit=2) == log[-2:]
+    # No error line of CRIU's own: the end of the log, however often it says "error".
+    quiet = ["(00.1) error-free line", "(00.2) libgpg-error.so", "(00.3) done"]
+    assert criu_excerpt(quiet, limit=2) == quiet[-2:]
