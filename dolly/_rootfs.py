@@ -92,7 +92,9 @@ def archive_layer(upper_dir: Path, out: Path, *, max_bytes: int) -> None:
         raise LayerRefused("no-space", {"need": need, "avail": avail})
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as f:
-        res = subprocess.run(["tar", "-C", str(upper_dir), *TAR_OPTIONS, "--sparse", "-cf", "-", "."],
+        # Sockets are left out without a word, as scripts/dolly-runc does (CRIU binds them again).
+        res = subprocess.run(["tar", "-C", str(upper_dir), *TAR_OPTIONS, "--sparse", "--warning=no-file-ignored",
+                              "-cf", "-", "."],
                              stdout=f, stderr=subprocess.PIPE, text=True)
     if res.returncode != 0:
         out.unlink(missing_ok=True)

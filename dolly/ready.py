@@ -4,6 +4,7 @@ One set serves the API, the pytest fixture and the command line. A check is any 
 takes a docker-py ``Container`` and returns true when the service is ready:
 
     dolly.ready.http(8000, "/health")     an HTTP answer below 400 from the container's IP
+    dolly.ready.tcp(5432)                 a TCP connection to the container's IP is accepted
     dolly.ready.log("listening")          a line of the container's log contains the text
     dolly.ready.exec(["test", "-f", "/tmp/ready"])   a command inside exits 0
     lambda c: ...                         your own
@@ -13,6 +14,7 @@ takes a docker-py ``Container`` and returns true when the service is ready:
 from __future__ import annotations
 
 import shlex
+import socket
 from dataclasses import dataclass
 from http.client import HTTPConnection
 from typing import Callable, List, Optional, Sequence, Union
@@ -22,7 +24,7 @@ from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wa
 
 from .errors import ContainerNotRunning, DollyError, NotReady
 
-__all__ = ["Check", "http", "log", "exec", "wait", "ip_address"]
+__all__ = ["Check", "http", "tcp", "log", "exec", "wait", "ip_address"]
 
 Check = Callable[[Container], bool]
 
@@ -64,6 +66,26 @@ class Http:
 
 
 @dataclass(frozen=True)
+class Tcp:
+    """A TCP connection to the container's own IP and ``port`` is accepted (then closed)."""
+
+    port: int
+    network: Optional[str] = None
+    connect_timeout: float = 2.0
+
+    def __call__(self, container: Container) -> bool:
+        try:
+            with socket.create_connection((ip_address(container, self.network), self.port),
+                                          timeout=self.connect_timeout):
+                return True
+        except OSError:
+            return False
+
+    def __str__(self) -> str:
+        return f"TCP connect :{self.port}"
+
+
+@dataclass(frozen=True)
 class Log:
     """A line of the container's log (stdout and stderr) contains ``text``."""
 
@@ -92,6 +114,11 @@ class Exec:
 def http(port: int, path: str = "/", *, network: Optional[str] = None) -> Http:
     """Ready when ``GET http://<container IP>:<port><path>`` answers below 400."""
     return Http(port, path, network)
+
+
+def tcp(port: int, *, network: Optional[str] = None) -> Tcp:
+    """Ready when a TCP connection to ``<container IP>:<port>`` is accepted."""
+    return Tcp(port, network)
 
 
 def log(text: str) -> Log:

@@ -6,9 +6,14 @@
 
     web = dolly.testing.warm_service(image="dolly/python", command=["python3", "-m", "http.server"],
                                      ready=ready.http(8000))
+    db = dolly.testing.postgres(fixtures="tests/fixtures/schema-and-rows")   # also mariadb(), redis()
 
     def test_home(web):            # web: a docker-py Container, already warm, this test's own
         ...
+
+    def test_orders(db):           # db: a Database (url, host, port, connect(), container), its own
+        with db.connect() as conn:
+            ...
 
 The service is started cold and warmed once per run, checkpointed, and stopped; each test that
 asks for the fixture gets its own clone (own name, hostname and IP), removed after the test, pass
@@ -36,6 +41,14 @@ and runs with a recorded container whose owner label is missing or unreadable, a
 Clones made from the plugin's checkpoints by anyone else (``dolly.restore``) do not inherit the
 run's labels and are not recorded, so they are never reaped either.
 
+Databases (:func:`postgres`, :func:`mariadb`, :func:`redis`) are warm services too: the server is
+started once per run from Debian's packages (``make host`` builds ``dolly/postgres:15``,
+``dolly/mariadb:10.11``, ``dolly/redis:7``) or from the user's own image, made ready (accepting
+connections, by its own client), loaded with the fixtures (SQL or command files through its own
+client, callables through a driver connection), and checkpointed; each test gets its own clone
+with its own URL, so nothing one test writes is seen by the next. The database's log is the
+clone's log: a failed test's report carries it.
+
 Registered with pytest through the ``pytest11`` entry point, so installing Dolly is enough.
 """
 from __future__ import annotations
@@ -60,13 +73,14 @@ import pytest
 from docker.models.containers import Container
 from filelock import FileLock
 
-from . import ready as _ready
+from . import _databases, ready as _ready
 from ._checkpoint import Checkpoint, checkpoint
+from ._databases import FixtureSource, Recipe
 from ._engine import Engine, id_of
-from ._restore import restore
+from ._restore import LABEL_SOURCE, restore
 from .errors import ContainerNotFound
 
-__all__ = ["warm_service"]
+__all__ = ["Database", "mariadb", "postgres", "redis", "warm_service"]
 
 RUN_LABEL = "dolly.pytest.run"
 OWNER_LABEL = "dolly.pytest.owner"
@@ -90,6 +104,8 @@ class ServiceSpec:
     ready: Optional[Callable[[Container], bool]]
     ready_timeout: float
     run_options: Mapping[str, Any] = field(default_factory=dict)
+    # Run once the service is ready, before the checkpoint (a database's fixtures).
+    prepare: Optional[Callable[[Container], None]] = None
 
     def key(self, fixture_name: str) -> str:
         """Stable across processes, so xdist workers agree on which checkpoint is whose."""
@@ -123,22 +139,154 @@ def warm_service(
     service never gets ready, and the errors of :func:`dolly.checkpoint` and :func:`dolly.restore`.
     """
     spec = ServiceSpec(image, command, dict(environment or {}), ready, ready_timeout, dict(run_options))
+    return _clone_fixture(spec, lambda clone: clone)
+
+
+def _clone_fixture(spec: ServiceSpec, value: Callable[[Container], Any]) -> Any:
+    """A fixture giving each test ``value(clone)`` for its own clone of the warm ``spec``."""
 
     @pytest.fixture
-    def fixture(request: pytest.FixtureRequest) -> Iterator[Container]:
+    def fixture(request: pytest.FixtureRequest) -> Iterator[Any]:
         plugin: Plugin = request.config.stash[_plugin_key]
         name = request.fixturename
         if name is None:  # pytest names a fixture's own request; typed optional for the others
-            raise RuntimeError("warm_service's fixture was requested without a fixture name")
+            raise RuntimeError("a Dolly fixture was requested without a fixture name")
         cp = plugin.warm_checkpoint(spec, name)
         clone = plugin.clone(cp, name)
         request.node.stash.setdefault(_clones_key, []).append(clone)
         try:
-            yield clone
+            yield value(clone)
         finally:
             plugin.discard(clone)
 
     return fixture
+
+
+@dataclass(frozen=True)
+class Database:
+    """A test's own database server: a clone of the warm one, its fixtures loaded.
+
+    Attributes:
+        container: the clone (a docker-py ``Container``); its log is the server's.
+        url: ``postgresql://user:password@host:5432/name``, ``mysql://...:3306/...`` or
+            ``redis://:password@host:6379/0``.
+        host: the clone's IP address; port: the server's port there.
+        user, password, name: the account and the database (None where the server has none).
+    """
+
+    container: Container
+    url: str
+    host: str
+    port: int
+    user: Optional[str]
+    password: Optional[str]
+    name: Optional[str]
+    recipe: Recipe = field(repr=False, compare=False)
+
+    def connect(self) -> Any:
+        """A driver connection: psycopg's (a context manager that commits), PyMySQL's
+        (autocommit) or redis-py's client.
+
+        Raises:
+            HostNotReady: the driver is not installed (``pip install 'dolly[postgres]'`` etc.).
+        """
+        return self.recipe.connect(self.host)
+
+
+def postgres(
+    *,
+    fixtures: Optional[FixtureSource] = None,
+    image: str = "dolly/postgres:15",
+    user: str = "test",
+    password: str = "test",
+    database: str = "test",
+    ready_timeout: float = 120.0,
+    **run_options: Any,
+) -> Any:
+    """Make a pytest fixture that gives each test its own warm PostgreSQL, fixtures loaded.
+
+    Assign it to a module-level name; that name is the fixture's name, and the test gets a
+    :class:`Database`.
+
+    Args:
+        fixtures: a ``.sql`` file (run by ``psql`` with ON_ERROR_STOP), a folder of them (in name
+            order), a callable given a psycopg connection (committed and closed after it), or a
+            list of these, loaded in turn once per run, before the checkpoint.
+        image: any image that reads POSTGRES_USER, POSTGRES_PASSWORD and POSTGRES_DB as the
+            official one does; default Dolly's, from Debian's postgresql-15 (``make host``).
+        user, password, database: the account and the database made at start.
+        ready_timeout: seconds for the server to accept connections.
+        run_options: more keyword arguments for ``client.containers.create``.
+
+    Raises (from the fixture):
+        InvalidArgument: a fixture path that does not exist (raised here, at once).
+        NotReady: the server never accepted connections (its last log lines in the message).
+        DollyError: a fixture file failed to load (with the client's output).
+    """
+    return _database_fixture(_databases.postgres(image=image, user=user, password=password, database=database),
+                             fixtures, ready_timeout, run_options)
+
+
+def mariadb(
+    *,
+    fixtures: Optional[FixtureSource] = None,
+    image: str = "dolly/mariadb:10.11",
+    user: str = "test",
+    password: str = "test",
+    database: str = "test",
+    ready_timeout: float = 120.0,
+    **run_options: Any,
+) -> Any:
+    """Make a pytest fixture that gives each test its own warm MariaDB, fixtures loaded.
+
+    As :func:`postgres`, with ``.sql`` files run by the ``mariadb`` client (as root, stopping at
+    the first error) and callables given a PyMySQL connection (autocommit). The image must read
+    MARIADB_USER, MARIADB_PASSWORD, MARIADB_DATABASE and MARIADB_ROOT_PASSWORD (set to
+    ``password``), as the official one does. Dolly's image turns native AIO off, which CRIU cannot
+    checkpoint; with another image, pass ``command=["mariadbd", "--innodb-use-native-aio=0"]``.
+    """
+    return _database_fixture(_databases.mariadb(image=image, user=user, password=password, database=database),
+                             fixtures, ready_timeout, run_options)
+
+
+def redis(
+    *,
+    fixtures: Optional[FixtureSource] = None,
+    image: str = "dolly/redis:7",
+    password: Optional[str] = None,
+    ready_timeout: float = 60.0,
+    **run_options: Any,
+) -> Any:
+    """Make a pytest fixture that gives each test its own warm Redis, fixtures loaded.
+
+    As :func:`postgres`, with ``.redis`` (or ``.txt``) files of commands, one a line, fed to
+    ``redis-cli`` (a reply starting ERR or WRONGTYPE fails the load), and callables given a
+    redis-py client. ``password`` is passed as REDIS_PASSWORD, which Dolly's image reads.
+    """
+    return _database_fixture(_databases.redis(image=image, password=password), fixtures, ready_timeout, run_options)
+
+
+def _database_fixture(recipe: Recipe, fixtures: Optional[FixtureSource], ready_timeout: float,
+                      run_options: Dict[str, Any]) -> Any:
+    items = _databases.fixture_items(fixtures, recipe)  # a wrong path fails at import, not in a test
+    environment = {**recipe.environment, **dict(run_options.pop("environment", None) or {})}
+    command = run_options.pop("command", None)
+
+    def prepare(container: Container) -> None:
+        _databases.load(recipe, container, items)
+        _databases.wait_without_connections(container)
+
+    spec = ServiceSpec(recipe.image, command, environment, recipe.accepting(), ready_timeout, run_options,
+                       prepare=prepare)
+
+    def database(clone: Container) -> Database:
+        # The restored server was listening at the checkpoint; its clone answers at its new address.
+        _ready.wait(clone, _ready.tcp(recipe.port), timeout=30)
+        host = _ready.ip_address(clone)
+        return Database(clone, recipe.url(host), host, recipe.port, recipe.user, recipe.password,
+                        recipe.database, recipe)
+
+    return _clone_fixture(spec, database)
 
 
 @dataclass
@@ -220,6 +368,8 @@ class Plugin:
             source.start()
             if spec.ready is not None:
                 _ready.wait(source, spec.ready, timeout=spec.ready_timeout)
+            if spec.prepare is not None:
+                spec.prepare(source)
             cold = time.perf_counter() - started
             # The source is not needed once checkpointed: stop it, keep it until the run ends.
             return checkpoint(source, "warm", leave_running=False, client=self.client), cold
@@ -568,12 +718,22 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     if report.failed:
         for c in item.stash.get(_clones_key, []):
-            try:
-                text = c.logs(tail=200).decode(errors="replace")
-            except docker.errors.DockerException as e:
-                text = f"(could not read the log: {e})"
-            report.sections.append((f"dolly clone {c.name} log", text or "(empty)"))
+            # The warm source's log first (a server's start-up, its fixtures), then the clone's own:
+            # what the service said during this test.
+            source_id = (c.labels or {}).get(LABEL_SOURCE)
+            if source_id:
+                report.sections.append((f"dolly warm source of {c.name}, log until its checkpoint",
+                                        _log_text(c.client, source_id)))
+            report.sections.append((f"dolly clone {c.name} log", _log_text(c.client, id_of(c))))
     return report
+
+
+def _log_text(client: Any, container_id: str) -> str:
+    try:
+        text = client.containers.get(container_id).logs(tail=200).decode(errors="replace")
+    except docker.errors.DockerException as e:
+        return f"(could not read the log: {e})"
+    return text or "(empty)"
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

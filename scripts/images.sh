@@ -2,6 +2,10 @@
 # Builds the local images the demo, the tests and the notebook use, once, cached by tag:
 #   dolly/busybox  Debian's busybox-static and its applet links, nothing else (about 2 MB)
 #   dolly/python   a Debian 12 `essential` root with python3 (about 185 MB)
+#   dolly/postgres:15, dolly/mariadb:10.11, dolly/redis:7
+#                  Debian 12's database servers and their clients, for dolly.testing's database
+#                  fixtures, with the entrypoints in scripts/images/ (they read the environment
+#                  as the official images do)
 # No registry is reachable from these machines, so images are imported from local root folders.
 set -euo pipefail
 have() { docker image inspect "$1" >/dev/null 2>&1; }
@@ -28,3 +32,31 @@ if ! have dolly/python:latest; then
   docker import -c 'ENV PATH=/usr/local/bin:/usr/bin:/bin' -c 'CMD ["python3"]' "$tmp/rootfs.tar" dolly/python:latest >/dev/null
   rm -rf "$tmp"
 fi
+
+# A Debian 12 root with PACKAGES and the entrypoint scripts/images/<name>-entrypoint, imported as
+# TAG; documentation, manuals and translations left out. Rebuilt when the entrypoint changes (its
+# hash is a label of the image).
+here=$(cd "$(dirname "$0")" && pwd)
+database_image() {
+  local tag=$1 name=$2 packages=$3 port=$4 entry want tmp
+  entry=$here/images/$name-entrypoint
+  want=$(cat "$entry" | sha256sum | cut -c1-16)
+  [ "$(docker image inspect -f '{{index .Config.Labels "dolly.entrypoint"}}' "$tag" 2>/dev/null)" = "$want" ] && return 0
+  echo "images: building $tag" >&2
+  tmp=$(mktemp -d)
+  mmdebstrap --quiet --variant=essential --include="$packages" \
+    --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
+    --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
+    --essential-hook='mkdir -p "$1/etc/postgresql-common/createcluster.d" && echo "create_main_cluster = false" >"$1/etc/postgresql-common/createcluster.d/dolly.conf"' \
+    --customize-hook='rm -rf "$1"/var/lib/mysql/* "$1"/var/lib/postgresql/*' \
+    --customize-hook="upload $entry /usr/local/bin/dolly-entrypoint" \
+    --customize-hook='chmod 0755 "$1/usr/local/bin/dolly-entrypoint"' \
+    bookworm "$tmp/rootfs.tar" >/dev/null
+  docker import -c 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    -c 'ENTRYPOINT ["/usr/local/bin/dolly-entrypoint"]' -c "EXPOSE $port" -c "LABEL dolly.entrypoint=$want" \
+    "$tmp/rootfs.tar" "$tag" >/dev/null
+  rm -rf "$tmp"
+}
+database_image dolly/postgres:15 postgres postgresql-15,postgresql-client-15 5432
+database_image dolly/mariadb:10.11 mariadb mariadb-server,mariadb-client 3306
+database_image dolly/redis:7 redis redis-server,redis-tools 6379

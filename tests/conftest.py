@@ -17,6 +17,7 @@ import docker
 import pytest
 
 import dolly
+import dolly.testing
 from dolly import trust
 from dolly._engine import Engine
 from engines import IsolatedEngine, SecondEngine
@@ -38,18 +39,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def client() -> Iterator[docker.DockerClient]:
+def client(pytestconfig: pytest.Config) -> Iterator[docker.DockerClient]:
     """The main engine, and at the end of the session a check that the suite left nothing behind
-    on it (no containers, networks or checkpoints). Tests that need no engine never start one."""
+    on it (no containers, networks or checkpoints). Tests that need no engine never start one.
+    The warm sources of this session's own Dolly fixtures (tests/test_databases.py) are left out:
+    the plugin removes them when the session finishes, after this check."""
     report = dolly.check_host()
     if not report.ok:
         pytest.exit(f"the host is not ready (run `make host`):\n{report}", returncode=3)
     client = docker.from_env()
     engine = Engine.of(client)
-    before = _engine_state(client, engine)
+    plugin_run = pytestconfig.stash[dolly.testing._plugin_key].run_id
+    before = _engine_state(client, engine, plugin_run)
     yield client
     _remove_made(client, engine, set())
-    after = _engine_state(client, engine)
+    after = _engine_state(client, engine, plugin_run)
     assert after == before, "the test suite left things behind on the engine"
 
 
@@ -58,12 +62,15 @@ def engine(client: docker.DockerClient) -> Engine:
     return Engine.of(client)
 
 
-def _engine_state(client: docker.DockerClient, engine: Engine) -> dict:
+def _engine_state(client: docker.DockerClient, engine: Engine, plugin_run: str) -> dict:
     store = engine.store_dir
+    mine = {"label": f"{dolly.testing.RUN_LABEL}={plugin_run}"}
+    plugins = {c["Id"] for c in client.api.containers(all=True, filters=mine)}
     return {
-        "containers": sorted(c.id for c in client.containers.list(all=True)),
+        "containers": sorted(c.id for c in client.containers.list(all=True) if c.id not in plugins),
         "networks": sorted(n.id for n in client.networks.list()),
-        "checkpoints": sorted(str(p.relative_to(store)) for p in store.glob("*/*")) if store.is_dir() else [],
+        "checkpoints": sorted(str(p.relative_to(store)) for p in store.glob("*/*")
+                              if p.parent.name not in plugins) if store.is_dir() else [],
         "docker checkpoint folders": sorted(
             str(p) for p in (engine.root_dir / "containers").glob("*/checkpoints/*")
         ),

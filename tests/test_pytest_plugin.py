@@ -54,6 +54,14 @@ def test_the_example_suite_gets_warm_clones(client, xdist):
     assert not STATE_ROOT.exists() or not any(STATE_ROOT.iterdir())
 
 
+@pytest.mark.parametrize("xdist", [[], ["-n", "2"]], ids=["plain", "xdist"])
+def test_the_database_example_gets_a_database_per_test(client, xdist):
+    res = pytest_run("examples/test_warm_postgres.py", "-q", *xdist, cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "3 passed" in res.stdout and "db: 3 clone(s)" in res.stdout
+    assert run_containers(client) == []
+
+
 def test_xdist_workers_share_one_warm_checkpoint(client, tmp_path):
     log = tmp_path / "seen.txt"
     suite = tmp_path / "test_share.py"
@@ -117,3 +125,33 @@ def test_a_killed_run_is_reaped_by_the_next(client, tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert run_containers(client) == []
     assert not (STATE_ROOT / killed_run).exists()
+
+
+def test_a_database_test_that_fails_shows_the_database_log(client, tmp_path):
+    # A user's own image: here Dolly's under another name, with another account and database.
+    client.images.get("dolly/postgres:15").tag("dolly-test/own-postgres", "1")
+    try:
+        suite = tmp_path / "test_db.py"
+        suite.write_text(
+            "import dolly.testing\n"
+            "db = dolly.testing.postgres(image='dolly-test/own-postgres:1', user='u', password='p', database='d',\n"
+            "                            fixtures=lambda conn: conn.execute('CREATE TABLE t (i int)'))\n"
+            "def test_writes_then_fails(db):\n"
+            "    assert db.url == f'postgresql://u:p@{db.host}:5432/d'\n"
+            "    with db.connect() as conn:\n"
+            "        conn.execute('INSERT INTO t VALUES (1)')\n"
+            "    with db.connect() as conn:\n"
+            "        conn.execute('SELECT * FROM nope')\n"
+        )
+        res = pytest_run(str(suite), "-q", cwd=tmp_path)
+    finally:
+        client.images.remove("dolly-test/own-postgres:1")
+    assert res.returncode == 1 and "1 failed" in res.stdout, res.stdout + res.stderr
+    assert 'relation "nope" does not exist' in res.stdout
+    # The report carries the server's log: from its warm start, and from the test's own clone.
+    source = res.stdout.split("dolly warm source of ", 1)[1].split("dolly clone ", 1)[0]
+    assert "database system is ready to accept connections" in source
+    clone = res.stdout.split("dolly clone ", 1)[1]
+    assert 'ERROR:  relation "nope" does not exist' in clone
+    assert "warnings summary" not in res.stdout
+    assert run_containers(client) == []

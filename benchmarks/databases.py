@@ -1,0 +1,92 @@
+"""Warm databases: what dolly.testing's postgres(), mariadb() and redis() fixtures cost and save.
+Per kind, with the fixtures of tests/fixtures/<kind> (Postgres 100,000 rows, MariaDB 10,000, Redis
+a few keys): the cold start (start, accepting connections, fixtures loaded), the checkpoint, and a
+clone until its first query answers, medians of --repeats; then 3 clones at once. Writes
+benchmarks/results/databases.json.
+
+    .venv/bin/python benchmarks/databases.py [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import docker
+
+import dolly
+from dolly import _databases as databases, ready
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results" / "databases.json"
+RECIPES = {
+    "postgres": databases.postgres(image="dolly/postgres:15", user="test", password="test", database="test"),
+    "mariadb": databases.mariadb(image="dolly/mariadb:10.11", user="test", password="test", database="test"),
+    "redis": databases.redis(image="dolly/redis:7", password=None),
+}
+QUERY = {"postgres": lambda c: c.execute("SELECT count(*) FROM items").fetchone()[0],
+         "mariadb": lambda c: (c.cursor().execute("SELECT count(*) FROM items"), 1)[1],
+         "redis": lambda c: c.get("greeting")}
+
+
+def median(xs):
+    return round(statistics.median(xs), 3)
+
+
+def first_answer(recipe, container) -> float:
+    """Seconds from now until the clone answers a query."""
+    t = time.perf_counter()
+    ready.wait(container, ready.tcp(recipe.port), timeout=30, interval=0.01)
+    conn = recipe.connect(ready.ip_address(container))
+    QUERY[recipe.kind](conn)
+    conn.close()
+    return time.perf_counter() - t
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    client = docker.from_env()
+    out: dict = {"repeats": args.repeats}
+    for kind, recipe in RECIPES.items():
+        row: dict = {"cold": [], "checkpoint": [], "clone_to_answer": [], "three_clones": []}
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            source = client.containers.run(recipe.image, detach=True, environment=dict(recipe.environment),
+                                           labels={"dolly.bench": "databases"})
+            try:
+                ready.wait(source, recipe.accepting(), timeout=120, interval=0.05)
+                databases.load(recipe, source, databases.fixture_items(ROOT / "tests" / "fixtures" / kind, recipe))
+                databases.wait_without_connections(source)
+                row["cold"].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                cp = dolly.checkpoint(source, "bench")
+                row["checkpoint"].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                (one,) = dolly.clone(cp, 1)
+                row["clone_to_answer"].append(time.perf_counter() - t + first_answer(recipe, one))
+                one.remove(force=True)
+                t = time.perf_counter()
+                three = dolly.clone(cp, 3)
+                for c in three:
+                    first_answer(recipe, c)
+                row["three_clones"].append(time.perf_counter() - t)
+                for c in three:
+                    c.remove(force=True)
+                dolly.remove_checkpoint(cp)
+            finally:
+                source.remove(force=True)
+        out[kind] = {"median": {k: median(v) for k, v in row.items()}, "runs": row}
+        m = out[kind]["median"]
+        print(f"{kind:>8}: cold {m['cold']} s, checkpoint {m['checkpoint']} s, clone to first answer "
+              f"{m['clone_to_answer']} s, 3 clones {m['three_clones']} s (medians of {args.repeats})")
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""Warm databases for test suites: each test gets its own clone of a server warmed once, fixtures
+loaded, and nothing one test writes is seen by the next. The tests of each kind run in file order:
+the first writes, the second must not see it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import docker
+import pytest
+
+import dolly.testing
+from dolly.errors import InvalidArgument
+
+FIXTURES = Path(__file__).parent / "fixtures"
+# Postgres and MariaDB run as users other than root: their checkpoints need CRIU to read the limits
+# of another user's processes (scripts/criu-patches).
+
+
+def add_marker_row(conn) -> None:
+    """A fixture callable: given a driver connection, adds a row the SQL files do not."""
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO items VALUES (0, 'from a callable')")
+
+
+pg = dolly.testing.postgres(fixtures=[FIXTURES / "postgres", add_marker_row])
+maria = dolly.testing.mariadb(fixtures=[FIXTURES / "mariadb", add_marker_row], user="app", password="s3cret",
+                              database="shop")
+cache = dolly.testing.redis(fixtures=[FIXTURES / "redis" / "01-data.redis", lambda r: r.set("from", "callable")],
+                            password="pw")
+
+# The clone each first test had, so that the second can show it got another, and that the first
+# one was removed.
+earlier: dict = {}
+
+
+def gone(container_id: str) -> bool:
+    try:
+        docker.from_env().containers.get(container_id)
+    except docker.errors.NotFound:
+        return True
+    return False
+
+
+@pytest.mark.engine
+def test_postgres_clone_has_the_fixtures_and_takes_writes(pg):
+    assert pg.url == f"postgresql://test:test@{pg.host}:5432/test"
+    with pg.connect() as conn:
+        assert conn.execute("SELECT count(*), sum(id) FROM items").fetchone() == (100001, 5000050000)
+        assert conn.execute("SELECT name FROM items WHERE id = 0").fetchone() == ("from a callable",)
+        conn.execute("DELETE FROM items WHERE id <= 50000")
+        conn.execute("INSERT INTO items VALUES (-1, 'written by a test')")
+    with pg.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM items").fetchone() == (50001,)
+    # The server runs as postgres, not root, in the clone too.
+    assert pg.container.exec_run(["stat", "-c", "%U", "/proc/1"]).output.strip() == b"postgres"
+    earlier["pg"] = pg.container.id
+
+
+@pytest.mark.engine
+def test_postgres_next_test_sees_none_of_it(pg):
+    assert earlier.get("pg") and pg.container.id != earlier["pg"] and gone(earlier["pg"])
+    with pg.connect() as conn:
+        assert conn.execute("SELECT count(*), sum(id) FROM items").fetchone() == (100001, 5000050000)
+        assert conn.execute("SELECT count(*) FROM items WHERE id = -1").fetchone() == (0,)
+
+
+@pytest.mark.engine
+def test_mariadb_clone_has_the_fixtures_and_takes_writes(maria):
+    assert maria.url == f"mysql://app:s3cret@{maria.host}:3306/shop"
+    conn = maria.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*), sum(id) FROM items")
+            assert cur.fetchone() == (10001, 50005000)
+            cur.execute("SELECT name FROM items WHERE id = 0")
+            assert cur.fetchone() == ("from a callable",)
+            cur.execute("DELETE FROM items WHERE id > 10")
+            cur.execute("SELECT count(*) FROM items")
+            assert cur.fetchone() == (11,)
+    finally:
+        conn.close()
+    earlier["maria"] = maria.container.id
+
+
+@pytest.mark.engine
+def test_mariadb_next_test_sees_none_of_it(maria):
+    assert earlier.get("maria") and maria.container.id != earlier["maria"] and gone(earlier["maria"])
+    conn = maria.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*), sum(id) FROM items")
+            assert cur.fetchone() == (10001, 50005000)
+    finally:
+        conn.close()
+
+
+@pytest.mark.engine
+def test_redis_clone_has_the_fixtures_and_takes_writes(cache):
+    assert cache.url == f"redis://:pw@{cache.host}:6379/0"
+    r = cache.connect()
+    assert r.get("greeting") == b"hello" and r.lrange("queue", 0, -1) == [b"a", b"b", b"c"]
+    assert r.hgetall("user:1") == {b"name": b"Ada", b"lang": b"en"} and r.get("from") == b"callable"
+    r.flushall()
+    assert r.dbsize() == 0
+    r.close()
+    earlier["cache"] = cache.container.id
+
+
+@pytest.mark.engine
+def test_redis_next_test_sees_none_of_it(cache):
+    assert earlier.get("cache") and cache.container.id != earlier["cache"] and gone(earlier["cache"])
+    r = cache.connect()
+    assert r.dbsize() == 4 and r.get("greeting") == b"hello"
+    r.close()
+
+
+def test_a_fixture_path_that_does_not_exist_is_refused_at_once(tmp_path):
+    with pytest.raises(InvalidArgument, match="does not exist"):
+        dolly.testing.postgres(fixtures=tmp_path / "nowhere.sql")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidArgument, match=r"no \.sql files"):
+        dolly.testing.mariadb(fixtures=tmp_path / "empty")
+    with pytest.raises(InvalidArgument):
+        dolly.testing.redis(fixtures=42)
