@@ -17,9 +17,11 @@ Everything in the store is readable by root only: the images hold the process's 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import stat
 import time
 import types
 import uuid
@@ -43,6 +45,8 @@ from .errors import (
     DollyError,
     InvalidArgument,
 )
+
+log = logging.getLogger("dolly")
 
 __all__ = ["Checkpoint", "PruneReport", "checkpoint", "list_checkpoints", "get_checkpoint", "remove_checkpoint",
            "prune", "DEFAULT_MAX_LAYER_BYTES"]
@@ -247,6 +251,7 @@ def checkpoint(
     # checkpoints of one container at once would dump into, and delete, each other's.
     engine.lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with FileLock(str(engine.lock_dir / f"{source.id}.checkpoint.lock")):
+        _resume_if_left_paused(engine, id_of(source))
         # As it is now, after any checkpoint we waited for (which paused it meanwhile).
         source = _running(engine, id_of(source))
         if final.exists():
@@ -310,6 +315,9 @@ def _checkpoint_locked(
         try:
             if not own_runtime:
                 staging.mkdir(mode=0o700)
+                # A marker beside the container's lock: if this process dies while the container is
+                # paused, the next checkpoint of it (under the same lock) resumes it.
+                _write_private(_paused_marker(engine, id_of(source)), f"{os.getpid()}\n")
                 engine.pause(id_of(source))
                 paused = True
                 _take_files_paused(engine, source, staging, max_layer_bytes)
@@ -320,10 +328,15 @@ def _checkpoint_locked(
                 raise refused from e
             raise
         finally:
-            if pause_policy:
-                engine.set_restart_policy(id_of(source), policy)
-            if paused:
-                _unpause(engine, source)
+            # The container first: a failure to restore its restart policy must not leave it paused.
+            try:
+                if paused:
+                    _unpause(engine, source)
+                elif not own_runtime:
+                    _paused_marker(engine, id_of(source)).unlink(missing_ok=True)
+            finally:
+                if pause_policy:
+                    engine.set_restart_policy(id_of(source), policy)
         staging.mkdir(mode=0o700, exist_ok=True)
         os.rename(spool if (spool / "inventory.img").exists() else images, staging / "criu")
         if own_runtime and not (staging / "criu" / RUNTIME_ROOTFS_DIFF).exists():
@@ -378,25 +391,81 @@ def _take_files_paused(engine: Engine, source: Container, staging: Path, max_lay
         raise _refused(e.reason, e.fields, source, staging) from e
     except DollyError as e:
         raise CheckpointFailed(f"container {source.name} was not checkpointed: {e}") from e
-    pid = source.attrs["State"].get("Pid")
+    spec = _runtime_spec(engine, id_of(source))
+    if spec is not None:
+        _write_private(staging / "spec.dump", spec)
+
+
+def _runtime_spec(engine: Engine, container_id: str, *, limit: int = 1 << 20) -> Optional[str]:
+    """The OCI spec (config.json) in the bundle of the container's runtime shim, or None when it
+    cannot be found for certain. The shim is the parent of the container's first process (its pid
+    as the engine says it now, with the container paused) and its working folder is the bundle,
+    which is named after the container: anything else (a pid reused by another process, say) is
+    not taken. The file is opened without following a link or blocking, and must be a regular
+    file of JSON under ``limit`` bytes."""
     try:
+        pid = int(engine.container(container_id).attrs["State"].get("Pid") or 0)
+        if pid <= 0:
+            return None
         with open(f"/proc/{pid}/stat") as f:
             shim = int(f.read().rsplit(")", 1)[1].split()[1])
-        spec = Path(f"/proc/{shim}/cwd/config.json").read_bytes()
-        json.loads(spec)
-    except (OSError, ValueError, IndexError):
-        return
-    _write_private(staging / "spec.dump", spec.decode())
+        bundle = os.readlink(f"/proc/{shim}/cwd")
+        if os.path.basename(bundle) != container_id:
+            return None
+        fd = os.open(f"/proc/{shim}/cwd/config.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+                return None
+            text = f.read(limit).decode()
+        json.loads(text)
+        return text
+    except (OSError, ValueError, IndexError, DollyError):
+        return None
+
+
+def _paused_marker(engine: Engine, container_id: str) -> Path:
+    return engine.lock_dir / f"{container_id}.paused"
 
 
 def _unpause(engine: Engine, source: Container) -> None:
-    """Resume a container Dolly paused, unless the dump has stopped it."""
+    """Resume a container Dolly paused, unless the dump has stopped it, and drop the marker that
+    says it did.
+
+    Raises:
+        DollyError: the container stays paused (the engine refused to resume it).
+    """
+    container_id = id_of(source)
     try:
-        state = engine.container(id_of(source)).attrs["State"]
+        state = engine.container(container_id).attrs["State"]
         if state.get("Running") and state.get("Paused"):
-            engine.unpause(id_of(source))
+            try:
+                engine.unpause(container_id)
+            except DollyError:
+                # Resumed meanwhile (containerd resumes the task after a checkpoint, and Docker
+                # learns it from an event): only a container that stays paused is an error.
+                if engine.container(container_id).attrs["State"].get("Paused"):
+                    raise
     except ContainerNotFound:
         pass
+    _paused_marker(engine, container_id).unlink(missing_ok=True)
+
+
+def _resume_if_left_paused(engine: Engine, container_id: str) -> None:
+    """Resume a container that an earlier checkpoint paused and never resumed (its process died
+    meanwhile: the marker it wrote is still there). Called under the container's checkpoint lock,
+    so no checkpoint of it is under way."""
+    marker = _paused_marker(engine, container_id)
+    if not marker.exists():
+        return
+    log.warning("container %s was left paused by a checkpoint that did not finish: resuming it", container_id[:12])
+    try:
+        state = engine.container(container_id).attrs["State"]
+        if state.get("Running") and state.get("Paused"):
+            engine.unpause(container_id)
+    except ContainerNotFound:
+        pass
+    marker.unlink(missing_ok=True)
 
 
 def _take_runtime_files(staging: Path) -> None:
@@ -614,7 +683,10 @@ def list_checkpoints(
         for path in sorted(folder.iterdir()) if folder.is_dir() else []:
             if path.name.startswith(".") or not (path / METADATA).exists():
                 continue
-            found.append(Checkpoint.load(path, engine.client))
+            try:
+                found.append(Checkpoint.load(path, engine.client))
+            except CheckpointNotFound:  # removed (renamed away) since the folder was listed
+                continue
     return sorted(found, key=lambda cp: cp.created_at)
 
 

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
+from urllib.parse import quote
 
 from docker.models.containers import Container
 
@@ -52,11 +53,12 @@ class Recipe:
 
     def url(self, host: str) -> str:
         """The connection URL of the server at ``host``."""
+        user, password, database = (quote(x or "", safe="") for x in (self.user, self.password, self.database))
         if self.kind == "postgres":
-            return f"postgresql://{self.user}:{self.password}@{host}:{self.port}/{self.database}"
+            return f"postgresql://{user}:{password}@{host}:{self.port}/{database}"
         if self.kind == "mariadb":
-            return f"mysql://{self.user}:{self.password}@{host}:{self.port}/{self.database}"
-        auth = f":{self.password}@" if self.password else ""
+            return f"mysql://{user}:{password}@{host}:{self.port}/{database}"
+        auth = f":{password}@" if self.password else ""
         return f"redis://{auth}{host}:{self.port}/0"
 
     def accepting(self) -> _ready.Exec:
@@ -78,11 +80,13 @@ class Recipe:
                     "-f", path]
         if self.kind == "mariadb":
             # As root over the local socket (its password, which the official image requires, too).
-            return ["sh", "-c", 'MYSQL_PWD="$MARIADB_ROOT_PASSWORD" mariadb -uroot "$1" < "$2"',
+            return ["sh", "-c", 'MYSQL_PWD="$MARIADB_ROOT_PASSWORD" mariadb -uroot --database="$1" < "$2"',
                     "sh", str(self.database), path]
-        # redis-cli goes on after an error: its replies are checked instead.
-        feed = ('out=$(redis-cli ${REDIS_PASSWORD:+--no-auth-warning -a "$REDIS_PASSWORD"} < "$1") || exit 1; '
-                'printf "%s\\n" "$out"; ! printf "%s\\n" "$out" | grep -Eq "^(ERR|WRONGTYPE)"')
+        # redis-cli runs every line and exits 0 whatever fails (-e does not apply to commands read
+        # from its input): with --no-raw a failed command's reply is "(error) ..." and a value is
+        # always quoted, so such a line means a failure.
+        feed = ('out=$(redis-cli --no-raw ${REDIS_PASSWORD:+--no-auth-warning -a "$REDIS_PASSWORD"} < "$1") '
+                '|| exit 1; printf "%s\\n" "$out"; ! printf "%s\\n" "$out" | grep -q "^(error) "')
         return ["sh", "-c", feed, "sh", path]
 
     def connect(self, host: str) -> Any:
@@ -188,7 +192,8 @@ def wait_without_connections(container: Container, *, timeout: float = 30.0) -> 
     """
     deadline = time.monotonic() + timeout
     while True:
-        res = container.exec_run(["cat", "/proc/net/tcp", "/proc/net/tcp6"])
+        # tcp6 is missing where the kernel runs without IPv6.
+        res = container.exec_run(["sh", "-c", "cat /proc/net/tcp; cat /proc/net/tcp6 2>/dev/null; true"])
         output = res.output if isinstance(res.output, bytes) else b""
         states = [line.split()[3] for line in output.decode(errors="replace").splitlines()[1:]
                   if len(line.split()) > 3 and line.split()[0].endswith(":")]

@@ -135,7 +135,7 @@ def criu_log(container_id: str, command: str, *, limit: int = 25) -> tuple[list[
 # CRIU's own error lines: "(00.040129) Error (criu/cr-dump.c:389): Can't get rlimit 0: ..." (its
 # log_prefix, then pr_err's "Error (file:line): "); other lines that merely mention an error (a
 # library named libgpg-error.so, say) are not.
-_CRIU_ERROR = re.compile(r"^(\(\s*[\d.]+\)\s+)?(\d+: )?Error \(")
+_CRIU_ERROR = re.compile(r"^(\(\s*[\d.]+\)\s+)?\s*(pie: )?(\d+: )?Error \(")
 
 
 def criu_excerpt(lines: Sequence[str], *, limit: int = 25, before: int = 3) -> list[str]:
@@ -283,15 +283,19 @@ class Engine:
 
     def daemon_pid(self) -> Optional[int]:
         """The pid of the engine's dockerd in this process's PID namespace, when it answers on a
-        unix socket here (SO_PEERCRED); None otherwise."""
+        unix socket here (SO_PEERCRED) and that process is a dockerd (not systemd holding an
+        activated socket, nor a proxy); None otherwise."""
         adapter = getattr(self.api, "_custom_adapter", None)
         socket_path = getattr(adapter, "socket_path", None)
         if not socket_path:
             return None
         try:
-            return peer_pid(socket_path)
+            pid = peer_pid(socket_path)
+            if Path(f"/proc/{pid}/comm").read_text().strip() != "dockerd":
+                return None
         except OSError:
             return None
+        return pid
 
     @property
     def store_dir(self) -> Path:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import posixpath
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -59,18 +60,24 @@ def allocated_bytes(upper_dir: Path) -> Tuple[int, int]:
     top = os.lstat(upper_dir)
     seen = set()
     total, entries = top.st_blocks * 512, 1
+    # Nothing in the layer is followed: it is the container's, and a symlink there may point
+    # anywhere on this host (os.walk does not descend into links; lstat does not follow them).
     for folder, dirs, files in os.walk(upper_dir):
+        descend = []
         for name in dirs + files:
             st = os.lstat(os.path.join(folder, name))
             entries += 1
             if st.st_dev != top.st_dev:
                 continue
-            if st.st_nlink > 1 and not os.path.isdir(os.path.join(folder, name)):
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if is_dir and name in dirs:
+                descend.append(name)
+            if st.st_nlink > 1 and not is_dir:
                 if st.st_ino in seen:
                     continue
                 seen.add(st.st_ino)
             total += st.st_blocks * 512
-        dirs[:] = [d for d in dirs if os.lstat(os.path.join(folder, d)).st_dev == top.st_dev]
+        dirs[:] = descend
     return total, entries
 
 

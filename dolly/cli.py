@@ -34,7 +34,7 @@ from rich.table import Table
 import dolly
 from dolly import policy, ready, trust
 from dolly._checkpoint import DEFAULT_MAX_LAYER_BYTES, Checkpoint
-from dolly.errors import CriuError, DollyError, InvalidArgument
+from dolly.errors import CheckpointNotFound, CriuError, DollyError, InvalidArgument
 
 out = Console()
 err = Console(stderr=True)
@@ -221,17 +221,27 @@ def prune_cmd(ctx: Context, all_containers: bool, older_than: Optional[str], lab
     if any("=" not in a for a in label_args):
         raise click.BadParameter("give labels as KEY=VALUE", param_hint="--label")
     labels = dict(a.split("=", 1) for a in label_args) or None
-    if not (force or dry_run):
-        found = dolly.prune(all_containers=all_containers, older_than=age, labels=labels, dry_run=True,
-                            client=ctx.client)
-        if not found.checkpoints:
-            _print_prune(ctx, found)
-            return
+    if force or dry_run:
+        _print_prune(ctx, dolly.prune(all_containers=all_containers, older_than=age, labels=labels, dry_run=dry_run,
+                                      client=ctx.client))
+        return
+    found = dolly.prune(all_containers=all_containers, older_than=age, labels=labels, dry_run=True,
+                        client=ctx.client)
+    if found.checkpoints:
         what = "every checkpoint" if all_containers else "the checkpoints of removed containers"
         click.confirm(f"This removes {what}{f' older than {older_than}' if age else ''}: "
                       f"{len(found.checkpoints)}, {found.reclaimed / 2**20:.1f} MiB. Continue?", abort=True, err=True)
-    _print_prune(ctx, dolly.prune(all_containers=all_containers, older_than=age, labels=labels, dry_run=dry_run,
-                                  client=ctx.client))
+    # Exactly what was confirmed: not what a second look would find.
+    removed, reclaimed = [], 0
+    for cp in found.checkpoints:
+        size = cp.size
+        try:
+            dolly.remove_checkpoint(cp, ctx.client)
+        except CheckpointNotFound:  # removed meanwhile
+            continue
+        removed.append(cp)
+        reclaimed += size
+    _print_prune(ctx, dolly.PruneReport(tuple(removed), reclaimed, dry_run=False))
 
 
 def _duration(text: str) -> timedelta:
@@ -241,7 +251,11 @@ def _duration(text: str) -> timedelta:
     if not parts or "".join(n + u for n, u in parts) != text:
         raise click.BadParameter(f"{text!r} is not a duration like 90s, 30m, 24h, 7d or 1h30m",
                                  param_hint="--older-than")
-    return timedelta(seconds=sum(int(n) * units[u] for n, u in parts))
+    try:
+        return timedelta(seconds=sum(int(n) * units[u] for n, u in parts))
+    except OverflowError:
+        raise click.BadParameter(f"{text!r} is longer than any checkpoint has lived",
+                                 param_hint="--older-than") from None
 
 
 def _print_prune(ctx: Context, report: dolly.PruneReport) -> None:

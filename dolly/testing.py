@@ -260,8 +260,8 @@ def redis(
     """Make a pytest fixture that gives each test its own warm Redis, fixtures loaded.
 
     As :func:`postgres`, with ``.redis`` (or ``.txt``) files of commands, one a line, fed to
-    ``redis-cli`` (a reply starting ERR or WRONGTYPE fails the load), and callables given a
-    redis-py client. ``password`` is passed as REDIS_PASSWORD, which Dolly's image reads.
+    ``redis-cli`` (a command that fails fails the load, though redis-cli runs the lines after
+    it too), and callables given a redis-py client. ``password`` is passed as REDIS_PASSWORD, which Dolly's image reads.
     """
     return _database_fixture(_databases.redis(image=image, password=password), fixtures, ready_timeout, run_options)
 

@@ -7,8 +7,10 @@ import subprocess
 import sys
 import time
 
+import docker
 import pytest
 
+from dolly._engine import Engine
 from helpers import BUSYBOX, COUNTER, ENGINE_B_URL, RUN_ID, assert_counts_on, dolly_cmd, read_int
 
 
@@ -147,7 +149,7 @@ def test_doctor_reports_a_missing_or_old_criu_and_a_missing_pycriu(tmp_path):
     assert not rows["CRIU version"]["ok"] and rows["CRIU version"]["detail"].startswith("3.17.1")
     assert not rows["criu check"]["ok"] and "make host" in rows["criu check"]["fix"]
     # Without Dolly's CRIU build, processes of other users dump only where dockerd has CAP_SYS_RESOURCE.
-    dockerd = int(subprocess.run(["pgrep", "-xo", "dockerd"], capture_output=True, text=True).stdout)
+    dockerd = Engine.of(docker.from_env()).daemon_pid()
     with open(f"/proc/{dockerd}/status") as f:
         cap_eff = int(next(line for line in f if line.startswith("CapEff:")).split()[1], 16)
     other = rows["dump other users' processes"]

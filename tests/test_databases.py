@@ -9,7 +9,8 @@ import docker
 import pytest
 
 import dolly.testing
-from dolly.errors import InvalidArgument
+from dolly import _databases, ready
+from dolly.errors import DollyError, InvalidArgument
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # Postgres and MariaDB run as users other than root: their checkpoints need CRIU to read the limits
@@ -122,3 +123,26 @@ def test_a_fixture_path_that_does_not_exist_is_refused_at_once(tmp_path):
         dolly.testing.mariadb(fixtures=tmp_path / "empty")
     with pytest.raises(InvalidArgument):
         dolly.testing.redis(fixtures=42)
+
+
+@pytest.mark.parametrize("kind, bad, says", [
+    ("postgres", "CREATE TABLE a (i int);\nINSERT INTO nowhere VALUES (1);\nCREATE TABLE b (i int);\n",
+     'relation "nowhere" does not exist'),
+    ("redis", "SET a 1\nLPUSH a 2\nSET b \"(error) is a value\"\n", "WRONGTYPE"),
+])
+def test_a_fixture_file_that_fails_fails_the_load_and_says_why(run, tmp_path, kind, bad, says):
+    recipe = (_databases.postgres(image="dolly/postgres:15", user="test", password="test", database="test")
+              if kind == "postgres" else _databases.redis(image="dolly/redis:7", password="pw"))
+    server = run(recipe.image, None, environment=dict(recipe.environment))
+    ready.wait(server, recipe.accepting(), timeout=60)
+    fixture = tmp_path / f"bad{recipe.suffixes[0]}"
+    fixture.write_text(bad)
+    with pytest.raises(DollyError, match=says):
+        _databases.load(recipe, server, _databases.fixture_items(fixture, recipe))
+    if kind == "postgres":  # psql stops at the failing line: nothing after it ran
+        query = "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1"
+        tables = server.exec_run(["psql", "-U", "test", "-d", "test", "-Atc", query]).output.decode().split()
+        assert tables == ["a"]
+    else:  # redis-cli runs every line: only the failing one fails the load, not a value that looks like it
+        value = server.exec_run(["redis-cli", "--no-auth-warning", "-a", "pw", "GET", "b"]).output.strip()
+        assert value == b"(error) is a value"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -80,7 +80,9 @@ def test_prune_older_than_keeps_the_younger_checkpoints(ours):
     old = dolly.checkpoint(source, "old")
     time.sleep(3)
     young = dolly.checkpoint(source, "young")
-    report = dolly.prune(all_containers=True, older_than=timedelta(seconds=1.5), labels=labels)
+    # The cut between the two, however long each checkpoint took.
+    cut = old.created_at + (young.created_at - old.created_at) / 2
+    report = dolly.prune(all_containers=True, older_than=datetime.now(UTC) - cut, labels=labels)
     assert names(report.checkpoints) == names([old])
     assert names(dolly.list_checkpoints(source)) == names([young])
 
