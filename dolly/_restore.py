@@ -19,7 +19,7 @@ import shutil
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import docker
 from docker.models.containers import Container
@@ -362,6 +362,9 @@ def _restore_one(
     on_create: Optional[Callable[[str], None]] = None,
 ) -> Container:
     config, extra_networks = clone_config(cp.config, image=image, labels=labels)
+    # Names the engine refused: taken by another process meanwhile, or still held by a container
+    # being removed (the engine lists it no more, but frees its name only once it is gone).
+    refused: Set[str] = set()
     for _ in range(20):
         try:
             cid = engine.create(config, name)
@@ -369,10 +372,10 @@ def _restore_one(
         except NameConflict:
             if explicit:
                 raise
-            # Another process took the name meanwhile: pick the next free one.
+            refused.add(name)
             with _reserved_lock:
                 _reserved.discard(name)
-            name = _reserve(prefix, 1, engine)[0]
+            name = _reserve(prefix, 1, engine, avoid=refused)[0]
     else:
         raise NameConflict(f"could not find a free name with the prefix {prefix!r}")
 
@@ -494,9 +497,9 @@ def allocate_names(prefix: str, n: int, taken: Iterable[str]) -> List[str]:
     return free
 
 
-def _reserve(prefix: str, n: int, engine: Engine) -> List[str]:
+def _reserve(prefix: str, n: int, engine: Engine, *, avoid: Iterable[str] = ()) -> List[str]:
     with _reserved_lock:
-        picked = allocate_names(prefix, n, engine.container_names() | _reserved)
+        picked = allocate_names(prefix, n, engine.container_names() | _reserved | set(avoid))
         _reserved.update(picked)
         return picked
 

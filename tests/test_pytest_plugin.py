@@ -168,3 +168,63 @@ def test_a_database_test_that_fails_shows_the_database_log(client, tmp_path):
     assert 'ERROR:  relation "nope" does not exist' in clone
     assert "warnings summary" not in res.stdout
     assert run_containers(client) == []
+
+
+DATABASE_SUITE = '''
+import os
+import dolly.testing
+
+pg = dolly.testing.postgres(fixtures=lambda conn: conn.execute(
+    "CREATE TABLE marks (who text); INSERT INTO marks VALUES ('fixture')"))
+maria = dolly.testing.mariadb(fixtures=lambda conn: (conn.cursor().execute("CREATE TABLE marks (who text)"),
+                                                     conn.cursor().execute("INSERT INTO marks VALUES ('fixture')")))
+cache = dolly.testing.redis(fixtures=lambda r: r.rpush("marks", "fixture"))
+
+
+def seen(kind, db):
+    with open(os.environ["SEEN"], "a") as f:
+        f.write(f"{kind} {db.container.labels['dolly.source']} {db.container.id}\\n")
+
+
+def marks_sql(conn):
+    cur = conn.cursor()
+    cur.execute("SELECT who FROM marks ORDER BY who")
+    return [row[0] for row in cur.fetchall()]
+'''
+
+
+def test_database_fixtures_under_xdist_share_one_warm_server_and_no_writes(client, tmp_path):
+    log = tmp_path / "seen.txt"
+    tests = []
+    for i in range(3):
+        tests.append(
+            f"def test_pg_{i}(pg):\n"
+            f"    seen('pg', pg)\n"
+            f"    with pg.connect() as conn:\n"
+            f"        assert marks_sql(conn) == ['fixture']\n"
+            f"        conn.execute(\"INSERT INTO marks VALUES ('test {i}')\")\n"
+            f"def test_maria_{i}(maria):\n"
+            f"    seen('maria', maria)\n"
+            f"    conn = maria.connect()\n"
+            f"    assert marks_sql(conn) == ['fixture']\n"
+            f"    conn.cursor().execute(\"INSERT INTO marks VALUES ('test {i}')\")\n"
+            f"    conn.close()\n"
+            f"def test_cache_{i}(cache):\n"
+            f"    seen('cache', cache)\n"
+            f"    r = cache.connect()\n"
+            f"    assert r.lrange('marks', 0, -1) == [b'fixture']\n"
+            f"    r.rpush('marks', 'test {i}')\n"
+            f"    r.close()\n"
+        )
+    suite = tmp_path / "test_dbs.py"
+    suite.write_text(DATABASE_SUITE + "\n".join(tests))
+    res = pytest_run(str(suite), "-q", "-n", "2", cwd=tmp_path, env={"SEEN": str(log)})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "9 passed" in res.stdout
+    rows = [line.split() for line in log.read_text().splitlines()]
+    for kind in ("pg", "maria", "cache"):
+        mine = [r for r in rows if r[0] == kind]
+        assert len(mine) == 3
+        assert len({r[1] for r in mine}) == 1, f"{kind} was warmed more than once"
+        assert len({r[2] for r in mine}) == 3, f"two {kind} tests shared a clone"
+    assert run_containers(client) == []
