@@ -16,6 +16,8 @@ Everything in the store is readable by root only: the images hold the process's 
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -52,6 +54,7 @@ __all__ = ["Checkpoint", "PruneReport", "checkpoint", "list_checkpoints", "get_c
            "prune", "DEFAULT_MAX_LAYER_BYTES"]
 
 METADATA = "dolly.json"
+LAYER_IMAGE_REPOSITORY = "dolly/checkpoint-layer"
 ROOTFS_DIFF = "rootfs-diff.tar"
 # What scripts/dolly-runc writes into the image folder at checkpoint time, and where it goes.
 RUNTIME_ROOTFS_DIFF = "dolly-rootfs-diff.tar"
@@ -115,6 +118,13 @@ class Checkpoint:
         if self.client is not None and not Engine.of(self.client).files_are_local():
             return int(self.remote_size or 0)
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+    @property
+    def layer_image(self) -> str:
+        """The name of the image that clones of a large writable layer share (the source's image
+        with the layer on top), made by the first clone and removed with the checkpoint."""
+        key = f"{self.container_id}/{self.name}/{self.created_at.isoformat()}"
+        return f"{LAYER_IMAGE_REPOSITORY}:{hashlib.sha256(key.encode()).hexdigest()[:40]}"
 
     @property
     def image_id(self) -> str:
@@ -745,6 +755,8 @@ def remove_checkpoint(checkpoint: Checkpoint, client: Optional[docker.DockerClie
         path.parent.rmdir()  # the source's folder, once it holds no checkpoint
     except OSError:
         pass
+    # Its clones' shared layer, unless a clone still runs on it (then prune removes it later).
+    engine.remove_image(checkpoint.layer_image)
 
 
 @dataclass(frozen=True)
@@ -824,7 +836,27 @@ def prune(
                 continue
         reclaimed += size
         removed.append(cp)
+    if not dry_run:
+        remove_unused_layer_images(engine)
     return PruneReport(tuple(removed), reclaimed, dry_run)
+
+
+def remove_all_of(engine: Engine, container_id: str) -> None:
+    """Remove every checkpoint kept of a container (a full ID: a plain name under the store), and
+    their shared layer images that no container uses any more."""
+    folder = engine.store_dir / names.container_id(container_id)
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        with contextlib.suppress(CheckpointNotFound):
+            engine.remove_image(Checkpoint.load(path).layer_image)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_unused_layer_images(engine: Engine) -> None:
+    """Remove the clones' shared layer images whose checkpoint is gone and no container uses."""
+    kept = {cp.layer_image for cp in list_checkpoints(client=engine.client)}
+    for tag in engine.image_tags(LAYER_IMAGE_REPOSITORY):
+        if tag not in kept:
+            engine.remove_image(tag)
 
 
 def engine_of(checkpoint: Checkpoint, client: Optional[docker.DockerClient]) -> Engine:

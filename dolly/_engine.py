@@ -12,6 +12,9 @@ so restoring into another container means placing files there.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
+import json
 import os
 import re
 import socket
@@ -28,6 +31,7 @@ import requests.exceptions
 from docker.models.containers import Container
 
 from . import _retry as retry
+from ._archive import tarfile
 from .errors import (
     CheckpointFailed,
     ContainerNotFound,
@@ -461,6 +465,65 @@ class Engine:
         if tag and name and not name.startswith("sha256:") and not self.has_image(name):
             self._call(self.api.tag, image_id, *_split_tag(name))
         return copied
+
+    def load_layer_image(self, base_image_id: str, layer: Path, tag: str) -> str:
+        """Make the image ``tag``: the image ``base_image_id`` with one more layer, the tar at
+        ``layer`` (an image layer: OCI's whiteouts, uncompressed); returns its ID. The engine
+        gets a ``docker load`` archive, streamed, that carries only the new layer: it has the
+        others already (a load looks each layer up before it reads it).
+
+        Raises:
+            ImageNotFound: the engine has no image ``base_image_id``.
+            EngineError: the engine refused the archive.
+        """
+        base = self._call(self.api.inspect_image, base_image_id)
+        digest = hashlib.sha256()
+        with open(layer, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        diff_ids = [*base["RootFS"]["Layers"], f"sha256:{digest.hexdigest()}"]
+        config = json.dumps({
+            "architecture": base.get("Architecture") or "amd64",
+            "os": base.get("Os") or "linux",
+            "config": base.get("Config") or {},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }).encode()
+        manifest = json.dumps([{
+            "Config": "config.json",
+            "RepoTags": [tag],
+            "Layers": [f"base-{i}/layer.tar" for i in range(len(diff_ids) - 1)] + ["layer/layer.tar"],
+        }]).encode()
+
+        failed: list[BaseException] = []
+        read_end, write_end = os.pipe()
+
+        def write() -> None:
+            try:
+                with os.fdopen(write_end, "wb") as sink, tarfile.open(fileobj=sink, mode="w|") as tar:
+                    for name, data in (("config.json", config), ("manifest.json", manifest)):
+                        info = tarfile.TarInfo(name)
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+                    tar.add(str(layer), arcname="layer/layer.tar", recursive=False)
+            except BaseException as e:  # the engine stopped reading: its error is the one to raise
+                failed.append(e)
+
+        writer = threading.Thread(target=write, name="dolly-layer-image", daemon=True)
+        writer.start()
+        try:
+            with os.fdopen(read_end, "rb") as source, translate_errors():
+                # Not retried: the stream cannot be read twice.
+                self.client.images.load(source)
+        finally:
+            writer.join()
+        if failed:
+            raise EngineError(f"could not send the layer image {tag}: {failed[0]}") from failed[0]
+        return str(self._call(self.client.images.get, tag).id)
+
+    def image_tags(self, repository: str) -> list[str]:
+        """The tags (``repository:tag``) of this engine's images in ``repository``."""
+        rows = self._call(self.api.images, name=repository)
+        return [t for row in rows for t in (row.get("RepoTags") or []) if t.startswith(repository + ":")]
 
     def remove_image(self, image_id: str) -> None:
         """Remove an image Dolly copied here, unless something uses it meanwhile."""

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 
 import docker
 from docker.models.containers import Container
+from filelock import FileLock
 
 from . import _criu as criu, _names as names, _rootfs as rootfs, policy
 from ._checkpoint import Checkpoint, engine_of, require
@@ -154,6 +155,9 @@ def clone(
     criu.require_version()
     engine.require_checkpoint_support()
     image = engine.image_ref(checkpoint.image_id, checkpoint.config["Config"].get("Image"))
+    # A large writable layer is made an image layer once, shared by every clone (overlayfs copies
+    # a file up only when a clone writes it), rather than unpacked into each clone's own.
+    layer_image = shared_layer(engine, checkpoint)
 
     explicit = _names is not None
     prefix = name_prefix or f"{checkpoint.container_name}-clone"
@@ -163,8 +167,8 @@ def clone(
     labels = {**_check_labels(labels), **_labels(checkpoint), LABEL_OPERATION: uuid.uuid4().hex}
     try:
         with ThreadPoolExecutor(max_workers=min(n, max_workers), thread_name_prefix="dolly-clone") as pool:
-            futures = [pool.submit(_restore_one, engine, checkpoint, image, nm, explicit, prefix, labels, progress,
-                                   on_create)
+            futures = [pool.submit(_restore_one, engine, checkpoint, layer_image or image, nm, explicit, prefix,
+                                   labels, progress, on_create, unpack=layer_image is None)
                        for nm in chosen]
             results: List[Tuple[Optional[Container], Optional[BaseException]]] = []
             for f in futures:
@@ -360,6 +364,8 @@ def _restore_one(
     labels: Dict[str, str],
     progress: Optional[Callable[[Container], None]],
     on_create: Optional[Callable[[str], None]] = None,
+    *,
+    unpack: bool = True,
 ) -> Container:
     config, extra_networks = clone_config(cp.config, image=image, labels=labels)
     # Names the engine refused: taken by another process meanwhile, or still held by a container
@@ -385,7 +391,8 @@ def _restore_one(
         for network, endpoint in extra_networks.items():
             engine.connect(cid, network, endpoint)
         created = engine.container(cid)
-        rootfs.apply_diff(cp.rootfs_diff, engine.upper_dir(created))
+        if unpack:
+            rootfs.apply_diff(cp.rootfs_diff, engine.upper_dir(created))
         _start_from(engine, cp, cid, hostname=created.attrs["Config"]["Hostname"])
         container = engine.container(cid)
         if progress is not None:
@@ -394,6 +401,40 @@ def _restore_one(
     except BaseException:
         engine.remove(cid)
         raise
+
+
+# Writable layers from this size up are shared by the clones as an image layer; smaller ones are
+# unpacked into each clone (quicker than making an image), and so are those that would take more
+# than LAYER_IMAGE_MAX as an image layer (sparse files are written whole there).
+LAYER_IMAGE_MIN = 16 << 20
+LAYER_IMAGE_MAX = 4 << 30
+
+
+def shared_layer(engine: Engine, cp: Checkpoint) -> Optional[str]:
+    """The image (a tag) holding ``cp``'s image and its writable layer on top, made on first use
+    and kept until the checkpoint is removed; None when the layer is to be unpacked per clone."""
+    try:
+        if cp.rootfs_diff.stat().st_size < LAYER_IMAGE_MIN:
+            return None
+    except OSError:
+        return None  # the unpack reports the missing layer
+    tag = cp.layer_image
+    engine.lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with FileLock(str(engine.lock_dir / f"{tag.rsplit(':', 1)[1]}.layer.lock")):
+        if engine.has_image(tag):
+            return tag
+        engine.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        layer = engine.spool_dir / f"{uuid.uuid4().hex}.layer.tar"
+        try:
+            fd = os.open(layer, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                rootfs.to_image_layer(cp.rootfs_diff, out, max_bytes=LAYER_IMAGE_MAX)
+            engine.load_layer_image(cp.image_id, layer, tag)
+        except InvalidArgument:
+            return None
+        finally:
+            layer.unlink(missing_ok=True)
+    return tag
 
 
 def _start_from(engine: Engine, cp: Checkpoint, container_id: str, *, hostname: Optional[str]) -> None:

@@ -22,7 +22,7 @@ import shutil
 import stat
 import subprocess
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import IO, Dict, List, Tuple
 
 from . import _archive as archive
 from ._archive import tarfile
@@ -161,6 +161,47 @@ def to_bundle_form(overlay_tar: Path, out: Path, *, max_bytes: int) -> List[str]
             m.name, m.sparse = name, None
             tout.addfile(m, data)
     return deleted
+
+
+def to_image_layer(overlay_tar: Path, out: IO[bytes], *, max_bytes: int) -> None:
+    """An image layer (OCI's form, which ``docker load`` takes) of a checkpoint's writable layer,
+    written to ``out``: an overlay whiteout (character device 0:0) becomes an empty ``.wh.<name>``
+    beside it, an opaque directory gets a ``.wh..wh..opq`` inside, overlay's own extended
+    attributes are left out, and sparse files are written whole. The archive is Dolly's own, made
+    on this host (:func:`archive_layer`).
+
+    Raises:
+        InvalidArgument: the layer in this form would take more than ``max_bytes``.
+    """
+    total = 0
+    with tarfile.open(overlay_tar, "r:", tarinfo=archive.OwnTarInfo) as tin, \
+            tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tout:
+        for m in tin:
+            name = posixpath.normpath(m.name)
+            if name == ".":
+                continue
+            folder, base = posixpath.split(name)
+            if m.ischr() and m.devmajor == 0 and m.devminor == 0:
+                tout.addfile(_marker(posixpath.join(folder, ".wh." + base), m))
+                continue
+            opaque = m.pax_headers.get(_OPAQUE) == "y"
+            m.pax_headers = {k: v for k, v in m.pax_headers.items()
+                             if not k.startswith((_OVERLAY_XATTRS, _SPARSE))}
+            total += m.size
+            if total > max_bytes:
+                raise InvalidArgument(f"the writable layer takes more than {max_bytes} bytes as an image layer")
+            data = tin.extractfile(m) if m.isfile() else None  # reads a sparse file whole, holes as zeros
+            m.name, m.sparse = name, None
+            tout.addfile(m, data)
+            if opaque:
+                tout.addfile(_marker(posixpath.join(name, ".wh..wh..opq"), m))
+
+
+def _marker(name: str, like: tarfile.TarInfo) -> tarfile.TarInfo:
+    """An empty regular file ``name``: a whiteout of an image layer."""
+    marker = tarfile.TarInfo(name)
+    marker.mode, marker.mtime, marker.uid, marker.gid = 0o600, like.mtime, 0, 0
+    return marker
 
 
 def to_overlay_form(bundle_tar: Path, deleted: List[str], out: Path, *, max_bytes: int) -> None:

@@ -8,7 +8,6 @@ that ask for no engine fixture (pure logic, formats, policies) run without one, 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 import uuid
 from typing import Iterator, List
@@ -19,6 +18,7 @@ import pytest
 import dolly
 import dolly.testing
 from dolly import trust
+from dolly._checkpoint import LAYER_IMAGE_REPOSITORY, remove_all_of, remove_unused_layer_images
 from dolly._engine import Engine
 from engines import IsolatedEngine, SecondEngine
 from helpers import BUSYBOX, COUNTER, ENGINE_B, ENGINE_B_SUBNET, FILES, RUN_ID, TEST_LABEL
@@ -71,6 +71,7 @@ def _engine_state(client: docker.DockerClient, engine: Engine, plugin_run: str) 
         "networks": sorted(n.id for n in client.networks.list()),
         "checkpoints": sorted(str(p.relative_to(store)) for p in store.glob("*/*")
                               if p.parent.name not in plugins) if store.is_dir() else [],
+        "layer images": sorted(engine.image_tags(LAYER_IMAGE_REPOSITORY)),
         "docker checkpoint folders": sorted(
             str(p) for p in (engine.root_dir / "containers").glob("*/checkpoints/*")
         ),
@@ -88,9 +89,11 @@ def _remove_made(client: docker.DockerClient, engine: Engine, keep: set) -> None
 
 
 def discard(container, engine: Engine) -> None:
-    """Remove a container and the checkpoints Dolly keeps of it."""
+    """Remove a container and the checkpoints Dolly keeps of it (with their clones' shared layer
+    images, once no container uses them)."""
     container.remove(force=True, v=True)
-    shutil.rmtree(engine.store_dir / container.id, ignore_errors=True)
+    remove_all_of(engine, container.id)
+    remove_unused_layer_images(engine)
 
 
 @pytest.fixture(autouse=True)

@@ -481,3 +481,36 @@ def test_a_stopping_checkpoint_of_a_container_with_a_restart_policy_keeps_it_sto
     assert source.attrs["HostConfig"]["RestartPolicy"]["Name"] == "always"
     resumed = dolly.resume(cp)
     assert resumed.status == "running"
+
+
+def test_a_large_writable_layer_is_shared_by_clones_as_an_image_layer(run, client, engine):
+    # 24 MiB of data, a deleted file, and a folder deleted and made again (opaque in overlayfs).
+    source = run(BUSYBOX, ["sh", "-c", "mkdir /data; head -c 25165824 /dev/urandom > /data/big; rm /etc/group; "
+                                       "rm -rf /var; mkdir /var; echo v > /var/new; " + COUNTER])
+    time.sleep(1.5)
+    digest = source.exec_run(["sha256sum", "/data/big"]).output.split()[0]
+    cp = dolly.checkpoint(source, "large")
+    with tarfile.open(cp.rootfs_diff) as tar:
+        at = int(tar.extractfile("./tmp/count").read())
+    clones = dolly.clone(cp, 2)
+    time.sleep(0.5)
+    for c in clones:
+        assert c.attrs["Config"]["Image"] == cp.layer_image  # the layer came as an image layer
+        assert c.exec_run(["sha256sum", "/data/big"]).output.split()[0] == digest
+        assert c.exec_run(["test", "-e", "/etc/group"]).exit_code == 1, "a deleted file came back"
+        assert c.exec_run(["ls", "/var"]).output.split() == [b"new"], "the image's /var came back under it"
+        logged = [int(x) for x in c.logs().decode().split()]
+        assert logged and min(logged) in (at + 1, at + 2), (at, logged[:3])
+    # A clone's writes are its own: overlayfs copies the file up.
+    clones[0].exec_run(["sh", "-c", "echo more >> /data/big"])
+    assert clones[1].exec_run(["sha256sum", "/data/big"]).output.split()[0] == digest
+    assert clones[0].exec_run(["sha256sum", "/data/big"]).output.split()[0] != digest
+
+    # The shared layer outlives the checkpoint while a clone runs on it; prune removes it after.
+    clones[0].remove(force=True)
+    dolly.remove_checkpoint(cp)
+    assert engine.has_image(cp.layer_image)
+    assert clones[1].exec_run(["sha256sum", "/data/big"]).output.split()[0] == digest
+    clones[1].remove(force=True)
+    dolly.prune(labels={"nothing": "matches"})  # prunes no checkpoint, but unused layer images
+    assert not engine.has_image(cp.layer_image)
