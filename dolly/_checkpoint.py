@@ -267,7 +267,12 @@ def checkpoint(
         if final.exists():
             raise CheckpointExists(f"container {source.name} already has a checkpoint named {name!r}")
         _make_private_dir(final.parent)
-        return _checkpoint_locked(engine, source, name, final, leave_running, max_layer_bytes)
+        try:
+            return _checkpoint_locked(engine, source, name, final, leave_running, max_layer_bytes)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                final.parent.rmdir()  # the container's folder, unless it holds checkpoints
+            raise
 
 
 def _running(engine: Engine, container_id: str, *, settle: float = 5.0) -> Container:

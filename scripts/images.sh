@@ -38,11 +38,12 @@ fi
 # hash is a label of the image).
 here=$(cd "$(dirname "$0")" && pwd)
 database_image() {
-  local tag=$1 name=$2 packages=$3 port=$4 entry want tmp
+  local tag=$1 name=$2 packages=$3 port=$4 entry want tmp old
   entry=$here/images/$name-entrypoint
   want=$(cat "$entry" | sha256sum | cut -c1-16)
   [ "$(docker image inspect -f '{{index .Config.Labels "dolly.entrypoint"}}' "$tag" 2>/dev/null)" = "$want" ] && return 0
   echo "images: building $tag" >&2
+  old=$(docker image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)
   tmp=$(mktemp -d)
   mmdebstrap --quiet --variant=essential --include="$packages" \
     --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
@@ -56,6 +57,8 @@ database_image() {
     -c 'ENTRYPOINT ["/usr/local/bin/dolly-entrypoint"]' -c "EXPOSE $port" -c "LABEL dolly.entrypoint=$want" \
     "$tmp/rootfs.tar" "$tag" >/dev/null
   rm -rf "$tmp"
+  # The image this one replaces, unless a container still uses it.
+  [ -z "$old" ] || docker rmi "$old" >/dev/null 2>&1 || true
 }
 database_image dolly/postgres:15 postgres postgresql-15,postgresql-client-15 5432
 database_image dolly/mariadb:10.11 mariadb mariadb-server,mariadb-client 3306

@@ -71,11 +71,17 @@ def _engine_state(client: docker.DockerClient, engine: Engine, plugin_run: str) 
         "networks": sorted(n.id for n in client.networks.list()),
         "checkpoints": sorted(str(p.relative_to(store)) for p in store.glob("*/*")
                               if p.parent.name not in plugins) if store.is_dir() else [],
-        "layer images": sorted(engine.image_tags(LAYER_IMAGE_REPOSITORY)),
+        "layer images": sorted(set(engine.image_tags(LAYER_IMAGE_REPOSITORY)) - _layer_images_of(engine, plugins)),
         "docker checkpoint folders": sorted(
             str(p) for p in (engine.root_dir / "containers").glob("*/checkpoints/*")
         ),
     }
+
+
+def _layer_images_of(engine: Engine, container_ids: set) -> set:
+    """The shared layer images of the checkpoints of these containers."""
+    return {dolly.Checkpoint.load(p).layer_image for cid in container_ids
+            for p in (engine.store_dir / cid).glob("*") if (p / "dolly.json").exists()}
 
 
 def _made(client: docker.DockerClient) -> List[docker.models.containers.Container]:
