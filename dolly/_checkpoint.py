@@ -760,8 +760,9 @@ def remove_checkpoint(checkpoint: Checkpoint, client: Optional[docker.DockerClie
         path.parent.rmdir()  # the source's folder, once it holds no checkpoint
     except OSError:
         pass
-    # Its clones' shared layer, unless a clone still runs on it (then prune removes it later).
-    engine.remove_image(checkpoint.layer_image)
+    # Its clones' shared layer, unless a clone still runs on it (then prune removes it later) or
+    # a checkpoint of such a clone was taken from it.
+    remove_unused_layer_images(engine, only={checkpoint.layer_image})
 
 
 @dataclass(frozen=True)
@@ -850,17 +851,32 @@ def remove_all_of(engine: Engine, container_id: str) -> None:
     """Remove every checkpoint kept of a container (a full ID: a plain name under the store), and
     their shared layer images that no container uses any more."""
     folder = engine.store_dir / names.container_id(container_id)
+    tags = set()
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
         with contextlib.suppress(CheckpointNotFound):
-            engine.remove_image(Checkpoint.load(path).layer_image)
+            tags.add(Checkpoint.load(path).layer_image)
     shutil.rmtree(folder, ignore_errors=True)
+    if tags:
+        remove_unused_layer_images(engine, only=tags)
 
 
-def remove_unused_layer_images(engine: Engine) -> None:
-    """Remove the clones' shared layer images whose checkpoint is gone and no container uses."""
-    kept = {cp.layer_image for cp in list_checkpoints(client=engine.client)}
-    for tag in engine.image_tags(LAYER_IMAGE_REPOSITORY):
-        if tag not in kept:
+def remove_unused_layer_images(engine: Engine, *, only: Optional[set[str]] = None) -> None:
+    """Remove the clones' shared layer images (of ``only``, default all) that nothing needs: not
+    the layer of a checkpoint still kept, not the image a checkpoint of a clone was taken from,
+    and not used by a container (the engine refuses that removal)."""
+    # Tags first, then checkpoints: an image made meanwhile belongs to a checkpoint listed below.
+    tags = [t for t in engine.image_tags(LAYER_IMAGE_REPOSITORY) if only is None or t in only]
+    if not tags:
+        return
+    kept = list_checkpoints(client=engine.client)
+    needed = {cp.layer_image for cp in kept}
+    recorded = {cp.image_id for cp in kept}
+    for tag in tags:
+        if tag in needed:
+            continue
+        with contextlib.suppress(DollyError):
+            if engine.image_id(tag) in recorded:
+                continue
             engine.remove_image(tag)
 
 

@@ -511,14 +511,27 @@ class Engine:
         writer = threading.Thread(target=write, name="dolly-layer-image", daemon=True)
         writer.start()
         try:
+            # In chunks of 1 MiB (a file object would be sent line by line), not retried: the
+            # stream cannot be read twice. Closing the pipe's end here stops a writer the engine
+            # no longer reads from.
             with os.fdopen(read_end, "rb") as source, translate_errors():
-                # Not retried: the stream cannot be read twice.
-                self.client.images.load(source)
+                try:
+                    self.client.images.load(iter(lambda: source.read(1 << 20), b""))  # type: ignore[arg-type]
+                except docker.errors.ImageLoadError as e:
+                    raise EngineError(f"the engine refused the layer image {tag}: {e}") from e
         finally:
             writer.join()
         if failed:
             raise EngineError(f"could not send the layer image {tag}: {failed[0]}") from failed[0]
-        return str(self._call(self.client.images.get, tag).id)
+        return self.image_id(tag)
+
+    def image_id(self, ref: str) -> str:
+        """The ID of the image ``ref`` names.
+
+        Raises:
+            ImageNotFound: no such image.
+        """
+        return str(self._call(self.client.images.get, ref).id)
 
     def image_tags(self, repository: str) -> list[str]:
         """The tags (``repository:tag``) of this engine's images in ``repository``."""

@@ -14,6 +14,7 @@ upload byte-identical checkpoints, which containerd would refuse as "already exi
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
@@ -28,7 +29,9 @@ from filelock import FileLock
 from . import _criu as criu, _names as names, _rootfs as rootfs, policy
 from ._checkpoint import Checkpoint, engine_of, require
 from ._engine import RUNTIME, ContainerRef, Engine, id_of
-from .errors import InvalidArgument, NameConflict
+from .errors import DollyError, InvalidArgument, NameConflict
+
+log = logging.getLogger("dolly")
 
 __all__ = ["restore", "clone", "resume", "allocate_names", "clone_config"]
 
@@ -414,10 +417,11 @@ def shared_layer(engine: Engine, cp: Checkpoint) -> Optional[str]:
     """The image (a tag) holding ``cp``'s image and its writable layer on top, made on first use
     and kept until the checkpoint is removed; None when the layer is to be unpacked per clone."""
     try:
-        if cp.rootfs_diff.stat().st_size < LAYER_IMAGE_MIN:
-            return None
+        size = cp.rootfs_diff.stat().st_size
     except OSError:
         return None  # the unpack reports the missing layer
+    if not LAYER_IMAGE_MIN <= size <= LAYER_IMAGE_MAX:
+        return None
     tag = cp.layer_image
     engine.lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with FileLock(str(engine.lock_dir / f"{tag.rsplit(':', 1)[1]}.layer.lock")):
@@ -431,6 +435,11 @@ def shared_layer(engine: Engine, cp: Checkpoint) -> Optional[str]:
                 rootfs.to_image_layer(cp.rootfs_diff, out, max_bytes=LAYER_IMAGE_MAX)
             engine.load_layer_image(cp.image_id, layer, tag)
         except InvalidArgument:
+            return None  # not expressible as an image layer: unpacked per clone
+        except (DollyError, OSError, docker.errors.DockerException) as e:
+            # Sharing is an optimisation: a clone still works by unpacking the layer itself.
+            log.warning("could not make the shared layer image of checkpoint %s (%s): unpacking it "
+                        "into each clone instead", cp.name, e)
             return None
         finally:
             layer.unlink(missing_ok=True)

@@ -31,6 +31,7 @@ from .errors import CheckpointNotFound, DollyError, InvalidArgument, UnsafeArchi
 MAX_FILES = 100_000
 _OPAQUE = "SCHILY.xattr.trusted.overlay.opaque"
 _OVERLAY_XATTRS = "SCHILY.xattr.trusted.overlay."
+_OVERLAY_REDIRECTS = ("SCHILY.xattr.trusted.overlay.redirect", "SCHILY.xattr.trusted.overlay.metacopy")
 _SPARSE = "GNU.sparse."
 # The pax records a layer from outside may carry on into the overlay form: extended attributes a
 # container's files may have. Everything else is rebuilt from the checked member (GNU tar would
@@ -171,7 +172,8 @@ def to_image_layer(overlay_tar: Path, out: IO[bytes], *, max_bytes: int) -> None
     on this host (:func:`archive_layer`).
 
     Raises:
-        InvalidArgument: the layer in this form would take more than ``max_bytes``.
+        InvalidArgument: the layer in this form would take more than ``max_bytes``, or holds what
+            an image layer cannot say (a file named ``.wh.*``, overlayfs' redirects or metacopy).
     """
     total = 0
     with tarfile.open(overlay_tar, "r:", tarinfo=archive.OwnTarInfo) as tin, \
@@ -181,6 +183,12 @@ def to_image_layer(overlay_tar: Path, out: IO[bytes], *, max_bytes: int) -> None
             if name == ".":
                 continue
             folder, base = posixpath.split(name)
+            if base.startswith(".wh."):  # an image layer would read it as a whiteout
+                raise InvalidArgument(f"{name} cannot be carried in an image layer")
+            if any(k.startswith(_OVERLAY_REDIRECTS) for k in m.pax_headers):
+                # A renamed folder or a file whose data stays below (overlayfs' redirect_dir and
+                # metacopy): only this overlay understands it.
+                raise InvalidArgument(f"{name} has overlayfs' redirect or metacopy attributes")
             if m.ischr() and m.devmajor == 0 and m.devminor == 0:
                 tout.addfile(_marker(posixpath.join(folder, ".wh." + base), m))
                 continue

@@ -33,7 +33,8 @@ from rich.table import Table
 
 import dolly
 from dolly import policy, ready, trust
-from dolly._checkpoint import DEFAULT_MAX_LAYER_BYTES, Checkpoint
+from dolly._checkpoint import DEFAULT_MAX_LAYER_BYTES, Checkpoint, remove_unused_layer_images
+from dolly._engine import Engine
 from dolly.errors import CheckpointNotFound, CriuError, DollyError, InvalidArgument
 
 out = Console()
@@ -241,6 +242,7 @@ def prune_cmd(ctx: Context, all_containers: bool, older_than: Optional[str], lab
             continue
         removed.append(cp)
         reclaimed += size
+    remove_unused_layer_images(Engine.of(ctx.client))  # as dolly.prune does after its removals
     _print_prune(ctx, dolly.PruneReport(tuple(removed), reclaimed, dry_run=False))
 
 

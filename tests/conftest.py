@@ -50,6 +50,7 @@ def client(pytestconfig: pytest.Config) -> Iterator[docker.DockerClient]:
     client = docker.from_env()
     engine = Engine.of(client)
     plugin_run = pytestconfig.stash[dolly.testing._plugin_key].run_id
+    LAYER_IMAGES_BEFORE.update(engine.image_tags(LAYER_IMAGE_REPOSITORY))
     before = _engine_state(client, engine, plugin_run)
     yield client
     _remove_made(client, engine, set())
@@ -92,6 +93,7 @@ def _remove_made(client: docker.DockerClient, engine: Engine, keep: set) -> None
     for c in _made(client):
         if c.id not in keep:
             discard(c, engine)
+    _sweep_layer_images(engine)
 
 
 def discard(container, engine: Engine) -> None:
@@ -99,7 +101,18 @@ def discard(container, engine: Engine) -> None:
     images, once no container uses them)."""
     container.remove(force=True, v=True)
     remove_all_of(engine, container.id)
-    remove_unused_layer_images(engine)
+
+
+# The layer images there were before the session: never removed by its clean-ups.
+LAYER_IMAGES_BEFORE: set = set()
+
+
+def _sweep_layer_images(engine: Engine) -> None:
+    """Remove the unused layer images this session made (one kept while a clone ran on it when
+    its checkpoint was removed)."""
+    made = set(engine.image_tags(LAYER_IMAGE_REPOSITORY)) - LAYER_IMAGES_BEFORE
+    if made:
+        remove_unused_layer_images(engine, only=made)
 
 
 @pytest.fixture(autouse=True)

@@ -496,6 +496,7 @@ def test_a_large_writable_layer_is_shared_by_clones_as_an_image_layer(run, clien
     time.sleep(0.5)
     for c in clones:
         assert c.attrs["Config"]["Image"] == cp.layer_image  # the layer came as an image layer
+        assert not (engine.upper_dir(c) / "data").exists(), "the layer was unpacked into the clone too"
         assert c.exec_run(["sha256sum", "/data/big"]).output.split()[0] == digest
         assert c.exec_run(["test", "-e", "/etc/group"]).exit_code == 1, "a deleted file came back"
         assert c.exec_run(["ls", "/var"]).output.split() == [b"new"], "the image's /var came back under it"
@@ -506,11 +507,19 @@ def test_a_large_writable_layer_is_shared_by_clones_as_an_image_layer(run, clien
     assert clones[1].exec_run(["sha256sum", "/data/big"]).output.split()[0] == digest
     assert clones[0].exec_run(["sha256sum", "/data/big"]).output.split()[0] != digest
 
-    # The shared layer outlives the checkpoint while a clone runs on it; prune removes it after.
+    # The shared layer outlives the checkpoint while a clone runs on it, and while a checkpoint
+    # taken of such a clone records it as its image; prune removes it after.
     clones[0].remove(force=True)
+    of_clone = dolly.checkpoint(clones[1], "of-a-clone")
     dolly.remove_checkpoint(cp)
     assert engine.has_image(cp.layer_image)
     assert clones[1].exec_run(["sha256sum", "/data/big"]).output.split()[0] == digest
     clones[1].remove(force=True)
     dolly.prune(labels={"nothing": "matches"})  # prunes no checkpoint, but unused layer images
-    assert not engine.has_image(cp.layer_image)
+    assert engine.has_image(cp.layer_image), "removed the image a checkpoint records"
+    (again,) = dolly.clone(of_clone, 1)
+    assert again.exec_run(["sha256sum", "/data/big"]).output.split()[0] == digest
+    again.remove(force=True)
+    dolly.remove_checkpoint(of_clone)
+    dolly.prune(labels={"nothing": "matches"})
+    assert not engine.has_image(cp.layer_image) and not engine.has_image(of_clone.layer_image)

@@ -1,6 +1,7 @@
 """Pure logic, no engine: name allocation, the clone's create body, CRIU version gating."""
 from __future__ import annotations
 
+import io
 import os
 import stat
 
@@ -116,3 +117,57 @@ def test_the_criu_excerpt_is_criu_s_own_error_lines_and_what_came_before():
     # No error line of CRIU's own: the end of the log, however often it says "error".
     quiet = ["(00.1) error-free line", "(00.2) libgpg-error.so", "(00.3) done"]
     assert criu_excerpt(quiet, limit=2) == quiet[-2:]
+
+
+def overlay_tar(path, members):
+    """An overlay-form layer archive as dolly-runc writes one: (name, kind, pax headers, data)."""
+    from dolly._archive import tarfile
+
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind, pax, data in members:
+            info = tarfile.TarInfo(name)
+            info.pax_headers = dict(pax)
+            if kind == "dir":
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+            elif kind == "whiteout":
+                info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, 0, 0
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data else None)
+
+
+def test_an_overlay_layer_becomes_an_image_layer_with_oci_whiteouts(tmp_path):
+    from dolly import _rootfs as rootfs
+    from dolly._archive import tarfile
+
+    src = tmp_path / "diff.tar"
+    overlay_tar(src, [
+        (".", "dir", {}, b""),
+        ("./etc", "dir", {}, b""),
+        ("./etc/group", "whiteout", {}, b""),
+        ("./var", "dir", {"SCHILY.xattr.trusted.overlay.opaque": "y"}, b""),
+        ("./var/new", "file", {"SCHILY.xattr.user.note": "kept"}, b"v\n"),
+    ])
+    out = io.BytesIO()
+    rootfs.to_image_layer(src, out, max_bytes=1 << 20)
+    out.seek(0)
+    with tarfile.open(fileobj=out) as tar:
+        members = {m.name: m for m in tar}
+        assert list(members) == ["etc", "etc/.wh.group", "var", "var/.wh..wh..opq", "var/new"]
+        assert members["etc/.wh.group"].isfile() and members["etc/.wh.group"].size == 0
+        assert not any(k.startswith("SCHILY.xattr.trusted.overlay.") for m in members.values() for k in m.pax_headers)
+        assert members["var/new"].pax_headers["SCHILY.xattr.user.note"] == "kept"
+        assert tar.extractfile(members["var/new"]).read() == b"v\n"
+
+
+@pytest.mark.parametrize("member", [
+    ("./.wh.looks-like-a-whiteout", "file", {}, b"x"),
+    ("./moved", "dir", {"SCHILY.xattr.trusted.overlay.redirect": "/old"}, b""),
+    ("./big", "file", {"SCHILY.xattr.trusted.overlay.metacopy": ""}, b""),
+])
+def test_what_an_image_layer_cannot_say_is_refused_so_the_layer_is_unpacked(tmp_path, member):
+    from dolly import _rootfs as rootfs
+
+    src = tmp_path / "diff.tar"
+    overlay_tar(src, [(".", "dir", {}, b""), member])
+    with pytest.raises(InvalidArgument):
+        rootfs.to_image_layer(src, io.BytesIO(), max_bytes=1 << 20)
