@@ -30,7 +30,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import docker
 from docker.models.containers import Container
@@ -831,20 +831,27 @@ def prune(
             if exists[cp.container_id]:
                 continue
         chosen.append(cp)
+    if dry_run:
+        return PruneReport(tuple(chosen), sum(cp.size for cp in chosen), dry_run=True)
+    return remove_pruned(engine, chosen)
+
+
+def remove_pruned(engine: Engine, checkpoints: Sequence[Checkpoint]) -> PruneReport:
+    """Remove these checkpoints (what :func:`prune` chose, or a dry run of it reported), then the
+    clones' shared layer images nothing needs any more.
+    A checkpoint removed meanwhile by another caller is left out of the report."""
     reclaimed = 0
     removed = []
-    for cp in chosen:
+    for cp in checkpoints:
         size = cp.size
-        if not dry_run:
-            try:
-                remove_checkpoint(cp, engine.client)
-            except CheckpointNotFound:  # removed meanwhile by another caller
-                continue
+        try:
+            remove_checkpoint(cp, engine.client)
+        except CheckpointNotFound:  # removed meanwhile by another caller
+            continue
         reclaimed += size
         removed.append(cp)
-    if not dry_run:
-        remove_unused_layer_images(engine)
-    return PruneReport(tuple(removed), reclaimed, dry_run)
+    remove_unused_layer_images(engine)
+    return PruneReport(tuple(removed), reclaimed)
 
 
 def remove_all_of(engine: Engine, container_id: str) -> None:

@@ -181,6 +181,11 @@ def _marker(path: Path) -> str:
     return path.read_text().strip()
 
 
+def socket_path_of(client: docker.DockerClient) -> Optional[str]:
+    """The path of the unix socket ``client`` talks to its engine over; None over TCP or SSH."""
+    return getattr(getattr(client.api, "_custom_adapter", None), "socket_path", None)
+
+
 def peer_pid(socket_path: str) -> int:
     """The process at the other end of a unix socket (SO_PEERCRED): for an engine's socket,
     its dockerd.
@@ -280,17 +285,14 @@ class Engine:
         dockerd whose data root is another folder under the same name (another mount namespace,
         another host), it is not. Dolly's agent passes the same check beside its engine."""
         if self._local is None:
-            adapter = getattr(self.api, "_custom_adapter", None)
-            self._local = _peer_shares_our_files(getattr(adapter, "socket_path", None),
-                                                 str(self.info()["DockerRootDir"]))
+            self._local = _peer_shares_our_files(socket_path_of(self.client), str(self.info()["DockerRootDir"]))
         return self._local
 
     def daemon_pid(self) -> Optional[int]:
         """The pid of the engine's dockerd in this process's PID namespace, when it answers on a
         unix socket here (SO_PEERCRED) and that process is a dockerd (not systemd holding an
         activated socket, nor a proxy); None otherwise."""
-        adapter = getattr(self.api, "_custom_adapter", None)
-        socket_path = getattr(adapter, "socket_path", None)
+        socket_path = socket_path_of(self.client)
         if not socket_path:
             return None
         try:

@@ -9,7 +9,7 @@ from typing import List, Optional
 import docker
 
 from . import _criu as criu
-from ._engine import RUNTIME, Engine, translate_errors
+from ._engine import RUNTIME, Engine, socket_path_of, translate_errors
 from .errors import DollyError
 
 __all__ = ["Check", "HostReport", "check_host"]
@@ -160,5 +160,5 @@ def _url(client: Optional[docker.DockerClient]) -> str:
     """Where the engine was looked for, as a user would write it."""
     if client is None:
         return "the engine of DOCKER_HOST (or unix:///var/run/docker.sock)"
-    socket_path = getattr(getattr(client.api, "_custom_adapter", None), "socket_path", None)
+    socket_path = socket_path_of(client)
     return f"unix://{socket_path}" if socket_path else str(client.api.base_url)

@@ -22,7 +22,7 @@ import shutil
 import stat
 import subprocess
 from pathlib import Path
-from typing import IO, Dict, List, Tuple
+from typing import IO, Dict, Iterator, List, Optional, Tuple
 
 from . import _archive as archive
 from ._archive import tarfile
@@ -139,28 +139,16 @@ def to_bundle_form(overlay_tar: Path, out: Path, *, max_bytes: int) -> List[str]
             file of 10 TiB allocates little, but is 10 TiB here).
     """
     deleted: List[str] = []
-    total = 0
-    with tarfile.open(overlay_tar, "r:", tarinfo=archive.OwnTarInfo) as tin, \
-            tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tout:
-        for m in tin:
-            name = posixpath.normpath(m.name)
-            if name == ".":
-                continue
-            if m.ischr() and m.devmajor == 0 and m.devminor == 0:
-                deleted.append("/" + name)
+    too_large = (f"the writable layer takes more than {max_bytes} bytes in a bundle (sparse files are "
+                 "written out whole there); pass a larger max_bytes to export it")
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tout:
+        for m, data in _layer_members(overlay_tar, max_bytes=max_bytes, too_large=too_large):
+            if _is_whiteout(m):
+                deleted.append("/" + m.name)
                 continue
             if m.pax_headers.get(_OPAQUE) == "y":
-                deleted.append("/" + name)
-            m.pax_headers = {k: v for k, v in m.pax_headers.items()
-                             if not k.startswith((_OVERLAY_XATTRS, _SPARSE))}
-            total += m.size
-            if total > max_bytes:
-                raise InvalidArgument(
-                    f"the writable layer takes more than {max_bytes} bytes in a bundle (sparse files are "
-                    "written out whole there); pass a larger max_bytes to export it")
-            data = tin.extractfile(m) if m.isfile() else None  # reads a sparse file whole, holes as zeros
-            m.name, m.sparse = name, None
-            tout.addfile(m, data)
+                deleted.append("/" + m.name)
+            tout.addfile(_plain(m), data)
     return deleted
 
 
@@ -175,34 +163,61 @@ def to_image_layer(overlay_tar: Path, out: IO[bytes], *, max_bytes: int) -> None
         InvalidArgument: the layer in this form would take more than ``max_bytes``, or holds what
             an image layer cannot say (a file named ``.wh.*``, overlayfs' redirects or metacopy).
     """
-    total = 0
-    with tarfile.open(overlay_tar, "r:", tarinfo=archive.OwnTarInfo) as tin, \
-            tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tout:
-        for m in tin:
-            name = posixpath.normpath(m.name)
-            if name == ".":
-                continue
-            folder, base = posixpath.split(name)
+    too_large = f"the writable layer takes more than {max_bytes} bytes as an image layer"
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tout:
+        for m, data in _layer_members(overlay_tar, max_bytes=max_bytes, too_large=too_large):
+            folder, base = posixpath.split(m.name)
             if base.startswith(".wh."):  # an image layer would read it as a whiteout
-                raise InvalidArgument(f"{name} cannot be carried in an image layer")
+                raise InvalidArgument(f"{m.name} cannot be carried in an image layer")
             if any(k.startswith(_OVERLAY_REDIRECTS) for k in m.pax_headers):
                 # A renamed folder or a file whose data stays below (overlayfs' redirect_dir and
                 # metacopy): only this overlay understands it.
-                raise InvalidArgument(f"{name} has overlayfs' redirect or metacopy attributes")
-            if m.ischr() and m.devmajor == 0 and m.devminor == 0:
+                raise InvalidArgument(f"{m.name} has overlayfs' redirect or metacopy attributes")
+            if _is_whiteout(m):
                 tout.addfile(_marker(posixpath.join(folder, ".wh." + base), m))
                 continue
             opaque = m.pax_headers.get(_OPAQUE) == "y"
-            m.pax_headers = {k: v for k, v in m.pax_headers.items()
-                             if not k.startswith((_OVERLAY_XATTRS, _SPARSE))}
+            tout.addfile(_plain(m), data)
+            if opaque:
+                tout.addfile(_marker(posixpath.join(m.name, ".wh..wh..opq"), m))
+
+
+def _layer_members(overlay_tar: Path, *, max_bytes: int, too_large: str
+                   ) -> Iterator[Tuple[tarfile.TarInfo, Optional[IO[bytes]]]]:
+    """The members of a writable-layer archive in overlay's form (Dolly's own, made on this
+    host), each with its name normalized, the root left out, and the contents of a regular file
+    (read whole: a sparse file with its holes as zeros; None for anything else). Whiteouts do not
+    count toward ``max_bytes``; the files do, at the size they take written whole.
+
+    Raises:
+        InvalidArgument: ``too_large``, once the files take more than ``max_bytes``.
+    """
+    total = 0
+    with tarfile.open(overlay_tar, "r:", tarinfo=archive.OwnTarInfo) as tin:
+        for m in tin:
+            m.name = posixpath.normpath(m.name)
+            if m.name == ".":
+                continue
+            if _is_whiteout(m):
+                yield m, None
+                continue
             total += m.size
             if total > max_bytes:
-                raise InvalidArgument(f"the writable layer takes more than {max_bytes} bytes as an image layer")
-            data = tin.extractfile(m) if m.isfile() else None  # reads a sparse file whole, holes as zeros
-            m.name, m.sparse = name, None
-            tout.addfile(m, data)
-            if opaque:
-                tout.addfile(_marker(posixpath.join(name, ".wh..wh..opq"), m))
+                raise InvalidArgument(too_large)
+            yield m, tin.extractfile(m) if m.isfile() else None
+
+
+def _is_whiteout(m: tarfile.TarInfo) -> bool:
+    """An overlayfs whiteout: a character device 0:0 marking a deleted path."""
+    return m.ischr() and m.devmajor == 0 and m.devminor == 0
+
+
+def _plain(m: tarfile.TarInfo) -> tarfile.TarInfo:
+    """``m`` as a plain member: overlayfs' own extended attributes left out, and not sparse (its
+    contents, already opened, are written whole)."""
+    m.pax_headers = {k: v for k, v in m.pax_headers.items() if not k.startswith((_OVERLAY_XATTRS, _SPARSE))}
+    m.sparse = None
+    return m
 
 
 def _marker(name: str, like: tarfile.TarInfo) -> tarfile.TarInfo:

@@ -33,9 +33,9 @@ from rich.table import Table
 
 import dolly
 from dolly import policy, ready, trust
-from dolly._checkpoint import DEFAULT_MAX_LAYER_BYTES, Checkpoint, remove_unused_layer_images
+from dolly._checkpoint import DEFAULT_MAX_LAYER_BYTES, Checkpoint, remove_pruned
 from dolly._engine import Engine
-from dolly.errors import CheckpointNotFound, CriuError, DollyError, InvalidArgument
+from dolly.errors import CriuError, DollyError, InvalidArgument
 
 out = Console()
 err = Console(stderr=True)
@@ -233,17 +233,7 @@ def prune_cmd(ctx: Context, all_containers: bool, older_than: Optional[str], lab
         click.confirm(f"This removes {what}{f' older than {older_than}' if age else ''}: "
                       f"{len(found.checkpoints)}, {found.reclaimed / 2**20:.1f} MiB. Continue?", abort=True, err=True)
     # Exactly what was confirmed: not what a second look would find.
-    removed, reclaimed = [], 0
-    for cp in found.checkpoints:
-        size = cp.size
-        try:
-            dolly.remove_checkpoint(cp, ctx.client)
-        except CheckpointNotFound:  # removed meanwhile
-            continue
-        removed.append(cp)
-        reclaimed += size
-    remove_unused_layer_images(Engine.of(ctx.client))  # as dolly.prune does after its removals
-    _print_prune(ctx, dolly.PruneReport(tuple(removed), reclaimed, dry_run=False))
+    _print_prune(ctx, remove_pruned(Engine.of(ctx.client), found.checkpoints))
 
 
 def _duration(text: str) -> timedelta:

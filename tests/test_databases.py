@@ -126,14 +126,21 @@ def test_a_fixture_path_that_does_not_exist_is_refused_at_once(tmp_path):
         dolly.testing.redis(fixtures=42)
 
 
+# The servers as the fixtures above start them, for tests that drive one by hand.
+RECIPES = {
+    "postgres": _databases.postgres(image="dolly/postgres:15", user="test", password="test", database="test"),
+    "mariadb": _databases.mariadb(image="dolly/mariadb:10.11", user="test", password="test", database="test"),
+    "redis": _databases.redis(image="dolly/redis:7", password="pw"),
+}
+
+
 @pytest.mark.parametrize("kind, bad, says", [
     ("postgres", "CREATE TABLE a (i int);\nINSERT INTO nowhere VALUES (1);\nCREATE TABLE b (i int);\n",
      'relation "nowhere" does not exist'),
     ("redis", "SET a 1\nLPUSH a 2\nSET b \"(error) is a value\"\n", "WRONGTYPE"),
 ])
 def test_a_fixture_file_that_fails_fails_the_load_and_says_why(run, tmp_path, kind, bad, says):
-    recipe = (_databases.postgres(image="dolly/postgres:15", user="test", password="test", database="test")
-              if kind == "postgres" else _databases.redis(image="dolly/redis:7", password="pw"))
+    recipe = RECIPES[kind]
     server = run(recipe.image, None, environment=dict(recipe.environment))
     ready.wait(server, recipe.accepting(), timeout=60)
     fixture = tmp_path / f"bad{recipe.suffixes[0]}"
@@ -169,9 +176,7 @@ while true; do i=$((i+1)); mariadb -uroot test -e "INSERT INTO seq VALUES ($i)" 
 
 @pytest.mark.parametrize("kind", ["postgres", "mariadb"])
 def test_a_database_under_a_write_load_clones_to_a_consistent_state(run, kind):
-    recipe = (_databases.postgres(image="dolly/postgres:15", user="test", password="test", database="test")
-              if kind == "postgres" else
-              _databases.mariadb(image="dolly/mariadb:10.11", user="test", password="test", database="test"))
+    recipe = RECIPES[kind]
     script = PG_UNDER_LOAD if kind == "postgres" else MARIA_UNDER_LOAD
     server = run(recipe.image, ["-c", script], entrypoint=["sh"], environment=dict(recipe.environment))
 
