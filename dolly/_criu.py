@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import warnings
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -63,6 +64,42 @@ def criu_command() -> Optional[list]:
             return None
     exe = shutil.which("criu")
     return [exe] if exe else None
+
+
+# CRIU's lazy-pages daemon listens on this socket in its work folder; a restore with
+# --lazy-pages finds it there by this relative name (criu/uffd.c).
+LAZY_PAGES_SOCKET = "lazy-pages.socket"
+
+
+def start_lazy_pages(images: Path, *, port: int, timeout: float = 10.0) -> subprocess.Popen:
+    """Start CRIU's lazy-pages daemon for a post-copy restore from ``images``: it takes the
+    restored processes' userfaultfds and fills their memory from the page server at
+    127.0.0.1:``port`` (on the engine's host), first the pages they touch, then the rest; it
+    ends by itself once every page is in, or when the page server goes. Returns once its socket
+    is there (scripts/dolly-runc then restores with --lazy-pages).
+
+    Raises:
+        HostNotReady: CRIU is missing, or the daemon ended or made no socket within ``timeout``
+            (its log's errors in the message).
+    """
+    command = criu_command()
+    if command is None:
+        raise HostNotReady("CRIU is not installed (run `make host`)")
+    log = Path(os.environ.get("DOLLY_LAZY_LOG", str(images / "lazy-pages.log")))
+    daemon = subprocess.Popen([*command, "lazy-pages", "--page-server", "--address", "127.0.0.1",
+                               "--port", str(port), "--images-dir", str(images), "--work-dir", str(images),
+                               "--log-file", str(log), "-v4"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not (images / LAZY_PAGES_SOCKET).is_socket():
+        if daemon.poll() is not None or time.monotonic() > deadline:
+            daemon.kill()
+            daemon.wait()
+            text = log.read_text(errors="replace") if log.is_file() else "(no log)"
+            raise HostNotReady(f"CRIU's lazy-pages daemon did not start: {text[-1500:]}")
+        time.sleep(0.005)
+    return daemon
 
 
 def require_version() -> Tuple[int, ...]:

@@ -62,9 +62,9 @@ def remove_checkpoint(engine: Engine, cp: Checkpoint) -> None:
 
 def clone(engine: Engine, cp: Checkpoint, n: int, *, name_prefix: Optional[str], labels: Optional[Dict[str, str]],
           max_workers: int, names: Optional[List[str]], on_create: Optional[Callable[[str], None]],
-          progress: Optional[Callable[[Container], None]]) -> List[Container]:
+          progress: Optional[Callable[[Container], None]], page_port: Optional[int] = None) -> List[Container]:
     ids = Agent.of(engine).call("clone", container_id=cp.container_id, name=cp.name, n=n, name_prefix=name_prefix,
-                                labels=labels, max_workers=max_workers, names=names)
+                                labels=labels, max_workers=max_workers, names=names, page_port=page_port)
     try:
         made = [engine.container(i) for i in ids]
         for c in made:  # the agent cannot call back: each hook runs once the clones run

@@ -103,6 +103,7 @@ def clone(
     max_workers: int = MAX_WORKERS,
     progress: Optional[Callable[[Container], None]] = None,
     _names: Optional[List[str]] = None,
+    _page_port: Optional[int] = None,
 ) -> List[Container]:
     """Restore ``checkpoint`` into ``n`` new containers at once, each with its own identity.
 
@@ -154,7 +155,7 @@ def clone(
         from . import _remote
 
         return _remote.clone(engine, checkpoint, n, name_prefix=name_prefix, labels=labels, max_workers=max_workers,
-                             names=_names, on_create=on_create, progress=progress)
+                             names=_names, on_create=on_create, progress=progress, page_port=_page_port)
     criu.require_version()
     engine.require_checkpoint_support()
     image = engine.image_ref(checkpoint.image_id, checkpoint.config["Config"].get("Image"))
@@ -171,7 +172,7 @@ def clone(
     try:
         with ThreadPoolExecutor(max_workers=min(n, max_workers), thread_name_prefix="dolly-clone") as pool:
             futures = [pool.submit(_restore_one, engine, checkpoint, layer_image or image, nm, explicit, prefix,
-                                   labels, progress, on_create, unpack=layer_image is None)
+                                   labels, progress, on_create, unpack=layer_image is None, page_port=_page_port)
                        for nm in chosen]
             results: List[Tuple[Optional[Container], Optional[BaseException]]] = []
             for f in futures:
@@ -369,6 +370,7 @@ def _restore_one(
     on_create: Optional[Callable[[str], None]] = None,
     *,
     unpack: bool = True,
+    page_port: Optional[int] = None,
 ) -> Container:
     config, extra_networks = clone_config(cp.config, image=image, labels=labels)
     # Names the engine refused: taken by another process meanwhile, or still held by a container
@@ -396,7 +398,7 @@ def _restore_one(
         created = engine.container(cid)
         if unpack:
             rootfs.apply_diff(cp.rootfs_diff, engine.upper_dir(created))
-        _start_from(engine, cp, cid, hostname=created.attrs["Config"]["Hostname"])
+        _start_from(engine, cp, cid, hostname=created.attrs["Config"]["Hostname"], page_port=page_port)
         container = engine.container(cid)
         if progress is not None:
             progress(container)
@@ -446,7 +448,8 @@ def shared_layer(engine: Engine, cp: Checkpoint) -> Optional[str]:
     return tag
 
 
-def _start_from(engine: Engine, cp: Checkpoint, container_id: str, *, hostname: Optional[str]) -> None:
+def _start_from(engine: Engine, cp: Checkpoint, container_id: str, *, hostname: Optional[str],
+                page_port: Optional[int] = None) -> None:
     """Start a created (or stopped) container from ``cp`` with ``hostname`` in the kernel (None:
     the hostname CRIU recorded, for a container resumed as itself).
 
@@ -465,7 +468,14 @@ def _start_from(engine: Engine, cp: Checkpoint, container_id: str, *, hostname: 
         os.makedirs(folder, mode=0o700)
         with open(os.path.join(folder, "dolly-images"), "w") as f:
             f.write(str(images))
-        engine.start_from_checkpoint(container_id, docker_name)
+        daemon = criu.start_lazy_pages(images, port=page_port) if page_port is not None else None
+        try:
+            engine.start_from_checkpoint(container_id, docker_name)
+        except BaseException:
+            if daemon is not None:
+                daemon.kill()
+                daemon.wait()
+            raise
     finally:
         for done in (images, folder):
             shutil.rmtree(done, ignore_errors=True)
