@@ -29,12 +29,14 @@ import hashlib
 import io
 import json
 import os
+import queue
 import socket
 import ssl
 import sys
 import threading
+import time
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Iterator, List, Optional, cast
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple, cast
 
 import docker
 from docker.utils.socket import consume_socket_output, demux_adaptor, frames_iter
@@ -69,6 +71,9 @@ class Agent:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._id: Optional[str] = None
+        self._warm: List[Tuple[str, Any]] = []  # workers waiting for an operation (prewarm)
+        self._lock = threading.Lock()
+        self._starting = threading.Lock()
 
     @classmethod
     def of(cls, engine: Engine) -> Agent:
@@ -89,6 +94,12 @@ class Agent:
         """
         if self._id is not None:
             return self._id
+        with self._starting:  # this process's threads (prewarm's among them) start it once
+            if self._id is not None:
+                return self._id
+            return self._find_or_start()
+
+    def _find_or_start(self) -> str:
         api = self.engine.api
         name = f"{NAME}-{_fingerprint()}"
         with translate_errors():
@@ -142,14 +153,80 @@ class Agent:
         with contextlib.suppress(docker.errors.NotFound):
             self.engine.api.remove_container(f"{NAME}-{_fingerprint()}", force=True)
 
-    def _exec_create(self, op: str, args: Dict[str, Any], *, stdin: bool = False, stdout: bool = True,
+    def prewarm(self, n: int = 1) -> Callable[[float], None]:
+        """Start ``n`` workers in the background: execs of the agent that have loaded Dolly and
+        wait for one operation on their stdin, so that the next calls skip Python's start (about
+        0.2 s of CPU each; :func:`dolly.migrate` has them ready before it freezes its container).
+        Returns a function that waits, up to the seconds it is given, until they are ready. A
+        worker left unused ends with this process, or with :meth:`release`."""
+        threads = []
+
+        def start() -> None:
+            try:
+                exec_id = self._exec_create("--serve", None, stdin=True)
+                with translate_errors():
+                    sock = self.engine.api.exec_start(exec_id, socket=True)
+                # Ready once it has loaded Dolly: it says so on stderr.
+                header = _read_exactly(sock, 8)
+                if header is None or header[0] != 2:
+                    raise OSError("no readiness line")
+            except (DollyError, OSError):
+                return
+            with self._lock:
+                self._warm.append((exec_id, sock))
+
+        for _ in range(n):
+            t = threading.Thread(target=start, name="dolly-agent-warm", daemon=True)
+            t.start()
+            threads.append(t)
+
+        def wait(timeout: float) -> None:
+            deadline = time.monotonic() + timeout
+            for t in threads:
+                t.join(max(0.0, deadline - time.monotonic()))
+
+        return wait
+
+    def release(self) -> None:
+        """End the workers :meth:`prewarm` started that were not used."""
+        with self._lock:
+            warm, self._warm = self._warm, []
+        for _, sock in warm:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _open(self, op: str, args: Dict[str, Any], *, stdin: bool) -> Tuple[str, Any]:
+        """An exec of ``op`` and its attached socket: a warm worker when one waits (the operation
+        sent on its stdin as its first line), else a new exec."""
+        while True:
+            with self._lock:
+                if not self._warm:
+                    break
+                exec_id, sock = self._warm.pop()
+            try:
+                with translate_errors():
+                    running = self.engine.api.exec_inspect(exec_id)["Running"]
+                if running:
+                    raw: Any = getattr(sock, "_sock", sock)
+                    raw.sendall(" ".join(_command(op, args)[3:]).encode() + b"\n")
+                    return exec_id, sock
+            except (DollyError, OSError):
+                pass
+            with contextlib.suppress(OSError):
+                sock.close()
+        exec_id = self._exec_create(op, args, stdin=stdin)
+        with translate_errors():
+            return exec_id, self.engine.api.exec_start(exec_id, socket=True)
+
+    def _exec_create(self, op: str, args: Optional[Dict[str, Any]], *, stdin: bool = False, stdout: bool = True,
                      stderr: bool = True) -> str:
         """An exec of ``op`` in the agent; once more with a new agent when the engine lost it
         (a restart, a removal)."""
         for again in (True, False):
             try:
                 with translate_errors():
-                    made = self.engine.api.exec_create(self.container_id(), _command(op, args), stdin=stdin,
+                    command = _command(op, args) if args is not None else [sys.executable, "-m", "dolly._agent", op]
+                    made = self.engine.api.exec_create(self.container_id(), command, stdin=stdin,
                                                        stdout=stdout, stderr=stderr)
                     return str(made["Id"])
             except (ContainerNotFound, EngineError):
@@ -167,9 +244,13 @@ class Agent:
             the Dolly error the operation raised there, as the same class.
         """
         api = self.engine.api
-        exec_id = self._exec_create(op, args, stdout=True, stderr=True)
-        with translate_errors():
-            out, err = api.exec_start(exec_id, demux=True)
+        exec_id, sock = self._open(op, args, stdin=False)
+        try:
+            with translate_errors():
+                out, err = consume_socket_output([demux_adaptor(*f) for f in frames_iter(sock, tty=False)],
+                                                 demux=True)
+        finally:
+            sock.close()
         return _result(out or b"", err or b"", _exit_code(api, exec_id))
 
     @contextlib.contextmanager
@@ -181,9 +262,7 @@ class Agent:
             stream raised (a stream that ended early because the operation failed).
         """
         api = self.engine.api
-        exec_id = self._exec_create(op, args, stdout=True, stderr=True)
-        with translate_errors():
-            sock = api.exec_start(exec_id, socket=True)
+        exec_id, sock = self._open(op, args, stdin=False)
         err = bytearray()
 
         def stdout() -> Iterator[bytes]:
@@ -217,9 +296,7 @@ class Agent:
         result. The agent's output is read as it comes (no deadlock when it writes while reading),
         and when it stops reading early, its own error is raised, not the broken pipe."""
         api = self.engine.api
-        exec_id = self._exec_create(op, args, stdin=True, stdout=True, stderr=True)
-        with translate_errors():
-            sock = api.exec_start(exec_id, socket=True)
+        exec_id, sock = self._open(op, args, stdin=True)
         raw: Any = getattr(sock, "_sock", sock)  # the socket itself, under docker-py's wrapper
         frames: List[Any] = []
 
@@ -248,6 +325,102 @@ class Agent:
             sock.close()
         out, err = consume_socket_output([demux_adaptor(*f) for f in frames], demux=True)
         return _result(out or b"", err or b"", _exit_code(api, exec_id))
+
+
+    def duplex(self, op: str, **args: Any) -> Duplex:
+        """Run ``op`` with a byte stream each way (its stdin and stdout) and its JSON lines on
+        stderr as controls (:meth:`Duplex.control`), for as long as it runs."""
+        exec_id, sock = self._open(op, args, stdin=True)
+        return Duplex(self.engine.api, exec_id, sock)
+
+
+def _read_exactly(sock: Any, n: int) -> Optional[bytes]:
+    """``n`` bytes of an exec's socket: one frame's header and its payload (one byte here)."""
+    raw: Any = getattr(sock, "_sock", sock)
+    data = b""
+    while len(data) < n:
+        chunk = raw.recv(n - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    size = int.from_bytes(data[4:8], "big")
+    while size > 0:
+        chunk = raw.recv(size)
+        if not chunk:
+            return None
+        size -= len(chunk)
+    return data
+
+
+class Duplex:
+    """An agent operation's streams: :meth:`send` to its stdin, :meth:`recv` from its stdout,
+    :meth:`control` for the JSON lines it writes on stderr (an error line raises its error)."""
+
+    def __init__(self, api: Any, exec_id: str, sock: Any) -> None:
+        self._api, self._exec_id, self._sock = api, exec_id, sock
+        self._raw: Any = getattr(sock, "_sock", sock)
+        self._data: queue.Queue[bytes] = queue.Queue()
+        self._controls: List[Dict[str, Any]] = []
+        self._changed = threading.Condition()
+        self._ended = False
+        threading.Thread(target=self._read, name="dolly-agent-duplex", daemon=True).start()
+
+    def _read(self) -> None:
+        err = b""
+        with contextlib.suppress(OSError, ValueError):
+            for stream, data in frames_iter(self._sock, tty=False):
+                if stream == 1:
+                    self._data.put(bytes(data))
+                    continue
+                err += bytes(data)
+                while b"\n" in err:
+                    line, err = err.split(b"\n", 1)
+                    if line.startswith(b"{"):
+                        with contextlib.suppress(ValueError), self._changed:
+                            self._controls.append(json.loads(line))
+                            self._changed.notify_all()
+        self._data.put(b"")
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    def send(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            self._raw.sendall(data)
+
+    def recv(self) -> bytes:
+        data = self._data.get()
+        if not data:
+            self._data.put(b"")  # every later call sees the end too
+        return data
+
+    def control(self, key: str, timeout: float) -> Any:
+        """The value of the first control line holding ``key``, waiting up to ``timeout``.
+
+        Raises:
+            the operation's own error when it failed; HostNotReady when it ended without the
+            line, or did not send it in time.
+        """
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for c in self._controls:
+                    if "error" in c:
+                        _result(b"", json.dumps(c).encode(), 1)
+                    if key in c:
+                        return c[key]
+                left = deadline - time.monotonic()
+                if self._ended or left <= 0:
+                    break
+                self._changed.wait(left)
+        code = _exit_code(self._api, self._exec_id) if self._ended else None
+        raise HostNotReady(f"Dolly's agent sent no {key!r} (exit {code})")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._raw.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self._sock.close()
 
 
 class _ChunkReader(io.RawIOBase):
@@ -360,9 +533,21 @@ def main(argv: List[str]) -> int:
     """``python -m dolly._agent OP ARGS``: run one operation against the engine beside us."""
     from . import _operations
 
+    if argv == ["--serve"]:  # a warm worker: the operation comes as the first line of stdin
+        from . import _criu
+
+        _criu.preload()
+        sys.stderr.buffer.write(b"\n")  # ready: one frame on stderr, read by Agent.prewarm
+        sys.stderr.buffer.flush()
+        line = sys.stdin.buffer.readline().split()
+        if len(line) != 2:
+            return 0  # ended unused
+        argv = [part.decode() for part in line]
     op, args = argv[0], json.loads(base64.b64decode(argv[1]))
+    stdout = sys.stdout.buffer
+    sys.stdout = sys.stderr  # a stray print() must not land in a stream on stdout
     try:
-        result = _operations.run(op, args, stdin=sys.stdin.buffer, stdout=sys.stdout.buffer)
+        result = _operations.run(op, args, stdin=sys.stdin.buffer, stdout=stdout)
     except DollyError as e:
         # On stderr: stdout may already carry part of a bundle. With the attributes callers use.
         attrs = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(e).items()
@@ -371,7 +556,8 @@ def main(argv: List[str]) -> int:
               flush=True)
         return 1
     if result is not _operations.STREAMED:
-        print(json.dumps({"result": result}), flush=True)
+        stdout.write(json.dumps({"result": result}).encode() + b"\n")
+        stdout.flush()
     return 0
 
 

@@ -6,9 +6,12 @@ comes up with the kernel hostname of the container it was cloned from (``uname -
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import socket
+import struct
 import subprocess
 import time
 import warnings
@@ -41,14 +44,33 @@ def build() -> Optional[str]:
 
 
 def _version_text() -> str:
-    # The one on PATH is the one runc will run.
+    # The one on PATH is the one runc will run. Asked once per binary (a `make host` that
+    # rebuilds it gives it a new inode), and once per process inside the agent, whose workers
+    # each run one operation.
     command = criu_command()
     if command is None:
         return ""
-    try:
-        return subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
+    key = tuple(command)
+    with contextlib.suppress(OSError):
+        found = os.stat(command[0])
+        key += (found.st_ino, found.st_mtime_ns)
+    if key not in _versions:
+        try:
+            _versions[key] = subprocess.run([*command, "--version"], capture_output=True, text=True,
+                                            timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+    return _versions[key]
+
+
+_versions: dict = {}
+
+
+def preload() -> None:
+    """What a restore will need, loaded ahead (by a warm agent worker): CRIU's version, pycriu."""
+    version()
+    with contextlib.suppress(ImportError):
+        import pycriu.images  # noqa: F401
 
 
 def criu_command() -> Optional[list]:
@@ -71,12 +93,12 @@ def criu_command() -> Optional[list]:
 LAZY_PAGES_SOCKET = "lazy-pages.socket"
 
 
-def start_lazy_pages(images: Path, *, port: int, timeout: float = 10.0) -> subprocess.Popen:
+def start_lazy_pages(images: Path, *, port: int, log: Path, timeout: float = 10.0) -> subprocess.Popen:
     """Start CRIU's lazy-pages daemon for a post-copy restore from ``images``: it takes the
     restored processes' userfaultfds and fills their memory from the page server at
     127.0.0.1:``port`` (on the engine's host), first the pages they touch, then the rest; it
     ends by itself once every page is in, or when the page server goes. Returns once its socket
-    is there (scripts/dolly-runc then restores with --lazy-pages).
+    is there (scripts/dolly-runc then restores with --lazy-pages). Its errors go to ``log``.
 
     Raises:
         HostNotReady: CRIU is missing, or the daemon ended or made no socket within ``timeout``
@@ -85,10 +107,10 @@ def start_lazy_pages(images: Path, *, port: int, timeout: float = 10.0) -> subpr
     command = criu_command()
     if command is None:
         raise HostNotReady("CRIU is not installed (run `make host`)")
-    log = Path(os.environ.get("DOLLY_LAZY_LOG", str(images / "lazy-pages.log")))
+    log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     daemon = subprocess.Popen([*command, "lazy-pages", "--page-server", "--address", "127.0.0.1",
                                "--port", str(port), "--images-dir", str(images), "--work-dir", str(images),
-                               "--log-file", str(log), "-v4"],
+                               "--log-file", str(log), "-v2"],
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout
@@ -100,6 +122,21 @@ def start_lazy_pages(images: Path, *, port: int, timeout: float = 10.0) -> subpr
             raise HostNotReady(f"CRIU's lazy-pages daemon did not start: {text[-1500:]}")
         time.sleep(0.005)
     return daemon
+
+
+def break_off_page_server(port: int) -> None:
+    """Break off a lazy dump's page server on 127.0.0.1:``port`` (in this process's network
+    namespace): a connection reset before the transfer's end, which CRIU takes as a failed
+    transfer, so that it lets the dumped processes run on, with their memory. A clean end of the
+    connection would not do: CRIU takes that as the end of a transfer and kills them."""
+    with contextlib.suppress(OSError):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            reset_on_close(sock)
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """Have ``sock`` end with a reset, not a clean end, when closed (SO_LINGER of 0)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def require_version() -> Tuple[int, ...]:

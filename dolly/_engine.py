@@ -572,16 +572,19 @@ class Engine:
     def checkpoints_dir(self, container_id: str) -> Path:
         return self.root_dir / "containers" / container_id / "checkpoints"
 
-    def create_checkpoint(self, container_id: str, name: str, *, exit: bool) -> Path:
+    def create_checkpoint(self, container_id: str, name: str, *, exit: bool, unbounded: bool = False) -> Path:
         """Have Docker (runc, CRIU) dump the container; returns the folder of the images.
+        ``unbounded``: wait as long as the dump takes (a post-copy dump lasts until the target
+        has all the memory), not the client's timeout.
 
         Raises:
             CheckpointFailed: Docker or CRIU failed; carries CRIU's log.
         """
+        timeout = {"timeout": None} if unbounded else {}
 
         def call() -> None:
             url = self._raw._url("/containers/{0}/checkpoints", container_id)
-            res = self._raw._post_json(url, data={"CheckpointID": name, "Exit": exit})
+            res = self._raw._post_json(url, data={"CheckpointID": name, "Exit": exit}, **timeout)
             self._raw._result(res)  # reads the body: the connection goes back to the pool
 
         forget_criu_log(container_id, "checkpoint")

@@ -28,6 +28,7 @@ container may bind the same paths on the target's host, whatever they hold there
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -38,10 +39,11 @@ from typing import Callable, Dict, Optional
 import docker
 from docker.models.containers import Container
 
-from . import _bundle as bundle, _criu as criu, ready as _ready
+from . import _bundle as bundle, _criu as criu, _postcopy as postcopy, ready as _ready
+from ._agent import Agent
 from ._checkpoint import Checkpoint, checkpoint, get_checkpoint, remove_checkpoint
 from ._engine import ContainerRef, Engine, id_of, name_of
-from ._restore import LABEL_CHECKPOINT, LABEL_SOURCE, restore, resume
+from ._restore import LABEL_CHECKPOINT, LABEL_SOURCE, clone, restore, resume
 from .errors import (
     CheckpointFailed,
     ContainerNotFound,
@@ -88,6 +90,7 @@ def migrate(
     compression: str = "none",
     drop_volumes: bool = False,
     rebind_mounts: bool = False,
+    post_copy: bool = False,
 ) -> Migration:
     """Move a running container to the engine of ``target_client``, under the same name.
 
@@ -110,6 +113,14 @@ def migrate(
             whatever they hold there (another machine's files, or none: Docker then refuses a
             missing path, or makes it empty for a ``-v`` bind). Without it such a container is
             refused.
+        post_copy: move the memory after the process: the container runs on the target as soon
+            as everything but its memory is there, and its memory follows from the source (CRIU's
+            page server and lazy-pages daemon, joined by Dolly through both engines' APIs): the
+            downtime no longer grows with the memory. The source stays frozen, holding the memory,
+            until the moved container has passed its check and has every page; until then a
+            failure still rolls back (the source runs on, as it was). Needs Dolly's runtime on
+            the source and userfaultfd on the target (``dolly doctor``). ``steps["memory"]`` is
+            the time from the restore until every page was in.
 
     Raises:
         ContainerNotFound, ContainerNotRunning, HostNotReady: before anything is touched.
@@ -130,6 +141,7 @@ def migrate(
     target_engine = Engine.of(target_client)
     if source_engine.files_are_local() or target_engine.files_are_local():
         criu.require_version()  # engines elsewhere are checked by their agents
+        criu.preload()  # not while the source is frozen
     source_engine.require_checkpoint_support()
     target_engine.require_checkpoint_support()
     source = source_engine.container(container)
@@ -154,6 +166,28 @@ def migrate(
     if source.name in target_engine.container_names():
         raise NameConflict(f"the target engine already has a container named {source.name!r}")
 
+    # An engine on another host gets its agent's workers ready before the source freezes: the
+    # checkpoint, export, import and restore then skip Python's start (and its CPU).
+    warmed = [Agent.of(e) for e in (source_engine, target_engine) if not e.files_are_local()]
+    # Two calls each (checkpoint and export; import and restore), and post-copy's page stream.
+    waits = [agent.prewarm(3 if post_copy and agent.engine is target_engine else 2) for agent in warmed]
+    for wait in waits:
+        wait(10.0)
+    try:
+        if post_copy:
+            return _migrate_post_copy(source_engine, target_engine, source, ready=ready,
+                                      ready_timeout=ready_timeout, compression=compression)
+        return _migrate_pre_copy(source_engine, target_engine, source, ready=ready, ready_timeout=ready_timeout,
+                                 compression=compression)
+    finally:
+        for agent in warmed:
+            agent.release()
+
+
+def _migrate_pre_copy(source_engine: Engine, target_engine: Engine, source: Container, *,
+                      ready: Optional[Callable[[Container], bool]], ready_timeout: float,
+                      compression: str) -> Migration:
+    """:func:`migrate` without ``post_copy``: the memory moves with the checkpoint."""
     steps: Dict[str, float] = {}
     step = "checkpoint"
     started = time.perf_counter()
@@ -168,11 +202,11 @@ def migrate(
     target: Optional[Container] = None
     try:
         step = "transfer"
-        moved = bundle.transfer(cp, target_client, source=source_engine.client, compression=compression,
+        moved = bundle.transfer(cp, target_engine.client, source=source_engine.client, compression=compression,
                                 steps=steps)
         step = "restore"
         t = time.perf_counter()
-        target = restore(moved, name=source.name, client=target_client)
+        target = restore(moved, name=source.name, client=target_engine.client)
         restored_as = _start_marks(target)
         steps[step] = time.perf_counter() - t
         step = "verify"
@@ -201,6 +235,119 @@ def migrate(
         except DollyError as e:  # pragma: no cover - logged, not raised
             log.warning("migrate: could not remove the %s: %s", what, e)
     return Migration(container=target, downtime=downtime, steps=steps)
+
+
+# How long the memory may take to reach the target after the restore, in a post-copy migration.
+MEMORY_TIMEOUT = 600.0
+
+
+def _migrate_post_copy(source_engine: Engine, target_engine: Engine, source: Container, *,
+                       ready: Optional[Callable[[Container], bool]], ready_timeout: float,
+                       compression: str) -> Migration:
+    """:func:`migrate` with ``post_copy``: see :mod:`dolly._postcopy`."""
+    steps: Dict[str, float] = {}
+    step = "checkpoint"
+    # Where the daemon will connect on the target's host, made meanwhile (another host's agent
+    # takes a moment to start).
+    page_target = postcopy.open_target(target_engine)  # where the daemon will connect, before the freeze
+    try:
+        page_source = postcopy.open_source(source_engine, source, _name())
+    except BaseException as e:
+        page_target.end.close()
+        if not isinstance(e, CheckpointFailed):
+            raise
+        state = _resume_after_failed_checkpoint(source_engine, source, e)
+        raise MigrationFailed(f"migration of {source.name} failed at step 'checkpoint': {e}; {state}",
+                              step=step) from e
+    cp = page_source.checkpoint
+    started = page_source.frozen_at  # the downtime runs from the freeze
+    steps[step] = time.perf_counter() - started
+    moved: Optional[Checkpoint] = None
+    target: Optional[Container] = None
+    relay: Optional[postcopy.Relay] = None
+    try:
+        step = "transfer"
+        moved = bundle.transfer(cp, target_engine.client, source=source_engine.client, compression=compression,
+                                steps=steps)
+        step = "restore"
+        t = time.perf_counter()
+        relay = postcopy.Relay(page_source.end, page_target.end)
+        target = clone(moved, 1, client=target_engine.client, _names=[name_of(source)], _page_port=page_target.port)[0]
+        restored_as = _start_marks(target)
+        steps[step] = time.perf_counter() - t
+        step = "verify"
+        t_verify = time.perf_counter()
+        _ready.wait(target, ready or _running, timeout=ready_timeout)
+        downtime = time.perf_counter() - started
+        _settle(target_engine, target, restored_as)
+        steps[step] = time.perf_counter() - t_verify
+        step = "memory"
+        relay.wait_for_pages(MEMORY_TIMEOUT)
+        steps[step] = time.perf_counter() - t
+        _settle(target_engine, target, restored_as, seconds=0)  # and it still runs, every page in
+    except BaseException as e:
+        if step == "transfer" and "transfer" not in steps:
+            step = "import" if "export" in steps else "transfer"
+        if relay is None:
+            page_target.end.close()
+        _roll_back_post_copy(source_engine, target_engine, source, page_source, moved, target, relay, step=step,
+                             error=e)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise MigrationFailed(f"migration of {source.name} failed at step '{step}': {e}; "
+                              "the source is running again, as it was", step=step) from e
+
+    # The commit point: the page server's transfer ends, and with it the source's processes.
+    relay.commit(timeout=60)
+    try:
+        page_source.wait(60)
+    except (CheckpointFailed, TimeoutError) as e:  # pragma: no cover - logged: the target runs
+        log.warning("migrate: the source's post-copy dump did not end cleanly: %s", e)
+    for what, undo in (("source container", lambda: source_engine.remove(id_of(source), volumes=False)),
+                       ("source checkpoint", lambda: remove_checkpoint(cp)),
+                       ("target checkpoint", lambda: remove_checkpoint(moved))):
+        try:
+            undo()
+        except DollyError as e:  # pragma: no cover - logged, not raised
+            log.warning("migrate: could not remove the %s: %s", what, e)
+    return Migration(container=target, downtime=downtime, steps=steps)
+
+
+def _roll_back_post_copy(source_engine: Engine, target_engine: Engine, source: Container,
+                         page_source: postcopy.PageSource, moved: Optional[Checkpoint],
+                         target: Optional[Container], relay: Optional[postcopy.Relay], *, step: str,
+                         error: BaseException) -> None:
+    """Undo a failed post-copy migration before its commit point: the container made on the
+    target goes, and the page server's transfer is broken off, so that the source's processes,
+    frozen with their memory, run on. Raises MigrationFailed (step "roll back") when the source
+    does not run again."""
+    doubt = _clear_target(target_engine, source, moved, target)
+    if moved is not None:
+        try:
+            remove_checkpoint(moved)
+        except DollyError as e:
+            log.warning("migrate: could not remove the checkpoint copied to the target: %s", e)
+    if relay is not None:
+        relay.abort()
+    else:
+        page_source.end.close()  # before the daemon's close record: a reset
+    with contextlib.suppress(CheckpointFailed, TimeoutError, DollyError):
+        page_source.wait(60)  # fails, as it should: the transfer was broken off
+    failed = f"migration of {source.name} failed at step '{step}': {error}"
+    if not _still_running(source_engine, source):
+        raise MigrationFailed(f"{failed}; the source did not run on after the transfer was broken off; its "
+                              f"images, without the memory, are at {page_source.checkpoint.path}",
+                              step="roll back") from error
+    try:
+        remove_checkpoint(page_source.checkpoint)
+    except DollyError as e:  # pragma: no cover - logged, not raised: the source runs
+        log.warning("migrate: could not remove the source checkpoint: %s", e)
+    if doubt is not None:
+        # The source runs on (kept frozen, it would be lost with this process); the container on
+        # the target may still run too.
+        raise MigrationFailed(f"{failed}; the source runs on, but the container {source.name!r} made on the "
+                              f"target engine could not be removed, or its removal confirmed ({doubt}): "
+                              "remove it there once that engine answers", step="roll back") from error
 
 
 def _roll_back(source_engine: Engine, target_engine: Engine, source: Container, cp: Checkpoint,

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
+import sys
 from datetime import timedelta
 from typing import IO, Any, Dict
 
 import docker
 from cryptography.hazmat.primitives import serialization
 
-from . import _host, policy
+from . import _host, _postcopy, policy
 from ._bundle import export_stream, import_relayed
 from ._checkpoint import Checkpoint, checkpoint, get_checkpoint, list_checkpoints, remove_checkpoint
 from ._engine import Engine
@@ -65,4 +67,15 @@ def run(op: str, args: Dict[str, Any], *, stdin: IO[bytes], stdout: IO[bytes]) -
                             signed_by=args["signed_by"], allow=policy.items(args["allow"]),
                             max_bytes=args["max_bytes"], between_own_engines=bool(args["between_own_engines"]))
         return checkpoint_json(cp)
+    if op in ("post_copy_source", "post_copy_target"):  # streams both ways; JSON lines on stderr
+
+        def control(line: Dict[str, Any]) -> None:
+            print(json.dumps(line), file=sys.stderr, flush=True)
+
+        if op == "post_copy_source":
+            _postcopy.serve_source(args["container"], args["name"], inp=stdin, out=stdout, control=control,
+                                   checkpoint_json=checkpoint_json)
+        else:
+            _postcopy.serve_target(inp=stdin, out=stdout, control=control)
+        return STREAMED
     raise InvalidArgument(f"Dolly's agent knows no operation {op!r}")

@@ -28,7 +28,7 @@ from filelock import FileLock
 
 from . import _criu as criu, _names as names, _rootfs as rootfs, policy
 from ._checkpoint import Checkpoint, engine_of, require
-from ._engine import RUNTIME, ContainerRef, Engine, id_of
+from ._engine import CRIU_LOG_DIR, RUNTIME, ContainerRef, Engine, id_of
 from .errors import DollyError, InvalidArgument, NameConflict
 
 log = logging.getLogger("dolly")
@@ -468,7 +468,9 @@ def _start_from(engine: Engine, cp: Checkpoint, container_id: str, *, hostname: 
         os.makedirs(folder, mode=0o700)
         with open(os.path.join(folder, "dolly-images"), "w") as f:
             f.write(str(images))
-        daemon = criu.start_lazy_pages(images, port=page_port) if page_port is not None else None
+        daemon = None
+        if page_port is not None:
+            daemon = criu.start_lazy_pages(images, port=page_port, log=CRIU_LOG_DIR / f"{container_id}.lazy-pages.log")
         try:
             engine.start_from_checkpoint(container_id, docker_name)
         except BaseException:

@@ -1,0 +1,430 @@
+"""Post-copy migration: the process runs on the target while its memory follows.
+
+A post-copy migration (``dolly.migrate(..., post_copy=True)``) dumps everything but the memory.
+CRIU's page server keeps the memory on the source, whose processes stay frozen, and CRIU's
+lazy-pages daemon on the target fills the restored processes' memory from it: first the pages
+they touch (userfaultfd), then the rest. The downtime no longer grows with the memory.
+
+The page server and the daemon each listen or connect on 127.0.0.1 of their own engine's host
+(scripts/dolly-runc, :func:`dolly._criu.start_lazy_pages`). Dolly joins them through the
+engines' APIs alone, as it moves everything else: through an exec in each engine's agent (or a
+socket of this process, for an engine whose files are local) and a relay in this process::
+
+    page server  <->  SourceLink (source host)  <->  Relay (here)  <->  Listener (target host)  <->  daemon
+
+The relay also makes the migration's commit point. CRIU's protocol ends with the daemon's
+``PS_IOV_CLOSE`` record, after which the page server ends the dump and the source's processes
+end. The relay holds that record back until the moved container has passed its check
+(:meth:`Relay.commit`). Until then the migration can be rolled back: :meth:`Relay.abort` breaks
+the connection to the page server off with a reset, which CRIU takes as a failed transfer, and
+it lets the source's processes run on with their memory. A reset is also what the page server
+gets when this process or an agent dies mid-way (SO_LINGER 0): the source then runs on rather
+than being lost. Only a clean end after the close record ends the source.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import IO, Callable, List, Optional, Protocol
+
+from . import _criu as criu
+from ._checkpoint import Checkpoint, PendingDump, checkpoint_lazy
+from ._engine import ContainerRef, Engine, peer_pid
+from .errors import CheckpointFailed, HostNotReady
+
+__all__ = ["PageSource", "PageTarget", "Relay", "open_source", "open_target"]
+
+# struct page_server_iov (criu/page-xfer.c): u32 cmd, then three u64 (x86_64 alignment). The
+# lazy-pages daemon sends nothing else, and each one whole.
+RECORD = 32
+PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE = 0x1023, 0x1024
+_CMD_MASK = 0xFFFF
+_CHUNK = 1 << 20
+_CLONE_NEWNET = 0x40000000
+
+
+def is_close(record: bytes) -> bool:
+    """Whether one of the daemon's records is its last (``PS_IOV_CLOSE``)."""
+    (cmd,) = struct.unpack_from("<I", record)
+    return (cmd & _CMD_MASK) in (PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE)
+
+
+class Records:
+    """Splits the daemon's byte stream into whole records."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> List[bytes]:
+        self._buffer += data
+        whole = len(self._buffer) // RECORD * RECORD
+        out = [self._buffer[i:i + RECORD] for i in range(0, whole, RECORD)]
+        self._buffer = self._buffer[whole:]
+        return out
+
+
+class End(Protocol):
+    """One side of the relay: bytes each way."""
+
+    def send(self, data: bytes) -> None: ...
+
+    def recv(self) -> bytes: ...  # b"" once it ended
+
+    def close(self) -> None: ...
+
+
+# --- on an engine's host: this process for a local engine, else the agent there -------------------
+
+
+def enter_netns_of(pid: int) -> None:
+    """Move the calling thread (and the threads it starts) into the network namespace of process
+    ``pid``: the engine's dockerd, beside which runc runs CRIU. Needs CAP_SYS_ADMIN."""
+    with open(f"/proc/{pid}/ns/net", "rb") as ns:
+        setns = getattr(os, "setns", None)  # Python 3.12
+        if setns is not None:
+            setns(ns.fileno(), _CLONE_NEWNET)
+            return
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(ns.fileno(), _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into the network namespace of {pid}: {os.strerror(err)}")
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 of the calling thread's network namespace."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class SourceLink:
+    """The connection to a lazy dump's page server. It passes the daemon's records on; after the
+    ``PS_IOV_CLOSE`` record it ends cleanly (CRIU then ends the dump, and the source's
+    processes). Closed before that, it ends with a reset: the source runs on."""
+
+    def __init__(self, port: int) -> None:
+        self._sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self._sock.settimeout(None)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # requests are small and wait
+        criu.reset_on_close(self._sock)
+        self._records = Records()
+        self.closed = False  # the daemon's close record went through
+
+    def send(self, data: bytes) -> None:
+        batch = []
+        for record in self._records.feed(data):
+            if self.closed:
+                break
+            batch.append(record)
+            self.closed = is_close(record)
+        if batch:
+            self._sock.sendall(b"".join(batch))
+        if self.closed:
+            # CRIU answers, then waits for the end of the connection before it ends the dump.
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_WR)
+
+    def recv(self) -> bytes:
+        try:
+            return self._sock.recv(_CHUNK)
+        except OSError:
+            return b""
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            if self.closed:  # a clean end; else the reset set up in __init__
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 0, 0))
+            else:
+                # Wakes a thread blocked in recv() (the close itself would wait for it) and sends
+                # nothing: the reset goes with the close.
+                self._sock.shutdown(socket.SHUT_RD)
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+
+class Listener:
+    """Where the lazy-pages daemon connects: 127.0.0.1:``port``, once."""
+
+    def __init__(self, *, accept_timeout: float = 300.0) -> None:
+        self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._server.bind(("127.0.0.1", 0))
+        self._server.listen(1)
+        self._server.settimeout(accept_timeout)
+        self.port = int(self._server.getsockname()[1])
+        self._sock: Optional[socket.socket] = None
+        self._accepted = threading.Event()
+        threading.Thread(target=self._accept, name="dolly-pages-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        try:
+            self._sock, _ = self._server.accept()
+            self._sock.settimeout(None)
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            self._sock = None
+        finally:
+            with contextlib.suppress(OSError):
+                self._server.close()
+            self._accepted.set()
+
+    def send(self, data: bytes) -> None:
+        self._accepted.wait()
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.sendall(data)
+
+    def recv(self) -> bytes:
+        self._accepted.wait()
+        if self._sock is None:
+            return b""
+        try:
+            return self._sock.recv(_CHUNK)
+        except OSError:
+            return b""
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)  # ends a pending accept
+        with contextlib.suppress(OSError):
+            self._server.close()
+        self._accepted.wait(5)
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                self._sock.close()
+
+
+def pump(end: End, inp: IO[bytes], out: IO[bytes]) -> None:
+    """Join ``end`` to an agent's stdin and stdout until ``end`` ends; the end of stdin (the
+    caller closed it, or went) closes ``end`` (for a page server before the daemon's close
+    record: a reset, and the source runs on)."""
+
+    def up() -> None:
+        while True:
+            data = inp.read1(_CHUNK) if hasattr(inp, "read1") else inp.read(_CHUNK)
+            if not data:
+                break
+            end.send(data)
+        end.close()
+
+    threading.Thread(target=up, name="dolly-pages-up", daemon=True).start()
+    while True:
+        data = end.recv()
+        if not data:
+            break
+        try:
+            out.write(data)
+            out.flush()
+        except (OSError, ValueError):
+            break
+    end.close()
+
+
+def serve_source(container: ContainerRef, name: str, *, inp: IO[bytes], out: IO[bytes],
+                 control: Callable[[dict], None], checkpoint_json: Callable[[Checkpoint], dict]) -> None:
+    """The agent's side of a post-copy source: dump lazily, say ``ready``, join the page server
+    to stdin and stdout, and say how the dump ended (``ended``: True when the target took every
+    page and the source ended; else the error's message, and the source runs on)."""
+    enter_netns_of(peer_pid("/var/run/docker.sock"))
+    port = free_port()
+    cp, pending = checkpoint_lazy(container, name, port=port)
+    try:
+        link = SourceLink(port)
+    except OSError:
+        criu.break_off_page_server(port)
+        pending.wait(60)
+        raise
+    control({"ready": checkpoint_json(cp), "frozen_s": time.perf_counter() - pending.started_at})
+    pump(link, inp, out)
+    try:
+        pending.wait(60)
+        control({"ended": True})
+    except (CheckpointFailed, TimeoutError) as e:
+        control({"ended": str(e)})
+
+
+def serve_target(*, inp: IO[bytes], out: IO[bytes], control: Callable[[dict], None]) -> None:
+    """The agent's side of a post-copy target: listen where the lazy-pages daemon will connect
+    (say ``port``), and join it to stdin and stdout."""
+    enter_netns_of(peer_pid("/var/run/docker.sock"))
+    listener = Listener()
+    control({"port": listener.port})
+    pump(listener, inp, out)
+
+
+# --- in the caller ---------------------------------------------------------------------------------
+
+
+@dataclass
+class PageSource:
+    """The source's side: its checkpoint (all but the memory), the way to its page server, and
+    how its dump ends."""
+
+    checkpoint: Checkpoint
+    end: End
+    wait: Callable[[float], None]  # raises CheckpointFailed when the dump failed (the source runs on)
+    frozen_at: float  # time.perf_counter() here when the dump was asked for (for another host:
+    # when its agent, by its own clock, asked for it, less the few ms its answer took to come)
+
+
+@dataclass
+class PageTarget:
+    """The target's side: the port its lazy-pages daemon connects to, and the way to it."""
+
+    port: int
+    end: End
+
+
+def open_source(engine: Engine, container: ContainerRef, name: str) -> PageSource:
+    """Dump ``container`` lazily on ``engine``; returns once its page server listens.
+
+    Raises:
+        as :func:`dolly._checkpoint.checkpoint_lazy`; HostNotReady when this process cannot
+        reach a local engine's page server (another network namespace than its dockerd's).
+    """
+    if not engine.files_are_local():
+        from ._agent import Agent
+        from ._remote import checkpoint_from
+
+        duplex = Agent.of(engine).duplex("post_copy_source", container=_ref(container), name=name)
+        try:
+            cp = checkpoint_from(engine, duplex.control("ready", timeout=600))
+            frozen_at = time.perf_counter() - float(duplex.control("frozen_s", timeout=1))
+        except BaseException:
+            duplex.close()
+            raise
+
+        def wait_remote(timeout: float) -> None:
+            ended = duplex.control("ended", timeout=timeout)
+            if ended is not True:
+                raise CheckpointFailed(f"the post-copy dump ended without the target: {ended}")
+
+        return PageSource(cp, duplex, wait_remote, frozen_at)
+    _require_daemon_netns(engine)
+    port = free_port()
+    cp, pending = checkpoint_lazy(container, name, port=port, client=engine.client)
+    try:
+        link = SourceLink(port)
+    except OSError:
+        criu.break_off_page_server(port)
+        pending.wait(60)
+        raise
+
+    def wait_local(timeout: float) -> None:
+        PendingDump.wait(pending, timeout)
+
+    return PageSource(cp, link, wait_local, pending.started_at)
+
+
+def open_target(engine: Engine) -> PageTarget:
+    """Listen, on ``engine``'s host, where its lazy-pages daemon will connect.
+
+    Raises:
+        HostNotReady: the agent there did not answer.
+    """
+    if not engine.files_are_local():
+        from ._agent import Agent
+
+        duplex = Agent.of(engine).duplex("post_copy_target")
+        try:
+            return PageTarget(int(duplex.control("port", timeout=60)), duplex)
+        except BaseException:
+            duplex.close()
+            raise
+    listener = Listener()  # the daemon runs in this process's namespaces (criu_command)
+    return PageTarget(listener.port, listener)
+
+
+def _require_daemon_netns(engine: Engine) -> None:
+    pid = engine.daemon_pid()
+    if pid is None:
+        return
+    try:
+        same = os.stat("/proc/self/ns/net").st_ino == os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        same = True
+    if not same:
+        raise HostNotReady("a post-copy migration from a local engine needs this process in the network "
+                           "namespace of that engine's dockerd, where CRIU's page server listens")
+
+
+def _ref(container: ContainerRef) -> str:
+    return str(getattr(container, "id", None) or container)
+
+
+class Relay:
+    """Joins the page server's end and the daemon's end, holding the daemon's last record back
+    until :meth:`commit` (see the module's docstring)."""
+
+    def __init__(self, source: End, target: End) -> None:
+        self.source, self.target = source, target
+        self._go = threading.Event()
+        self._aborted = False
+        self.bytes_down = 0
+        self.daemon_done = threading.Event()  # the daemon sent its last record: it has every page
+        self._threads = [threading.Thread(target=self._up, name="dolly-relay-up", daemon=True),
+                         threading.Thread(target=self._down, name="dolly-relay-down", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _up(self) -> None:
+        records = Records()
+        while True:
+            data = self.target.recv()
+            if not data:
+                return  # without its close record the page server waits: commit or abort decides
+            batch = records.feed(data)
+            last = next((i for i, r in enumerate(batch) if is_close(r)), None)
+            if last is not None:  # the daemon's last record: held back until the commit
+                if last:
+                    self.source.send(b"".join(batch[:last]))
+                self.daemon_done.set()
+                self._go.wait()
+                if self._aborted:
+                    return
+                batch = batch[last:]
+            if batch:
+                self.source.send(b"".join(batch))
+
+    def _down(self) -> None:
+        while True:
+            data = self.source.recv()
+            if not data:
+                break
+            self.bytes_down += len(data)
+            self.target.send(data)
+        self.target.close()
+
+    def wait_for_pages(self, timeout: float) -> None:
+        """Wait until the daemon has every page (its close record is held here).
+
+        Raises:
+            TimeoutError: it has not within ``timeout`` seconds (:meth:`abort` still rolls back).
+        """
+        if not self.daemon_done.wait(timeout):
+            raise TimeoutError(f"the memory did not all reach the target within {timeout:.0f} s")
+
+    def commit(self, timeout: float) -> None:
+        """Let the transfer end (after :meth:`wait_for_pages`): CRIU then ends the dump on the
+        source, and the source's processes."""
+        self._go.set()
+        for t in self._threads:
+            t.join(timeout)
+        self.source.close()
+
+    def abort(self) -> None:
+        """Break the transfer off: the source's processes run on, with their memory."""
+        self._aborted = True
+        self._go.set()
+        self.source.close()
+        self.target.close()
+        for t in self._threads:
+            t.join(10)
+
