@@ -7,8 +7,11 @@ agent, a container it keeps on each of them.
 """
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
+from pathlib import Path
 
 import docker
 import pytest
@@ -210,3 +213,97 @@ def test_a_transfer_cut_in_the_middle_leaves_the_source_running(client, run):
         assert not any(Engine.of(client).spool_dir.glob("*"))
     finally:
         target.stop()
+
+
+# --- post-copy: the process runs on the target while its memory follows ---------------------------
+
+
+def _checkpoints_of(container_id: str, *clients) -> list:
+    return [cp for c in clients for cp in dolly.list_checkpoints(client=c) if cp.container_id == container_id]
+
+
+def test_post_copy_migration_around_three_engines(on_host, client, host_b, host_c, run):
+    """A -> B -> C -> A with the memory following each move: the counter goes on from where it
+    was, the file is kept, and nothing of a move stays on either side."""
+    moving = run(BUSYBOX, ["sh", "-c", FILE_AND_COUNTER])
+    time.sleep(0.5)
+    on_host(host_b), on_host(host_c)
+    for source_client, target_client in ((client, host_b), (host_b, host_c), (host_c, client)):
+        before = read_int(moving)
+        moved = dolly.migrate(moving.id, target_client, source_client=source_client, post_copy=True)
+        assert set(moved.steps) == {"checkpoint", "transfer", "restore", "verify", "memory"}
+        assert moved.container.client is target_client
+        assert moved.container.exec_run(["cat", "/carried"]).output == b"carried\n"
+        assert_counts_on(moved.container, before)
+        with pytest.raises(docker.errors.NotFound):
+            source_client.containers.get(moving.id)
+        assert _checkpoints_of(moving.id, source_client, target_client) == []
+        moving = moved.container
+    assert client.containers.get(moving.id).status == "running"
+    assert not any(Engine.of(client).spool_dir.glob("*"))
+
+
+@pytest.fixture
+def warm_service(run):
+    """The demo service holding 64 MB of random state: its memory takes a while to follow."""
+    from dolly.demo import SERVICE
+    from helpers import PYTHON, ask
+
+    c = run(PYTHON, ["python3", "-c", SERVICE], environment={"STATE_MB": "64", "RANDOM_STATE": "1"})
+    dolly.ready.wait(c, dolly.ready.http(8000), timeout=120)
+    return c, ask
+
+
+def _lazy_daemons_of(container_id: str) -> list:
+    """The pids of CRIU lazy-pages daemons serving a container (their folder names it)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"lazy-pages" in argv and any(container_id.encode() in a for a in argv):
+            found.append(int(proc.name))
+    return found
+
+
+def test_a_post_copy_migration_that_fails_its_check_leaves_the_source_as_it_was(warm_service, client, host_b):
+    source, ask = warm_service
+    before = ask(source)
+    with pytest.raises(errors.MigrationFailed) as info:
+        dolly.migrate(source, host_b, ready=lambda c: False, ready_timeout=3, post_copy=True)
+    assert info.value.step == "verify", str(info.value)
+    source.reload()
+    assert source.status == "running"
+    after = ask(source)
+    assert (after["token"], after["checksum"], after["served"]) == (before["token"], before["checksum"],
+                                                                     before["served"] + 1)
+    assert host_b.containers.list(all=True, filters={"name": source.name}) == []
+    assert _checkpoints_of(source.id, client, host_b) == []
+    assert not any(Engine.of(client).spool_dir.glob("*"))
+
+
+def test_a_post_copy_target_losing_its_memory_mid_way_brings_the_source_back(warm_service, client, host_b):
+    """The target's lazy-pages daemon dies while the memory is on its way: the moved container
+    cannot go on, and the source, frozen with its memory until then, runs on."""
+    source, ask = warm_service
+    before = ask(source)
+    killed: list = []
+
+    def kill_the_daemon(c) -> bool:
+        for pid in _lazy_daemons_of(c.id):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        return False
+
+    with pytest.raises(errors.MigrationFailed) as info:
+        dolly.migrate(source, host_b, ready=kill_the_daemon, ready_timeout=3, post_copy=True)
+    assert killed, "no lazy-pages daemon was found to kill"
+    assert info.value.step == "verify", str(info.value)
+    source.reload()
+    assert source.status == "running"
+    after = ask(source)
+    assert (after["token"], after["checksum"], after["served"]) == (before["token"], before["checksum"],
+                                                                     before["served"] + 1)
+    assert host_b.containers.list(all=True, filters={"name": source.name}) == []
+    assert _checkpoints_of(source.id, client, host_b) == []
