@@ -31,8 +31,10 @@ A refusal at any step removes the staging folder: nothing of the bundle remains.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -43,13 +45,13 @@ import types
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union, cast
+from typing import IO, Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple, Union, cast
 
 import docker
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from filelock import FileLock
 
-from . import _archive as archive, _criu as criu, _names as names, _rootfs as rootfs, policy, trust
+from . import _archive as archive, _criu as criu, _formats as formats, _names as names, _rootfs as rootfs, policy, trust
 from ._archive import tarfile
 from ._checkpoint import METADATA, ROOTFS_DIFF, Checkpoint, engine_of, require
 from ._engine import Engine
@@ -65,6 +67,8 @@ from .errors import (
     UnsignedBundle,
     UntrustedSigner,
 )
+
+log = logging.getLogger("dolly")
 
 __all__ = ["export", "import_bundle", "read_manifest", "transfer", "DEFAULT_MAX_BYTES"]
 
@@ -177,8 +181,18 @@ def _export(checkpoint: Checkpoint, engine: Engine, emit: Any, *, signer: Option
         (work / "deleted.files").write_text(json.dumps(deleted))
         (work / "network.status").write_text(
             json.dumps((checkpoint.config.get("NetworkSettings") or {}).get("Networks") or {}))
+        # The fields checkpointctl shows (Podman's names: ``name`` is the container's), and
+        # Dolly's own metadata under ``dolly``.
+        metadata = json.loads((checkpoint.path / METADATA).read_text())
+        (work / "config.dump").write_text(json.dumps({
+            "dolly": metadata, "id": checkpoint.container_id, "name": checkpoint.container_name,
+            "rootfsImage": checkpoint.config["Config"].get("Image"),
+            "rootfsImageRef": checkpoint.image_id.removeprefix("sha256:"),
+            "rootfsImageName": checkpoint.config["Config"].get("Image"),
+            "runtime": "runc", "createdTime": checkpoint.config.get("Created"),
+            "checkpointedTime": checkpoint.created_at.isoformat().replace("+00:00", "Z")}))
         members += [
-            ("config.dump", checkpoint.path / METADATA),
+            ("config.dump", work / "config.dump"),
             ("network.status", work / "network.status"),
             ("rootfs-diff.tar", work / "rootfs-diff.tar"),
             ("deleted.files", work / "deleted.files"),
@@ -250,7 +264,14 @@ def write_stream(sink: IO[bytes], manifest: Dict[str, Any], members: Iterable[Tu
         _add_bytes(tar, "manifest.json", manifest_bytes, now)
         if signer is not None:
             _add_bytes(tar, "manifest.sig", trust.sign(signer, manifest_bytes), now)
+        folder_made = False
         for name, size, data in members:
+            if name.startswith("checkpoint/") and not folder_made:
+                # checkpointctl finds an archive's images by this directory entry.
+                folder = tarfile.TarInfo("checkpoint")
+                folder.type, folder.mode, folder.mtime = tarfile.DIRTYPE, 0o700, int(now.timestamp())
+                tar.addfile(folder)
+                folder_made = True
             member = tarfile.TarInfo(name)
             member.size, member.mode, member.mtime = size, 0o600, int(now.timestamp())
             tar.addfile(member, data)
@@ -386,7 +407,14 @@ def _import(
     try:
         with archive.open_bundle(_source(path), encryption_key) as tar:
             members = iter(tar)
-            manifest_bytes = first_member(tar, members)
+            head = next(members, None)
+            if formats.is_foreign(head) and not relayed and head is not None:
+                # Podman's or the kubelet's archive: no manifest, no signature (see dolly._formats).
+                formats.extract(tar, head, members, staging / "in", max_bytes=max_bytes)
+                return _import_foreign(engine, staging, allow_unsigned=allow_unsigned, allowed=allowed,
+                                       image_source=image_source, max_bytes=max_bytes,
+                                       between_own_engines=between_own_engines)
+            manifest_bytes = first_member(tar, iter([head] if head is not None else []))
             manifest = parse_manifest(manifest_bytes)
             signature, first = read_signature(tar, members)
             signer = _check_signature(manifest_bytes, manifest, signature, trusted, allow_unsigned)
@@ -438,6 +466,41 @@ def _import(
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return Checkpoint.load(final, engine.client)
+
+
+def _import_foreign(engine: Engine, staging: Path, *, allow_unsigned: bool, allowed: FrozenSet[str],
+                    image_source: Optional[docker.DockerClient], max_bytes: int,
+                    between_own_engines: bool) -> Checkpoint:
+    """The rest of an import of a Podman or kubelet archive, extracted into ``staging / "in"``:
+    held to the same rules as a bundle's members (policy, process images, claims, image)."""
+    cp, final, image_id, image_name, kind = formats.make_checkpoint(
+        staging / "in", staging / "cp", engine.store_dir, allow_unsigned=allow_unsigned, max_bytes=max_bytes)
+    origin = {**(cp.origin or {}), "signer": None, "imported_at": datetime.now(UTC).isoformat(),
+              "allowed": sorted(allowed)}
+    cp = dataclasses.replace(cp, origin=origin)
+    policy.check(cp.config, allowed)
+    try:
+        policy.check_images(criu.processes(staging / "cp" / "criu"), criu.mountpoints(staging / "cp" / "criu"),
+                            cp.config, allowed, host_paths=[p for p in policy.masked_paths() if os.path.exists(p)])
+    except ImageRewriteError as e:
+        raise UnsafeArchive(f"the archive's process images cannot be read: {e}") from e
+    if not between_own_engines:
+        _refuse_claims(engine, cp.container_id)
+    for item in origin["not_applied"]:
+        log.warning("import of a %s archive: %s", kind, item)
+    formats.write_metadata(cp, staging / "cp")
+    loaded = engine.ensure_image(image_id, image_name, tag=False,
+                                 source=Engine.of(image_source) if image_source is not None else None)
+    try:
+        final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if final.exists():
+            raise CheckpointExists(f"checkpoint {cp.name!r} of {cp.container_name} exists already")
+        os.rename(staging / "cp", final)
+    except BaseException:
+        if loaded:
+            engine.remove_image(image_id)
+        raise
     return Checkpoint.load(final, engine.client)
 
 
@@ -546,6 +609,9 @@ def _extract(tar: tarfile.TarFile, first: Optional[tarfile.TarInfo], members: It
     total = 0
     member = first
     while member is not None:
+        if member.isdir() and member.name.rstrip("/") == "checkpoint":  # the images' folder, made above
+            member = next(members, None)
+            continue
         if not _MEMBER_RE.match(member.name):
             raise UnsafeArchive(f"the bundle holds {member.name!r}, which is not part of the bundle layout")
         if not member.isfile() or member.sparse is not None:
@@ -586,6 +652,8 @@ def _make_checkpoint(extracted: Path, folder: Path, manifest: Dict[str, Any], fi
             os.rename(extracted / name, folder / name)
 
     meta = _small_json(extracted / "config.dump")
+    if isinstance(meta, dict) and "dolly" in meta:  # beside checkpointctl's fields (older bundles: alone)
+        meta = meta["dolly"]
     want = manifest["checkpoint"]
     try:
         if not isinstance(meta, dict):

@@ -302,7 +302,13 @@ class PendingDump:
         self._thread.join(timeout)
         if self._thread.is_alive():
             raise TimeoutError("the post-copy dump is still serving pages")
-        for leftover in self._leftovers:  # Docker's own folder, made once the dump ended
+        if self._outcome:
+            raise self._outcome[0]
+
+    def ended(self) -> None:
+        """What the dump's thread does once the dump ended, however: Docker's own folder (made
+        then) and the ready file go, and the source's restart policy comes back."""
+        for leftover in self._leftovers:
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
@@ -311,8 +317,6 @@ class PendingDump:
             policy, self._policy = self._policy, None
             with contextlib.suppress(DollyError):
                 self.engine.set_restart_policy(self.container_id, policy)
-        if self._outcome:
-            raise self._outcome[0]
 
 
 def checkpoint_lazy(container: ContainerRef, name: str, *, port: int, client: Optional[docker.DockerClient] = None,
@@ -377,6 +381,8 @@ def _checkpoint_lazy_locked(engine: Engine, source: Container, name: str, final:
             engine.create_checkpoint(id_of(source), docker_name, exit=True, unbounded=True)
         except BaseException as e:  # handed to whoever waits for the dump
             outcome.append(e)
+        finally:
+            pending.ended()
 
     thread = threading.Thread(target=dump, name="dolly-lazy-dump", daemon=True)
     pending = PendingDump(engine, id_of(source), thread, outcome,
@@ -408,13 +414,19 @@ def _checkpoint_lazy_locked(engine: Engine, source: Container, name: str, final:
         os.rename(staging, final)
         return cp, pending
     except BaseException:
-        if listening:  # the source waits, frozen: break the transfer off, and it runs on
+        # The source waits, frozen, once the page server listens (or will, when the dump goes
+        # on): break the transfer off as soon as it does, and the source runs on.
+        deadline = time.monotonic() + 120
+        while thread.is_alive() and not listening and time.monotonic() < deadline:
+            listening = ready.is_file() and ready.stat().st_size > 0
+            time.sleep(0.01)
+        if listening:
             criu.break_off_page_server(port)
-        if thread.is_alive() or listening:
-            with contextlib.suppress(Exception):
-                pending.wait(timeout=60)
+        with contextlib.suppress(Exception):
+            pending.wait(timeout=60)
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(spool, ignore_errors=True)
+        if not thread.is_alive():  # never under a dump still writing into it
+            shutil.rmtree(spool, ignore_errors=True)
         raise
 
 

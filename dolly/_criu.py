@@ -10,6 +10,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -116,7 +117,8 @@ def start_lazy_pages(images: Path, *, port: int, log: Path, timeout: float = 10.
     deadline = time.monotonic() + timeout
     while not (images / LAZY_PAGES_SOCKET).is_socket():
         if daemon.poll() is not None or time.monotonic() > deadline:
-            daemon.kill()
+            with contextlib.suppress(OSError):
+                os.killpg(daemon.pid, signal.SIGKILL)  # nsenter forks the daemon: its session goes
             daemon.wait()
             text = log.read_text(errors="replace") if log.is_file() else "(no log)"
             raise HostNotReady(f"CRIU's lazy-pages daemon did not start: {text[-1500:]}")
@@ -129,9 +131,10 @@ def break_off_page_server(port: int) -> None:
     namespace): a connection reset before the transfer's end, which CRIU takes as a failed
     transfer, so that it lets the dumped processes run on, with their memory. A clean end of the
     connection would not do: CRIU takes that as the end of a transfer and kills them."""
-    with contextlib.suppress(OSError):
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            reset_on_close(sock)
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        reset_on_close(sock)
+        sock.settimeout(5)
+        sock.connect(("127.0.0.1", port))
 
 
 def reset_on_close(sock: socket.socket) -> None:

@@ -49,6 +49,7 @@ from .errors import (
     ContainerNotFound,
     ContainerNotRunning,
     DollyError,
+    HostNotReady,
     InvalidArgument,
     MigrationFailed,
     NameConflict,
@@ -254,9 +255,15 @@ def _migrate_post_copy(source_engine: Engine, target_engine: Engine, source: Con
         page_source = postcopy.open_source(source_engine, source, _name())
     except BaseException as e:
         page_target.end.close()
-        if not isinstance(e, CheckpointFailed):
-            raise
-        state = _resume_after_failed_checkpoint(source_engine, source, e)
+        if isinstance(e, CheckpointFailed):
+            state = _resume_after_failed_checkpoint(source_engine, source, e)
+        elif isinstance(e, (HostNotReady, ContainerNotFound, ContainerNotRunning)) or not isinstance(e, Exception):
+            raise  # refused before anything was dumped, or interrupted
+        elif _still_running(source_engine, source):
+            state = "the source is still running"
+        else:
+            raise MigrationFailed(f"migration of {source.name} failed at step 'checkpoint': {e}; the source is not "
+                                  "running", step="roll back") from e
         raise MigrationFailed(f"migration of {source.name} failed at step 'checkpoint': {e}; {state}",
                               step=step) from e
     cp = page_source.checkpoint
@@ -301,7 +308,9 @@ def _migrate_post_copy(source_engine: Engine, target_engine: Engine, source: Con
     relay.commit(timeout=60)
     try:
         page_source.wait(60)
-    except (CheckpointFailed, TimeoutError) as e:  # pragma: no cover - logged: the target runs
+    except (DollyError, TimeoutError) as e:  # pragma: no cover - logged: the target runs
+        # Whatever became of the dump, the moved container runs with every page: the source,
+        # should it run on, goes below (never two copies).
         log.warning("migrate: the source's post-copy dump did not end cleanly: %s", e)
     for what, undo in (("source container", lambda: source_engine.remove(id_of(source), volumes=False)),
                        ("source checkpoint", lambda: remove_checkpoint(cp)),

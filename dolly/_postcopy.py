@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import platform
 import socket
 import struct
 import threading
@@ -43,10 +44,23 @@ __all__ = ["PageSource", "PageTarget", "Relay", "open_source", "open_target"]
 # struct page_server_iov (criu/page-xfer.c): u32 cmd, then three u64 (x86_64 alignment). The
 # lazy-pages daemon sends nothing else, and each one whole.
 RECORD = 32
-PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE = 0x1023, 0x1024
+PS_IOV_GET, PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE = 7, 0x1023, 0x1024
+_MAX_PAGES = 1 << 30  # 4 TiB: a request for more is no daemon's
 _CMD_MASK = 0xFFFF
 _CHUNK = 1 << 20
 _CLONE_NEWNET = 0x40000000
+
+
+def check_record(record: bytes) -> None:
+    """Raises ValueError unless ``record`` is what the lazy-pages daemon sends: a request for
+    pages (``PS_IOV_GET``, at least one) or its close. Anything else could have the page server
+    write files or read past its tasks."""
+    cmd, nr_pages = struct.unpack_from("<I4xQ", record)
+    if (cmd & _CMD_MASK) == PS_IOV_GET and 0 < nr_pages <= _MAX_PAGES:
+        return
+    if is_close(record):
+        return
+    raise ValueError(f"a record the lazy-pages daemon does not send (command {cmd:#x}, {nr_pages} pages)")
 
 
 def is_close(record: bytes) -> bool:
@@ -109,18 +123,27 @@ class SourceLink:
     processes). Closed before that, it ends with a reset: the source runs on."""
 
     def __init__(self, port: int) -> None:
-        self._sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        self._sock.settimeout(None)
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # requests are small and wait
-        criu.reset_on_close(self._sock)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            criu.reset_on_close(self._sock)  # before anything can end it: never a clean end by accident
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # requests are small and wait
+            self._sock.settimeout(30)
+            self._sock.connect(("127.0.0.1", port))
+            self._sock.settimeout(None)
+        except BaseException:
+            self._sock.close()
+            raise
         self._records = Records()
         self.closed = False  # the daemon's close record went through
 
     def send(self, data: bytes) -> None:
+        """Raises:
+            ValueError: a record that the lazy-pages daemon does not send (nothing is sent)."""
         batch = []
         for record in self._records.feed(data):
             if self.closed:
                 break
+            check_record(record)
             batch.append(record)
             self.closed = is_close(record)
         if batch:
@@ -151,11 +174,11 @@ class SourceLink:
 class Listener:
     """Where the lazy-pages daemon connects: 127.0.0.1:``port``, once."""
 
-    def __init__(self, *, accept_timeout: float = 300.0) -> None:
+    def __init__(self) -> None:
+        # No timeout: the migration closes it when it ends, whatever the restore took.
         self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._server.bind(("127.0.0.1", 0))
         self._server.listen(1)
-        self._server.settimeout(accept_timeout)
         self.port = int(self._server.getsockname()[1])
         self._sock: Optional[socket.socket] = None
         self._accepted = threading.Event()
@@ -207,11 +230,14 @@ def pump(end: End, inp: IO[bytes], out: IO[bytes]) -> None:
     record: a reset, and the source runs on)."""
 
     def up() -> None:
-        while True:
-            data = inp.read1(_CHUNK) if hasattr(inp, "read1") else inp.read(_CHUNK)
-            if not data:
-                break
-            end.send(data)
+        try:
+            while True:
+                data = inp.read1(_CHUNK) if hasattr(inp, "read1") else inp.read(_CHUNK)
+                if not data:
+                    break
+                end.send(data)
+        except (OSError, ValueError):
+            pass  # a refused record, a broken stream: ended as below
         end.close()
 
     threading.Thread(target=up, name="dolly-pages-up", daemon=True).start()
@@ -239,7 +265,9 @@ def serve_source(container: ContainerRef, name: str, *, inp: IO[bytes], out: IO[
         link = SourceLink(port)
     except OSError:
         criu.break_off_page_server(port)
-        pending.wait(60)
+        with contextlib.suppress(Exception):
+            pending.wait(60)
+        _remove_quietly(cp)
         raise
     control({"ready": checkpoint_json(cp), "frozen_s": time.perf_counter() - pending.started_at})
     pump(link, inp, out)
@@ -289,6 +317,7 @@ def open_source(engine: Engine, container: ContainerRef, name: str) -> PageSourc
         as :func:`dolly._checkpoint.checkpoint_lazy`; HostNotReady when this process cannot
         reach a local engine's page server (another network namespace than its dockerd's).
     """
+    _require_64_bit()
     if not engine.files_are_local():
         from ._agent import Agent
         from ._remote import checkpoint_from
@@ -314,7 +343,9 @@ def open_source(engine: Engine, container: ContainerRef, name: str) -> PageSourc
         link = SourceLink(port)
     except OSError:
         criu.break_off_page_server(port)
-        pending.wait(60)
+        with contextlib.suppress(Exception):
+            pending.wait(60)
+        _remove_quietly(cp)
         raise
 
     def wait_local(timeout: float) -> None:
@@ -329,6 +360,7 @@ def open_target(engine: Engine) -> PageTarget:
     Raises:
         HostNotReady: the agent there did not answer.
     """
+    _require_64_bit()
     if not engine.files_are_local():
         from ._agent import Agent
 
@@ -340,6 +372,20 @@ def open_target(engine: Engine) -> PageTarget:
             raise
     listener = Listener()  # the daemon runs in this process's namespaces (criu_command)
     return PageTarget(listener.port, listener)
+
+
+def _require_64_bit() -> None:
+    """Raises HostNotReady where CRIU's records would not be :data:`RECORD` bytes long."""
+    if platform.machine() not in ("x86_64", "aarch64"):
+        raise HostNotReady(f"post-copy migration is built for x86_64 and aarch64, not {platform.machine()}")
+
+
+def _remove_quietly(cp: Checkpoint) -> None:
+    """A post-copy checkpoint that will not be restored: its images lack the memory."""
+    from ._checkpoint import remove_checkpoint
+
+    with contextlib.suppress(Exception):
+        remove_checkpoint(cp)
 
 
 def _require_daemon_netns(engine: Engine) -> None:
@@ -369,18 +415,33 @@ class Relay:
         self._aborted = False
         self.bytes_down = 0
         self.daemon_done = threading.Event()  # the daemon sent its last record: it has every page
+        self.broken = ""  # why the transfer broke off before the commit, when it did
         self._threads = [threading.Thread(target=self._up, name="dolly-relay-up", daemon=True),
                          threading.Thread(target=self._down, name="dolly-relay-down", daemon=True)]
         for t in self._threads:
             t.start()
 
+    def _break(self, why: str) -> None:
+        if not self.broken and not self._go.is_set():
+            self.broken = why
+
     def _up(self) -> None:
+        try:
+            self._pass_up()
+        except (OSError, ValueError) as e:
+            self._break(f"{type(e).__name__}: {e}")
+
+    def _pass_up(self) -> None:
         records = Records()
         while True:
             data = self.target.recv()
             if not data:
-                return  # without its close record the page server waits: commit or abort decides
+                # Without its close record the page server waits: commit or abort decides.
+                self._break("the lazy-pages daemon went before it had every page")
+                return
             batch = records.feed(data)
+            for record in batch:
+                check_record(record)
             last = next((i for i, r in enumerate(batch) if is_close(r)), None)
             if last is not None:  # the daemon's last record: held back until the commit
                 if last:
@@ -397,6 +458,7 @@ class Relay:
         while True:
             data = self.source.recv()
             if not data:
+                self._break("the page server's end went before the commit")
                 break
             self.bytes_down += len(data)
             self.target.send(data)
@@ -408,8 +470,12 @@ class Relay:
         Raises:
             TimeoutError: it has not within ``timeout`` seconds (:meth:`abort` still rolls back).
         """
-        if not self.daemon_done.wait(timeout):
-            raise TimeoutError(f"the memory did not all reach the target within {timeout:.0f} s")
+        deadline = time.monotonic() + timeout
+        while not self.daemon_done.wait(0.05):
+            if self.broken:
+                raise ConnectionError(f"the memory transfer broke off: {self.broken}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the memory did not all reach the target within {timeout:.0f} s")
 
     def commit(self, timeout: float) -> None:
         """Let the transfer end (after :meth:`wait_for_pages`): CRIU then ends the dump on the

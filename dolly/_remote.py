@@ -112,6 +112,8 @@ def export(engine: Engine, cp: Checkpoint, out: Path, *, signer: Optional[Ed2551
         def rest() -> Iterable[tuple]:
             seen = set()
             for member in members:
+                if member.isdir() and member.name.rstrip("/") == "checkpoint":
+                    continue
                 want = listed.get(member.name)
                 if want is None or member.name in seen or not member.isfile() or member.size != want["size"]:
                     raise BundleError(f"Dolly's agent sent {member.name!r}, which its manifest does not list so")
@@ -136,7 +138,11 @@ def import_bundle(engine: Engine, source: Union[Path, IO[bytes]], *, trusted: Li
     loaded = False
     with archive.open_bundle(source, encryption_key) as tar:
         members = iter(tar)
-        manifest_bytes = first_member(tar, members)
+        head = next(members, None)
+        if head is not None and head.name != "manifest.json":
+            raise BundleError("not a Dolly bundle: it does not start with manifest.json (a Podman or Kubernetes "
+                              "checkpoint archive is imported only into an engine whose files are local, for now)")
+        manifest_bytes = first_member(tar, iter([head] if head is not None else []))
         manifest = parse_manifest(manifest_bytes)
         signature, first = read_signature(tar, members)
         signer = check_signature_and_freshness(manifest_bytes, manifest, signature, trusted, allow_unsigned)
@@ -146,6 +152,9 @@ def import_bundle(engine: Engine, source: Union[Path, IO[bytes]], *, trusted: Li
         def rest() -> Iterable[tuple]:
             member = first
             while member is not None:
+                if member.isdir() and member.name.rstrip("/") == "checkpoint":
+                    member = next(members, None)
+                    continue
                 if not member.isfile():
                     raise BundleError(f"{member.name!r} in the bundle is not a regular file")
                 yield member.name, member.size, tar.extractfile(member)

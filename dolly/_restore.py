@@ -14,9 +14,11 @@ upload byte-identical checkpoints, which containerd would refuse as "already exi
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -474,8 +476,9 @@ def _start_from(engine: Engine, cp: Checkpoint, container_id: str, *, hostname: 
         try:
             engine.start_from_checkpoint(container_id, docker_name)
         except BaseException:
-            if daemon is not None:
-                daemon.kill()
+            if daemon is not None:  # nsenter forks it: its whole session goes
+                with contextlib.suppress(OSError):
+                    os.killpg(daemon.pid, signal.SIGKILL)
                 daemon.wait()
             raise
     finally:

@@ -174,8 +174,29 @@ def test_a_daemon_that_goes_without_its_close_record_leaves_the_source_waiting(r
     read_answer(daemon, 1)
     daemon.close()  # the target died
     assert not server.ended.wait(0.5), f"the page server saw the end: {server.outcome}"
-    with pytest.raises(TimeoutError):
-        relay.wait_for_pages(0.1)
+    with pytest.raises(ConnectionError, match="broke off"):
+        relay.wait_for_pages(5)
     relay.abort()
     assert server.ended.wait(5)
     assert server.outcome == "reset"
+
+
+def test_a_record_the_daemon_never_sends_is_not_passed_on(relayed):
+    """PS_IOV_ADD would have a page server write pages: the relay breaks the transfer off."""
+    server, relay, daemon = relayed
+    daemon.sendall(record(1, 1, 0x7000))
+    with pytest.raises(ConnectionError, match="broke off"):
+        relay.wait_for_pages(5)
+    relay.abort()
+    assert server.ended.wait(5)
+    assert server.outcome == "reset" and server.seen == []
+
+
+def test_a_link_refuses_a_record_the_daemon_never_sends():
+    server = PageServer()
+    link = SourceLink(server.port)
+    with pytest.raises(ValueError, match="does not send"):
+        link.send(record(PS_IOV_GET, 0, 0x5000))  # no pages
+    link.close()
+    assert server.ended.wait(5)
+    assert server.outcome == "reset" and server.seen == []

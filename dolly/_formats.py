@@ -1,0 +1,301 @@
+"""The ecosystem's checkpoint archives: Podman's, and the kubelet's (CRI-O's and containerd's).
+
+They are one family (../shared/INTEROP-NOTES.md has the sources): a tar, maybe compressed, of
+
+    checkpoint/        CRIU's images, with a directory entry
+    config.dump        the engine's container configuration: Podman's ContainerConfig (``id``,
+                       ``name``, ``rootfsImageID``, ``rootfsImageName``, ``runtime``, ...), or
+                       checkpointctl's reduced one for CRI-O (``rootfsImage``, ``rootfsImageRef``)
+    spec.dump          the OCI runtime spec (``io.container.manager``: ``libpod``, ``cri-o``)
+    rootfs-diff.tar    files the container changed (plain form), deleted.files those it deleted
+    stats-dump         CRIU's dump statistics
+    network.status     Podman: the container's addresses
+    bind.mounts        CRI-O: the CRI request's mounts; status.dump containerd's container status
+    dump.log           CRI-O: CRIU's log
+
+:func:`import_foreign` makes one a Dolly checkpoint on a Docker Engine. Such an archive carries no
+Dolly manifest and no signature: it is imported only with ``allow_unsigned=True``, and everything
+in it is held to the rules of a Dolly bundle (paths, member kinds, sizes, the restore policy, the
+process images against the configuration). What cannot apply to one Docker container (the pod,
+the CRI request's mounts, Kubernetes' annotations, the old addresses) is reported in the
+checkpoint's ``origin["not_applied"]`` and logged, not dropped silently.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import types
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+
+from . import _criu as criu, _names as names, _rootfs as rootfs, policy
+from ._archive import CHUNK, tarfile
+from ._checkpoint import METADATA, ROOTFS_DIFF, Checkpoint
+from .errors import BundleError, UnsafeArchive, UnsignedBundle
+
+log = logging.getLogger("dolly")
+
+FORMATS = ("podman", "cri-o", "containerd")
+_MEMBER_RE = re.compile(r"^(config\.dump|spec\.dump|network\.status|rootfs-diff\.tar|deleted\.files|stats-dump|"
+                        r"bind\.mounts|status\.dump|dump\.log|checkpoint/[A-Za-z0-9][A-Za-z0-9._-]{0,200})$")
+_MAX_MEMBERS = 100_000
+_MAX_JSON = 4 << 20
+_IMAGE_ID_RE = re.compile(r"^(sha256:)?([0-9a-f]{64})$")
+# The mounts Docker makes in every container itself; any other mount of the spec is reported.
+_ENGINE_MOUNTS = {"/proc", "/dev", "/dev/pts", "/sys", "/sys/fs/cgroup", "/dev/mqueue", "/dev/shm",
+                  "/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/run/.containerenv", "/run/secrets",
+                  "/dev/termination-log"}
+
+
+def is_foreign(first: Optional[tarfile.TarInfo]) -> bool:
+    """Whether an archive whose first member is ``first`` is not a Dolly bundle (which starts
+    with its manifest)."""
+    return first is not None and first.name != "manifest.json"
+
+
+def extract(tar: tarfile.TarFile, first: tarfile.TarInfo, members: Iterator[tarfile.TarInfo], into: Path, *,
+            max_bytes: int) -> None:
+    """Every member, held to the family's layout, into the new folder ``into``.
+
+    Raises:
+        UnsafeArchive: a member outside the layout, not a regular file (or the one directory
+            ``checkpoint``), twice, unsafe, or more than ``max_bytes`` in all.
+    """
+    into.mkdir(mode=0o700)
+    (into / "checkpoint").mkdir(mode=0o700)
+    seen: set = set()
+    total = 0
+    member: Optional[tarfile.TarInfo] = first
+    while member is not None:
+        name = member.name[2:] if member.name.startswith("./") else member.name
+        name = name.rstrip("/") if member.isdir() else name
+        if member.isdir() and name in ("checkpoint", "."):
+            member = next(members, None)
+            continue
+        if not _MEMBER_RE.match(name):
+            raise UnsafeArchive(f"the archive holds {member.name!r:.200}, which is not part of a checkpoint "
+                                "archive (volumes and other extras are not imported)")
+        if not member.isfile() or member.sparse is not None:
+            raise UnsafeArchive(f"{member.name!r} in the archive is not a regular file (links and devices "
+                                "are refused)")
+        try:
+            tarfile.data_filter(member, str(into))
+        except tarfile.FilterError as e:
+            raise UnsafeArchive(f"refused while extracting: {e}") from e
+        if name in seen:
+            raise UnsafeArchive(f"the archive holds {name!r} twice")
+        seen.add(name)
+        total += member.size
+        if total > max_bytes or len(seen) > _MAX_MEMBERS:
+            raise UnsafeArchive(f"the archive unpacks to more than {max_bytes} bytes or {_MAX_MEMBERS} files")
+        dest = names.inside(into, *name.split("/"), error=UnsafeArchive)
+        src = tar.extractfile(member)
+        if src is None:
+            raise UnsafeArchive(f"{member.name!r} is not a regular file")
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(src, out, CHUNK)
+        member = next(members, None)
+    for required in ("config.dump", "spec.dump", "checkpoint/inventory.img"):
+        if required not in seen:
+            raise BundleError(f"not a checkpoint archive: it lacks {required}")
+
+
+def detect(extracted: Path, spec: Mapping[str, Any], config: Mapping[str, Any]) -> str:
+    """Which engine wrote the archive: by its content, as checkpointctl tells them apart."""
+    manager = _mapping(spec.get("annotations")).get("io.container.manager")
+    if (extracted / "status.dump").exists():
+        return "containerd"
+    if manager == "cri-o" or (extracted / "bind.mounts").exists():
+        return "cri-o"
+    if manager == "libpod" or "rootfsImageID" in config:
+        return "podman"
+    raise BundleError("a checkpoint archive of no engine Dolly knows (not Podman's, CRI-O's or containerd's)")
+
+
+def make_checkpoint(extracted: Path, folder: Path, store_dir: Path, *, allow_unsigned: bool,
+                    max_bytes: int) -> Tuple[Checkpoint, Path, str, Optional[str], str]:
+    """Dolly's checkpoint folder from an extracted archive of the family: returns the checkpoint
+    (its ``origin`` not yet set), its place in the store, the image's ID and name, and the format.
+
+    Raises:
+        UnsignedBundle: without ``allow_unsigned`` (these archives carry no signature).
+        BundleError, UnsafeArchive: fields that break Dolly's rules, or a layer that does.
+    """
+    spec = _json(extracted / "spec.dump")
+    config = _json(extracted / "config.dump")
+    if not isinstance(spec, dict) or not isinstance(config, dict):
+        raise BundleError("spec.dump and config.dump must be JSON objects")
+    kind = detect(extracted, spec, config)
+    if not allow_unsigned:
+        raise UnsignedBundle(f"a {kind} checkpoint archive carries no signature Dolly can check: import it with "
+                             "allow_unsigned=True if you trust where it came from")
+    container_id = str(config.get("id") or "")
+    if not re.fullmatch(r"[0-9a-f]{64}", container_id):
+        raise BundleError(f"config.dump's id is not a container ID: {container_id!r:.80}")
+    container_name = str(config.get("name") or "").lstrip("/")
+    try:
+        names.container_name(container_name)
+    except Exception as e:
+        raise BundleError(f"config.dump's name is not a container name: {e}") from None
+    image_id, image_name = _image(config)
+    created_at = _go_time(config.get("checkpointedTime")) or _go_time(config.get("createdTime")) or datetime.now(UTC)
+    name = f"{kind.replace('-', '')}-{created_at.strftime('%Y%m%dT%H%M%S.%fZ')}"
+    final = names.inside(store_dir, container_id, name, error=BundleError)
+
+    folder.mkdir(mode=0o700)
+    os.rename(extracted / "checkpoint", folder / "criu")
+    deleted: Any = []
+    if (extracted / "deleted.files").exists():
+        deleted = _json(extracted / "deleted.files")
+    if not isinstance(deleted, list) or not all(isinstance(d, str) for d in deleted) or len(deleted) > rootfs.MAX_FILES:
+        raise UnsafeArchive("deleted.files is not a list of paths")
+    diff = extracted / "rootfs-diff.tar"
+    if not diff.exists():  # the engines leave it out when nothing changed
+        with tarfile.open(diff, "w"):
+            pass
+    rootfs.to_overlay_form(diff, deleted, folder / ROOTFS_DIFF, max_bytes=max_bytes)
+    for member in ("spec.dump", "stats-dump"):
+        if (extracted / member).exists():
+            os.rename(extracted / member, folder / member)
+
+    recorded, not_applied = docker_config(spec, config, container_id=container_id, name=container_name,
+                                          image_id=image_id, image_name=image_name)
+    not_applied += _extras(extracted, kind)
+    cp = Checkpoint(container_id=container_id, container_name=container_name, name=name, created_at=created_at,
+                    hostname=criu.read_hostname(folder / "criu"), config=types.MappingProxyType(recorded),
+                    path=final, origin={"format": kind, "not_applied": not_applied})
+    return cp, final, image_id, image_name, kind
+
+
+def write_metadata(cp: Checkpoint, folder: Path) -> None:
+    fd = os.open(folder / METADATA, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(cp._metadata(), f)
+    for p in folder.rglob("*"):
+        os.chmod(p, 0o700 if p.is_dir() else 0o600)
+
+
+def docker_config(spec: Mapping[str, Any], config: Mapping[str, Any], *, container_id: str, name: str,
+                  image_id: str, image_name: Optional[str]) -> Tuple[Dict[str, Any], List[str]]:
+    """What ``docker inspect`` would say of a container that runs what the OCI ``spec`` runs,
+    for :func:`dolly.clone` to create from (and the restore policy to judge), and the spec's
+    settings that it does not carry over.
+
+    Raises:
+        BundleError: a spec without a process.
+    """
+    process = _mapping(spec.get("process"))
+    args = process.get("args")
+    if not (isinstance(args, list) and args and all(isinstance(a, str) for a in args)):
+        raise BundleError("spec.dump has no process.args")
+    env = [e for e in process.get("env") or [] if isinstance(e, str)]
+    user = _mapping(process.get("user"))
+    uid, gid = user.get("uid", 0), user.get("gid", 0)
+    bounding = {str(c).removeprefix("CAP_") for c in _mapping(process.get("capabilities")).get("bounding") or []}
+    defaults = set(policy.DEFAULT_CAPABILITIES)
+    not_applied: List[str] = []
+    namespaces = {str(_mapping(n).get("type")): _mapping(n).get("path") for n in
+                  _mapping(spec.get("linux")).get("namespaces") or []}
+    host = {
+        "NetworkMode": "default",
+        "CapAdd": sorted(bounding - defaults) or None,
+        "CapDrop": sorted(defaults - bounding) or None,
+        "Privileged": False,
+        "ReadonlyRootfs": bool(_mapping(spec.get("root")).get("readonly")),
+    }
+    for kind in ("pid", "ipc", "uts", "network"):
+        if kind not in namespaces:
+            # The host's namespace: Docker's --pid=host and the like, which the policy judges.
+            host[{"pid": "PidMode", "ipc": "IpcMode", "uts": "UTSMode", "network": "NetworkMode"}[kind]] = "host"
+    for mount in spec.get("mounts") or []:
+        m = _mapping(mount)
+        dest = str(m.get("destination") or "")
+        if dest and dest not in _ENGINE_MOUNTS and not dest.startswith(("/proc/", "/sys/", "/dev/")):
+            not_applied.append(f"mount of {m.get('source')!s:.200} at {dest:.200} ({m.get('type')}): "
+                               "not made in the Docker container")
+    annotations = _mapping(spec.get("annotations"))
+    pod = [f"{k}={v!s:.100}" for k, v in annotations.items()
+           if str(k).startswith(("io.kubernetes.", "io.podman.annotations.")) and "pod" in str(k).lower()]
+    if pod:
+        not_applied.append("pod-level annotations (the container joins no pod): " + ", ".join(sorted(pod)[:8]))
+    if config.get("pod"):
+        not_applied.append(f"Podman pod {config.get('pod')!s:.80}: the container joins no pod")
+    recorded = {
+        "Id": container_id,
+        "Name": "/" + name,
+        "Image": image_id,
+        "Config": {
+            "Hostname": str(spec.get("hostname") or ""),
+            "User": f"{int(uid)}:{int(gid)}",
+            "Env": env,
+            "Cmd": args[1:],
+            "Entrypoint": args[:1],
+            "WorkingDir": str(process.get("cwd") or "/"),
+            "Tty": bool(process.get("terminal")),
+            "Image": image_name or image_id,
+            "Labels": {},
+        },
+        "HostConfig": host,
+        "NetworkSettings": {"Networks": {}},
+    }
+    return recorded, not_applied
+
+
+def _extras(extracted: Path, kind: str) -> List[str]:
+    out = []
+    if (extracted / "bind.mounts").exists():
+        mounts = _json(extracted / "bind.mounts")
+        for m in mounts if isinstance(mounts, list) else []:
+            m = _mapping(m)
+            out.append(f"CRI mount {m.get('hostPath')!s:.200} at {m.get('containerPath')!s:.200}: not made in the "
+                       "Docker container")
+    if (extracted / "status.dump").exists():
+        out.append("containerd's container status (status.dump): not used")
+    if (extracted / "network.status").exists():
+        out.append(f"{kind}'s network status: the container gets an address of the Docker network")
+    return out
+
+
+def _image(config: Mapping[str, Any]) -> Tuple[str, Optional[str]]:
+    """The image's ID (``sha256:<hex>``) and name, from Podman's or checkpointctl's fields."""
+    raw = str(config.get("rootfsImageID") or config.get("rootfsImageRef") or "")
+    m = _IMAGE_ID_RE.match(raw)
+    if not m:
+        raise BundleError(f"config.dump names no image ID (rootfsImageID, rootfsImageRef): {raw!r:.80}")
+    image_name = config.get("rootfsImageName") or config.get("rootfsImage")
+    if image_name is not None and not (isinstance(image_name, str) and re.fullmatch(r"[\w./:@-]{1,255}", image_name)):
+        raise BundleError(f"config.dump's image name is not one: {image_name!r:.80}")
+    return "sha256:" + m.group(2), image_name
+
+
+def _go_time(value: Any) -> Optional[datetime]:
+    """Go's RFC 3339 time (nanoseconds, a zone), to a datetime (microseconds, UTC)."""
+    if not isinstance(value, str):
+        return None
+    m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)", value)
+    if not m:
+        return None
+    fraction = (m.group(2) or ".0")[:7]
+    zone = "+00:00" if m.group(3) == "Z" else m.group(3)
+    try:
+        return datetime.fromisoformat(m.group(1) + fraction + zone).astimezone(UTC)
+    except ValueError:
+        return None
+
+
+def _json(path: Path) -> Any:
+    if path.stat().st_size > _MAX_JSON:
+        raise UnsafeArchive(f"{path.name} is larger than {_MAX_JSON} bytes")
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:
+        raise BundleError(f"{path.name} is not JSON: {e}") from None
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}

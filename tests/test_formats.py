@@ -1,0 +1,179 @@
+"""The ecosystem's checkpoint archives, with a real engine: kubelet-style archives (CRI-O's and
+containerd's layout, INTEROP-NOTES.md) in, and what checkpointctl reads of Dolly's own bundles.
+
+No kubelet, CRI-O or containerd CRI runs here: the archives are built to their documented layout
+from a checkpoint this engine took (its CRIU images, its OCI spec with CRI-O's annotations added,
+checkpointctl's reduced config.dump, CRI-O's bind.mounts, containerd's status.dump), under a
+container ID that no container of this engine has, as an archive from another node would be.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import secrets
+from pathlib import Path
+
+import pytest
+
+import dolly
+from dolly import _rootfs as rootfs, errors
+from dolly._archive import tarfile
+from dolly._engine import Engine
+from helpers import assert_counts_on
+
+POD_ANNOTATIONS = {"io.kubernetes.pod.name": "web-0", "io.kubernetes.pod.namespace": "default",
+                   "io.kubernetes.pod.uid": "5b7c0d3e", "io.kubernetes.container.name": "counter"}
+SECRET_MOUNT = {"containerPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+                "hostPath": "/var/lib/kubelet/pods/5b7c0d3e/volumes/kubernetes.io~projected/kube-api-access",
+                "readOnly": True, "selinuxRelabel": False}
+
+
+def kubelet_archive(cp, out: Path, *, engine: str = "cri-o", compress: bool = False, spec_patch=None,
+                    extra: tuple = ()) -> str:
+    """Write ``cp`` as the kubelet's checkpoint archive of ``engine`` at ``out``; returns the
+    container ID it carries."""
+    container_id = secrets.token_hex(32)
+    work = out.parent / f"work-{container_id[:8]}"
+    work.mkdir()
+    deleted = rootfs.to_bundle_form(cp.rootfs_diff, work / "rootfs-diff.tar", max_bytes=1 << 30)
+    spec = json.loads((cp.path / "spec.dump").read_text())
+    spec.pop("hooks", None)
+    spec["annotations"] = {**(spec.get("annotations") or {}), **POD_ANNOTATIONS}
+    if engine == "cri-o":
+        spec["annotations"]["io.container.manager"] = "cri-o"
+    if spec_patch:
+        spec_patch(spec)
+    config = {"id": container_id, "name": "k8s_counter_web-0_default_5b7c0d3e_0", "rootfsImage": "dolly/busybox",
+              "rootfsImageRef": cp.image_id.removeprefix("sha256:"), "rootfsImageName": "dolly/busybox:latest",
+              "runtime": "runc", "createdTime": "2026-11-29T09:00:00.123456789Z",
+              "checkpointedTime": "2026-11-29T09:05:00.987654321Z"}
+    files = {"config.dump": json.dumps(config).encode(), "spec.dump": json.dumps(spec).encode(),
+             "deleted.files": json.dumps(deleted).encode(), "dump.log": b"(00.000001) dumped\n",
+             "rootfs-diff.tar": (work / "rootfs-diff.tar").read_bytes()}
+    if (cp.path / "stats-dump").exists():
+        files["stats-dump"] = (cp.path / "stats-dump").read_bytes()
+    if engine == "cri-o":
+        files["bind.mounts"] = json.dumps([SECRET_MOUNT]).encode()
+    else:
+        files["status.dump"] = json.dumps({"Pid": 4242, "Status": "running"}).encode()
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        folder = tarfile.TarInfo("checkpoint")
+        folder.type, folder.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(folder)
+        for image in sorted(cp.images_dir.iterdir()):
+            tar.add(image, arcname=f"checkpoint/{image.name}")
+        for name, data in [*files.items(), *extra]:
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    out.write_bytes(gzip.compress(raw.getvalue()) if compress else raw.getvalue())
+    return container_id
+
+
+def counter_at(cp) -> int:
+    """The counter's value at the checkpoint: its file in the writable layer taken with it."""
+    with tarfile.open(cp.rootfs_diff) as tar:
+        for m in tar.getmembers():
+            if m.name.removeprefix("./") == "tmp/count":
+                return int(tar.extractfile(m).read())
+    raise AssertionError("no /tmp/count in the checkpoint's writable layer")
+
+
+def _nothing_left(client, container_id: str) -> None:
+    engine = Engine.of(client)
+    assert not (engine.store_dir / container_id).exists()
+    assert not any(engine.spool_dir.glob("import-*"))
+
+
+def test_a_cri_o_archive_clones_on_docker_with_its_state(source_cp, client, tmp_path):
+    at_checkpoint = counter_at(source_cp)
+    path = tmp_path / "checkpoint-web-0-counter.tar"
+    container_id = kubelet_archive(source_cp, path)
+    cp = dolly.import_bundle(path, client=client, allow_unsigned=True)
+    try:
+        assert cp.container_id == container_id and cp.origin["format"] == "cri-o"
+        assert cp.container_name == "k8s_counter_web-0_default_5b7c0d3e_0"
+        reported = " ".join(cp.origin["not_applied"])
+        assert SECRET_MOUNT["hostPath"] in reported and "io.kubernetes.pod.name=web-0" in reported
+        clones = dolly.clone(cp, 2)
+        try:
+            assert len({c.attrs["NetworkSettings"]["IPAddress"] for c in clones}) == 2
+            for clone in clones:
+                assert clone.exec_run(["cat", "/greeting"]).output == b"hello\n"
+                assert clone.exec_run(["cat", "/d/f"]).output == b"x\n"
+                assert clone.exec_run(["test", "-e", "/etc/group"]).exit_code == 1, "a deleted file came back"
+                assert_counts_on(clone, at_checkpoint)
+        finally:
+            for c in clones:
+                c.remove(force=True)
+    finally:
+        dolly.remove_checkpoint(cp)
+
+
+def test_a_containerd_archive_gzipped_is_told_apart_and_clones(source_cp, client, tmp_path):
+    path = tmp_path / "checkpoint.tar.gz"
+    kubelet_archive(source_cp, path, engine="containerd", compress=True)
+    cp = dolly.import_bundle(path, client=client, allow_unsigned=True)
+    try:
+        assert cp.origin["format"] == "containerd"
+        assert any("status.dump" in x for x in cp.origin["not_applied"])
+        (clone,) = dolly.clone(cp, 1)
+        try:
+            assert clone.exec_run(["cat", "/greeting"]).output == b"hello\n"
+            assert_counts_on(clone, counter_at(source_cp))
+        finally:
+            clone.remove(force=True)
+    finally:
+        dolly.remove_checkpoint(cp)
+
+
+def test_a_foreign_archive_needs_allow_unsigned(source_cp, client, tmp_path):
+    path = tmp_path / "cp.tar"
+    container_id = kubelet_archive(source_cp, path)
+    with pytest.raises(errors.UnsignedBundle):
+        dolly.import_bundle(path, client=client)
+    _nothing_left(client, container_id)
+
+
+def test_a_foreign_archive_with_a_path_outside_is_refused(source_cp, client, tmp_path):
+    path = tmp_path / "cp.tar"
+    container_id = kubelet_archive(source_cp, path, extra=(("../../etc/evil", b"x"),))
+    with pytest.raises(errors.UnsafeArchive):
+        dolly.import_bundle(path, client=client, allow_unsigned=True)
+    _nothing_left(client, container_id)
+    assert not (tmp_path.parent.parent / "etc" / "evil").exists()
+
+
+def test_a_foreign_archive_asking_for_more_capabilities_is_refused(source_cp, client, tmp_path):
+    def add_sys_admin(spec):
+        caps = spec["process"]["capabilities"]
+        for key in caps:
+            caps[key] = sorted({*caps[key], "CAP_SYS_ADMIN"})
+
+    path = tmp_path / "cp.tar"
+    container_id = kubelet_archive(source_cp, path, spec_patch=add_sys_admin)
+    with pytest.raises(errors.PolicyRefused) as info:
+        dolly.import_bundle(path, client=client, allow_unsigned=True)
+    assert "capabilities" in info.value.items
+    _nothing_left(client, container_id)
+
+
+def test_dolly_bundles_carry_what_checkpointctl_reads(source_cp, tmp_path):
+    """checkpointctl (internal/utils.go, lib/metadata.go): a `checkpoint` directory entry,
+    config.dump's and spec.dump's fields for `show`, a top-level stats-dump for `inspect --stats`."""
+    path = dolly.export(source_cp, tmp_path / "cp.dolly", compression="gzip")
+    with tarfile.open(path, "r:gz") as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert members["checkpoint"].isdir()
+        assert "checkpoint/inventory.img" in members and "stats-dump" in members
+        config = json.load(tar.extractfile("config.dump"))
+        spec = json.load(tar.extractfile("spec.dump"))
+    assert config["id"] == source_cp.container_id and config["name"] == source_cp.container_name
+    assert config["rootfsImageName"] == source_cp.config["Config"]["Image"] and config["runtime"] == "runc"
+    assert config["rootfsImageRef"] == source_cp.image_id.removeprefix("sha256:")
+    assert config["checkpointedTime"].startswith(source_cp.created_at.strftime("%Y-%m-%dT%H:%M:%S"))
+    assert spec["ociVersion"] and spec["process"]["args"] and spec["root"]["path"]
+    assert os.stat(path).st_mode & 0o077 == 0
