@@ -69,11 +69,12 @@ def rebuild(path: Path, out: Path, *, signer=None, manifest_edit=None, replace=N
 
 
 def edit_config(path: Path, edit) -> bytes:
-    """The config.dump of the bundle at ``path``, changed by ``edit(meta)``."""
+    """The config.dump of the bundle at ``path``, with Dolly's metadata in it changed by
+    ``edit(meta)`` (the metadata sits under ``dolly``, beside checkpointctl's fields)."""
     with tarfile.open(path) as tar:
-        meta = json.loads(tar.extractfile("config.dump").read())
-    edit(meta)
-    return json.dumps(meta).encode()
+        dump = json.loads(tar.extractfile("config.dump").read())
+    edit(dump["dolly"])
+    return json.dumps(dump).encode()
 
 
 def rootfs_tar(*entries) -> bytes:

@@ -300,7 +300,10 @@ def test_a_post_copy_target_losing_its_memory_mid_way_brings_the_source_back(war
     with pytest.raises(errors.MigrationFailed) as info:
         dolly.migrate(source, host_b, ready=kill_the_daemon_and_pass, post_copy=True)
     assert killed, "no lazy-pages daemon was found to kill"
-    assert info.value.step == "memory" and "broke off" in str(info.value), str(info.value)
+    # Either the transfer is seen to break off, or the moved process dies of it first (a fault
+    # the daemon no longer serves): the move rolls back in both.
+    assert (info.value.step, "broke off" in str(info.value) or "did not keep running" in str(info.value)) in (
+        ("memory", True), ("verify", True)), str(info.value)
     source.reload()
     assert source.status == "running"
     after = ask(source)
