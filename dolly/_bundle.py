@@ -32,6 +32,7 @@ A refusal at any step removes the staging folder: nothing of the bundle remains.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -96,6 +97,7 @@ def export(
     checkpoint: Checkpoint,
     path: PathLike,
     *,
+    format: str = "dolly",
     signer: Optional[Ed25519PrivateKey] = None,
     compression: str = "zstd",
     encryption_key: Optional[bytes] = None,
@@ -110,6 +112,13 @@ def export(
     the archive is encrypted as it is written, so no plaintext reaches ``path``'s folder.
 
     Args:
+        format: ``"dolly"`` (a bundle file at ``path``), or ``"oci"``: a checkpoint OCI image, the
+            new folder ``path`` holding an OCI image layout whose one layer is the bundle,
+            uncompressed (its files at ``/``, as CRI-O's and Podman's checkpoint images hold
+            theirs), annotated for CRI-O (``io.kubernetes.cri-o.annotations.checkpoint.name``),
+            Podman (``io.podman.annotations.checkpoint.*``), checkpointctl
+            (``org.criu.checkpoint.*``) and Dolly (``io.dolly.checkpoint.*``: the manifest's
+            digest and the signer). ``skopeo copy oci:PATH docker://...`` pushes it.
         signer: an Ed25519 private key (:func:`dolly.trust.generate_keypair`); unsigned when None.
         compression: ``"zstd"`` (default), ``"gzip"`` or ``"none"``.
         encryption_key: 32 bytes (:func:`dolly.trust.generate_encryption_key`) to encrypt the
@@ -123,10 +132,16 @@ def export(
             one the checkpoint knows.
 
     Raises:
-        InvalidArgument: an unknown compression, a bad key or lineage, a non-positive
-            ``expires_in``, or a layer larger than ``max_bytes`` in the bundle.
+        InvalidArgument: an unknown format or compression, a bad key or lineage, a non-positive
+            ``expires_in``, a layer larger than ``max_bytes`` in the bundle, an encrypted OCI
+            image (an image's layer is not encrypted), or an OCI image folder that exists.
         CheckpointNotFound: the checkpoint's files are gone.
     """
+    if format not in EXPORT_FORMATS:
+        raise InvalidArgument(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
+    if format == "oci":
+        return _export_oci(checkpoint, Path(path), signer=signer, encryption_key=encryption_key,
+                           expires_in=expires_in, lineage=lineage, max_bytes=max_bytes, client=client)
     if compression not in COMPRESSIONS:
         raise InvalidArgument(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
     if not isinstance(expires_in, timedelta) or expires_in <= timedelta(0):
@@ -149,6 +164,50 @@ def export(
     _export(checkpoint, engine, lambda manifest, members: write_bundle(
         out, manifest, members, signer=signer, compression=compression, encryption_key=encryption_key),
         signer=signer, compression=compression, expires_in=expires_in, lineage=lineage, max_bytes=max_bytes)
+    return out
+
+
+EXPORT_FORMATS = ("dolly", "oci")
+
+
+def _export_oci(checkpoint: Checkpoint, out: Path, *, signer: Optional[Ed25519PrivateKey],
+                encryption_key: Optional[bytes], expires_in: timedelta, lineage: Optional[str], max_bytes: int,
+                client: Optional[docker.DockerClient]) -> Path:
+    """:func:`export` with ``format="oci"``."""
+    if encryption_key is not None:
+        raise InvalidArgument("a checkpoint OCI image is not encrypted: export format='dolly' to encrypt")
+    if out.exists():
+        raise InvalidArgument(f"{out} exists: an OCI image layout is written as a new folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bundle = out.with_name(f".{out.name}.layer")
+    try:
+        export(checkpoint, bundle, signer=signer, compression="none", expires_in=expires_in, lineage=lineage,
+               max_bytes=max_bytes, client=client)
+        with archive.open_bundle(bundle, None) as tar:
+            manifest_bytes = first_member(tar)
+        manifest = parse_manifest(manifest_bytes)
+        image_name = str(checkpoint.config["Config"].get("Image") or checkpoint.image_id)
+        annotations = {
+            "io.kubernetes.cri-o.annotations.checkpoint.name": checkpoint.container_name,
+            "io.podman.annotations.checkpoint.name": checkpoint.container_name,
+            "io.podman.annotations.checkpoint.rootfsImageID": checkpoint.image_id.removeprefix("sha256:"),
+            "io.podman.annotations.checkpoint.rootfsImageName": image_name,
+            "io.podman.annotations.checkpoint.runtime.name": "runc",
+            "io.podman.annotations.checkpoint.criu.version": str(manifest.get("criu_version") or ""),
+            "org.criu.checkpoint.container.name": checkpoint.container_name,
+            "org.criu.checkpoint.container.id": checkpoint.container_id,
+            "org.criu.checkpoint.rootfsImageName": image_name,
+            "org.criu.checkpoint.rootfsImageRef": checkpoint.image_id,
+            "org.criu.checkpoint.engine.name": "dolly",
+            "io.dolly.checkpoint.manifest.digest": "sha256:" + hashlib.sha256(manifest_bytes).hexdigest(),
+            "io.dolly.checkpoint.signer": str(manifest.get("signer") or ""),
+            "org.opencontainers.image.created": manifest["created_at"],
+        }
+        formats.write_oci_layout(bundle, out, annotations=annotations,
+                                 architecture={"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine,
+                                                                                         os.uname().machine))
+    finally:
+        bundle.unlink(missing_ok=True)
     return out
 
 
@@ -315,7 +374,11 @@ def import_bundle(
     :func:`dolly.clone`. It is listed under its source container's name and ID.
 
     Args:
-        path: the bundle's file, or a readable binary stream of it (read once, in order).
+        path: the bundle's file, or a readable binary stream of it (read once, in order); or
+            the folder of a checkpoint OCI image (an OCI image layout, as ``export(format="oci")``
+            writes it: its layer's digest is checked, then the layer is imported as the archive);
+            or a checkpoint archive of Podman or the kubelet (CRI-O, containerd), told apart by
+            its content, which needs ``allow_unsigned`` (see :mod:`dolly._formats`).
         trusted_keys: public keys whose signatures are accepted. When any are given, the bundle
             must be signed by one of them, whatever ``allow_unsigned`` says.
         allow_unsigned: with no ``trusted_keys``, accept a bundle whose signature cannot be
@@ -344,6 +407,8 @@ def import_bundle(
         InvalidArgument: an unknown ``allow`` item or a bad ``max_bytes``.
         BundleError: not a Dolly bundle, or one whose fields break Dolly's rules.
     """
+    if isinstance(path, (str, os.PathLike)) and formats.is_oci_layout(Path(path)):
+        path, _ = formats.oci_layer(Path(path))  # a checkpoint image: its layer is the archive
     return _import(path, client=client, trusted_keys=trusted_keys, allow_unsigned=allow_unsigned, allow=allow,
                    image_source=image_source, encryption_key=encryption_key, max_bytes=max_bytes)
 

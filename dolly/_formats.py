@@ -22,6 +22,7 @@ checkpoint's ``origin["not_applied"]`` and logged, not dropped silently.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -299,3 +300,122 @@ def _json(path: Path) -> Any:
 
 def _mapping(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
+
+
+# --- checkpoint OCI images ----------------------------------------------------------------------------
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+_DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
+_MAX_OCI_JSON = 1 << 20
+
+
+def write_oci_layout(bundle: Path, out: Path, *, annotations: Dict[str, str], architecture: str) -> None:
+    """Make the folder ``out`` an OCI image layout of one image: its one layer is ``bundle`` (an
+    uncompressed Dolly bundle, whose members are the checkpoint archive's files at ``/``, as
+    CRI-O's and Podman's checkpoint images hold them), moved in as a blob; ``annotations`` go on
+    its manifest. Written into ``out``'s folder and renamed into place at the end.
+
+    Raises:
+        InvalidArgument: ``out`` exists.
+    """
+    from .errors import InvalidArgument
+
+    if out.exists():
+        raise InvalidArgument(f"{out} exists: an OCI image layout is written as a new folder")
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    blobs = partial / "blobs" / "sha256"
+    blobs.mkdir(parents=True, mode=0o700)
+    try:
+        layer_digest, layer_size = _sha256(bundle), bundle.stat().st_size
+        os.rename(bundle, blobs / layer_digest)
+        config = json.dumps({
+            "architecture": architecture, "os": "linux", "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [f"sha256:{layer_digest}"]},
+        }, sort_keys=True).encode()
+        config_digest = _put_blob(blobs, config)
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": f"sha256:{config_digest}", "size": len(config)},
+            "layers": [{"mediaType": OCI_LAYER, "digest": f"sha256:{layer_digest}", "size": layer_size}],
+            "annotations": annotations,
+        }, sort_keys=True).encode()
+        manifest_digest = _put_blob(blobs, manifest)
+        (partial / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+        (partial / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
+            "mediaType": OCI_MANIFEST, "digest": f"sha256:{manifest_digest}", "size": len(manifest),
+            "annotations": annotations}]}, sort_keys=True))
+        for p in [partial, *partial.rglob("*")]:
+            os.chmod(p, 0o700 if p.is_dir() else 0o600)
+        os.rename(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def is_oci_layout(path: Path) -> bool:
+    return path.is_dir() and (path / "oci-layout").is_file()
+
+
+def oci_layer(layout: Path) -> Tuple[Path, Dict[str, str]]:
+    """The one layer of the one image in the OCI image layout ``layout`` (a checkpoint image),
+    with its manifest's annotations; every blob on the way checked against its digest and size.
+
+    Raises:
+        BundleError: not a layout of one image of one uncompressed layer.
+        DigestMismatch: a blob that is not what its digest says.
+    """
+    index = _oci_json(layout / "index.json")
+    manifests = index.get("manifests") if isinstance(index, dict) else None
+    if not (isinstance(manifests, list) and len(manifests) == 1 and isinstance(manifests[0], dict)):
+        raise BundleError("the OCI image layout does not hold exactly one image")
+    manifest = _oci_json(_blob(layout, manifests[0]))
+    layers = manifest.get("layers") if isinstance(manifest, dict) else None
+    if not (isinstance(layers, list) and len(layers) == 1 and isinstance(layers[0], dict)):
+        raise BundleError("a checkpoint image has exactly one layer")
+    if layers[0].get("mediaType") != OCI_LAYER:
+        raise BundleError(f"the checkpoint image's layer is {layers[0].get('mediaType')!r:.80}, not {OCI_LAYER}")
+    annotations = manifest.get("annotations") or {}
+    if not isinstance(annotations, dict):
+        raise BundleError("the image's annotations are not a map")
+    return _blob(layout, layers[0]), {str(k)[:200]: str(v)[:1000] for k, v in annotations.items()}
+
+
+def _blob(layout: Path, descriptor: Mapping[str, Any]) -> Path:
+    from .errors import DigestMismatch
+
+    m = _DIGEST_RE.match(str(descriptor.get("digest", "")))
+    size = descriptor.get("size")
+    if not m or not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise BundleError(f"a descriptor of the OCI image layout names no sha256 blob: {descriptor!r:.200}")
+    path = layout / "blobs" / "sha256" / m.group(1)
+    if path.is_symlink() or not path.is_file():
+        raise BundleError(f"the OCI image layout lacks the blob {m.group(0)} (or it is not a plain file)")
+    if path.stat().st_size != size or _sha256(path) != m.group(1):
+        raise DigestMismatch(f"the blob {m.group(0)} of the OCI image layout is not what its digest says")
+    return path
+
+
+def _oci_json(path: Path) -> Any:
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > _MAX_OCI_JSON:
+        raise BundleError(f"{path.name} of the OCI image layout is missing, not a plain file, or too large")
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:
+        raise BundleError(f"{path.name} of the OCI image layout is not JSON: {e}") from None
+
+
+def _put_blob(blobs: Path, data: bytes) -> str:
+    digest = hashlib.sha256(data).hexdigest()
+    (blobs / digest).write_bytes(data)
+    return digest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -32,7 +32,7 @@ from rich.progress import (
 from rich.table import Table
 
 import dolly
-from dolly import policy, ready, trust
+from dolly import _formats as formats, policy, ready, trust
 from dolly._checkpoint import DEFAULT_MAX_LAYER_BYTES, Checkpoint, remove_pruned
 from dolly._engine import Engine
 from dolly.errors import CriuError, DollyError, InvalidArgument
@@ -295,7 +295,9 @@ def keygen_cmd(ctx: Context, private_pem: str, public_pem: str) -> None:
 @cli.command("export")
 @click.argument("container")
 @click.argument("checkpoint")
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("path", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["dolly", "oci"]), default="dolly", show_default=True,
+              help="A bundle file, or a checkpoint OCI image (an OCI image layout folder at PATH).")
 @click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False),
               help="Sign with this PEM private key.")
 @click.option("--compression", type=click.Choice(["zstd", "gzip", "none"]), default="zstd", show_default=True)
@@ -304,23 +306,25 @@ def keygen_cmd(ctx: Context, private_pem: str, public_pem: str) -> None:
 @click.option("--expires-in", type=click.FloatRange(min=0, min_open=True), default=168.0, show_default=True,
               help="Hours the bundle stays fresh.")
 @command
-def export_cmd(ctx: Context, container: str, checkpoint: str, path: str, sign_key: Optional[str],
+def export_cmd(ctx: Context, container: str, checkpoint: str, path: str, fmt: str, sign_key: Optional[str],
                compression: str, key_file: Optional[str], expires_in: float) -> None:
-    """Write CONTAINER's CHECKPOINT as a bundle at PATH, for another engine."""
+    """Write CONTAINER's CHECKPOINT as a bundle at PATH (or a checkpoint OCI image), for another engine."""
     cp = dolly.get_checkpoint(container, checkpoint, ctx.client)
     signer = trust.load_private_key(sign_key) if sign_key else None
     with _working("exporting") as bar:
         bar.add_task("export", total=None)
-        written = dolly.export(cp, path, signer=signer, compression=compression, client=ctx.client,
+        written = dolly.export(cp, path, format=fmt, signer=signer, compression=compression, client=ctx.client,
                                encryption_key=_read_key(key_file), expires_in=timedelta(hours=expires_in))
+    size = sum(p.stat().st_size for p in written.rglob("*") if p.is_file()) if written.is_dir() else \
+        written.stat().st_size
     if ctx.as_json:
-        _print_json({"path": str(written), "size_bytes": written.stat().st_size})
+        _print_json({"path": str(written), "format": fmt, "size_bytes": size})
     else:
-        out.print(f"{written} ({written.stat().st_size / 2**20:.1f} MiB)")
+        out.print(f"{written} ({size / 2**20:.1f} MiB)")
 
 
 @cli.command("import")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("path", type=click.Path(exists=True))
 @click.option("--trust", "trusted", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="A PEM public key whose signature is accepted (repeatable).")
 @click.option("--allow-unsigned", is_flag=True, help="Accept a bundle without a trusted signature.")
@@ -332,13 +336,17 @@ def export_cmd(ctx: Context, container: str, checkpoint: str, path: str, sign_ke
 @command
 def import_cmd(ctx: Context, path: str, trusted: List[str], allow_unsigned: bool, image_from: Optional[str],
                key_file: Optional[str], allow: List[str]) -> None:
-    """Verify the bundle at PATH and make it a checkpoint on this engine.
+    """Verify the bundle at PATH and make it a checkpoint on this engine. PATH may also be a
+    checkpoint OCI image (an OCI image layout folder), or Podman's or the kubelet's checkpoint
+    archive (told apart by content; these carry no signature: --allow-unsigned).
 
     By default its container may not be privileged, mount host paths or named volumes, use host
     devices, add capabilities, join host namespaces, change security options, set sysctls or a
     cgroup parent, or log off the host; --allow lets it, item by item."""
     source = client_for(image_from) if image_from else None
     keys = [trust.load_public_key(k) for k in trusted]
+    if Path(path).is_dir():  # a checkpoint OCI image: its layer is checked, then read
+        path = str(formats.oci_layer(Path(path))[0])
     # The bundle is read once, as a stream: the bar follows the bytes read (to this engine, or
     # on their way to another host's).
     with _bytes_bar(f"importing {Path(path).name}") as bar, \

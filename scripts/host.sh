@@ -38,7 +38,8 @@ export DEBIAN_FRONTEND=noninteractive
 PACKAGES=(docker.io runc containerd iptables iproute2 busybox-static mmdebstrap zstd xz-utils
   build-essential patch pkgconf libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev
   libnl-3-dev libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler uuid-dev
-  python3-protobuf python3-venv)
+  python3-protobuf python3-venv
+  skopeo)  # reads and copies checkpoint OCI images (the tests check Dolly's with it)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
