@@ -48,7 +48,8 @@ def check_host(client: Optional[docker.DockerClient] = None) -> HostReport:
 
     Lines: engine reachable, experimental mode, the ``dolly`` runtime, the engine's files
     visible to this process (decided by the process at the other end of its socket, see
-    ``Engine.files_are_local``), CRIU version (4.2 or newer), ``criu check``, pycriu importable.
+    ``Engine.files_are_local``), CRIU version (4.2 or newer), ``criu check``, lazy pages
+    (userfaultfd, which only post-copy migrations to this host need), pycriu importable.
 
     Raises:
         Nothing for what it finds: an unreachable engine, a remote one, a missing CRIU are
@@ -114,6 +115,7 @@ def check_host(client: Optional[docker.DockerClient] = None) -> HostReport:
                                 text[-1] if text else f"exit {res.returncode}", make_host))
         except (OSError, subprocess.TimeoutExpired) as e:
             checks.append(Check("criu check", False, f"could not run: {e}", make_host))
+        checks.append(_lazy_pages_check())
     try:
         import pycriu.images  # noqa: F401 - imported only to see that it can be
 
@@ -124,6 +126,20 @@ def check_host(client: Optional[docker.DockerClient] = None) -> HostReport:
 
 
 CAP_SYS_RESOURCE = 24
+
+
+def _lazy_pages_check() -> Check:
+    """Whether CRIU can restore lazily here (userfaultfd with fork and remap events), which a
+    post-copy migration to this host needs; nothing else does."""
+    name = "lazy pages (post-copy target)"
+    try:
+        res = subprocess.run([*(criu.criu_command() or ["criu"]), "check", "--feature", "uffd-noncoop"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return Check(name, False, f"could not run: {e}", "")
+    text = (res.stdout + res.stderr).strip().splitlines()
+    return Check(name, res.returncode == 0, text[-1] if text else f"exit {res.returncode}",
+                 "a kernel with userfaultfd (CONFIG_USERFAULTFD); only post-copy migrations to this host need it")
 
 
 def _other_users_check(engine: Engine, make_host: str) -> Check:

@@ -174,7 +174,8 @@ def test_check_host_checks_another_host_completely(host_b):
     report = dolly.check_host(host_b)
     assert report.ok, str(report)
     names = [c.name for c in report.checks]
-    for line in ("agent", "experimental mode", "'dolly' runtime", "CRIU version", "criu check", "pycriu"):
+    for line in ("agent", "experimental mode", "'dolly' runtime", "CRIU version", "criu check",
+                 "lazy pages (post-copy target)", "pycriu"):
         assert line in names
     (agent,) = host_b.containers.list(filters={"label": "dolly.agent"})
     assert agent.name.startswith(AGENT) and agent.status == "running"
