@@ -112,7 +112,11 @@ def export(
     the archive is encrypted as it is written, so no plaintext reaches ``path``'s folder.
 
     Args:
-        format: ``"dolly"`` (a bundle file at ``path``), or ``"oci"``: a checkpoint OCI image, the
+        format: ``"dolly"`` (a bundle file at ``path``); ``"podman"``: the archive that
+            ``podman container restore --import PATH`` restores (Podman 4.3 with runc; the image
+            loaded into Podman first, ``docker save | podman load``; the host needs
+            ``dolly._formats.PODMAN_CRIU_CONFIG``, which ``make host`` writes; neither signed nor
+            encrypted, and the clones keep the source's kernel hostname); or ``"oci"``: a checkpoint OCI image, the
             new folder ``path`` holding an OCI image layout whose one layer is the bundle,
             uncompressed (its files at ``/``, as CRI-O's and Podman's checkpoint images hold
             theirs), annotated for CRI-O (``io.kubernetes.cri-o.annotations.checkpoint.name``),
@@ -142,6 +146,14 @@ def export(
     if format == "oci":
         return _export_oci(checkpoint, Path(path), signer=signer, encryption_key=encryption_key,
                            expires_in=expires_in, lineage=lineage, max_bytes=max_bytes, client=client)
+    if format == "podman":
+        if signer is not None or encryption_key is not None:
+            raise InvalidArgument("Podman's checkpoint archives are neither signed nor encrypted: export "
+                                  "format='dolly' for that")
+        if compression not in COMPRESSIONS:
+            raise InvalidArgument(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
+        return _export_podman(checkpoint, Path(path), compression=compression, expires_in=expires_in,
+                              max_bytes=max_bytes, client=client)
     if compression not in COMPRESSIONS:
         raise InvalidArgument(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
     if not isinstance(expires_in, timedelta) or expires_in <= timedelta(0):
@@ -167,7 +179,7 @@ def export(
     return out
 
 
-EXPORT_FORMATS = ("dolly", "oci")
+EXPORT_FORMATS = ("dolly", "oci", "podman")
 
 
 def _export_oci(checkpoint: Checkpoint, out: Path, *, signer: Optional[Ed25519PrivateKey],
@@ -208,6 +220,30 @@ def _export_oci(checkpoint: Checkpoint, out: Path, *, signer: Optional[Ed25519Pr
                                                                                          os.uname().machine))
     finally:
         bundle.unlink(missing_ok=True)
+    return out
+
+
+def _export_podman(checkpoint: Checkpoint, out: Path, *, compression: str, expires_in: timedelta, max_bytes: int,
+                   client: Optional[docker.DockerClient]) -> Path:
+    """:func:`export` with ``format="podman"``: the bundle, made as usual (from any engine), then
+    rewritten into Podman's archive (:func:`dolly._formats.write_podman_archive`) beside ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        work = Path(tmp)
+        export(checkpoint, work / "bundle", compression="none", expires_in=expires_in, max_bytes=max_bytes,
+               client=client)
+        unpacked = work / "in"
+        (unpacked / "checkpoint").mkdir(parents=True, mode=0o700)
+        with archive.open_bundle(work / "bundle", None) as tar:
+            members = iter(tar)
+            digests = {m["name"]: m["sha256"] for m in parse_manifest(first_member(tar, members))["members"]}
+            for member in members:
+                if member.isfile() and member.name in digests:
+                    archive.write_member(tar, member, unpacked / member.name, sha256=digests[member.name])
+        meta = json.loads((unpacked / "config.dump").read_text())["dolly"]
+        image_name = formats.podman_image_name(str(checkpoint.config["Config"].get("Image") or checkpoint.image_id))
+        formats.write_podman_archive(unpacked, out, meta=meta, image_name=image_name, compression=compression,
+                                     work=work / "work")
     return out
 
 

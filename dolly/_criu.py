@@ -284,3 +284,65 @@ def _load(path: Path) -> dict:
             return pycriu.images.load(f)
     except Exception as e:  # pycriu raises bare Exceptions, KeyErrors and protobuf DecodeErrors
         raise ImageRewriteError(f"cannot read CRIU image {path}: {type(e).__name__}: {e}") from e
+
+
+# --- images for another engine (dolly._formats) ---------------------------------------------------
+
+
+def root_task_ids(images_dir: Path) -> dict:
+    """The namespace IDs of the checkpoint's first task (``ids-<pid>.img``).
+
+    Raises:
+        ImageRewriteError: no pstree or ids image pycriu can read.
+    """
+    root = _load(Path(images_dir) / "pstree.img")["entries"][0]["pid"]
+    return dict(_load(Path(images_dir) / f"ids-{root}.img")["entries"][0])
+
+
+def external_netns_image(images_dir: Path, out: Path, *, key: str) -> Optional[str]:
+    """Write ``out`` (named ``netns-<id>.img`` by the caller from the returned name) marking the
+    first task's network namespace as external under ``key``: a restore then joins the namespace
+    the runtime hands CRIU under that key (runc: ``extRootNetNS``, the spec's netns path) instead
+    of making an empty one. Docker's checkpoints leave the namespace out (its engine makes a new
+    one and sets it up in a hook); Podman names the one its network made. Returns the image's
+    file name, or None when the checkpoint has its own network namespace image already.
+
+    Raises:
+        ImageRewriteError: images pycriu cannot read or write.
+    """
+    name = f"netns-{root_task_ids(images_dir)['net_ns_id']}.img"
+    if (Path(images_dir) / name).exists():
+        return None
+    _dump({"magic": "NETNS", "entries": [{"ext_key": key}]}, out)
+    return name
+
+
+def root_mode_rewritten(images_dir: Path, out: Path, *, mode: int) -> int:
+    """Write ``out``, a copy of ``files.img`` whose entries for the container's root directory
+    (``/``, a directory) have ``mode``'s permission bits: CRIU checks that a reopened directory
+    has the mode it had, and engines give the same image's root different modes (Docker 0755,
+    Podman 0555). Returns how many entries changed.
+
+    Raises:
+        ImageRewriteError: an image pycriu cannot read or write.
+    """
+    img = _load(Path(images_dir) / "files.img")
+    changed = 0
+    for entry in img["entries"]:
+        reg = entry.get("reg") or {}
+        if reg.get("name") == "/" and isinstance(reg.get("mode"), int) and reg["mode"] & 0o170000 == 0o040000:
+            reg["mode"] = (reg["mode"] & ~0o7777) | mode
+            changed += 1
+    _dump(img, out)
+    return changed
+
+
+def _dump(img: dict, out: Path) -> None:
+    import pycriu.images
+
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            pycriu.images.dump(img, f)
+    except Exception as e:  # pycriu raises bare Exceptions
+        raise ImageRewriteError(f"cannot write CRIU image {out}: {type(e).__name__}: {e}") from e

@@ -23,6 +23,7 @@ checkpoint's ``origin["not_applied"]`` and logged, not dropped silently.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -419,3 +420,83 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# --- Podman's checkpoint archive ----------------------------------------------------------------------
+
+# A CRIU configuration file on the Podman host, named by the exported spec's ``org.criu.config``
+# annotation (runc hands it to CRIU for that container alone): ``mntns-compat-mode``, without which
+# CRIU 4.2 cannot restore a Docker container's mounts into Podman's ("mnt-v2: Failed to copy
+# sharing"). ``make host`` writes it; a Podman host without it fails the restore with that error.
+PODMAN_CRIU_CONFIG = "/usr/local/lib/dolly/criu-mntns-compat.conf"
+# The mode Podman's storage gives a container's root directory (Docker's: 0755).
+PODMAN_ROOT_MODE = 0o555
+
+
+def podman_image_name(name: str) -> str:
+    """The name ``podman load`` gives an image that Docker calls ``name`` (a name without a
+    registry is a local one to Podman: ``localhost/...``; a tag defaults to ``latest``)."""
+    first, _, rest = name.partition("/")
+    qualified = name if rest and ("." in first or ":" in first or first == "localhost") else f"localhost/{name}"
+    last = qualified.rsplit("/", 1)[-1]
+    return qualified if (":" in last or "@" in qualified) else f"{qualified}:latest"
+
+
+def write_podman_archive(bundle_dir: Path, out: Path, *, meta: Mapping[str, Any], image_name: str,
+                         compression: str, work: Path) -> None:
+    """Write at ``out`` what ``podman container restore --import`` restores, from the members of a
+    Dolly bundle unpacked in ``bundle_dir`` (and Dolly's checkpoint metadata ``meta``):
+
+    - ``checkpoint/``: CRIU's images with two changes for Podman's set-up: the root directory's
+      mode as Podman gives it, and the network namespace marked external (runc then joins the
+      namespace Podman's network made instead of CRIU making an empty one);
+    - ``spec.dump`` without Docker's hooks (they call dockerd), naming :data:`PODMAN_CRIU_CONFIG`;
+    - ``config.dump`` in Podman's shape; ``rootfs-diff.tar``, ``deleted.files``, ``stats-dump``.
+
+    Not carried: Dolly's manifest and signature (the images changed, so they would not match).
+    """
+    from . import _archive as archive
+
+    images = bundle_dir / "checkpoint"
+    work.mkdir(mode=0o700)
+    replaced: Dict[str, Path] = {}
+    criu.root_mode_rewritten(images, work / "files.img", mode=PODMAN_ROOT_MODE)
+    replaced["files.img"] = work / "files.img"
+    netns = criu.external_netns_image(images, work / "netns.img", key="extRootNetNS")
+    if netns is not None:
+        replaced[netns] = work / "netns.img"
+
+    spec = _json(bundle_dir / "spec.dump")
+    spec.pop("hooks", None)
+    spec["annotations"] = {**(spec.get("annotations") or {}), "org.criu.config": PODMAN_CRIU_CONFIG}
+    recorded = _mapping(meta.get("config"))
+    config = {
+        "id": meta["container_id"], "name": meta["container_name"],
+        "rootfsImageID": str(recorded.get("Image", "")).removeprefix("sha256:"), "rootfsImageName": image_name,
+        "runtime": "runc", "createNetNS": True, "networkMode": "bridge", "newNetworks": {"podman": {}},
+        "createdTime": recorded.get("Created"), "checkpointedTime": meta.get("created_at"),
+    }
+    files = {"config.dump": json.dumps(config).encode(), "spec.dump": json.dumps(spec).encode()}
+    plain = [(n, bundle_dir / n) for n in ("rootfs-diff.tar", "deleted.files", "stats-dump")
+             if (bundle_dir / n).exists()]
+    partial = out.with_name(f".{out.name}.partial")
+    try:
+        with open(partial, "wb") as raw, archive.compressor(raw, compression) as stream, \
+                tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            folder = tarfile.TarInfo("checkpoint")
+            folder.type, folder.mode = tarfile.DIRTYPE, 0o700
+            tar.addfile(folder)
+            names_in = sorted({p.name for p in images.iterdir() if p.is_file()} | set(replaced))
+            for name in names_in:
+                tar.add(replaced.get(name, images / name), arcname=f"checkpoint/{name}", recursive=False)
+            for name, data in files.items():
+                member = tarfile.TarInfo(name)
+                member.size, member.mode = len(data), 0o600
+                tar.addfile(member, io.BytesIO(data))
+            for name, path in plain:
+                tar.add(path, arcname=name, recursive=False)
+        os.chmod(partial, 0o600)
+        os.replace(partial, out)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise

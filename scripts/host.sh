@@ -39,7 +39,7 @@ PACKAGES=(docker.io runc containerd iptables iproute2 busybox-static mmdebstrap 
   build-essential patch pkgconf libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev
   libnl-3-dev libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler uuid-dev
   python3-protobuf python3-venv
-  skopeo)  # reads and copies checkpoint OCI images (the tests check Dolly's with it)
+  skopeo podman)  # read checkpoint OCI images; restore Dolly's Podman archives (the tests use both)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -128,6 +128,11 @@ fi
 
 # --- 3. the dolly runtime ------------------------------------------------------------------------
 cmp -s "$here/scripts/dolly-runc" "$RUNTIME_BIN" || install -m 0755 "$here/scripts/dolly-runc" "$RUNTIME_BIN"
+# The CRIU configuration that Dolly's Podman archives name for their restore (dolly/_formats.py,
+# PODMAN_CRIU_CONFIG): runc hands it to CRIU for those containers alone.
+mkdir -p /usr/local/lib/dolly
+[ "$(cat /usr/local/lib/dolly/criu-mntns-compat.conf 2>/dev/null)" = mntns-compat-mode ] ||
+  printf 'mntns-compat-mode\n' >/usr/local/lib/dolly/criu-mntns-compat.conf
 
 # --- 4. dockerd ----------------------------------------------------------------------------------
 mkdir -p /etc/docker

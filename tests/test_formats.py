@@ -23,7 +23,7 @@ import dolly
 from dolly import _rootfs as rootfs, errors
 from dolly._archive import tarfile
 from dolly._engine import Engine
-from helpers import assert_counts_on
+from helpers import PYTHON, ask, assert_counts_on, get_json
 
 POD_ANNOTATIONS = {"io.kubernetes.pod.name": "web-0", "io.kubernetes.pod.namespace": "default",
                    "io.kubernetes.pod.uid": "5b7c0d3e", "io.kubernetes.container.name": "counter"}
@@ -254,5 +254,84 @@ def test_an_oci_export_refuses_encryption_and_an_existing_folder(source_cp, tmp_
     with pytest.raises(errors.InvalidArgument, match="exists"):
         dolly.export(source_cp, tmp_path / "taken", format="oci")
     with pytest.raises(errors.InvalidArgument, match="format"):
-        dolly.export(source_cp, tmp_path / "x", format="podman")
+        dolly.export(source_cp, tmp_path / "x", format="tarball")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+# --- Docker -> Podman --------------------------------------------------------------------------------
+
+# A counter in memory and a file written at start: both must go on in Podman.
+STATEFUL = """
+import http.server, json, os, socket
+token = os.urandom(4).hex()
+with open("/var/tmp/born", "w") as f:
+    f.write(token)
+hits = 0
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        global hits
+        hits += 1
+        body = json.dumps({"hits": hits, "token": token}).encode()
+        self.send_response(200); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.HTTPServer(("", 8000), H).serve_forever()
+"""
+
+
+def podman(*args: str, check: bool = True) -> str:
+    return subprocess.run(["podman", *args], capture_output=True, text=True, check=check, timeout=300).stdout.strip()
+
+
+@pytest.fixture
+def podman_image(client):
+    """dolly/python in Podman's storage (docker save | podman load), removed after unless it was
+    there before."""
+    had = subprocess.run(["podman", "image", "exists", "localhost/dolly/python:latest"]).returncode == 0
+    if not had:
+        save = subprocess.Popen(["docker", "save", "dolly/python"], stdout=subprocess.PIPE)
+        subprocess.run(["podman", "load", "-q"], stdin=save.stdout, check=True, capture_output=True, timeout=300)
+        save.wait()
+    yield "localhost/dolly/python:latest"
+    if not had:
+        podman("rmi", "-f", "localhost/dolly/python:latest", check=False)
+
+
+def test_docker_to_podman_two_clones_answer_with_the_state(run, podman_image, tmp_path):
+    source = run(PYTHON, ["python3", "-c", STATEFUL])
+    dolly.ready.wait(source, dolly.ready.http(8000), timeout=60)
+    for _ in range(3):
+        before = ask(source)
+    cp = dolly.checkpoint(source, "to-podman")
+    archive_path = dolly.export(cp, tmp_path / "podman.tar.zst", format="podman")
+    with _open_any(archive_path) as tar:
+        config = json.load(tar.extractfile("config.dump"))
+        spec = json.load(tar.extractfile("spec.dump"))
+        assert tar.getmember("checkpoint").isdir()
+    assert config["id"] == cp.container_id and config["runtime"] == "runc" and config["rootfsImageName"] == podman_image
+    assert "hooks" not in spec, "Docker's hooks call dockerd"
+    names = [f"dolly-podman-{secrets.token_hex(3)}-{i}" for i in (1, 2)]
+    try:
+        for name in names:
+            podman("container", "restore", "--import", str(archive_path), "--name", name)
+        addresses = set()
+        for name in names:
+            ip = podman("inspect", name, "--format", "{{.NetworkSettings.IPAddress}}")
+            addresses.add(ip)
+            after = get_json(ip, 8000)
+            assert after["token"] == before["token"] and after["hits"] == before["hits"] + 1, after
+            assert podman("exec", name, "cat", "/var/tmp/born") == before["token"]
+        assert len(addresses) == 2 and "" not in addresses
+    finally:
+        podman("rm", "-f", *names, check=False)
+
+
+def _open_any(path: Path):
+    """A tar archive, plain or zstd- or gzip-compressed."""
+    import zstandard
+
+    data = path.read_bytes()
+    if data[:4] == b"\x28\xb5\x2f\xfd":
+        data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read()
+    elif data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    return tarfile.open(fileobj=io.BytesIO(data))
