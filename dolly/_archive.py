@@ -18,6 +18,7 @@ import contextlib
 import gzip
 import hashlib
 import io
+import json
 import os
 import posixpath
 import re
@@ -205,9 +206,9 @@ def damaged_is_bundle_error(path: Any) -> Iterator[None]:
         raise BundleError(f"the bundle {path} is damaged: {type(e).__name__}: {e}") from e
 
 
-def write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, *, sha256: str) -> None:
+def write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, *, sha256: Optional[str]) -> None:
     """Write a regular member's data to the new file ``dest`` (0600, never through a symlink),
-    hashing as it goes.
+    hashing as it goes (``sha256`` None: an archive that lists no digests).
 
     Raises:
         DigestMismatch: the data does not hash to ``sha256``; ``dest`` is removed.
@@ -222,7 +223,7 @@ def write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, *, s
             for chunk in iter(lambda: src.read(CHUNK), b""):
                 h.update(chunk)
                 out.write(chunk)
-        if h.hexdigest() != sha256:
+        if sha256 is not None and h.hexdigest() != sha256:
             raise DigestMismatch(f"{member.name} does not match its SHA-256 in the manifest")
     except BaseException:
         dest.unlink(missing_ok=True)
@@ -262,6 +263,25 @@ class compressor:
     def __exit__(self, *exc: Any) -> None:
         if self.stream is not None:
             self.stream.close()
+
+
+# A member parsed whole (config.dump, spec.dump, deleted.files, ...) is at most this large.
+MAX_JSON = 16 << 20
+
+
+def small_json(path: Path) -> Any:
+    """A member of an archive from outside, parsed as JSON.
+
+    Raises:
+        UnsafeArchive: larger than :data:`MAX_JSON`.
+        BundleError: not JSON.
+    """
+    if path.stat().st_size > MAX_JSON:
+        raise UnsafeArchive(f"{path.name} is larger than {MAX_JSON} bytes")
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:
+        raise BundleError(f"{path.name} is not JSON: {e}") from None
 
 
 def sha256_file(path: Path) -> str:

@@ -54,7 +54,7 @@ from filelock import FileLock
 
 from . import _archive as archive, _criu as criu, _formats as formats, _names as names, _rootfs as rootfs, policy, trust
 from ._archive import tarfile
-from ._checkpoint import METADATA, ROOTFS_DIFF, Checkpoint, engine_of, require
+from ._checkpoint import METADATA, Checkpoint, engine_of, require, seal
 from ._engine import Engine
 from .errors import (
     BundleError,
@@ -80,7 +80,6 @@ DEFAULT_MAX_BYTES = 64 << 30  # what one bundle may unpack to, in all
 MAX_MEMBERS = 100_000
 MAX_MANIFEST = 16 << 20
 MAX_SIGNATURE = 1024
-MAX_CONFIG = 16 << 20  # config.dump and deleted.files are parsed whole
 CLOCK_SKEW = timedelta(minutes=10)
 _MEMBER_RE = re.compile(r"^(config\.dump|spec\.dump|network\.status|rootfs-diff\.tar|deleted\.files|"
                         r"stats-dump|checkpoint/[A-Za-z0-9][A-Za-z0-9._-]{0,200})$")
@@ -361,11 +360,8 @@ def write_stream(sink: IO[bytes], manifest: Dict[str, Any], members: Iterable[Tu
             _add_bytes(tar, "manifest.sig", trust.sign(signer, manifest_bytes), now)
         folder_made = False
         for name, size, data in members:
-            if name.startswith("checkpoint/") and not folder_made:
-                # checkpointctl finds an archive's images by this directory entry.
-                folder = tarfile.TarInfo("checkpoint")
-                folder.type, folder.mode, folder.mtime = tarfile.DIRTYPE, 0o700, int(now.timestamp())
-                tar.addfile(folder)
+            if name.startswith(f"{formats.IMAGES_FOLDER}/") and not folder_made:
+                tar.addfile(formats.images_folder_entry(int(now.timestamp())))
                 folder_made = True
             member = tarfile.TarInfo(name)
             member.size, member.mode, member.mtime = size, 0o600, int(now.timestamp())
@@ -590,7 +586,7 @@ def _import_foreign(engine: Engine, staging: Path, *, allow_unsigned: bool, allo
         _refuse_claims(engine, cp.container_id)
     for item in origin["not_applied"]:
         log.warning("import of a %s archive: %s", kind, item)
-    formats.write_metadata(cp, staging / "cp")
+    seal(cp, staging / "cp")
     loaded = engine.ensure_image(image_id, image_name, tag=False,
                                  source=Engine.of(image_source) if image_source is not None else None)
     try:
@@ -710,7 +706,7 @@ def _extract(tar: tarfile.TarFile, first: Optional[tarfile.TarInfo], members: It
     total = 0
     member = first
     while member is not None:
-        if member.isdir() and member.name.rstrip("/") == "checkpoint":  # the images' folder, made above
+        if formats.is_images_folder(member):
             member = next(members, None)
             continue
         if not _MEMBER_RE.match(member.name):
@@ -742,17 +738,8 @@ def _make_checkpoint(extracted: Path, folder: Path, manifest: Dict[str, Any], fi
                      origin: Dict[str, Any], max_bytes: int) -> Checkpoint:
     """Dolly's checkpoint folder (see dolly._checkpoint) from a verified bundle's members, with
     the recorded configuration checked and its metadata written by Dolly, not copied."""
-    folder.mkdir(mode=0o700)
-    os.rename(extracted / "checkpoint", folder / "criu")
-    deleted = _small_json(extracted / "deleted.files")
-    if not isinstance(deleted, list) or not all(isinstance(d, str) for d in deleted) or len(deleted) > rootfs.MAX_FILES:
-        raise UnsafeArchive("deleted.files is not a list of paths")
-    rootfs.to_overlay_form(extracted / "rootfs-diff.tar", deleted, folder / ROOTFS_DIFF, max_bytes=max_bytes)
-    for name in ("spec.dump", "stats-dump"):
-        if (extracted / name).exists():
-            os.rename(extracted / name, folder / name)
-
-    meta = _small_json(extracted / "config.dump")
+    formats.unpack_layout(extracted, folder, max_bytes=max_bytes)
+    meta = archive.small_json(extracted / "config.dump")
     if isinstance(meta, dict) and "dolly" in meta:  # beside checkpointctl's fields (older bundles: alone)
         meta = meta["dolly"]
     want = manifest["checkpoint"]
@@ -780,21 +767,8 @@ def _make_checkpoint(extracted: Path, folder: Path, manifest: Dict[str, Any], fi
         path=final,
         origin=origin,
     )
-    fd = os.open(folder / METADATA, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(cp._metadata(), f)
-    for p in folder.rglob("*"):
-        os.chmod(p, 0o700 if p.is_dir() else 0o600)
+    seal(cp, folder)
     return cp
-
-
-def _small_json(path: Path) -> Any:
-    if path.stat().st_size > MAX_CONFIG:
-        raise UnsafeArchive(f"{path.name} is larger than {MAX_CONFIG} bytes")
-    try:
-        return json.loads(path.read_bytes())
-    except (ValueError, RecursionError) as e:
-        raise BundleError(f"{path.name} is not JSON: {e}") from None
 
 
 def _source_fields(source: Any) -> Optional[Dict[str, str]]:

@@ -31,7 +31,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import docker
 from docker.models.containers import Container
@@ -251,6 +251,22 @@ def checkpoint(
     source = engine.container(container)
     if not source.attrs["State"].get("Running"):
         raise ContainerNotRunning(f"container {source.name} is {source.status}, not running")
+    with _claimed(engine, source, name) as (source, final):
+        return _checkpoint_locked(engine, source, name, final, leave_running, max_layer_bytes)
+
+
+@contextlib.contextmanager
+def _claimed(engine: Engine, source: Container, name: str) -> Iterator[Tuple[Container, Path]]:
+    """The source, running, and the checkpoint's place in the store, with the container's
+    checkpoint lock held: one checkpoint of a container at a time (one spool folder per
+    container: the runtime knows the container, not the checkpoint, and two checkpoints at once
+    would dump into, and delete, each other's). The container's store folder goes again when
+    what runs under it fails, unless it holds checkpoints.
+
+    Raises:
+        CheckpointExists: the container has a checkpoint of that name.
+        ContainerNotRunning: as :func:`_running`.
+    """
     final = engine.store_dir / id_of(source) / name
     if final.exists():
         raise CheckpointExists(f"container {source.name} already has a checkpoint named {name!r}")
@@ -258,9 +274,6 @@ def checkpoint(
     engine.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(engine.spool_dir, 0o700)
     reap_spool(engine)
-
-    # One spool folder per container (the runtime knows the container, not the checkpoint): two
-    # checkpoints of one container at once would dump into, and delete, each other's.
     engine.lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with FileLock(str(engine.lock_dir / f"{source.id}.checkpoint.lock")):
         _resume_if_left_paused(engine, id_of(source))
@@ -270,10 +283,10 @@ def checkpoint(
             raise CheckpointExists(f"container {source.name} already has a checkpoint named {name!r}")
         _make_private_dir(final.parent)
         try:
-            return _checkpoint_locked(engine, source, name, final, leave_running, max_layer_bytes)
+            yield source, final
         except BaseException:
             with contextlib.suppress(OSError):
-                final.parent.rmdir()  # the container's folder, unless it holds checkpoints
+                final.parent.rmdir()
             raise
 
 
@@ -340,20 +353,8 @@ def checkpoint_lazy(container: ContainerRef, name: str, *, port: int, client: Op
     if source.attrs["HostConfig"].get("Runtime") != RUNTIME:
         raise HostNotReady(f"container {source.name} runs under {source.attrs['HostConfig'].get('Runtime')!r}: "
                            f"only the {RUNTIME!r} runtime can dump its memory lazily (post-copy)")
-    final = engine.store_dir / id_of(source) / name
-    engine.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    engine.lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with FileLock(str(engine.lock_dir / f"{source.id}.checkpoint.lock")):
-        source = _running(engine, id_of(source))
-        if final.exists():
-            raise CheckpointExists(f"container {source.name} already has a checkpoint named {name!r}")
-        _make_private_dir(final.parent)
-        try:
-            return _checkpoint_lazy_locked(engine, source, name, final, port, ready_timeout)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                final.parent.rmdir()
-            raise
+    with _claimed(engine, source, name) as (source, final):
+        return _checkpoint_lazy_locked(engine, source, name, final, port, ready_timeout)
 
 
 def _checkpoint_lazy_locked(engine: Engine, source: Container, name: str, final: Path, port: int,
@@ -1122,6 +1123,17 @@ def _ref_text(container: ContainerRef) -> str:
 
 def _default_name() -> str:
     return "cp-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+def seal(cp: Checkpoint, folder: Path) -> None:
+    """Write ``cp``'s metadata into its new checkpoint folder (never through a symlink, never
+    over a file) and make everything in it root-only: the last step before it goes into the
+    store."""
+    fd = os.open(folder / METADATA, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(cp._metadata(), f)
+    for p in folder.rglob("*"):
+        os.chmod(p, 0o700 if p.is_dir() else 0o600)
 
 
 def _make_private_dir(path: Path) -> None:

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from . import _criu as criu, _names as names, _rootfs as rootfs, policy
-from ._archive import CHUNK, tarfile
-from ._checkpoint import METADATA, ROOTFS_DIFF, Checkpoint
+from ._archive import compressor, sha256_file, small_json, tarfile, write_member
+from ._checkpoint import ROOTFS_DIFF, Checkpoint
 from .errors import BundleError, UnsafeArchive, UnsignedBundle
 
 log = logging.getLogger("dolly")
@@ -45,12 +45,29 @@ FORMATS = ("podman", "cri-o", "containerd")
 _MEMBER_RE = re.compile(r"^(config\.dump|spec\.dump|network\.status|rootfs-diff\.tar|deleted\.files|stats-dump|"
                         r"bind\.mounts|status\.dump|dump\.log|checkpoint/[A-Za-z0-9][A-Za-z0-9._-]{0,200})$")
 _MAX_MEMBERS = 100_000
-_MAX_JSON = 4 << 20
 _IMAGE_ID_RE = re.compile(r"^(sha256:)?([0-9a-f]{64})$")
 # The mounts Docker makes in every container itself; any other mount of the spec is reported.
 _ENGINE_MOUNTS = {"/proc", "/dev", "/dev/pts", "/sys", "/sys/fs/cgroup", "/dev/mqueue", "/dev/shm",
                   "/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/run/.containerenv", "/run/secrets",
                   "/dev/termination-log"}
+
+
+# CRIU's images sit in this folder of the archive, with a directory entry of their own:
+# checkpointctl finds them by it.
+IMAGES_FOLDER = "checkpoint"
+
+
+def images_folder_entry(mtime: int = 0) -> tarfile.TarInfo:
+    """The archive's directory entry for :data:`IMAGES_FOLDER`, written before the images."""
+    folder = tarfile.TarInfo(IMAGES_FOLDER)
+    folder.type, folder.mode, folder.mtime = tarfile.DIRTYPE, 0o700, mtime
+    return folder
+
+
+def is_images_folder(member: tarfile.TarInfo) -> bool:
+    """Whether ``member`` is the directory entry of :data:`IMAGES_FOLDER` (passed over when
+    reading: the images are its regular members)."""
+    return member.isdir() and member.name.removeprefix("./").rstrip("/") == IMAGES_FOLDER
 
 
 def is_foreign(first: Optional[tarfile.TarInfo]) -> bool:
@@ -74,8 +91,7 @@ def extract(tar: tarfile.TarFile, first: tarfile.TarInfo, members: Iterator[tarf
     member: Optional[tarfile.TarInfo] = first
     while member is not None:
         name = member.name[2:] if member.name.startswith("./") else member.name
-        name = name.rstrip("/") if member.isdir() else name
-        if member.isdir() and name in ("checkpoint", "."):
+        if is_images_folder(member) or (member.isdir() and name.rstrip("/") == "."):
             member = next(members, None)
             continue
         if not _MEMBER_RE.match(name):
@@ -94,13 +110,7 @@ def extract(tar: tarfile.TarFile, first: tarfile.TarInfo, members: Iterator[tarf
         total += member.size
         if total > max_bytes or len(seen) > _MAX_MEMBERS:
             raise UnsafeArchive(f"the archive unpacks to more than {max_bytes} bytes or {_MAX_MEMBERS} files")
-        dest = names.inside(into, *name.split("/"), error=UnsafeArchive)
-        src = tar.extractfile(member)
-        if src is None:
-            raise UnsafeArchive(f"{member.name!r} is not a regular file")
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(src, out, CHUNK)
+        write_member(tar, member, names.inside(into, *name.split("/"), error=UnsafeArchive), sha256=None)
         member = next(members, None)
     for required in ("config.dump", "spec.dump", "checkpoint/inventory.img"):
         if required not in seen:
@@ -128,8 +138,8 @@ def make_checkpoint(extracted: Path, folder: Path, store_dir: Path, *, allow_uns
         UnsignedBundle: without ``allow_unsigned`` (these archives carry no signature).
         BundleError, UnsafeArchive: fields that break Dolly's rules, or a layer that does.
     """
-    spec = _json(extracted / "spec.dump")
-    config = _json(extracted / "config.dump")
+    spec = small_json(extracted / "spec.dump")
+    config = small_json(extracted / "config.dump")
     if not isinstance(spec, dict) or not isinstance(config, dict):
         raise BundleError("spec.dump and config.dump must be JSON objects")
     kind = detect(extracted, spec, config)
@@ -149,11 +159,31 @@ def make_checkpoint(extracted: Path, folder: Path, store_dir: Path, *, allow_uns
     name = f"{kind.replace('-', '')}-{created_at.strftime('%Y%m%dT%H%M%S.%fZ')}"
     final = names.inside(store_dir, container_id, name, error=BundleError)
 
+    unpack_layout(extracted, folder, max_bytes=max_bytes)
+    recorded, not_applied = docker_config(spec, config, container_id=container_id, name=container_name,
+                                          image_id=image_id, image_name=image_name)
+    not_applied += _extras(extracted, kind)
+    cp = Checkpoint(container_id=container_id, container_name=container_name, name=name, created_at=created_at,
+                    hostname=criu.read_hostname(folder / "criu"), config=types.MappingProxyType(recorded),
+                    path=final, origin={"format": kind, "not_applied": not_applied})
+    return cp, final, image_id, image_name, kind
+
+
+def unpack_layout(extracted: Path, folder: Path, *, max_bytes: int) -> None:
+    """The new checkpoint folder ``folder`` (see dolly._checkpoint) from the family's members,
+    extracted and held to their rules, in ``extracted`` (a Dolly bundle's or another engine's):
+    CRIU's images, the writable layer in overlay form (from ``rootfs-diff.tar`` and
+    ``deleted.files``, each absent when nothing changed), the spec and CRIU's statistics.
+
+    Raises:
+        UnsafeArchive: a deleted.files that is no list of paths, or a layer that breaks the rules
+            of :func:`dolly._rootfs.to_overlay_form`.
+    """
     folder.mkdir(mode=0o700)
     os.rename(extracted / "checkpoint", folder / "criu")
     deleted: Any = []
     if (extracted / "deleted.files").exists():
-        deleted = _json(extracted / "deleted.files")
+        deleted = small_json(extracted / "deleted.files")
     if not isinstance(deleted, list) or not all(isinstance(d, str) for d in deleted) or len(deleted) > rootfs.MAX_FILES:
         raise UnsafeArchive("deleted.files is not a list of paths")
     diff = extracted / "rootfs-diff.tar"
@@ -164,22 +194,6 @@ def make_checkpoint(extracted: Path, folder: Path, store_dir: Path, *, allow_uns
     for member in ("spec.dump", "stats-dump"):
         if (extracted / member).exists():
             os.rename(extracted / member, folder / member)
-
-    recorded, not_applied = docker_config(spec, config, container_id=container_id, name=container_name,
-                                          image_id=image_id, image_name=image_name)
-    not_applied += _extras(extracted, kind)
-    cp = Checkpoint(container_id=container_id, container_name=container_name, name=name, created_at=created_at,
-                    hostname=criu.read_hostname(folder / "criu"), config=types.MappingProxyType(recorded),
-                    path=final, origin={"format": kind, "not_applied": not_applied})
-    return cp, final, image_id, image_name, kind
-
-
-def write_metadata(cp: Checkpoint, folder: Path) -> None:
-    fd = os.open(folder / METADATA, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(cp._metadata(), f)
-    for p in folder.rglob("*"):
-        os.chmod(p, 0o700 if p.is_dir() else 0o600)
 
 
 def docker_config(spec: Mapping[str, Any], config: Mapping[str, Any], *, container_id: str, name: str,
@@ -251,7 +265,7 @@ def docker_config(spec: Mapping[str, Any], config: Mapping[str, Any], *, contain
 def _extras(extracted: Path, kind: str) -> List[str]:
     out = []
     if (extracted / "bind.mounts").exists():
-        mounts = _json(extracted / "bind.mounts")
+        mounts = small_json(extracted / "bind.mounts")
         for m in mounts if isinstance(mounts, list) else []:
             m = _mapping(m)
             out.append(f"CRI mount {m.get('hostPath')!s:.200} at {m.get('containerPath')!s:.200}: not made in the "
@@ -290,15 +304,6 @@ def _go_time(value: Any) -> Optional[datetime]:
         return None
 
 
-def _json(path: Path) -> Any:
-    if path.stat().st_size > _MAX_JSON:
-        raise UnsafeArchive(f"{path.name} is larger than {_MAX_JSON} bytes")
-    try:
-        return json.loads(path.read_bytes())
-    except (ValueError, RecursionError) as e:
-        raise BundleError(f"{path.name} is not JSON: {e}") from None
-
-
 def _mapping(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
@@ -330,7 +335,7 @@ def write_oci_layout(bundle: Path, out: Path, *, annotations: Dict[str, str], ar
     blobs = partial / "blobs" / "sha256"
     blobs.mkdir(parents=True, mode=0o700)
     try:
-        layer_digest, layer_size = _sha256(bundle), bundle.stat().st_size
+        layer_digest, layer_size = sha256_file(bundle), bundle.stat().st_size
         os.rename(bundle, blobs / layer_digest)
         config = json.dumps({
             "architecture": architecture, "os": "linux", "config": {},
@@ -394,7 +399,7 @@ def _blob(layout: Path, descriptor: Mapping[str, Any]) -> Path:
     path = layout / "blobs" / "sha256" / m.group(1)
     if path.is_symlink() or not path.is_file():
         raise BundleError(f"the OCI image layout lacks the blob {m.group(0)} (or it is not a plain file)")
-    if path.stat().st_size != size or _sha256(path) != m.group(1):
+    if path.stat().st_size != size or sha256_file(path) != m.group(1):
         raise DigestMismatch(f"the blob {m.group(0)} of the OCI image layout is not what its digest says")
     return path
 
@@ -414,12 +419,6 @@ def _put_blob(blobs: Path, data: bytes) -> str:
     return digest
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --- Podman's checkpoint archive ----------------------------------------------------------------------
@@ -455,9 +454,7 @@ def write_podman_archive(bundle_dir: Path, out: Path, *, meta: Mapping[str, Any]
 
     Not carried: Dolly's manifest and signature (the images changed, so they would not match).
     """
-    from . import _archive as archive
-
-    images = bundle_dir / "checkpoint"
+    images = bundle_dir / IMAGES_FOLDER
     work.mkdir(mode=0o700)
     replaced: Dict[str, Path] = {}
     criu.root_mode_rewritten(images, work / "files.img", mode=PODMAN_ROOT_MODE)
@@ -466,7 +463,7 @@ def write_podman_archive(bundle_dir: Path, out: Path, *, meta: Mapping[str, Any]
     if netns is not None:
         replaced[netns] = work / "netns.img"
 
-    spec = _json(bundle_dir / "spec.dump")
+    spec = small_json(bundle_dir / "spec.dump")
     spec.pop("hooks", None)
     spec["annotations"] = {**(spec.get("annotations") or {}), "org.criu.config": PODMAN_CRIU_CONFIG}
     recorded = _mapping(meta.get("config"))
@@ -481,11 +478,9 @@ def write_podman_archive(bundle_dir: Path, out: Path, *, meta: Mapping[str, Any]
              if (bundle_dir / n).exists()]
     partial = out.with_name(f".{out.name}.partial")
     try:
-        with open(partial, "wb") as raw, archive.compressor(raw, compression) as stream, \
+        with open(partial, "wb") as raw, compressor(raw, compression) as stream, \
                 tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            folder = tarfile.TarInfo("checkpoint")
-            folder.type, folder.mode = tarfile.DIRTYPE, 0o700
-            tar.addfile(folder)
+            tar.addfile(images_folder_entry())
             names_in = sorted({p.name for p in images.iterdir() if p.is_file()} | set(replaced))
             for name in names_in:
                 tar.add(replaced.get(name, images / name), arcname=f"checkpoint/{name}", recursive=False)

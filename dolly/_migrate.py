@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import docker
 from docker.models.containers import Container
@@ -211,30 +211,17 @@ def _migrate_pre_copy(source_engine: Engine, target_engine: Engine, source: Cont
         restored_as = _start_marks(target)
         steps[step] = time.perf_counter() - t
         step = "verify"
-        t = time.perf_counter()
-        _ready.wait(target, ready or _running, timeout=ready_timeout)
-        downtime = time.perf_counter() - started
-        _settle(target_engine, target, restored_as)
-        steps[step] = time.perf_counter() - t
+        downtime = _verify(target_engine, target, restored_as, ready=ready, ready_timeout=ready_timeout,
+                           started=started, steps=steps)
     except BaseException as e:
-        if step == "transfer" and "transfer" not in steps:  # a local transfer records each step as it ends
-            step = "import" if "export" in steps else ("transfer" if not _both_local(source_engine, target_engine)
-                                                       else "export")
+        step = _failed_step(step, steps, source_engine, target_engine)
         _roll_back(source_engine, target_engine, source, cp, moved, target, step=step, error=e)
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         raise MigrationFailed(f"migration of {source.name} failed at step '{step}': {e}; "
                               "the source is running again", step=step) from e
 
-    # Past this point the container runs on the target: clean-up failures are only logged.
-    # The source goes without its volumes: they hold the user's data (see drop_volumes).
-    for what, undo in (("source container", lambda: source_engine.remove(id_of(source), volumes=False)),
-                       ("source checkpoint", lambda: remove_checkpoint(cp)),
-                       ("target checkpoint", lambda: remove_checkpoint(moved))):
-        try:
-            undo()
-        except DollyError as e:  # pragma: no cover - logged, not raised
-            log.warning("migrate: could not remove the %s: %s", what, e)
+    _remove_what_moved(source_engine, source, cp, moved)
     return Migration(container=target, downtime=downtime, steps=steps)
 
 
@@ -283,18 +270,14 @@ def _migrate_post_copy(source_engine: Engine, target_engine: Engine, source: Con
         restored_as = _start_marks(target)
         steps[step] = time.perf_counter() - t
         step = "verify"
-        t_verify = time.perf_counter()
-        _ready.wait(target, ready or _running, timeout=ready_timeout)
-        downtime = time.perf_counter() - started
-        _settle(target_engine, target, restored_as)
-        steps[step] = time.perf_counter() - t_verify
+        downtime = _verify(target_engine, target, restored_as, ready=ready, ready_timeout=ready_timeout,
+                           started=started, steps=steps)
         step = "memory"
         relay.wait_for_pages(MEMORY_TIMEOUT)
         steps[step] = time.perf_counter() - t
         _settle(target_engine, target, restored_as, seconds=0)  # and it still runs, every page in
     except BaseException as e:
-        if step == "transfer" and "transfer" not in steps:
-            step = "import" if "export" in steps else "transfer"
+        step = _failed_step(step, steps, source_engine, target_engine)
         if relay is None:
             page_target.end.close()
         _roll_back_post_copy(source_engine, target_engine, source, page_source, moved, target, relay, step=step,
@@ -312,13 +295,7 @@ def _migrate_post_copy(source_engine: Engine, target_engine: Engine, source: Con
         # Whatever became of the dump, the moved container runs with every page: the source,
         # should it run on, goes below (never two copies).
         log.warning("migrate: the source's post-copy dump did not end cleanly: %s", e)
-    for what, undo in (("source container", lambda: source_engine.remove(id_of(source), volumes=False)),
-                       ("source checkpoint", lambda: remove_checkpoint(cp)),
-                       ("target checkpoint", lambda: remove_checkpoint(moved))):
-        try:
-            undo()
-        except DollyError as e:  # pragma: no cover - logged, not raised
-            log.warning("migrate: could not remove the %s: %s", what, e)
+    _remove_what_moved(source_engine, source, cp, moved)
     return Migration(container=target, downtime=downtime, steps=steps)
 
 
@@ -357,6 +334,50 @@ def _roll_back_post_copy(source_engine: Engine, target_engine: Engine, source: C
         raise MigrationFailed(f"{failed}; the source runs on, but the container {source.name!r} made on the "
                               f"target engine could not be removed, or its removal confirmed ({doubt}): "
                               "remove it there once that engine answers", step="roll back") from error
+
+
+def _verify(target_engine: Engine, target: Container, restored_as: tuple, *,
+            ready: Optional[Callable[[Container], bool]], ready_timeout: float, started: float,
+            steps: Dict[str, float]) -> float:
+    """The verify step: the moved container passes ``ready`` (or runs), then keeps running for
+    the settle; returns the downtime (from ``started`` until it passed).
+
+    Raises:
+        NotReady, ContainerNotRunning, ContainerNotFound: as :func:`dolly.ready.wait` and
+            :func:`_settle`.
+    """
+    t = time.perf_counter()
+    _ready.wait(target, ready or _running, timeout=ready_timeout)
+    downtime = time.perf_counter() - started
+    _settle(target_engine, target, restored_as)
+    steps["verify"] = time.perf_counter() - t
+    return downtime
+
+
+def _failed_step(step: str, steps: Dict[str, float], source_engine: Engine, target_engine: Engine) -> str:
+    """The step a failure is told at: a transfer between two local engines is timed (and told)
+    as its export and import, each recorded once it ends."""
+    if step != "transfer" or "transfer" in steps:
+        return step
+    if "export" in steps:
+        return "import"
+    return "export" if _both_local(source_engine, target_engine) else "transfer"
+
+
+def _remove_what_moved(source_engine: Engine, source: Container, cp: Checkpoint, moved: Optional[Checkpoint]) -> None:
+    """After a move: the source container and both copies of the checkpoint go. The container
+    runs on the target by now, so failures are only logged. The source goes without its volumes:
+    they hold the user's data (see drop_volumes)."""
+    removals: List[Tuple[str, Callable[[], None]]] = [
+        ("source container", lambda: source_engine.remove(id_of(source), volumes=False)),
+        ("source checkpoint", lambda: remove_checkpoint(cp))]
+    if moved is not None:
+        removals.append(("target checkpoint", lambda: remove_checkpoint(moved)))
+    for what, undo in removals:
+        try:
+            undo()
+        except DollyError as e:  # pragma: no cover - logged, not raised
+            log.warning("migrate: could not remove the %s: %s", what, e)
 
 
 def _roll_back(source_engine: Engine, target_engine: Engine, source: Container, cp: Checkpoint,

@@ -32,7 +32,9 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import IO, Callable, List, Optional, Protocol
+from typing import IO, Callable, List, Optional, Protocol, Tuple
+
+import docker
 
 from . import _criu as criu
 from ._checkpoint import Checkpoint, PendingDump, checkpoint_lazy
@@ -253,22 +255,34 @@ def pump(end: End, inp: IO[bytes], out: IO[bytes]) -> None:
     end.close()
 
 
-def serve_source(container: ContainerRef, name: str, *, inp: IO[bytes], out: IO[bytes],
-                 control: Callable[[dict], None], checkpoint_json: Callable[[Checkpoint], dict]) -> None:
-    """The agent's side of a post-copy source: dump lazily, say ``ready``, join the page server
-    to stdin and stdout, and say how the dump ended (``ended``: True when the target took every
-    page and the source ended; else the error's message, and the source runs on)."""
-    enter_netns_of(peer_pid("/var/run/docker.sock"))
+def dump_lazily(container: ContainerRef, name: str, *, client: Optional[docker.DockerClient] = None
+                ) -> Tuple[Checkpoint, PendingDump, SourceLink]:
+    """Dump ``container`` lazily on this host (:func:`dolly._checkpoint.checkpoint_lazy`) and
+    connect to its page server, in the calling thread's network namespace.
+
+    Raises:
+        as checkpoint_lazy; OSError when the page server cannot be reached (the dump is then
+        broken off, so the source runs on, and its memory-less checkpoint removed).
+    """
     port = free_port()
-    cp, pending = checkpoint_lazy(container, name, port=port)
+    cp, pending = checkpoint_lazy(container, name, port=port, client=client)
     try:
-        link = SourceLink(port)
+        return cp, pending, SourceLink(port)
     except OSError:
         criu.break_off_page_server(port)
         with contextlib.suppress(Exception):
             pending.wait(60)
         _remove_quietly(cp)
         raise
+
+
+def serve_source(container: ContainerRef, name: str, *, inp: IO[bytes], out: IO[bytes],
+                 control: Callable[[dict], None], checkpoint_json: Callable[[Checkpoint], dict]) -> None:
+    """The agent's side of a post-copy source: dump lazily, say ``ready``, join the page server
+    to stdin and stdout, and say how the dump ended (``ended``: True when the target took every
+    page and the source ended; else the error's message, and the source runs on)."""
+    enter_netns_of(peer_pid("/var/run/docker.sock"))
+    cp, pending, link = dump_lazily(container, name)
     control({"ready": checkpoint_json(cp), "frozen_s": time.perf_counter() - pending.started_at})
     pump(link, inp, out)
     try:
@@ -337,21 +351,8 @@ def open_source(engine: Engine, container: ContainerRef, name: str) -> PageSourc
 
         return PageSource(cp, duplex, wait_remote, frozen_at)
     _require_daemon_netns(engine)
-    port = free_port()
-    cp, pending = checkpoint_lazy(container, name, port=port, client=engine.client)
-    try:
-        link = SourceLink(port)
-    except OSError:
-        criu.break_off_page_server(port)
-        with contextlib.suppress(Exception):
-            pending.wait(60)
-        _remove_quietly(cp)
-        raise
-
-    def wait_local(timeout: float) -> None:
-        PendingDump.wait(pending, timeout)
-
-    return PageSource(cp, link, wait_local, pending.started_at)
+    cp, pending, link = dump_lazily(container, name, client=engine.client)
+    return PageSource(cp, link, pending.wait, pending.started_at)
 
 
 def open_target(engine: Engine) -> PageTarget:

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from docker.models.containers import Container
 
-from . import _archive as archive, trust
+from . import _archive as archive, _formats as formats, trust
 from ._agent import Agent
 from ._archive import tarfile
 from ._bundle import check_signature_and_freshness, first_member, parse_manifest, read_signature, write_stream
@@ -112,7 +112,7 @@ def export(engine: Engine, cp: Checkpoint, out: Path, *, signer: Optional[Ed2551
         def rest() -> Iterable[tuple]:
             seen = set()
             for member in members:
-                if member.isdir() and member.name.rstrip("/") == "checkpoint":
+                if formats.is_images_folder(member):
                     continue
                 want = listed.get(member.name)
                 if want is None or member.name in seen or not member.isfile() or member.size != want["size"]:
@@ -152,7 +152,7 @@ def import_bundle(engine: Engine, source: Union[Path, IO[bytes]], *, trusted: Li
         def rest() -> Iterable[tuple]:
             member = first
             while member is not None:
-                if member.isdir() and member.name.rstrip("/") == "checkpoint":
+                if formats.is_images_folder(member):
                     member = next(members, None)
                     continue
                 if not member.isfile():

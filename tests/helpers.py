@@ -30,6 +30,25 @@ COUNTER = "i=0; while true; do i=$((i+1)); echo $i; echo $i > /tmp/c.new; mv /tm
 FILES = "echo hello > /greeting; rm /etc/group; mkdir -p /d; echo x > /d/f; " + COUNTER
 
 
+# A counter in memory and a file written at start-up: both must survive a move, or a restore
+# by another engine.
+STATEFUL = """
+import http.server, json, os, socket
+token = os.urandom(4).hex()
+with open("/var/tmp/born", "w") as f:
+    f.write(token)
+hits = 0
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        global hits
+        hits += 1
+        body = json.dumps({"hits": hits, "token": token, "host": socket.gethostname()}).encode()
+        self.send_response(200); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.HTTPServer(("", 8000), H).serve_forever()
+"""
+
+
 DOLLY = shutil.which("dolly") or str(Path(sys.executable).with_name("dolly"))
 
 

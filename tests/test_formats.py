@@ -23,7 +23,7 @@ import dolly
 from dolly import _rootfs as rootfs, errors
 from dolly._archive import tarfile
 from dolly._engine import Engine
-from helpers import PYTHON, ask, assert_counts_on, get_json
+from helpers import PYTHON, STATEFUL, ask, assert_counts_on, get_json
 
 POD_ANNOTATIONS = {"io.kubernetes.pod.name": "web-0", "io.kubernetes.pod.namespace": "default",
                    "io.kubernetes.pod.uid": "5b7c0d3e", "io.kubernetes.container.name": "counter"}
@@ -259,24 +259,6 @@ def test_an_oci_export_refuses_encryption_and_an_existing_folder(source_cp, tmp_
 
 
 # --- Docker -> Podman --------------------------------------------------------------------------------
-
-# A counter in memory and a file written at start: both must go on in Podman.
-STATEFUL = """
-import http.server, json, os, socket
-token = os.urandom(4).hex()
-with open("/var/tmp/born", "w") as f:
-    f.write(token)
-hits = 0
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        global hits
-        hits += 1
-        body = json.dumps({"hits": hits, "token": token}).encode()
-        self.send_response(200); self.end_headers(); self.wfile.write(body)
-    def log_message(self, *a): pass
-http.server.HTTPServer(("", 8000), H).serve_forever()
-"""
-
 
 def podman(*args: str, check: bool = True) -> str:
     return subprocess.run(["podman", *args], capture_output=True, text=True, check=check, timeout=300).stdout.strip()

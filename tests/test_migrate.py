@@ -22,28 +22,12 @@ from helpers import (
     ENGINE_B_URL,
     PYTHON,
     RUN_ID,
+    STATEFUL,
     ask,
     assert_counts_on,
     kernel_hostname,
     read_int,
 )
-
-# A counter in memory and a file written at start-up: both must survive the move.
-STATEFUL = """
-import http.server, json, os, socket
-token = os.urandom(4).hex()
-with open("/var/tmp/born", "w") as f:
-    f.write(token)
-hits = 0
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        global hits
-        hits += 1
-        body = json.dumps({"hits": hits, "token": token, "host": socket.gethostname()}).encode()
-        self.send_response(200); self.end_headers(); self.wfile.write(body)
-    def log_message(self, *a): pass
-http.server.HTTPServer(("", 8000), H).serve_forever()
-"""
 
 
 @pytest.fixture

@@ -268,19 +268,25 @@ def _lazy_daemons_of(container_id: str) -> list:
     return found
 
 
+def _assert_the_source_as_it_was(source, before: dict, ask, client, target) -> None:
+    """After a rolled-back move: the source runs on with its memory (the same token and table,
+    one more request served), and nothing of the move is left on either engine."""
+    source.reload()
+    assert source.status == "running"
+    after = ask(source)
+    assert (after["token"], after["checksum"], after["served"]) == (before["token"], before["checksum"],
+                                                                     before["served"] + 1)
+    assert target.containers.list(all=True, filters={"name": source.name}) == []
+    assert _checkpoints_of(source.id, client, target) == []
+
+
 def test_a_post_copy_migration_that_fails_its_check_leaves_the_source_as_it_was(warm_service, client, host_b):
     source, ask = warm_service
     before = ask(source)
     with pytest.raises(errors.MigrationFailed) as info:
         dolly.migrate(source, host_b, ready=lambda c: False, ready_timeout=3, post_copy=True)
     assert info.value.step == "verify", str(info.value)
-    source.reload()
-    assert source.status == "running"
-    after = ask(source)
-    assert (after["token"], after["checksum"], after["served"]) == (before["token"], before["checksum"],
-                                                                     before["served"] + 1)
-    assert host_b.containers.list(all=True, filters={"name": source.name}) == []
-    assert _checkpoints_of(source.id, client, host_b) == []
+    _assert_the_source_as_it_was(source, before, ask, client, host_b)
     assert not any(Engine.of(client).spool_dir.glob("*"))
 
 
@@ -305,10 +311,4 @@ def test_a_post_copy_target_losing_its_memory_mid_way_brings_the_source_back(war
     # the daemon no longer serves): the move rolls back in both.
     assert (info.value.step, "broke off" in str(info.value) or "did not keep running" in str(info.value)) in (
         ("memory", True), ("verify", True)), str(info.value)
-    source.reload()
-    assert source.status == "running"
-    after = ask(source)
-    assert (after["token"], after["checksum"], after["served"]) == (before["token"], before["checksum"],
-                                                                     before["served"] + 1)
-    assert host_b.containers.list(all=True, filters={"name": source.name}) == []
-    assert _checkpoints_of(source.id, client, host_b) == []
+    _assert_the_source_as_it_was(source, before, ask, client, host_b)
