@@ -147,7 +147,7 @@ def _check_pax(buf: bytes) -> None:
 
 
 @contextlib.contextmanager
-def open_bundle(source: Union[Path, IO[bytes]], key: Optional[bytes]) -> Iterator[tarfile.TarFile]:
+def open_bundle(source: Union[Path, IO[bytes], io.RawIOBase], key: Optional[bytes]) -> Iterator[tarfile.TarFile]:
     """The bundle at ``source`` (a path, or a readable binary stream such as a pipe) as a tar
     stream (``r|``): one sequential read, decrypted with ``key`` when it is encrypted,
     decompressed when compressed.
@@ -282,6 +282,37 @@ def small_json(path: Path) -> Any:
         return json.loads(path.read_bytes())
     except (ValueError, RecursionError) as e:
         raise BundleError(f"{path.name} is not JSON: {e}") from None
+
+
+class HashingReader(io.RawIOBase):
+    """A file read once, in order, whose SHA-256 and size are taken as it is read: what was
+    checked is what was read, with no second read for the file to change in between."""
+
+    def __init__(self, path: Path) -> None:
+        self._f = open(path, "rb")
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = self._f.readinto(b)
+        if n:
+            self._hash.update(memoryview(b)[:n])
+            self.size += n
+        return n or 0
+
+    def finish(self) -> str:
+        """Read what is left and return the whole file's SHA-256 (hex)."""
+        for chunk in iter(lambda: self._f.read(CHUNK), b""):
+            self._hash.update(chunk)
+            self.size += len(chunk)
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
 
 
 def sha256_file(path: Path) -> str:

@@ -75,6 +75,9 @@ __all__ = ["export", "import_bundle", "read_manifest", "transfer", "DEFAULT_MAX_
 
 PathLike = Union[str, "os.PathLike[str]"]
 FORMAT = "dolly-bundle/1"
+# What the members were made for: Docker's restore (bundles without the field), or Podman's
+# (export format "podman" and "oci"; an import into Docker undoes the images' changes).
+FLAVORS = ("docker", "podman")
 COMPRESSIONS = ("zstd", "gzip", "none")
 DEFAULT_MAX_BYTES = 64 << 30  # what one bundle may unpack to, in all
 MAX_MEMBERS = 100_000
@@ -114,14 +117,18 @@ def export(
         format: ``"dolly"`` (a bundle file at ``path``); ``"podman"``: the archive that
             ``podman container restore --import PATH`` restores (Podman 4.3 with runc; the image
             loaded into Podman first, ``docker save | podman load``; the host needs
-            ``dolly._formats.PODMAN_CRIU_CONFIG``, which ``make host`` writes; neither signed nor
-            encrypted, and the clones keep the source's kernel hostname); or ``"oci"``: a checkpoint OCI image, the
-            new folder ``path`` holding an OCI image layout whose one layer is the bundle,
-            uncompressed (its files at ``/``, as CRI-O's and Podman's checkpoint images hold
-            theirs), annotated for CRI-O (``io.kubernetes.cri-o.annotations.checkpoint.name``),
-            Podman (``io.podman.annotations.checkpoint.*``), checkpointctl
-            (``org.criu.checkpoint.*``) and Dolly (``io.dolly.checkpoint.*``: the manifest's
-            digest and the signer). ``skopeo copy oci:PATH docker://...`` pushes it.
+            ``dolly._formats.PODMAN_CRIU_CONFIG``, which ``make host`` writes; the clones keep
+            the source's kernel hostname): a bundle whose members are made for Podman's set-up
+            (``"flavor": "podman"`` in its manifest, which Podman passes over, as it does the
+            signature), not encrypted, and importable into Docker again; or ``"oci"``: a
+            checkpoint OCI image, the new folder ``path`` holding an OCI image layout whose one
+            layer is the ``"podman"`` archive, uncompressed (its files at ``/``, as CRI-O's and
+            Podman's checkpoint images hold theirs), annotated for CRI-O
+            (``io.kubernetes.cri-o.annotations.checkpoint.name``), Podman
+            (``io.podman.annotations.checkpoint.*``: ``podman container restore IMAGE`` restores
+            it once in Podman's storage), checkpointctl (``org.criu.checkpoint.*``) and Dolly
+            (``io.dolly.checkpoint.*``: the manifest's digest and the signer).
+            ``skopeo copy oci:PATH docker://...`` pushes it.
         signer: an Ed25519 private key (:func:`dolly.trust.generate_keypair`); unsigned when None.
         compression: ``"zstd"`` (default), ``"gzip"`` or ``"none"``.
         encryption_key: 32 bytes (:func:`dolly.trust.generate_encryption_key`) to encrypt the
@@ -146,13 +153,14 @@ def export(
         return _export_oci(checkpoint, Path(path), signer=signer, encryption_key=encryption_key,
                            expires_in=expires_in, lineage=lineage, max_bytes=max_bytes, client=client)
     if format == "podman":
-        if signer is not None or encryption_key is not None:
-            raise InvalidArgument("Podman's checkpoint archives are neither signed nor encrypted: export "
-                                  "format='dolly' for that")
+        if encryption_key is not None:
+            raise InvalidArgument("Podman reads no encrypted archive: export format='dolly' to encrypt")
         if compression not in COMPRESSIONS:
             raise InvalidArgument(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
-        return _export_podman(checkpoint, Path(path), compression=compression, expires_in=expires_in,
-                              max_bytes=max_bytes, client=client)
+        if signer is not None and not isinstance(signer, Ed25519PrivateKey):
+            raise InvalidArgument(f"signer must be an Ed25519 private key, got {type(signer).__name__}")
+        return _export_podman(checkpoint, Path(path), signer=signer, compression=compression, expires_in=expires_in,
+                              lineage=lineage, max_bytes=max_bytes, client=client)
     if compression not in COMPRESSIONS:
         raise InvalidArgument(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
     if not isinstance(expires_in, timedelta) or expires_in <= timedelta(0):
@@ -192,8 +200,8 @@ def _export_oci(checkpoint: Checkpoint, out: Path, *, signer: Optional[Ed25519Pr
     out.parent.mkdir(parents=True, exist_ok=True)
     bundle = out.with_name(f".{out.name}.layer")
     try:
-        export(checkpoint, bundle, signer=signer, compression="none", expires_in=expires_in, lineage=lineage,
-               max_bytes=max_bytes, client=client)
+        export(checkpoint, bundle, format="podman", signer=signer, compression="none", expires_in=expires_in,
+               lineage=lineage, max_bytes=max_bytes, client=client)
         with archive.open_bundle(bundle, None) as tar:
             manifest_bytes = first_member(tar)
         manifest = parse_manifest(manifest_bytes)
@@ -222,27 +230,40 @@ def _export_oci(checkpoint: Checkpoint, out: Path, *, signer: Optional[Ed25519Pr
     return out
 
 
-def _export_podman(checkpoint: Checkpoint, out: Path, *, compression: str, expires_in: timedelta, max_bytes: int,
+def _export_podman(checkpoint: Checkpoint, out: Path, *, signer: Optional[Ed25519PrivateKey], compression: str,
+                   expires_in: timedelta, lineage: Optional[str], max_bytes: int,
                    client: Optional[docker.DockerClient]) -> Path:
-    """:func:`export` with ``format="podman"``: the bundle, made as usual (from any engine), then
-    rewritten into Podman's archive (:func:`dolly._formats.write_podman_archive`) beside ``out``."""
+    """:func:`export` with ``format="podman"``: the bundle, made as usual (from any engine), its
+    members rewritten into Podman's (:func:`dolly._formats.podman_members`) beside ``out``, then
+    written as a bundle again: a manifest over the new members that says ``"flavor": "podman"``
+    (and its signature) first, which Podman passes over."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         work = Path(tmp)
-        export(checkpoint, work / "bundle", compression="none", expires_in=expires_in, max_bytes=max_bytes,
-               client=client)
+        export(checkpoint, work / "bundle", compression="none", expires_in=expires_in, lineage=lineage,
+               max_bytes=max_bytes, client=client)
         unpacked = work / "in"
         (unpacked / "checkpoint").mkdir(parents=True, mode=0o700)
         with archive.open_bundle(work / "bundle", None) as tar:
             members = iter(tar)
-            digests = {m["name"]: m["sha256"] for m in parse_manifest(first_member(tar, members))["members"]}
+            manifest = parse_manifest(first_member(tar, members))
+            digests = {m["name"]: m["sha256"] for m in manifest["members"]}
             for member in members:
                 if member.isfile() and member.name in digests:
                     archive.write_member(tar, member, unpacked / member.name, sha256=digests[member.name])
         meta = json.loads((unpacked / "config.dump").read_text())["dolly"]
         image_name = formats.podman_image_name(str(checkpoint.config["Config"].get("Image") or checkpoint.image_id))
-        formats.write_podman_archive(unpacked, out, meta=meta, image_name=image_name, compression=compression,
-                                     work=work / "work")
+        flavoured = formats.podman_members(unpacked, meta=meta, image_name=image_name, work=work / "work")
+        manifest.update(
+            flavor="podman", compression=compression, signer=trust.key_id(signer) if signer is not None else None,
+            members=[{"name": n, "sha256": archive.sha256_file(p), "size": p.stat().st_size} for n, p in flavoured])
+
+        def opened() -> Iterator[Tuple[str, int, IO[bytes]]]:
+            for name, p in flavoured:
+                with open(p, "rb") as f:
+                    yield name, p.stat().st_size, f
+
+        write_bundle(out, manifest, opened(), signer=signer, compression=compression, encryption_key=None)
     return out
 
 
@@ -401,6 +422,7 @@ def import_bundle(
     image_source: Optional[docker.DockerClient] = None,
     encryption_key: Optional[bytes] = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    signature: Optional[PathLike] = None,
 ) -> Checkpoint:
     """Make a bundle a checkpoint on ``client``'s engine, usable by :func:`dolly.restore` and
     :func:`dolly.clone`. It is listed under its source container's name and ID.
@@ -424,6 +446,11 @@ def import_bundle(
             lacks it.
         encryption_key: the key the bundle was encrypted with.
         max_bytes: refuse a bundle that would unpack to more than this.
+        signature: a detached signature of the archive at ``path`` (see
+            :func:`dolly.trust.sign_file`), for Podman's and the kubelet's archives, which have
+            no place for one: it must be by one of ``trusted_keys`` and unexpired, and the
+            archive's SHA-256 and size, taken as it is read, must be the ones it signs, before
+            anything leaves the private staging folder. Then ``allow_unsigned`` is not needed.
 
     Raises:
         UnsignedBundle, UntrustedSigner, SignatureInvalid, DigestMismatch, BundleExpired,
@@ -441,8 +468,19 @@ def import_bundle(
     """
     if isinstance(path, (str, os.PathLike)) and formats.is_oci_layout(Path(path)):
         path, _ = formats.oci_layer(Path(path))  # a checkpoint image: its layer is the archive
-    return _import(path, client=client, trusted_keys=trusted_keys, allow_unsigned=allow_unsigned, allow=allow,
-                   image_source=image_source, encryption_key=encryption_key, max_bytes=max_bytes)
+    trusted = list(trusted_keys)
+    detached = None
+    if signature is not None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise InvalidArgument("a detached signature is checked over a file: pass the archive's path")
+        try:
+            with open(signature, "rb") as f:
+                document = f.read(8192)
+        except OSError as e:
+            raise InvalidArgument(f"cannot read the detached signature {signature}: {e}") from e
+        detached = trust.verify_detached(document, trusted)
+    return _import(path, client=client, trusted_keys=trusted, allow_unsigned=allow_unsigned, allow=allow,
+                   image_source=image_source, encryption_key=encryption_key, max_bytes=max_bytes, detached=detached)
 
 
 def import_between_own_engines(path: Union[PathLike, IO[bytes]], *, client: Optional[docker.DockerClient],
@@ -485,6 +523,7 @@ def _import(
     between_own_engines: bool = False,
     relayed: bool = False,
     relayed_for: Optional[str] = None,
+    detached: Optional[trust.DetachedSignature] = None,
 ) -> Checkpoint:
     allowed = policy.items(allow)
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
@@ -501,16 +540,23 @@ def _import(
     engine.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     staging = names.inside(engine.spool_dir, f"import-{uuid.uuid4().hex}")
     staging.mkdir(mode=0o700)
+    reader = archive.HashingReader(Path(path)) if detached is not None else None  # type: ignore[arg-type]
     try:
-        with archive.open_bundle(_source(path), encryption_key) as tar:
+        with archive.open_bundle(reader or _source(path), encryption_key) as tar:
             members = iter(tar)
             head = next(members, None)
             if formats.is_foreign(head) and not relayed and head is not None:
                 # Podman's or the kubelet's archive: no manifest, no signature (see dolly._formats).
                 formats.extract(tar, head, members, staging / "in", max_bytes=max_bytes)
+                if reader is not None and detached is not None:
+                    _check_detached(reader, detached)
                 return _import_foreign(engine, staging, allow_unsigned=allow_unsigned, allowed=allowed,
                                        image_source=image_source, max_bytes=max_bytes,
-                                       between_own_engines=between_own_engines)
+                                       between_own_engines=between_own_engines,
+                                       signer=detached.signer if detached is not None else None)
+            if detached is not None:
+                raise InvalidArgument("a Dolly bundle carries its own signature: a detached one is for "
+                                      "Podman's and the kubelet's archives")
             manifest_bytes = first_member(tar, iter([head] if head is not None else []))
             manifest = parse_manifest(manifest_bytes)
             signature, first = read_signature(tar, members)
@@ -562,18 +608,32 @@ def _import(
                 engine.remove_image(manifest["image"]["id"])
             raise
     finally:
+        if reader is not None:
+            reader.close()
         shutil.rmtree(staging, ignore_errors=True)
     return Checkpoint.load(final, engine.client)
 
 
+def _check_detached(reader: archive.HashingReader, detached: trust.DetachedSignature) -> None:
+    """Raises:
+        DigestMismatch: the archive read is not the one the detached signature signs.
+    """
+    digest = reader.finish()
+    if (digest, reader.size) != (detached.sha256, detached.size):
+        raise DigestMismatch(f"the archive (sha256:{digest}, {reader.size} bytes) is not the one its detached "
+                             f"signature signs (sha256:{detached.sha256}, {detached.size} bytes)")
+
+
 def _import_foreign(engine: Engine, staging: Path, *, allow_unsigned: bool, allowed: FrozenSet[str],
                     image_source: Optional[docker.DockerClient], max_bytes: int,
-                    between_own_engines: bool) -> Checkpoint:
-    """The rest of an import of a Podman or kubelet archive, extracted into ``staging / "in"``:
-    held to the same rules as a bundle's members (policy, process images, claims, image)."""
+                    between_own_engines: bool, signer: Optional[str]) -> Checkpoint:
+    """The rest of an import of a Podman or kubelet archive, extracted into ``staging / "in"``
+    (and, when ``signer`` is set, checked against a detached signature by that key): held to the
+    same rules as a bundle's members (policy, process images, claims, image)."""
     cp, final, image_id, image_name, kind = formats.make_checkpoint(
-        staging / "in", staging / "cp", engine.store_dir, allow_unsigned=allow_unsigned, max_bytes=max_bytes)
-    origin = {**(cp.origin or {}), "signer": None, "imported_at": datetime.now(UTC).isoformat(),
+        staging / "in", staging / "cp", engine.store_dir, allow_unsigned=allow_unsigned or signer is not None,
+        max_bytes=max_bytes)
+    origin = {**(cp.origin or {}), "signer": signer, "imported_at": datetime.now(UTC).isoformat(),
               "allowed": sorted(allowed)}
     cp = dataclasses.replace(cp, origin=origin)
     policy.check(cp.config, allowed)
@@ -739,6 +799,8 @@ def _make_checkpoint(extracted: Path, folder: Path, manifest: Dict[str, Any], fi
     """Dolly's checkpoint folder (see dolly._checkpoint) from a verified bundle's members, with
     the recorded configuration checked and its metadata written by Dolly, not copied."""
     formats.unpack_layout(extracted, folder, max_bytes=max_bytes)
+    if manifest.get("flavor") == "podman":
+        formats.undo_podman_images(folder / "criu")
     meta = archive.small_json(extracted / "config.dump")
     if isinstance(meta, dict) and "dolly" in meta:  # beside checkpointctl's fields (older bundles: alone)
         meta = meta["dolly"]
@@ -820,6 +882,7 @@ def parse_manifest(data: bytes) -> Dict[str, Any]:
     if image.get("name") is not None:
         names.image_name(image["name"], error=BundleError)
 
+    need(manifest.get("flavor", "docker") in FLAVORS, f"flavor is not one of {', '.join(FLAVORS)}")
     members = manifest.get("members")
     need(isinstance(members, list) and len(members) <= MAX_MEMBERS, f"members is not a list of at most {MAX_MEMBERS}")
     listed = set()

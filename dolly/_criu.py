@@ -337,6 +337,80 @@ def root_mode_rewritten(images_dir: Path, out: Path, *, mode: int) -> int:
     return changed
 
 
+def without_external_netns(images_dir: Path) -> bool:
+    """Remove the first task's network namespace image when it only names an external namespace
+    (Podman's and the kubelet's, joined by path): Docker's checkpoints have none, and a Docker
+    container's namespace is made by runc and set up by the engine's hook. Returns whether one
+    was removed.
+
+    Raises:
+        ImageRewriteError: images pycriu cannot read.
+    """
+    path = Path(images_dir) / f"netns-{root_task_ids(images_dir)['net_ns_id']}.img"
+    if not path.exists():
+        return False
+    entries = _load(path)["entries"]
+    if not (len(entries) == 1 and entries[0].get("ext_key")):
+        return False
+    path.unlink()
+    return True
+
+
+def external_tmpfs_inlined(images_dir: Path, key: str, content: bytes) -> bool:
+    """Rewrite the first task's ``mountpoints-<id>.img`` in place so that the external tmpfs
+    mount under ``key`` (Podman's ``/dev/shm``, a bind of a tmpfs the engine made) is the
+    container's own tmpfs, as Docker makes it, and write its content for CRIU: ``content`` is a
+    gzipped tar, as CRIU keeps a tmpfs's files (``tmpfs-dev-<device>.tar.gz.img``). Returns
+    whether such a mount was there.
+
+    Raises:
+        ImageRewriteError: images pycriu cannot read or write.
+    """
+    path = Path(images_dir) / f"mountpoints-{root_task_ids(images_dir)['mnt_ns_id']}.img"
+    img = _load(path)
+    found = [e for e in img["entries"] if e.get("ext_key") == key and e.get("source") == "shm"]
+    if len(found) != 1 or found[0].get("root") != "/":
+        return False
+    del found[0]["ext_key"]
+    tmpfs = Path(images_dir) / f"tmpfs-dev-{int(found[0]['root_dev'])}.tar.gz.img"
+    try:
+        with open(tmpfs, "xb") as f:
+            f.write(content)
+    except OSError as e:
+        raise ImageRewriteError(f"cannot write {tmpfs}: {e}") from e
+    new = path.with_name(path.name + ".new")
+    _dump(img, new)
+    os.replace(new, path)
+    return True
+
+
+def without_mounts(images_dir: Path, *, keep) -> list:
+    """Rewrite the first task's ``mountpoints-<id>.img`` in place without the external (bind)
+    mounts whose key ``keep(key)`` refuses, and the mounts below them: what the engine of the
+    restore will not hand CRIU (runc maps only its spec's mounts). A restore that finds a file
+    open on a dropped mount fails. Returns the dropped mounts' paths.
+
+    Raises:
+        ImageRewriteError: images pycriu cannot read or write.
+    """
+    path = Path(images_dir) / f"mountpoints-{root_task_ids(images_dir)['mnt_ns_id']}.img"
+    img = _load(path)
+    dropped = {e["mnt_id"] for e in img["entries"] if e.get("ext_key") and not keep(e["ext_key"])}
+    while True:
+        below = {e["mnt_id"] for e in img["entries"] if e.get("parent_mnt_id") in dropped} - dropped
+        if not below:
+            break
+        dropped |= below
+    if not dropped:
+        return []
+    paths = [e["mountpoint"] for e in img["entries"] if e["mnt_id"] in dropped]
+    img["entries"] = [e for e in img["entries"] if e["mnt_id"] not in dropped]
+    new = path.with_name(path.name + ".new")
+    _dump(img, new)
+    os.replace(new, path)
+    return paths
+
+
 def _dump(img: dict, out: Path) -> None:
     import pycriu.images
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from . import _criu as criu, _names as names, _rootfs as rootfs, policy
-from ._archive import compressor, sha256_file, small_json, tarfile, write_member
+from ._archive import sha256_file, small_json, tarfile, write_member
 from ._checkpoint import ROOTFS_DIFF, Checkpoint
 from .errors import BundleError, UnsafeArchive, UnsignedBundle
 
@@ -43,13 +43,20 @@ log = logging.getLogger("dolly")
 
 FORMATS = ("podman", "cri-o", "containerd")
 _MEMBER_RE = re.compile(r"^(config\.dump|spec\.dump|network\.status|rootfs-diff\.tar|deleted\.files|stats-dump|"
-                        r"bind\.mounts|status\.dump|dump\.log|checkpoint/[A-Za-z0-9][A-Za-z0-9._-]{0,200})$")
+                        r"bind\.mounts|status\.dump|dump\.log|devshm-checkpoint\.tar|ctr\.log|checkpoint/[A-Za-z0-9][A-Za-z0-9._-]{0,200})$")
 _MAX_MEMBERS = 100_000
 _IMAGE_ID_RE = re.compile(r"^(sha256:)?([0-9a-f]{64})$")
 # The mounts Docker makes in every container itself; any other mount of the spec is reported.
 _ENGINE_MOUNTS = {"/proc", "/dev", "/dev/pts", "/sys", "/sys/fs/cgroup", "/dev/mqueue", "/dev/shm",
                   "/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/run/.containerenv", "/run/secrets",
                   "/dev/termination-log"}
+# The external (bind) mounts a Docker container's spec hands CRIU on a restore; others are left
+# out of a foreign checkpoint's mount tree.
+_DOCKER_MOUNTS = {"/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/dev/shm", "/dev/null"}
+# Annotations of the pod a container belonged to (io.kubernetes.pod.name, io.podman.annotations.pod...)
+_POD_ANNOTATION_RE = re.compile(r"^io\.(kubernetes|podman\.annotations)\..*(\bpod|Pod|\bsandbox|Sandbox)")
+# Podman's folder for extra files (none are imported); its directory entry is passed over.
+_ARTIFACTS_FOLDER = "artifacts"
 
 
 # CRIU's images sit in this folder of the archive, with a directory entry of their own:
@@ -91,7 +98,7 @@ def extract(tar: tarfile.TarFile, first: tarfile.TarInfo, members: Iterator[tarf
     member: Optional[tarfile.TarInfo] = first
     while member is not None:
         name = member.name[2:] if member.name.startswith("./") else member.name
-        if is_images_folder(member) or (member.isdir() and name.rstrip("/") == "."):
+        if is_images_folder(member) or (member.isdir() and name.rstrip("/") in (".", _ARTIFACTS_FOLDER)):
             member = next(members, None)
             continue
         if not _MEMBER_RE.match(name):
@@ -163,6 +170,7 @@ def make_checkpoint(extracted: Path, folder: Path, store_dir: Path, *, allow_uns
     recorded, not_applied = docker_config(spec, config, container_id=container_id, name=container_name,
                                           image_id=image_id, image_name=image_name)
     not_applied += _extras(extracted, kind)
+    not_applied += docker_images(extracted, folder / "criu", kind, max_bytes=max_bytes)
     cp = Checkpoint(container_id=container_id, container_name=container_name, name=name, created_at=created_at,
                     hostname=criu.read_hostname(folder / "criu"), config=types.MappingProxyType(recorded),
                     path=final, origin={"format": kind, "not_applied": not_applied})
@@ -236,7 +244,7 @@ def docker_config(spec: Mapping[str, Any], config: Mapping[str, Any], *, contain
                                "not made in the Docker container")
     annotations = _mapping(spec.get("annotations"))
     pod = [f"{k}={v!s:.100}" for k, v in annotations.items()
-           if str(k).startswith(("io.kubernetes.", "io.podman.annotations.")) and "pod" in str(k).lower()]
+           if _POD_ANNOTATION_RE.match(str(k))]
     if pod:
         not_applied.append("pod-level annotations (the container joins no pod): " + ", ".join(sorted(pod)[:8]))
     if config.get("pod"):
@@ -260,6 +268,68 @@ def docker_config(spec: Mapping[str, Any], config: Mapping[str, Any], *, contain
         "NetworkSettings": {"Networks": {}},
     }
     return recorded, not_applied
+
+
+def docker_images(extracted: Path, images: Path, kind: str, *, max_bytes: int) -> List[str]:
+    """Rewrite another engine's CRIU images in place into what a Docker container's restore
+    hands CRIU: :func:`undo_podman_images`; Podman's ``/dev/shm`` (a bind of a tmpfs the
+    engine made, its files in ``devshm-checkpoint.tar``) made the container's own tmpfs with
+    those files, as Docker's is; and no other bind mounts than Docker's. Returns the engine's
+    own mounts left out (mounts of the spec are reported with it).
+
+    Raises:
+        UnsafeArchive: a devshm-checkpoint.tar holding more than regular files and folders.
+    """
+    undo_podman_images(images)
+    shm = extracted / "devshm-checkpoint.tar"
+    criu.external_tmpfs_inlined(images, "/dev/shm", _tmpfs_content(shm if shm.exists() else None,
+                                                                   max_bytes=max_bytes))
+    dropped = criu.without_mounts(images, keep=lambda key: key in _DOCKER_MOUNTS or key.startswith("/sys/fs/cgroup/"))
+    return [f"{kind}'s mount at {path}: not in the Docker container" for path in dropped if path in _ENGINE_MOUNTS]
+
+
+def undo_podman_images(images: Path) -> None:
+    """Rewrite CRIU's images in place from Podman's set-up (see :func:`podman_members`) to
+    Docker's: no external network namespace (runc makes one, Docker's hook sets it up), and the
+    root directory's mode as Docker gives it (0755)."""
+    criu.without_external_netns(images)
+    files = images / "files.img"
+    criu.root_mode_rewritten(images, files.with_name("files.img.new"), mode=DOCKER_ROOT_MODE)
+    os.replace(files.with_name("files.img.new"), files)
+
+
+def _tmpfs_content(tar_path: Optional[Path], *, max_bytes: int) -> bytes:
+    """A tmpfs's files as CRIU keeps them (a gzipped tar), from Podman's plain tar of them,
+    rebuilt from its regular files and folders only: CRIU unpacks it with GNU tar as root.
+
+    Raises:
+        UnsafeArchive: a member that is not a regular file or folder, or unsafe to unpack.
+    """
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as clean:
+        if tar_path is not None:
+            _copy_files(tar_path, clean, max_bytes=max_bytes)
+    return out.getvalue()
+
+
+def _copy_files(tar_path: Path, clean: tarfile.TarFile, *, max_bytes: int) -> None:
+    try:
+        with tarfile.open(tar_path, "r:") as tar:  # Podman writes it plain: nothing is decompressed
+            total = 0
+            for member in tar:
+                if not (member.isfile() or member.isdir()) or member.sparse is not None:
+                    raise UnsafeArchive(f"devshm-checkpoint.tar holds {member.name!r:.200}, not a file or folder")
+                try:
+                    tarfile.data_filter(member, "/dev/shm")  # a check of the name: owners and modes are kept
+                except tarfile.FilterError as e:
+                    raise UnsafeArchive(f"devshm-checkpoint.tar: {e}") from e
+                member.mode &= 0o1777
+                total += member.size
+                if total > max_bytes:
+                    raise UnsafeArchive(f"devshm-checkpoint.tar holds more than {max_bytes} bytes")
+                clean.addfile(member, tar.extractfile(member) if member.isfile() else None)
+    except tarfile.TarError as e:
+        raise UnsafeArchive(f"devshm-checkpoint.tar is not a tar archive: {e}") from e
 
 
 def _extras(extracted: Path, kind: str) -> List[str]:
@@ -430,6 +500,7 @@ def _put_blob(blobs: Path, data: bytes) -> str:
 PODMAN_CRIU_CONFIG = "/usr/local/lib/dolly/criu-mntns-compat.conf"
 # The mode Podman's storage gives a container's root directory (Docker's: 0755).
 PODMAN_ROOT_MODE = 0o555
+DOCKER_ROOT_MODE = 0o755
 
 
 def podman_image_name(name: str) -> str:
@@ -441,18 +512,21 @@ def podman_image_name(name: str) -> str:
     return qualified if (":" in last or "@" in qualified) else f"{qualified}:latest"
 
 
-def write_podman_archive(bundle_dir: Path, out: Path, *, meta: Mapping[str, Any], image_name: str,
-                         compression: str, work: Path) -> None:
-    """Write at ``out`` what ``podman container restore --import`` restores, from the members of a
-    Dolly bundle unpacked in ``bundle_dir`` (and Dolly's checkpoint metadata ``meta``):
+def podman_members(bundle_dir: Path, *, meta: Mapping[str, Any], image_name: str,
+                   work: Path) -> List[Tuple[str, Path]]:
+    """The members, in order, of the Podman flavour of a bundle whose members are unpacked in
+    ``bundle_dir`` (Dolly's checkpoint metadata ``meta``): what ``podman container restore
+    --import`` (and ``podman container restore IMAGE`` from a checkpoint image) restores:
 
     - ``checkpoint/``: CRIU's images with two changes for Podman's set-up: the root directory's
       mode as Podman gives it, and the network namespace marked external (runc then joins the
       namespace Podman's network made instead of CRIU making an empty one);
     - ``spec.dump`` without Docker's hooks (they call dockerd), naming :data:`PODMAN_CRIU_CONFIG`;
-    - ``config.dump`` in Podman's shape; ``rootfs-diff.tar``, ``deleted.files``, ``stats-dump``.
+    - ``config.dump``: Podman's fields beside checkpointctl's and Dolly's (Podman ignores the
+      others); ``rootfs-diff.tar``, ``deleted.files``, ``stats-dump``. Not ``network.status``:
+      Podman reads its own network's results there.
 
-    Not carried: Dolly's manifest and signature (the images changed, so they would not match).
+    :func:`docker_images` undoes the image changes on an import into Docker.
     """
     images = bundle_dir / IMAGES_FOLDER
     work.mkdir(mode=0o700)
@@ -466,32 +540,18 @@ def write_podman_archive(bundle_dir: Path, out: Path, *, meta: Mapping[str, Any]
     spec = small_json(bundle_dir / "spec.dump")
     spec.pop("hooks", None)
     spec["annotations"] = {**(spec.get("annotations") or {}), "org.criu.config": PODMAN_CRIU_CONFIG}
+    (work / "spec.dump").write_text(json.dumps(spec))
     recorded = _mapping(meta.get("config"))
     config = {
+        **small_json(bundle_dir / "config.dump"),
         "id": meta["container_id"], "name": meta["container_name"],
         "rootfsImageID": str(recorded.get("Image", "")).removeprefix("sha256:"), "rootfsImageName": image_name,
         "runtime": "runc", "createNetNS": True, "networkMode": "bridge", "newNetworks": {"podman": {}},
-        "createdTime": recorded.get("Created"), "checkpointedTime": meta.get("created_at"),
     }
-    files = {"config.dump": json.dumps(config).encode(), "spec.dump": json.dumps(spec).encode()}
-    plain = [(n, bundle_dir / n) for n in ("rootfs-diff.tar", "deleted.files", "stats-dump")
-             if (bundle_dir / n).exists()]
-    partial = out.with_name(f".{out.name}.partial")
-    try:
-        with open(partial, "wb") as raw, compressor(raw, compression) as stream, \
-                tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            tar.addfile(images_folder_entry())
-            names_in = sorted({p.name for p in images.iterdir() if p.is_file()} | set(replaced))
-            for name in names_in:
-                tar.add(replaced.get(name, images / name), arcname=f"checkpoint/{name}", recursive=False)
-            for name, data in files.items():
-                member = tarfile.TarInfo(name)
-                member.size, member.mode = len(data), 0o600
-                tar.addfile(member, io.BytesIO(data))
-            for name, path in plain:
-                tar.add(path, arcname=name, recursive=False)
-        os.chmod(partial, 0o600)
-        os.replace(partial, out)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    (work / "config.dump").write_text(json.dumps(config))
+    names_in = sorted({p.name for p in images.iterdir() if p.is_file()} | set(replaced))
+    members = [(f"{IMAGES_FOLDER}/{n}", replaced.get(n, images / n)) for n in names_in]
+    members += [("config.dump", work / "config.dump"), ("spec.dump", work / "spec.dump")]
+    members += [(n, bundle_dir / n) for n in ("rootfs-diff.tar", "deleted.files", "stats-dump")
+                if (bundle_dir / n).exists()]
+    return members

@@ -292,12 +292,32 @@ def keygen_cmd(ctx: Context, private_pem: str, public_pem: str) -> None:
         out.print(f"key {trust.key_id(public)}: {private_pem}, {public_pem}")
 
 
+@cli.command("sign")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--key", "key_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The PEM private key to sign with.")
+@click.option("--expires-in", type=click.FloatRange(min=0, min_open=True), default=168.0, show_default=True,
+              help="Hours the signature stays fresh.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write it (default PATH.sig).")
+@command
+def sign_cmd(ctx: Context, path: str, key_file: str, expires_in: float, output: Optional[str]) -> None:
+    """Write a detached signature of the archive at PATH (Podman's or the kubelet's, which have no
+    place for one), for `dolly import --signature`."""
+    written = trust.sign_file(trust.load_private_key(key_file), path, expires_in=timedelta(hours=expires_in),
+                              out=output)
+    if ctx.as_json:
+        _print_json({"signature": str(written)})
+    else:
+        out.print(str(written))
+
+
 @cli.command("export")
 @click.argument("container")
 @click.argument("checkpoint")
 @click.argument("path", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["dolly", "oci"]), default="dolly", show_default=True,
-              help="A bundle file, or a checkpoint OCI image (an OCI image layout folder at PATH).")
+@click.option("--format", "fmt", type=click.Choice(["dolly", "oci", "podman"]), default="dolly", show_default=True,
+              help="A bundle file, a checkpoint OCI image (an OCI image layout folder at PATH), or an archive "
+                   "that `podman container restore --import` restores.")
 @click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False),
               help="Sign with this PEM private key.")
 @click.option("--compression", type=click.Choice(["zstd", "gzip", "none"]), default="zstd", show_default=True)
@@ -308,7 +328,8 @@ def keygen_cmd(ctx: Context, private_pem: str, public_pem: str) -> None:
 @command
 def export_cmd(ctx: Context, container: str, checkpoint: str, path: str, fmt: str, sign_key: Optional[str],
                compression: str, key_file: Optional[str], expires_in: float) -> None:
-    """Write CONTAINER's CHECKPOINT as a bundle at PATH (or a checkpoint OCI image), for another engine."""
+    """Write CONTAINER's CHECKPOINT as a bundle at PATH (or a checkpoint OCI image, or Podman's
+    archive), for another engine."""
     cp = dolly.get_checkpoint(container, checkpoint, ctx.client)
     signer = trust.load_private_key(sign_key) if sign_key else None
     with _working("exporting") as bar:
@@ -333,12 +354,14 @@ def export_cmd(ctx: Context, container: str, checkpoint: str, path: str, fmt: st
               help="The 32-byte key file the bundle was encrypted with.")
 @click.option("--allow", "allow", multiple=True, type=click.Choice(sorted(policy.ITEMS)),
               help="Let the bundle's container have this host access (repeatable); see README.")
+@click.option("--signature", type=click.Path(exists=True, dir_okay=False),
+              help="A detached signature of a Podman or kubelet archive (`dolly sign`), by a --trust key.")
 @command
 def import_cmd(ctx: Context, path: str, trusted: List[str], allow_unsigned: bool, image_from: Optional[str],
-               key_file: Optional[str], allow: List[str]) -> None:
+               key_file: Optional[str], allow: List[str], signature: Optional[str]) -> None:
     """Verify the bundle at PATH and make it a checkpoint on this engine. PATH may also be a
     checkpoint OCI image (an OCI image layout folder), or Podman's or the kubelet's checkpoint
-    archive (told apart by content; these carry no signature: --allow-unsigned).
+    archive (told apart by content; these carry no signature: --signature, or --allow-unsigned).
 
     By default its container may not be privileged, mount host paths or named volumes, use host
     devices, add capabilities, join host namespaces, change security options, set sysctls or a
@@ -347,6 +370,14 @@ def import_cmd(ctx: Context, path: str, trusted: List[str], allow_unsigned: bool
     keys = [trust.load_public_key(k) for k in trusted]
     if Path(path).is_dir():  # a checkpoint OCI image: its layer is checked, then read
         path = str(formats.oci_layer(Path(path))[0])
+    if signature is not None:  # checked over the file as it is read: no bar around the stream
+        with _working(f"importing {Path(path).name}") as bar:
+            bar.add_task("import", total=None)
+            cp = dolly.import_bundle(path, client=ctx.client, trusted_keys=keys, allow_unsigned=allow_unsigned,
+                                     allow=allow, image_source=source, encryption_key=_read_key(key_file),
+                                     signature=signature)
+        _print_checkpoints(ctx, [cp])
+        return
     # The bundle is read once, as a stream: the bar follows the bytes read (to this engine, or
     # on their way to another host's).
     with _bytes_bar(f"importing {Path(path).name}") as bar, \

@@ -13,20 +13,25 @@ its position and to whether it is the last, so chunks cannot be dropped, reorder
 """
 from __future__ import annotations
 
+import base64
+import dataclasses
 import hashlib
 import io
+import json
 import os
+import re
 import shutil
 import struct
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Iterable, Iterator, Optional, Tuple, Union
+from typing import IO, Any, BinaryIO, Dict, Iterable, Iterator, Optional, Tuple, Union
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .errors import BundleError, DecryptionFailed, InvalidArgument, SignatureInvalid, UntrustedSigner
+from .errors import BundleError, BundleExpired, DecryptionFailed, InvalidArgument, SignatureInvalid, UntrustedSigner
 
 __all__ = [
     "generate_keypair",
@@ -38,6 +43,9 @@ __all__ = [
     "sign",
     "verify",
     "generate_encryption_key",
+    "sign_file",
+    "DetachedSignature",
+    "verify_detached",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -140,6 +148,92 @@ def verify(data: bytes, signature: bytes, signer_id: str, trusted: Iterable[Ed25
         raise SignatureInvalid(f"the manifest's signature does not verify with key {signer_id}: "
                                "the bundle was altered after signing") from None
     return signer_id
+
+
+# --- detached signatures (archives that carry none of their own) ---------------------------------
+
+DETACHED_TYPE = "application/vnd.dolly.detached-signature.v1+json"
+_MAX_DETACHED = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class DetachedSignature:
+    """A verified detached signature: the archive's SHA-256 (hex) and size it vouches for, and
+    the id of the trusted key that made it. The archive itself is still to be checked against
+    them as it is read."""
+
+    sha256: str
+    size: int
+    signer: str
+
+
+def sign_file(key: Ed25519PrivateKey, path: PathLike, *, expires_in: Optional[timedelta] = None,
+              out: Optional[PathLike] = None) -> Path:
+    """Sign the file at ``path`` (a Podman or kubelet checkpoint archive, which has no place for
+    a signature of its own) with a detached signature: a small JSON document, written to a new
+    file ``out`` (default: ``path`` + ``.sig``), holding the file's SHA-256 and size, the signer's
+    key id, when it was signed and when it expires, signed as a whole with Ed25519.
+    ``dolly.import_bundle(path, signature=..., trusted_keys=...)`` checks it.
+
+    Raises:
+        InvalidArgument: ``key`` is no Ed25519 private key, ``expires_in`` is not positive, or
+            ``out`` exists.
+        OSError: ``path`` cannot be read.
+    """
+    if expires_in is not None and expires_in <= timedelta(0):
+        raise InvalidArgument(f"expires_in must be positive, got {expires_in}")
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            h.update(chunk)
+            size += len(chunk)
+    now = datetime.now(UTC)
+    body = {"type": DETACHED_TYPE, "sha256": h.hexdigest(), "size": size, "signer": key_id(key),
+            "signed_at": now.isoformat(), "expires_at": (now + expires_in).isoformat() if expires_in else None}
+    doc = {**body, "signature": base64.b64encode(sign(key, _canonical(body))).decode()}
+    target = Path(out) if out is not None else Path(f"{path}.sig")
+    return _write_new(target, json.dumps(doc, indent=2).encode() + b"\n", 0o644, overwrite=False)
+
+
+def verify_detached(data: bytes, trusted: Iterable[Ed25519PublicKey]) -> DetachedSignature:
+    """Check a detached signature document (see :func:`sign_file`): made by a trusted key, over
+    exactly these fields, and not expired.
+
+    Raises:
+        BundleError: not a detached signature document.
+        UntrustedSigner, SignatureInvalid: as :func:`verify`.
+        BundleExpired: past its ``expires_at``.
+    """
+    try:
+        doc = json.loads(data) if len(data) <= _MAX_DETACHED else None
+    except ValueError:
+        doc = None
+    fields = {"type", "sha256", "size", "signer", "signed_at", "expires_at", "signature"}
+    if not (isinstance(doc, dict) and set(doc) == fields and doc["type"] == DETACHED_TYPE
+            and isinstance(doc["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", doc["sha256"])
+            and isinstance(doc["size"], int) and not isinstance(doc["size"], bool) and doc["size"] >= 0
+            and isinstance(doc["signer"], str) and re.fullmatch(r"[0-9a-f]{16}", doc["signer"])
+            and isinstance(doc["signature"], str) and len(doc["signature"]) <= 200
+            and (doc["expires_at"] is None or isinstance(doc["expires_at"], str))):
+        raise BundleError("not a Dolly detached signature (application/vnd.dolly.detached-signature.v1+json)")
+    try:
+        signature = base64.b64decode(doc["signature"], validate=True)
+    except ValueError:
+        raise BundleError("the detached signature's signature is not base64") from None
+    body = {k: v for k, v in doc.items() if k != "signature"}
+    verify(_canonical(body), signature, doc["signer"], trusted)
+    if doc["expires_at"] is not None:
+        try:
+            expires = datetime.fromisoformat(doc["expires_at"])
+        except ValueError:
+            raise BundleError("the detached signature's expires_at is not a time") from None
+        if expires.tzinfo is None or datetime.now(UTC) > expires:
+            raise BundleExpired(f"the detached signature expired at {doc['expires_at']}: the archive is not fresh")
+    return DetachedSignature(sha256=doc["sha256"], size=doc["size"], signer=doc["signer"])
+
+
+def _canonical(body: Dict[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
 # --- encryption at rest ----------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """The ecosystem's checkpoint archives, with a real engine: kubelet-style archives (CRI-O's and
-containerd's layout, INTEROP-NOTES.md) in, and what checkpointctl reads of Dolly's own bundles.
+containerd's layout, INTEROP-NOTES.md) in, what checkpointctl reads of Dolly's own bundles,
+checkpoint OCI images out and back, Docker -> Podman and Podman -> Docker with real Podman, and
+detached signatures for archives that carry none.
 
 No kubelet, CRI-O or containerd CRI runs here: the archives are built to their documented layout
 from a checkpoint this engine took (its CRIU images, its OCI spec with CRI-O's annotations added,
@@ -15,6 +17,8 @@ import json
 import os
 import secrets
 import subprocess
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -264,7 +268,7 @@ def podman(*args: str, check: bool = True) -> str:
     return subprocess.run(["podman", *args], capture_output=True, text=True, check=check, timeout=300).stdout.strip()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def podman_image(client):
     """dolly/python in Podman's storage (docker save | podman load), removed after unless it was
     there before."""
@@ -278,33 +282,63 @@ def podman_image(client):
         podman("rmi", "-f", "localhost/dolly/python:latest", check=False)
 
 
-def test_docker_to_podman_two_clones_answer_with_the_state(run, podman_image, tmp_path):
+def test_docker_to_podman_two_clones_answer_with_the_state(run, podman_image, keys, tmp_path):
+    private, _ = keys
     source = run(PYTHON, ["python3", "-c", STATEFUL])
     dolly.ready.wait(source, dolly.ready.http(8000), timeout=60)
     for _ in range(3):
         before = ask(source)
     cp = dolly.checkpoint(source, "to-podman")
-    archive_path = dolly.export(cp, tmp_path / "podman.tar.zst", format="podman")
+    archive_path = dolly.export(cp, tmp_path / "podman.tar.zst", format="podman", signer=private)
     with _open_any(archive_path) as tar:
+        assert tar.next().name == "manifest.json", "Dolly's signed manifest leads, and Podman passes over it"
+        manifest = json.load(tar.extractfile("manifest.json"))
         config = json.load(tar.extractfile("config.dump"))
         spec = json.load(tar.extractfile("spec.dump"))
         assert tar.getmember("checkpoint").isdir()
+    assert manifest["flavor"] == "podman" and manifest["signer"] == dolly.trust.key_id(private)
     assert config["id"] == cp.container_id and config["runtime"] == "runc" and config["rootfsImageName"] == podman_image
     assert "hooks" not in spec, "Docker's hooks call dockerd"
     names = [f"dolly-podman-{secrets.token_hex(3)}-{i}" for i in (1, 2)]
     try:
         for name in names:
             podman("container", "restore", "--import", str(archive_path), "--name", name)
-        addresses = set()
-        for name in names:
-            ip = podman("inspect", name, "--format", "{{.NetworkSettings.IPAddress}}")
-            addresses.add(ip)
-            after = get_json(ip, 8000)
-            assert after["token"] == before["token"] and after["hits"] == before["hits"] + 1, after
-            assert podman("exec", name, "cat", "/var/tmp/born") == before["token"]
-        assert len(addresses) == 2 and "" not in addresses
+        _two_answer_with(names, before)
     finally:
         podman("rm", "-f", *names, check=False)
+
+
+def _two_answer_with(names, before) -> None:
+    """Podman's containers ``names`` each answer on their own address with the state of ``before``."""
+    addresses = set()
+    for name in names:
+        ip = podman("inspect", name, "--format", "{{.NetworkSettings.IPAddress}}")
+        addresses.add(ip)
+        after = get_json(ip, 8000)
+        assert after["token"] == before["token"] and after["hits"] == before["hits"] + 1, after
+        assert podman("exec", name, "cat", "/var/tmp/born") == before["token"]
+    assert len(addresses) == len(names) and "" not in addresses
+
+
+def test_podman_restores_a_dolly_checkpoint_image(run, podman_image, keys, tmp_path):
+    """export(format="oci") -> skopeo copy into Podman's storage -> podman container restore IMAGE."""
+    private, _ = keys
+    source = run(PYTHON, ["python3", "-c", STATEFUL])
+    dolly.ready.wait(source, dolly.ready.http(8000), timeout=60)
+    for _ in range(2):
+        before = ask(source)
+    layout = dolly.export(dolly.checkpoint(source, "to-image"), tmp_path / "image", format="oci", signer=private)
+    image = f"localhost/dolly-checkpoint-{secrets.token_hex(3)}:test"
+    names = [f"dolly-podman-image-{secrets.token_hex(3)}-{i}" for i in (1, 2)]
+    subprocess.run(["skopeo", "copy", "-q", f"oci:{layout}", f"containers-storage:{image}"], check=True,
+                   capture_output=True, timeout=300)
+    try:
+        for name in names:
+            podman("container", "restore", "--name", name, image)
+        _two_answer_with(names, before)
+    finally:
+        podman("rm", "-f", *names, check=False)
+        podman("rmi", "-f", image, check=False)
 
 
 def _open_any(path: Path):
@@ -317,3 +351,170 @@ def _open_any(path: Path):
     elif data[:2] == b"\x1f\x8b":
         data = gzip.decompress(data)
     return tarfile.open(fileobj=io.BytesIO(data))
+
+
+# --- Podman -> Docker --------------------------------------------------------------------------------
+
+# Podman can run containers on this machine only with limits root may set (no CAP_SYS_RESOURCE).
+PODMAN_LIMITS = ("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024")
+
+
+@pytest.fixture(scope="module")
+def podman_exports(podman_image, tmp_path_factory):
+    """A stateful service started by Podman, with a file in its /dev/shm, asked 3 times, then
+    exported by ``podman container checkpoint --export`` three ways (Podman's default, gzip,
+    none); the service's last answer, and the archives by compression."""
+    folder = tmp_path_factory.mktemp("podman")
+    name = f"dolly-psrc-{secrets.token_hex(3)}"
+    podman("run", "-d", "--name", name, *PODMAN_LIMITS, podman_image, "python3", "-c", STATEFUL)
+    try:
+        ip = podman("inspect", name, "--format", "{{.NetworkSettings.IPAddress}}")
+        _wait_http(ip)
+        podman("exec", name, "sh", "-c", "echo shared > /dev/shm/marker")
+        for _ in range(3):
+            before = get_json(ip, 8000)
+        archives = {}
+        for compress in ("zstd", "gzip", "none"):
+            archives[compress] = folder / f"{compress}.tar"
+            podman("container", "checkpoint", "--leave-running", "--compress", compress, "--export",
+                   str(archives[compress]), name)
+    finally:
+        podman("rm", "-f", name, check=False)
+    return before, archives
+
+
+def _wait_http(ip: str) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            get_json(ip, 8000)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_podman_to_docker_two_clones_continue_the_state(podman_exports, client):
+    before, archives = podman_exports
+    cp = dolly.import_bundle(archives["zstd"], client=client, allow_unsigned=True)
+    try:
+        assert cp.origin["format"] == "podman" and cp.origin["signer"] is None
+        assert any("/run/.containerenv" in x for x in cp.origin["not_applied"])
+        clones = dolly.clone(cp, 2)
+        try:
+            assert len({c.attrs["NetworkSettings"]["IPAddress"] for c in clones} - {""}) == 2
+            for clone in clones:
+                after = ask(clone)
+                assert after["token"] == before["token"] and after["hits"] == before["hits"] + 1, after
+                assert clone.exec_run(["cat", "/var/tmp/born"]).output.decode() == before["token"]
+                # Podman's /dev/shm is a bind of a tmpfs the engine made; it comes in as the
+                # clone's own tmpfs, with its files.
+                assert clone.exec_run(["cat", "/dev/shm/marker"]).output == b"shared\n"
+                assert clone.exec_run(["hostname"]).output.decode().strip() == clone.id[:12]
+        finally:
+            for c in clones:
+                c.remove(force=True)
+    finally:
+        dolly.remove_checkpoint(cp)
+
+
+@pytest.mark.parametrize("compress", ["gzip", "none"])
+def test_podman_archives_gzipped_or_plain_import_and_clone(podman_exports, client, compress):
+    before, archives = podman_exports
+    cp = dolly.import_bundle(archives[compress], client=client, allow_unsigned=True)
+    try:
+        (clone,) = dolly.clone(cp, 1)
+        try:
+            after = ask(clone)
+            assert after["token"] == before["token"] and after["hits"] == before["hits"] + 1, after
+        finally:
+            clone.remove(force=True)
+    finally:
+        dolly.remove_checkpoint(cp)
+
+
+def test_a_podman_archive_without_a_signature_is_refused(podman_exports, client):
+    _, archives = podman_exports
+    with pytest.raises(errors.UnsignedBundle):
+        dolly.import_bundle(archives["zstd"], client=client)
+    _nothing_left_of_podman(client, archives["zstd"])
+
+
+def _podman_id(archive_path: Path) -> str:
+    with _open_any(archive_path) as tar:
+        return json.load(tar.extractfile("config.dump"))["id"]
+
+
+def _nothing_left_of_podman(client, archive_path: Path) -> None:
+    _nothing_left(client, _podman_id(archive_path))
+
+
+def test_a_podman_archive_with_a_link_in_its_dev_shm_is_refused(podman_exports, client, tmp_path):
+    """devshm-checkpoint.tar is unpacked by CRIU (GNU tar, as root): only files and folders."""
+    _, archives = podman_exports
+    shm = io.BytesIO()
+    with tarfile.open(fileobj=shm, mode="w") as tar:
+        link = tarfile.TarInfo("./escape")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc"
+        tar.addfile(link)
+    path = tmp_path / "evil.tar"
+    _rewrite_members(archives["none"], path, {"devshm-checkpoint.tar": shm.getvalue()})
+    with pytest.raises(errors.UnsafeArchive, match="devshm"):
+        dolly.import_bundle(path, client=client, allow_unsigned=True)
+    _nothing_left_of_podman(client, path)
+
+
+def _rewrite_members(src: Path, out: Path, replace: dict) -> None:
+    """A plain copy of the archive ``src`` with members' contents replaced."""
+    with _open_any(src) as tar, tarfile.open(out, "w") as new:
+        for member in tar.getmembers():
+            data = replace.get(member.name, tar.extractfile(member).read() if member.isfile() else None)
+            if data is not None:
+                member.size = len(data)
+            new.addfile(member, io.BytesIO(data) if data is not None else None)
+
+
+# --- detached signatures -------------------------------------------------------------------------------
+
+
+def test_a_detached_signature_by_a_trusted_key_imports_a_podman_archive(podman_exports, client, keys, tmp_path):
+    before, archives = podman_exports
+    private, public = keys
+    signature = dolly.trust.sign_file(private, archives["gzip"], out=tmp_path / "gzip.tar.sig",
+                                      expires_in=timedelta(hours=1))
+    cp = dolly.import_bundle(archives["gzip"], client=client, trusted_keys=[public], signature=signature)
+    try:
+        assert cp.origin["signer"] == dolly.trust.key_id(public)
+        (clone,) = dolly.clone(cp, 1)
+        try:
+            assert ask(clone)["token"] == before["token"]
+        finally:
+            clone.remove(force=True)
+    finally:
+        dolly.remove_checkpoint(cp)
+
+
+def test_a_detached_signature_refuses_a_changed_archive_an_untrusted_key_and_age(podman_exports, client, keys,
+                                                                                 tmp_path):
+    _, archives = podman_exports
+    private, public = keys
+    other, _ = dolly.trust.generate_keypair()
+    changed = tmp_path / "changed.tar"
+    changed.write_bytes(archives["none"].read_bytes() + b"\0" * 1024)  # still a valid tar, not the signed one
+    signed = dolly.trust.sign_file(private, archives["none"], out=tmp_path / "good.sig")
+    with pytest.raises(errors.DigestMismatch):
+        dolly.import_bundle(changed, client=client, trusted_keys=[public], signature=signed)
+    by_other = dolly.trust.sign_file(other, archives["none"], out=tmp_path / "other.sig")
+    with pytest.raises(errors.UntrustedSigner):
+        dolly.import_bundle(archives["none"], client=client, trusted_keys=[public], signature=by_other)
+    document = json.loads(signed.read_text())
+    document["size"] += 1  # a field changed after signing
+    (tmp_path / "edited.sig").write_text(json.dumps(document))
+    with pytest.raises(errors.SignatureInvalid):
+        dolly.import_bundle(archives["none"], client=client, trusted_keys=[public], signature=tmp_path / "edited.sig")
+    old = dolly.trust.sign_file(private, archives["none"], out=tmp_path / "old.sig", expires_in=timedelta(seconds=1))
+    time.sleep(1.1)
+    with pytest.raises(errors.BundleExpired):
+        dolly.import_bundle(archives["none"], client=client, trusted_keys=[public], signature=old)
+    _nothing_left_of_podman(client, archives["none"])

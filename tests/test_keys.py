@@ -1,6 +1,7 @@
 """Key files: created new, never written through a file or symlink planted at their path."""
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import subprocess
@@ -106,3 +107,43 @@ def test_keygen_makes_a_pair_and_refuses_a_planted_symlink(tmp_path, victim):
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 1, res.stderr
     assert not (tmp_path / "half.pem").exists() and (tmp_path / "taken.pub").read_text() == "taken"
+
+
+# --- detached signatures (pure logic: the engine side is in test_formats.py) -----------------------
+
+
+def test_a_detached_signature_vouches_for_the_file_it_was_made_of(keys, tmp_path):
+    private, public = keys
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(os.urandom(5000))
+    sig = trust.sign_file(private, archive)
+    assert sig == tmp_path / "a.tar.sig"
+    checked = trust.verify_detached(sig.read_bytes(), [public])
+    assert checked.signer == trust.key_id(public) and checked.size == 5000
+    assert checked.sha256 == hashlib.sha256(archive.read_bytes()).hexdigest()
+    with pytest.raises(errors.InvalidArgument, match="exists"):
+        trust.sign_file(private, archive)  # never written over
+
+
+def test_a_detached_signature_is_refused_when_untrusted_edited_expired_or_not_one(keys, tmp_path):
+    import json
+    from datetime import timedelta
+
+    private, public = keys
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(b"x" * 100)
+    document = json.loads(trust.sign_file(private, archive).read_text())
+    _, other_public = trust.generate_keypair()
+    with pytest.raises(errors.UntrustedSigner):
+        trust.verify_detached(json.dumps(document).encode(), [other_public])
+    with pytest.raises(errors.SignatureInvalid):
+        trust.verify_detached(json.dumps({**document, "sha256": "0" * 64}).encode(), [public])
+    with pytest.raises(errors.BundleError, match="not a Dolly detached signature"):
+        trust.verify_detached(json.dumps({**document, "extra": 1}).encode(), [public])
+    with pytest.raises(errors.BundleError, match="not a Dolly detached signature"):
+        trust.verify_detached(b"[" * 100_000, [public])
+    expired = trust.sign_file(private, archive, out=tmp_path / "old.sig", expires_in=timedelta(microseconds=1))
+    with pytest.raises(errors.BundleExpired):
+        trust.verify_detached(expired.read_bytes(), [public])
+    with pytest.raises(errors.InvalidArgument):
+        trust.sign_file(private, archive, out=tmp_path / "neg.sig", expires_in=timedelta(0))
