@@ -10,6 +10,7 @@ from ._bundle import export, import_bundle
 from ._checkpoint import Checkpoint, PruneReport, checkpoint, get_checkpoint, list_checkpoints, prune, remove_checkpoint
 from ._host import HostReport, check_host
 from ._migrate import Migration, migrate
+from ._registry import PushReport, pull, push
 from ._restore import clone, restore, resume
 from .errors import DollyError
 
@@ -19,6 +20,7 @@ __all__ = [
     "HostReport",
     "Migration",
     "PruneReport",
+    "PushReport",
     "check_host",
     "checkpoint",
     "clone",
@@ -29,6 +31,8 @@ __all__ = [
     "migrate",
     "policy",
     "prune",
+    "pull",
+    "push",
     "remove_checkpoint",
     "restore",
     "resume",

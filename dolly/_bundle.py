@@ -370,15 +370,24 @@ def write_stream(sink: IO[bytes], manifest: Dict[str, Any], members: Iterable[Tu
                  signer: Optional[Ed25519PrivateKey], compression: str, encryption_key: Optional[bytes]) -> None:
     """A bundle written to ``sink`` as it goes: the manifest (signed when ``signer`` is given),
     then each ``(name, size, data)`` member, compressed and encrypted on the way."""
-    now = datetime.now(UTC)
     manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    write_tar(sink, manifest_bytes, trust.sign(signer, manifest_bytes) if signer is not None else None, members,
+              compression=compression, encryption_key=encryption_key)
+
+
+def write_tar(sink: IO[bytes], manifest_bytes: bytes, signature: Optional[bytes],
+              members: Iterable[Tuple[str, int, IO[bytes]]], *, compression: str,
+              encryption_key: Optional[bytes]) -> None:
+    """A bundle's tar written to ``sink``: ``manifest.json`` (these exact bytes), its
+    ``signature`` when there is one, then the members."""
+    now = datetime.now(UTC)
     sealed = trust.EncryptingWriter(encryption_key, sink) if encryption_key is not None else None
     # EncryptingWriter is a raw stream: to the compressor, a file like any other.
     with archive.compressor(cast(IO[bytes], sealed or sink), compression) as stream, \
             tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         _add_bytes(tar, "manifest.json", manifest_bytes, now)
-        if signer is not None:
-            _add_bytes(tar, "manifest.sig", trust.sign(signer, manifest_bytes), now)
+        if signature is not None:
+            _add_bytes(tar, "manifest.sig", signature, now)
         folder_made = False
         for name, size, data in members:
             if name.startswith(f"{formats.IMAGES_FOLDER}/") and not folder_made:
@@ -536,7 +545,7 @@ def _import(
         return _remote.import_bundle(engine, _source(path), trusted=trusted, allow_unsigned=allow_unsigned,
                                      allow=allowed, image_source=image_source, encryption_key=encryption_key,
                                      max_bytes=max_bytes, between_own_engines=between_own_engines)
-    lineages = _Lineages(engine)
+    lineages = Lineages(engine)
     engine.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     staging = names.inside(engine.spool_dir, f"import-{uuid.uuid4().hex}")
     staging.mkdir(mode=0o700)
@@ -908,7 +917,7 @@ def _aware(value: Any, what: str) -> datetime:
     return when
 
 
-class _Lineages:
+class Lineages:
     """The newest ``created_at`` imported per (signer, lineage) on one engine: no rollback.
     Checked and recorded under one lock, with the import's final rename between them."""
 

@@ -535,6 +535,14 @@ class Engine:
         """
         return str(self._call(self.client.images.get, ref).id)
 
+    def image_digests(self, image_id: str) -> list[str]:
+        """The registry digests (``name@sha256:...``) the engine knows for an image.
+
+        Raises:
+            ImageNotFound: no such image.
+        """
+        return list(self._call(self.client.images.get, image_id).attrs.get("RepoDigests") or [])
+
     def image_tags(self, repository: str) -> list[str]:
         """The tags (``repository:tag``) of this engine's images in ``repository``."""
         rows = self._call(self.api.images, name=repository)

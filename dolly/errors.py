@@ -28,6 +28,7 @@
     │   ├── UnsafeArchive        absolute paths, "..", escaping links, devices, or too large
     │   └── PolicyRefused        its container asks for host access the restore policy does not
     │                            allow (privileged, host mounts, devices, ...); .items names them
+    ├── RegistryError            an OCI registry could not be reached or refused; carries .status
     └── MigrationFailed          a step of migrate failed; .step names it, the source runs again
                                  (but at "roll back": the target's state is unknown, see message)
 
@@ -66,6 +67,7 @@ __all__ = [
     "DecryptionFailed",
     "UnsafeArchive",
     "PolicyRefused",
+    "RegistryError",
     "MigrationFailed",
 ]
 
@@ -220,6 +222,15 @@ class PolicyRefused(BundleError):
     def __init__(self, message: str, *, items: Sequence[str] = ()) -> None:
         self.items = list(items)
         super().__init__(message)
+
+
+class RegistryError(DollyError):
+    """An OCI registry could not be reached, refused the credentials, or refused a request.
+    ``status`` holds the HTTP status when it answered (404: it has no such tag or blob)."""
+
+    def __init__(self, message: str, *, status: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class MigrationFailed(DollyError):

@@ -39,7 +39,8 @@ PACKAGES=(docker.io runc containerd iptables iproute2 busybox-static mmdebstrap 
   build-essential patch pkgconf libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev
   libnl-3-dev libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler uuid-dev
   python3-protobuf python3-venv
-  skopeo podman)  # read checkpoint OCI images; restore Dolly's Podman archives (the tests use both)
+  skopeo podman  # read checkpoint OCI images; restore Dolly's Podman archives (the tests use both)
+  docker-registry)  # distribution 2.8: the registry the tests push checkpoints to, started by them on loopback
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

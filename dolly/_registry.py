@@ -1,0 +1,688 @@
+"""Checkpoints in an OCI registry: :func:`push` and :func:`pull`, with content trust.
+
+A pushed checkpoint is an OCI image manifest of Dolly's own media types (an "artifact"), so any
+registry that keeps OCI manifests keeps it (Debian's docker-registry, distribution 2.8, does):
+
+    config      application/vnd.dolly.checkpoint.config.v1+json: the bundle's manifest.json, the
+                exact bytes its signature covers (every member's SHA-256 and size)
+    layers[0]   application/vnd.dolly.checkpoint.signature.v1: manifest.sig (when signed)
+    layers[1:]  application/vnd.dolly.checkpoint.chunk.v1: the bundle's members, in its order, in
+                pieces of at most :data:`CHUNK` bytes, each annotated with its member's name
+    annotations io.dolly.checkpoint.* and the base image (``org.opencontainers.image.base.*``),
+                by the image's ID and, when it has one, its registry digest
+
+Pieces of a fixed size, not one layer per checkpoint (the checkpoint-image format of
+``export(format="oci")``), because a registry deduplicates whole blobs: a second checkpoint of
+the same service shares most of its memory's pieces with the first, and only the pieces that
+changed are uploaded (each piece is looked up first, ``HEAD``). The base image is referenced,
+not pushed: the pulling engine must have it, or copy it from ``image_source``.
+
+Content trust, in the layout of cosign's signatures: a second manifest, tagged
+``sha256-<hex of the checkpoint manifest's digest>.sig``, whose one layer is a "simple signing"
+payload naming the repository and that digest (plus Dolly's signer, creation and expiry), its
+Ed25519 signature in the layer's ``dev.cosignproject.cosign/signature`` annotation. A pull
+checks it before any piece is fetched: a trusted signer, this repository, this digest, unexpired,
+and a creation time not older than the newest this engine pulled from the same repository and
+tag (no rollback). Then the bundle's own signature is checked, and every piece's digest and every
+member's SHA-256 as they stream into the import (:func:`dolly.import_bundle`, which holds the
+checkpoint to all of a bundle's rules and writes only into the engine's private staging folder
+until everything verified).
+
+The registry is spoken to with oras-py (the ORAS project's client): its session, credentials from
+Docker's ``config.json`` (``$DOCKER_CONFIG``, else ``~/.docker/config.json``: ``auths``,
+``credsStore``, ``credHelpers``), Basic or token authentication, and TLS with a CA file.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import io
+import ipaddress
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+import zlib
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO, Any, Dict, Iterable, Iterator, List, Optional, Union
+
+import docker
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from . import _archive as archive, _bundle as bundle, trust
+from ._checkpoint import Checkpoint, engine_of
+from ._engine import Engine
+from .errors import BundleError, BundleExpired, DigestMismatch, InvalidArgument, RegistryError, UnsignedBundle
+
+log = logging.getLogger("dolly")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# Pieces are cut between 4 KiB blocks (CRIU's pages) where a block's CRC-32 says so, about every
+# 128 blocks, never before 16 nor after 1024: a cut depends on content, not on offset, so a page
+# that appears or goes in the middle of a process's memory changes only the piece it is in, not
+# every piece after it (cutting at fixed offsets, a second push of a service re-sent all of it).
+BLOCK = 4096
+_CUT_EVERY, _MIN_BLOCKS, _MAX_BLOCKS = 128, 16, 1024
+CHUNK = BLOCK * _MAX_BLOCKS  # the largest piece
+CONFIG_TYPE = "application/vnd.dolly.checkpoint.config.v1+json"
+SIGNATURE_TYPE = "application/vnd.dolly.checkpoint.signature.v1"
+CHUNK_TYPE = "application/vnd.dolly.checkpoint.chunk.v1"
+ARTIFACT_TYPE = "application/vnd.dolly.checkpoint.v1"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_EMPTY_CONFIG = "application/vnd.oci.image.config.v1+json"
+COSIGN_PAYLOAD = "application/vnd.dev.cosign.simplesigning.v1+json"
+COSIGN_SIGNATURE = "dev.cosignproject.cosign/signature"
+MEMBER_ANNOTATION = "io.dolly.member"
+_MAX_MANIFEST = 4 << 20
+_MAX_SMALL_BLOB = 1 << 20
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+_REPO_RE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$")
+_HOST_RE = re.compile(r"^(?:\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+)(?::\d{1,5})?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """``HOST[:PORT]/REPOSITORY[:TAG|@sha256:DIGEST]``: a registry must be named (Dolly never
+    guesses Docker Hub)."""
+
+    registry: str
+    repository: str
+    tag: Optional[str] = None
+    digest: Optional[str] = None
+
+    @classmethod
+    def parse(cls, text: str) -> Reference:
+        """Raises:
+            InvalidArgument: not such a reference.
+        """
+        if not isinstance(text, str) or len(text) > 512:
+            raise InvalidArgument(f"not a registry reference: {text!r:.80}")
+        rest, at, digest_part = text.partition("@")
+        digest = digest_part if at else None
+        host, _, path = rest.partition("/")
+        tag = None
+        if ":" in path.rsplit("/", 1)[-1]:
+            path, tag = path.rsplit(":", 1)
+        if not (_HOST_RE.match(host) and ("." in host or ":" in host or host == "localhost")):
+            raise InvalidArgument(f"{text!r}: name the registry, HOST:PORT/REPOSITORY[:TAG] (no default registry)")
+        if not _REPO_RE.match(path) or len(path) > 255:
+            raise InvalidArgument(f"{text!r}: {path!r} is not a repository name (lowercase, / separated)")
+        if tag is not None and not _TAG_RE.match(tag):
+            raise InvalidArgument(f"{text!r}: {tag!r} is not a tag")
+        if digest is not None and not _DIGEST_RE.match(digest):
+            raise InvalidArgument(f"{text!r}: {digest!r} is not a sha256 digest")
+        return cls(host, path, tag if tag is not None or digest is not None else "latest", digest)
+
+    @property
+    def name(self) -> str:
+        """``HOST/REPOSITORY``, as a signature names it."""
+        return f"{self.registry}/{self.repository}"
+
+    def __str__(self) -> str:
+        return self.name + (f"@{self.digest}" if self.digest else f":{self.tag}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PushReport:
+    """What :func:`push` did.
+
+    Attributes:
+        reference: ``HOST/REPOSITORY@sha256:...``, the pushed manifest by digest.
+        digest: the manifest's digest; tag: the tag it was given.
+        blobs, uploaded: how many blobs the checkpoint is, and how many were uploaded (the others
+            the registry had: a second push of the same service uploads only what changed).
+        bytes, bytes_uploaded: the same in bytes.
+        seconds: the push's duration, the export included.
+    """
+
+    reference: str
+    digest: str
+    tag: str
+    blobs: int
+    uploaded: int
+    bytes: int
+    bytes_uploaded: int
+    seconds: float
+
+
+def push(
+    checkpoint: Checkpoint,
+    reference: str,
+    *,
+    signer: Optional[Ed25519PrivateKey] = None,
+    expires_in: timedelta = timedelta(days=7),
+    annotations: Optional[Dict[str, str]] = None,
+    ca_file: Optional[PathLike] = None,
+    insecure: Optional[bool] = None,
+    client: Optional[docker.DockerClient] = None,
+) -> PushReport:
+    """Push ``checkpoint`` to an OCI registry as ``reference`` (``HOST:PORT/REPO:TAG``).
+
+    Args:
+        signer: Ed25519 key (:mod:`dolly.trust`) that signs the bundle's manifest and, cosign's
+            way, the pushed manifest's digest. Unsigned when None: a pull then needs
+            ``allow_unsigned=True``.
+        expires_in: how long the pushed checkpoint is fresh.
+        annotations: more ``str`` annotations for the manifest (``io.dolly.*`` ones are Dolly's).
+        ca_file: the CA bundle that signs the registry's TLS certificate.
+        insecure: plain HTTP. Default, as Docker's: plain HTTP for a registry on a loopback
+            address without ``ca_file``, HTTPS for any other.
+        client: the engine the checkpoint is on; default the one it knows.
+
+    Raises:
+        InvalidArgument: a bad reference, key or expiry.
+        RegistryError: the registry is unreachable, refused the credentials or a request.
+        the errors of :func:`dolly.export`.
+    """
+    ref = Reference.parse(reference)
+    if ref.digest is not None:
+        raise InvalidArgument(f"{reference!r}: push to a tag, not a digest (the digest is the content's)")
+    if signer is not None and not isinstance(signer, Ed25519PrivateKey):
+        raise InvalidArgument(f"signer must be an Ed25519 private key, got {type(signer).__name__}")
+    extra = {str(k): str(v) for k, v in (annotations or {}).items()}
+    started = time.perf_counter()
+    session = _Session(ref, ca_file=ca_file, insecure=insecure)
+    engine = engine_of(checkpoint, client)
+    with _private_folder(engine) as work:
+        path = bundle.export(checkpoint, work / "bundle", signer=signer, compression="none", expires_in=expires_in,
+                             client=client)
+        with archive.open_bundle(path, None) as tar:
+            members = iter(tar)
+            manifest_bytes = bundle.first_member(tar, members)
+            signature, first = bundle.read_signature(tar, members)
+            manifest = bundle.parse_manifest(manifest_bytes)
+            blobs: List[Dict[str, Any]] = []
+            if signature is not None:
+                blobs.append(session.put_blob(signature, SIGNATURE_TYPE))
+            member = first
+            while member is not None:
+                if member.isfile():
+                    data = tar.extractfile(member)
+                    if data is None:
+                        raise BundleError(f"{member.name} is not a regular file")
+                    for piece in pieces(data):
+                        blobs.append(session.put_blob(piece, CHUNK_TYPE, {MEMBER_ANNOTATION: member.name}))
+                member = next(members, None)
+        config = session.put_blob(manifest_bytes, CONFIG_TYPE)
+    repo_digests = engine.image_digests(checkpoint.image_id)
+    notes = {
+        **extra,
+        "io.dolly.checkpoint.container": checkpoint.container_name,
+        "io.dolly.checkpoint.name": checkpoint.name,
+        "io.dolly.checkpoint.signer": manifest.get("signer") or "",
+        "org.opencontainers.image.created": manifest["created_at"],
+        "org.opencontainers.image.base.name": str(checkpoint.config["Config"].get("Image") or ""),
+        "org.opencontainers.image.base.digest": (repo_digests or [checkpoint.image_id])[0].rsplit("@", 1)[-1],
+        "io.dolly.checkpoint.image.id": checkpoint.image_id,
+    }
+    body = json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": ARTIFACT_TYPE,
+        "config": _descriptor(config), "layers": [_descriptor(b) for b in blobs], "annotations": notes,
+    }, sort_keys=True, separators=(",", ":")).encode()
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    if signer is not None:  # the signature first: a tag never names an unsigned manifest of a signed push
+        _push_signature(session, ref, digest, signer, created=manifest["created_at"],
+                        expires=manifest["expires_at"])
+    session.put_manifest(ref.tag or "latest", body)
+    everything = [config, *blobs]
+    return PushReport(
+        reference=f"{ref.name}@{digest}", digest=digest, tag=ref.tag or "latest", blobs=len(everything),
+        uploaded=sum(b["uploaded"] for b in everything), bytes=sum(b["size"] for b in everything),
+        bytes_uploaded=sum(b["size"] for b in everything if b["uploaded"]), seconds=time.perf_counter() - started)
+
+
+def pull(
+    reference: str,
+    *,
+    client: Optional[docker.DockerClient] = None,
+    trusted_keys: Iterable[Ed25519PublicKey] = (),
+    allow_unsigned: bool = False,
+    allow: Iterable[str] = (),
+    image_source: Optional[docker.DockerClient] = None,
+    ca_file: Optional[PathLike] = None,
+    insecure: Optional[bool] = None,
+    max_bytes: int = bundle.DEFAULT_MAX_BYTES,
+) -> Checkpoint:
+    """Pull a checkpoint that :func:`push` pushed (``HOST:PORT/REPO:TAG`` or ``...@sha256:...``)
+    and make it a checkpoint on ``client``'s engine, as :func:`dolly.import_bundle` does.
+
+    Before any piece is fetched, the pushed manifest's signature is checked (a trusted signer,
+    this repository, this digest, unexpired, not older than the newest pulled here from the same
+    repository and tag); the pieces are then checked by digest as they stream into the import,
+    which checks the bundle's own signature and every member, and writes only into the engine's
+    private staging folder until everything verified.
+
+    Args:
+        trusted_keys: public keys whose signatures are accepted; when given, the checkpoint must
+            be signed by one of them.
+        allow_unsigned: with no ``trusted_keys``, accept a checkpoint pushed without a signature.
+        allow, image_source, max_bytes: as :func:`dolly.import_bundle` (the restore policy for
+            checkpoints from elsewhere applies).
+        ca_file, insecure: as :func:`push`.
+
+    Raises:
+        InvalidArgument: a bad reference.
+        RegistryError: the registry is unreachable, refused the credentials, or lacks it.
+        UnsignedBundle, UntrustedSigner, SignatureInvalid, BundleExpired, RollbackRefused: the
+            signature's checks; DigestMismatch: a manifest or piece that is not what was signed;
+            and the other errors of :func:`dolly.import_bundle`. Nothing is left of a refused pull.
+    """
+    ref = Reference.parse(reference)
+    trusted = list(trusted_keys)
+    engine = Engine.of(client)
+    session = _Session(ref, ca_file=ca_file, insecure=insecure)
+    body = session.manifest(ref.digest or ref.tag or "latest")
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    if ref.digest is not None and digest != ref.digest:
+        raise DigestMismatch(f"the registry answered {ref} with a manifest of digest {digest}")
+    signed = None
+    if trusted or not allow_unsigned:
+        signed = _check_signature(session, ref, digest, trusted)
+    layout = _layout(body)
+    manifest_bytes = session.small_blob(layout["config"], CONFIG_TYPE)
+    manifest = bundle.parse_manifest(manifest_bytes)
+    signature = session.small_blob(layout["signature"], SIGNATURE_TYPE) if layout["signature"] else None
+    if signed is not None:
+        if manifest.get("signer") != signed["signer"] or signature is None:
+            raise BundleError(f"{ref}: the bundle inside is not signed by the key that signed its manifest")
+        trust.verify(manifest_bytes, signature, signed["signer"], trusted)  # early; the import checks again
+        if manifest["created_at"] != signed["created"]:
+            raise BundleError(f"{ref}: the signature and the bundle disagree on when it was made")
+    pieces = _pieces_by_member(layout["chunks"], manifest)
+    lineages = bundle.Lineages(engine)
+    key = f"registry/{(signed or {}).get('signer') or 'unsigned'}/{ref.name}:{ref.tag}"
+    if ref.digest is None:  # a digest is a pin the caller chose; a tag is what the registry says
+        lineages.check(key, manifest["created_at"])
+
+    source, sink = os.pipe()
+    reader, writer = os.fdopen(source, "rb"), os.fdopen(sink, "wb")
+    failure: List[BaseException] = []
+
+    def produce() -> None:
+        try:
+            # Buffered: tarfile wants whole reads, and a raw stream may stop short at a piece's end.
+            members = [(m["name"], m["size"], io.BufferedReader(_Pieces(session, pieces[m["name"]]), 1 << 20))
+                       for m in manifest["members"]]
+            bundle.write_tar(writer, manifest_bytes, signature, members,  # type: ignore[arg-type]
+                             compression="none", encryption_key=None)
+        except BaseException as e:  # handed to the importing thread
+            failure.append(e)
+        finally:
+            try:
+                writer.close()
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=produce, name="dolly-pull", daemon=True)
+    thread.start()
+    try:
+        cp = bundle.import_bundle(reader, client=client, trusted_keys=trusted, allow_unsigned=allow_unsigned,
+                                  allow=allow, image_source=image_source, max_bytes=max_bytes)
+    except BaseException as e:
+        reader.close()
+        thread.join()
+        if failure and not isinstance(failure[0], (BrokenPipeError, ValueError)):
+            raise failure[0] from e
+        raise
+    reader.close()
+    thread.join()
+    if failure and not isinstance(failure[0], BrokenPipeError):
+        raise failure[0]
+    if ref.digest is None:
+        with lineages.lock:
+            lineages.record(key, manifest["created_at"])
+    log.info("pulled %s (%s) as checkpoint %s of %s", ref, digest, cp.name, cp.container_name)
+    return cp
+
+
+# --- the manifest's layout ----------------------------------------------------------------------------
+
+
+def _layout(body: bytes) -> Dict[str, Any]:
+    """The pushed manifest's parts, every descriptor held to Dolly's layout.
+
+    Raises:
+        BundleError: not a Dolly checkpoint manifest.
+    """
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise BundleError("the registry's manifest is not JSON") from None
+    if not (isinstance(doc, dict) and doc.get("schemaVersion") == 2 and isinstance(doc.get("layers"), list)
+            and isinstance(doc.get("config"), dict) and doc["config"].get("mediaType") == CONFIG_TYPE):
+        raise BundleError(f"not a Dolly checkpoint in the registry (its config is not {CONFIG_TYPE})")
+    config = _checked(doc["config"], _MAX_MANIFEST)
+    layers = [_checked(d, CHUNK) for d in doc["layers"]]
+    signature = None
+    if layers and layers[0]["mediaType"] == SIGNATURE_TYPE:
+        signature = layers.pop(0)
+    if len(layers) > bundle.MAX_MEMBERS * 4 or any(d["mediaType"] != CHUNK_TYPE for d in layers):
+        raise BundleError("the checkpoint's layers are not Dolly's pieces")
+    return {"config": config, "signature": signature, "chunks": layers}
+
+
+def _checked(descriptor: Any, max_size: int) -> Dict[str, Any]:
+    if not (isinstance(descriptor, dict) and isinstance(descriptor.get("digest"), str)
+            and _DIGEST_RE.match(descriptor["digest"]) and type(descriptor.get("size")) is int
+            and 0 <= descriptor["size"] <= max_size and isinstance(descriptor.get("mediaType"), str)):
+        raise BundleError(f"a descriptor of the checkpoint's manifest breaks Dolly's layout: {descriptor!r:.200}")
+    return descriptor
+
+
+def _pieces_by_member(chunks: List[Dict[str, Any]], manifest: Dict[str, Any]) -> Dict[str, List[Dict[str, Any]]]:
+    """Each member's pieces, in order: the members in the bundle manifest's order, each piece
+    of 1 to :data:`CHUNK` bytes, their sizes adding up to the member's.
+
+    Raises:
+        BundleError: pieces that do not make up the bundle's members.
+    """
+    by_member: Dict[str, List[Dict[str, Any]]] = {m["name"]: [] for m in manifest["members"]}
+    order: List[str] = []
+    for piece in chunks:
+        name = (piece.get("annotations") or {}).get(MEMBER_ANNOTATION)
+        if name not in by_member:
+            raise BundleError(f"a piece of the checkpoint names no member of its bundle: {name!r:.100}")
+        if not order or order[-1] != name:
+            if name in order:
+                raise BundleError(f"the pieces of {name} are not together")
+            order.append(name)
+        by_member[name].append(piece)
+    for m in manifest["members"]:
+        sizes = [p["size"] for p in by_member[m["name"]]]
+        if sum(sizes) != m["size"] or not all(0 < s <= CHUNK for s in sizes):
+            raise BundleError(f"the pieces of {m['name']} do not make up its {m['size']} bytes")
+    if order != [m["name"] for m in manifest["members"] if m["size"]]:
+        raise BundleError("the pieces are not in the order of the bundle's members")
+    return by_member
+
+
+def pieces(data: IO[bytes]) -> Iterator[bytes]:
+    """``data`` cut into pieces by content (see :data:`BLOCK`)."""
+    piece: List[bytes] = []
+    for block in iter(lambda: data.read(BLOCK), b""):
+        piece.append(block)
+        if len(piece) >= _MAX_BLOCKS or (len(piece) >= _MIN_BLOCKS and zlib.crc32(block) % _CUT_EVERY == 0):
+            yield b"".join(piece)
+            piece = []
+    if piece:
+        yield b"".join(piece)
+
+
+def _descriptor(blob: Dict[str, Any]) -> Dict[str, Any]:
+    out = {"mediaType": blob["mediaType"], "digest": blob["digest"], "size": blob["size"]}
+    if blob.get("annotations"):
+        out["annotations"] = blob["annotations"]
+    return out
+
+
+class _Pieces(io.RawIOBase):
+    """A member read from its pieces, each fetched as a stream and checked against its digest
+    as it is read: a piece that is not the one listed fails the read (the import then fails)."""
+
+    def __init__(self, session: _Session, pieces: List[Dict[str, Any]]) -> None:
+        self._session, self._pieces = session, list(pieces)
+        self._current: Optional[Iterator[bytes]] = None
+        self._buffer = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buffer:
+            if self._current is None:
+                if not self._pieces:
+                    return 0
+                self._current = self._session.blob_stream(self._pieces.pop(0))
+            chunk = next(self._current, None)  # the stream's end (after its digest was checked) is None
+            if chunk is None:
+                self._current = None
+            else:
+                self._buffer = chunk
+        n = min(len(b), len(self._buffer))
+        b[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n
+
+
+# --- signatures, in cosign's layout ---------------------------------------------------------------------
+
+
+def _signature_tag(digest: str) -> str:
+    return digest.replace(":", "-") + ".sig"
+
+
+def _push_signature(session: _Session, ref: Reference, digest: str, signer: Ed25519PrivateKey, *, created: str,
+                    expires: str) -> None:
+    payload = json.dumps({
+        "critical": {"identity": {"docker-reference": ref.name}, "image": {"docker-manifest-digest": digest},
+                     "type": "cosign container image signature"},
+        "optional": {"io.dolly.signer": trust.key_id(signer), "io.dolly.created": created,
+                     "io.dolly.expires": expires},
+    }, sort_keys=True, separators=(",", ":")).encode()
+    signature = base64.b64encode(trust.sign(signer, payload)).decode()
+    layer = session.put_blob(payload, COSIGN_PAYLOAD, {COSIGN_SIGNATURE: signature})
+    config = session.put_blob(b"{}", OCI_EMPTY_CONFIG)
+    body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": _descriptor(config),
+                       "layers": [_descriptor(layer)]}, sort_keys=True, separators=(",", ":")).encode()
+    session.put_manifest(_signature_tag(digest), body)
+
+
+def _check_signature(session: _Session, ref: Reference, digest: str, trusted: List[Ed25519PublicKey]
+                     ) -> Dict[str, str]:
+    """The signature of the manifest ``digest`` in ``ref``'s repository: returns its signer's key
+    id and its creation time.
+
+    Raises:
+        UnsignedBundle: there is none; UntrustedSigner, SignatureInvalid: by an untrusted key,
+            or not over this payload; DigestMismatch: over another manifest or repository;
+            BundleExpired: past its expiry.
+    """
+    try:
+        body = session.manifest(_signature_tag(digest))
+    except RegistryError as e:
+        if e.status == 404:
+            raise UnsignedBundle(f"{ref} ({digest}) has no signature in the registry: pull it with "
+                                 "allow_unsigned=True if you trust where it came from") from None
+        raise
+    try:
+        doc = json.loads(body)
+        (layer,) = doc["layers"]
+        layer = _checked(layer, 64 << 10)
+        encoded = layer["annotations"][COSIGN_SIGNATURE]
+        signature = base64.b64decode(encoded, validate=True)
+    except (ValueError, KeyError, TypeError):
+        raise BundleError(f"{ref}: its signature manifest is not a signature") from None
+    if layer["mediaType"] != COSIGN_PAYLOAD:
+        raise BundleError(f"{ref}: its signature layer is not a {COSIGN_PAYLOAD}")
+    payload = session.small_blob(layer, COSIGN_PAYLOAD)
+    try:
+        claims = json.loads(payload)
+        critical, optional = claims["critical"], claims["optional"]
+        signer, created = optional["io.dolly.signer"], optional["io.dolly.created"]
+        expires = optional["io.dolly.expires"]
+        if not all(isinstance(x, str) for x in (signer, created, expires)):
+            raise TypeError("not strings")
+    except (ValueError, KeyError, TypeError):
+        raise BundleError(f"{ref}: its signature's payload is not Dolly's") from None
+    trust.verify(payload, signature, signer, trusted)
+    if critical.get("image", {}).get("docker-manifest-digest") != digest or \
+            critical.get("identity", {}).get("docker-reference") != ref.name:
+        raise DigestMismatch(f"{ref}: its signature is of another manifest or repository")
+    try:
+        expired = datetime.now(UTC) > datetime.fromisoformat(expires)
+    except (ValueError, TypeError):
+        raise BundleError(f"{ref}: its signature's expiry is not a time") from None
+    if expired:
+        raise BundleExpired(f"{ref} expired at {expires}: it is not fresh")
+    return {"signer": signer, "created": created}
+
+
+# --- the registry, through oras-py -----------------------------------------------------------------------
+
+
+class _Session:
+    """One repository of one registry: blobs and manifests by digest and tag."""
+
+    def __init__(self, ref: Reference, *, ca_file: Optional[PathLike], insecure: Optional[bool]) -> None:
+        import oras.container
+        import oras.provider
+        import requests
+
+        self.ref = ref
+        if insecure is None:
+            insecure = ca_file is None and _is_loopback(ref.registry)
+        self.scheme = "http" if insecure else "https"
+        verify: Union[bool, str] = str(ca_file) if ca_file is not None else True
+        self._requests = requests
+        # Docker's answer to an unauthenticated request names the scheme: Basic (htpasswd) or a
+        # token service (Bearer). Asked once, without oras' retries, so that a registry that is
+        # not there fails now, not after minutes of back-off.
+        try:
+            probe = requests.get(f"{self.scheme}://{ref.registry}/v2/", timeout=10, verify=verify)
+        except requests.exceptions.SSLError as e:
+            raise RegistryError(f"TLS with {ref.registry} failed (pass ca_file= for a private CA): {e}") from e
+        except requests.exceptions.RequestException as e:
+            raise RegistryError(f"cannot reach the registry {ref.registry} over {self.scheme}: {e}") from e
+        challenge = probe.headers.get("Www-Authenticate", "")
+        backend = "basic" if challenge.lower().startswith("basic") else "token"
+        self.registry = oras.provider.Registry(ref.registry, insecure=insecure, tls_verify=verify,
+                                               auth_backend=backend)
+        self.container = oras.container.Container(f"{ref.registry}/{ref.repository}")
+        config = Path(os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker") / "config.json"
+        self.registry.auth.load_configs(self.container, configs=[str(config)] if config.exists() else None)
+        if probe.status_code == 401 and backend == "basic" and not getattr(self.registry.auth, "_basic_auth", None):
+            raise RegistryError(f"{ref.registry} asks for credentials and Docker's config.json ({config}) has none "
+                                "for it: `docker login` it", status=401)
+
+    def _request(self, url: str, method: str, **kwargs: Any) -> Any:
+        try:
+            response = self.registry.do_request(url, method, **kwargs)
+        except self._requests.exceptions.RequestException as e:
+            raise RegistryError(f"{method} {url}: {e}") from e
+        except ValueError as e:  # oras: a 500 after its retries, or credentials it could not use
+            raise RegistryError(f"{method} {url}: {e}") from e
+        return response
+
+    def _fail(self, what: str, response: Any) -> RegistryError:
+        try:
+            errors = "; ".join(str(e.get("message")) for e in response.json().get("errors", []))
+        except ValueError:
+            errors = response.text[:200]
+        return RegistryError(f"{what}: the registry answered {response.status_code} {response.reason}"
+                             f"{': ' + errors if errors else ''}", status=response.status_code)
+
+    def manifest(self, reference: str) -> bytes:
+        url = f"{self.scheme}://{self.container.manifest_url(reference)}"
+        response = self._request(url, "GET", headers={"Accept": OCI_MANIFEST}, stream=True)
+        with response:
+            if response.status_code != 200:
+                raise self._fail(f"{self.ref.name}:{reference}", response)
+            return _bounded(response, _MAX_MANIFEST, f"the manifest {self.ref.name}:{reference}")
+
+    def put_manifest(self, reference: str, body: bytes) -> None:
+        url = f"{self.scheme}://{self.container.manifest_url(reference)}"
+        response = self._request(url, "PUT", data=body, headers={"Content-Type": OCI_MANIFEST})
+        if response.status_code not in (200, 201):
+            raise self._fail(f"pushing the manifest {self.ref.name}:{reference}", response)
+
+    def put_blob(self, data: bytes, media_type: str, annotations: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+        """Upload ``data`` unless the repository has it; returns its descriptor, with
+        ``uploaded``."""
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        blob = {"mediaType": media_type, "digest": digest, "size": len(data), "annotations": annotations,
+                "uploaded": False}
+        head = self._request(f"{self.scheme}://{self.container.get_blob_url(digest)}", "HEAD")
+        if head.status_code == 200:
+            return blob
+        start = self._request(f"{self.scheme}://{self.container.upload_blob_url()}", "POST",
+                              headers={"Content-Length": "0"})
+        location = self.registry._get_location(start, self.container)  # oras' own (relative URLs)
+        if start.status_code != 202 or not location:
+            raise self._fail("starting an upload", start)
+        url = f"{location}{'&' if '?' in location else '?'}digest={digest}"
+        done = self._request(url, "PUT", data=data, headers={"Content-Type": "application/octet-stream",
+                                                              "Content-Length": str(len(data))})
+        if done.status_code != 201:
+            raise self._fail(f"uploading {digest}", done)
+        blob["uploaded"] = True
+        return blob
+
+    def small_blob(self, descriptor: Dict[str, Any], media_type: str) -> bytes:
+        """A small blob, read whole and checked against its descriptor."""
+        if descriptor.get("mediaType") != media_type or descriptor["size"] > _MAX_MANIFEST:
+            raise BundleError(f"{descriptor['digest']} is not a {media_type} of at most {_MAX_MANIFEST} bytes")
+        data = b"".join(self.blob_stream(descriptor))
+        return data
+
+    def blob_stream(self, descriptor: Dict[str, Any]) -> Iterator[bytes]:
+        """The blob's bytes as they arrive, checked against its digest and size by the end.
+
+        Raises:
+            DigestMismatch: more bytes than its size, or another digest.
+        """
+        digest, size = descriptor["digest"], descriptor["size"]
+        response = self._request(f"{self.scheme}://{self.container.get_blob_url(digest)}", "GET", stream=True)
+        with response:
+            if response.status_code != 200:
+                raise self._fail(f"fetching {digest}", response)
+            h, seen = hashlib.sha256(), 0
+            for chunk in response.iter_content(chunk_size=1 << 20):
+                if not chunk:
+                    continue
+                seen += len(chunk)
+                if seen > size:
+                    raise DigestMismatch(f"the registry sent more than the {size} bytes of {digest}")
+                h.update(chunk)
+                if seen == size and "sha256:" + h.hexdigest() != digest:
+                    raise DigestMismatch(f"the registry's blob {digest} is not what was pushed (its digest differs)")
+                yield chunk
+            if seen != size or "sha256:" + h.hexdigest() != digest:
+                raise DigestMismatch(f"the registry's blob {digest} is not what was pushed ({seen} of {size} bytes)")
+
+
+def _bounded(response: Any, limit: int, what: str) -> bytes:
+    data = b""
+    for chunk in response.iter_content(chunk_size=1 << 16):
+        data += chunk
+        if len(data) > limit:
+            raise BundleError(f"{what} is larger than {limit} bytes")
+    return data
+
+
+def _is_loopback(registry: str) -> bool:
+    host = registry.rsplit(":", 1)[0] if not registry.startswith("[") else registry[1:].split("]")[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _private_folder:
+    """A folder only root reads, for the bundle on its way to the registry: the engine's spool
+    when its files are here, else a private temporary folder."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._tmp: Optional[tempfile.TemporaryDirectory] = None
+
+    def __enter__(self) -> Path:
+        parent = None
+        if self._engine.files_are_local():
+            self._engine.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            parent = str(self._engine.spool_dir)
+        self._tmp = tempfile.TemporaryDirectory(dir=parent, prefix="push-")
+        return Path(self._tmp.name)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
