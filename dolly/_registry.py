@@ -310,7 +310,7 @@ def pull(
             # Buffered: tarfile wants whole reads, and a raw stream may stop short at a piece's end.
             members = [(m["name"], m["size"], io.BufferedReader(_Pieces(session, pieces[m["name"]]), 1 << 20))
                        for m in manifest["members"]]
-            bundle.write_tar(writer, manifest_bytes, signature, members,  # type: ignore[arg-type]
+            bundle.write_tar(writer, manifest_bytes, signature, members,
                              compression="none", encryption_key=None)
         except BaseException as e:  # handed to the importing thread
             failure.append(e)
