@@ -545,7 +545,7 @@ def _import(
         return _remote.import_bundle(engine, _source(path), trusted=trusted, allow_unsigned=allow_unsigned,
                                      allow=allowed, image_source=image_source, encryption_key=encryption_key,
                                      max_bytes=max_bytes, between_own_engines=between_own_engines)
-    lineages = Lineages(engine)
+    lineages = Lineages.of(engine)
     engine.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     staging = names.inside(engine.spool_dir, f"import-{uuid.uuid4().hex}")
     staging.mkdir(mode=0o700)
@@ -921,8 +921,13 @@ class Lineages:
     """The newest ``created_at`` imported per (signer, lineage) on one engine: no rollback.
     Checked and recorded under one lock, with the import's final rename between them."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.path = engine.store_dir.parent / "lineages.json"
+    @classmethod
+    def of(cls, engine: Engine) -> Lineages:
+        """The record of an engine whose files are here, beside its checkpoints."""
+        return cls(engine.store_dir.parent / "lineages.json")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.lock = FileLock(str(self.path) + ".lock")
 

@@ -1013,6 +1013,17 @@ def remove_pruned(engine: Engine, checkpoints: Sequence[Checkpoint]) -> PruneRep
 def remove_all_of(engine: Engine, container_id: str) -> None:
     """Remove every checkpoint kept of a container (a full ID: a plain name under the store), and
     their shared layer images that no container uses any more."""
+    if not engine.files_are_local():  # another host's engine: through its agent, one by one
+        try:
+            kept = list_checkpoints(names.container_id(container_id), engine.client)
+        except ContainerNotFound:
+            return
+        for cp in kept:
+            with contextlib.suppress(CheckpointNotFound):
+                remove_checkpoint(cp, engine.client)
+        if kept:
+            remove_unused_layer_images(engine, only={cp.layer_image for cp in kept})
+        return
     folder = engine.store_dir / names.container_id(container_id)
     tags = set()
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:

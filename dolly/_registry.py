@@ -49,7 +49,7 @@ import time
 import zlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, Dict, Iterable, Iterator, List, Optional, Union
+from typing import IO, Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import docker
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -274,6 +274,19 @@ def pull(
             signature's checks; DigestMismatch: a manifest or piece that is not what was signed;
             and the other errors of :func:`dolly.import_bundle`. Nothing is left of a refused pull.
     """
+    return pull_annotated(reference, client=client, trusted_keys=trusted_keys, allow_unsigned=allow_unsigned,
+                          allow=allow, image_source=image_source, ca_file=ca_file, insecure=insecure,
+                          max_bytes=max_bytes)[0]
+
+
+def pull_annotated(reference: str, *, client: Optional[docker.DockerClient] = None,
+                   trusted_keys: Iterable[Ed25519PublicKey] = (), allow_unsigned: bool = False,
+                   allow: Iterable[str] = (), image_source: Optional[docker.DockerClient] = None,
+                   ca_file: Optional[PathLike] = None, insecure: Optional[bool] = None,
+                   max_bytes: int = bundle.DEFAULT_MAX_BYTES) -> Tuple[Checkpoint, Dict[str, str]]:
+    """:func:`pull`, and the pushed manifest's annotations (what :func:`push` was given in
+    ``annotations``, beside Dolly's: the pytest plugin's cache keeps its cold-start time there).
+    They were signed with the manifest, but say what the pusher chose to say."""
     ref = Reference.parse(reference)
     trusted = list(trusted_keys)
     engine = Engine.of(client)
@@ -296,7 +309,10 @@ def pull(
         if manifest["created_at"] != signed["created"]:
             raise BundleError(f"{ref}: the signature and the bundle disagree on when it was made")
     pieces = _pieces_by_member(layout["chunks"], manifest)
-    lineages = bundle.Lineages(engine)
+    # The engine's record when its files are here; for another host's engine, this user's (its
+    # agent keeps the bundle's own lineages there).
+    lineages = (bundle.Lineages.of(engine) if engine.files_are_local()
+                else bundle.Lineages(_user_state() / "lineages.json"))
     key = f"registry/{(signed or {}).get('signer') or 'unsigned'}/{ref.name}:{ref.tag}"
     if ref.digest is None:  # a digest is a pin the caller chose; a tag is what the registry says
         lineages.check(key, manifest["created_at"])
@@ -339,7 +355,8 @@ def pull(
         with lineages.lock:
             lineages.record(key, manifest["created_at"])
     log.info("pulled %s (%s) as checkpoint %s of %s", ref, digest, cp.name, cp.container_name)
-    return cp
+    notes = layout["annotations"]
+    return cp, {str(k): str(v) for k, v in notes.items()} if isinstance(notes, dict) else {}
 
 
 # --- the manifest's layout ----------------------------------------------------------------------------
@@ -365,7 +382,7 @@ def _layout(body: bytes) -> Dict[str, Any]:
         signature = layers.pop(0)
     if len(layers) > bundle.MAX_MEMBERS * 4 or any(d["mediaType"] != CHUNK_TYPE for d in layers):
         raise BundleError("the checkpoint's layers are not Dolly's pieces")
-    return {"config": config, "signature": signature, "chunks": layers}
+    return {"config": config, "signature": signature, "chunks": layers, "annotations": doc.get("annotations") or {}}
 
 
 def _checked(descriptor: Any, max_size: int) -> Dict[str, Any]:
@@ -536,20 +553,25 @@ class _Session:
         import requests
 
         self.ref = ref
-        if insecure is None:
-            insecure = ca_file is None and _is_loopback(ref.registry)
-        self.scheme = "http" if insecure else "https"
         verify: Union[bool, str] = str(ca_file) if ca_file is not None else True
         self._requests = requests
+        # As Docker: HTTPS, and for a registry on a loopback address without a CA file, plain HTTP
+        # when it does not speak TLS at all (never when its certificate fails to verify).
+        plain_allowed = insecure is None and ca_file is None and _is_loopback(ref.registry)
+        self.scheme = "http" if insecure else "https"
         # Docker's answer to an unauthenticated request names the scheme: Basic (htpasswd) or a
         # token service (Bearer). Asked once, without oras' retries, so that a registry that is
         # not there fails now, not after minutes of back-off.
         try:
             probe = requests.get(f"{self.scheme}://{ref.registry}/v2/", timeout=10, verify=verify)
         except requests.exceptions.SSLError as e:
-            raise RegistryError(f"TLS with {ref.registry} failed (pass ca_file= for a private CA): {e}") from e
+            if not plain_allowed or "CERTIFICATE_VERIFY_FAILED" in str(e) or "certificate" in str(e).lower():
+                raise RegistryError(f"TLS with {ref.registry} failed (pass ca_file= for a private CA): {e}") from e
+            self.scheme = "http"
+            probe = self._probe_plain(requests, ref)
         except requests.exceptions.RequestException as e:
             raise RegistryError(f"cannot reach the registry {ref.registry} over {self.scheme}: {e}") from e
+        insecure = self.scheme == "http"
         challenge = probe.headers.get("Www-Authenticate", "")
         backend = "basic" if challenge.lower().startswith("basic") else "token"
         self.registry = oras.provider.Registry(ref.registry, insecure=insecure, tls_verify=verify,
@@ -560,6 +582,13 @@ class _Session:
         if probe.status_code == 401 and backend == "basic" and not getattr(self.registry.auth, "_basic_auth", None):
             raise RegistryError(f"{ref.registry} asks for credentials and Docker's config.json ({config}) has none "
                                 "for it: `docker login` it", status=401)
+
+    @staticmethod
+    def _probe_plain(requests: Any, ref: Reference) -> Any:
+        try:
+            return requests.get(f"http://{ref.registry}/v2/", timeout=10)
+        except requests.exceptions.RequestException as e:
+            raise RegistryError(f"cannot reach the registry {ref.registry}: {e}") from e
 
     def _request(self, url: str, method: str, **kwargs: Any) -> Any:
         try:
@@ -654,6 +683,11 @@ def _bounded(response: Any, limit: int, what: str) -> bytes:
         if len(data) > limit:
             raise BundleError(f"{what} is larger than {limit} bytes")
     return data
+
+
+def _user_state() -> Path:
+    """This user's state folder for Dolly (``$XDG_STATE_HOME/dolly``, else ``~/.local/state/dolly``)."""
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "dolly"
 
 
 def _is_loopback(registry: str) -> bool:

@@ -6,6 +6,7 @@ line (``--debug`` shows the traceback). Exit codes: 0 success; 1 a Dolly error, 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -384,6 +385,55 @@ def import_cmd(ctx: Context, path: str, trusted: List[str], allow_unsigned: bool
             bar.wrap_file(open(path, "rb"), total=Path(path).stat().st_size, description="import") as stream:
         cp = dolly.import_bundle(stream, client=ctx.client, trusted_keys=keys, allow_unsigned=allow_unsigned,
                                  allow=allow, image_source=source, encryption_key=_read_key(key_file))
+    _print_checkpoints(ctx, [cp])
+
+
+@cli.command("push")
+@click.argument("container")
+@click.argument("checkpoint")
+@click.argument("reference")
+@click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False),
+              help="Sign with this PEM private key (pulls then check it).")
+@click.option("--expires-in", type=click.FloatRange(min=0, min_open=True), default=168.0, show_default=True,
+              help="Hours the pushed checkpoint stays fresh.")
+@click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), help="The CA of the registry's TLS.")
+@command
+def push_cmd(ctx: Context, container: str, checkpoint: str, reference: str, sign_key: Optional[str],
+             expires_in: float, ca_file: Optional[str]) -> None:
+    """Push CONTAINER's CHECKPOINT to an OCI registry as REFERENCE (HOST:PORT/REPO:TAG); only the
+    pieces the registry lacks are uploaded. Credentials come from Docker's config.json."""
+    cp = dolly.get_checkpoint(container, checkpoint, ctx.client)
+    with _working(f"pushing to {reference}") as bar:
+        bar.add_task("push", total=None)
+        report = dolly.push(cp, reference, signer=trust.load_private_key(sign_key) if sign_key else None,
+                            expires_in=timedelta(hours=expires_in), ca_file=ca_file, client=ctx.client)
+    if ctx.as_json:
+        _print_json(dataclasses.asdict(report))
+    else:
+        out.print(f"{report.reference} ({report.tag}): {report.uploaded} of {report.blobs} blobs uploaded, "
+                  f"{report.bytes_uploaded / 2**20:.1f} of {report.bytes / 2**20:.1f} MiB, "
+                  f"{report.seconds:.2f} s", highlight=False)
+
+
+@cli.command("pull")
+@click.argument("reference")
+@click.option("--trust", "trusted", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="A PEM public key whose signature is accepted (repeatable).")
+@click.option("--allow-unsigned", is_flag=True, help="Accept a checkpoint pushed without a signature.")
+@click.option("--image-from", help="Engine URL to copy the image from when this engine lacks it.")
+@click.option("--allow", "allow", multiple=True, type=click.Choice(sorted(policy.ITEMS)),
+              help="Let the checkpoint's container have this host access (repeatable); see README.")
+@click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), help="The CA of the registry's TLS.")
+@command
+def pull_cmd(ctx: Context, reference: str, trusted: List[str], allow_unsigned: bool, image_from: Optional[str],
+             allow: List[str], ca_file: Optional[str]) -> None:
+    """Pull a checkpoint pushed to REFERENCE (HOST:PORT/REPO:TAG or ...@sha256:...), check its
+    signature before anything is fetched, and make it a checkpoint on this engine."""
+    with _working(f"pulling {reference}") as bar:
+        bar.add_task("pull", total=None)
+        cp = dolly.pull(reference, client=ctx.client, trusted_keys=[trust.load_public_key(k) for k in trusted],
+                        allow_unsigned=allow_unsigned, allow=allow, ca_file=ca_file,
+                        image_source=client_for(image_from) if image_from else None)
     _print_checkpoints(ctx, [cp])
 
 

@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -64,21 +65,24 @@ import stat
 import statistics
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Union
 
 import docker
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from docker.models.containers import Container
 from filelock import FileLock
 
-from . import _databases, ready as _ready
+from . import _criu as criu, _databases, ready as _ready, trust
 from ._checkpoint import Checkpoint, checkpoint, remove_all_of
 from ._databases import FixtureSource, Recipe
 from ._engine import Engine, id_of
+from ._registry import Reference, pull_annotated, push
 from ._restore import LABEL_SOURCE, restore, shared_layer
-from .errors import ContainerNotFound
+from .errors import BundleExpired, ContainerNotFound, InvalidArgument, RegistryError
 
 __all__ = ["Database", "mariadb", "postgres", "redis", "warm_service"]
 
@@ -91,6 +95,10 @@ OWNER_FILE = "owner"
 CONTAINERS_FILE = "containers"
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _CONTAINER_ID_RE = re.compile(r"^[0-9a-f]{64}$")
+
+# The pusher's cold start and checkpoint seconds, on a cached checkpoint's manifest.
+COLD_ANNOTATION = "io.dolly.pytest.cold_s"
+WARM_ANNOTATION = "io.dolly.pytest.warm_s"
 
 _plugin_key = pytest.StashKey["Plugin"]()
 _clones_key = pytest.StashKey[List[Container]]()
@@ -106,12 +114,48 @@ class ServiceSpec:
     run_options: Mapping[str, Any] = field(default_factory=dict)
     # Run once the service is ready, before the checkpoint (a database's fixtures).
     prepare: Optional[Callable[[Container], None]] = None
+    cache: Optional[Cache] = None
 
     def key(self, fixture_name: str) -> str:
         """Stable across processes, so xdist workers agree on which checkpoint is whose."""
         text = json.dumps([self.image, self.command, dict(self.environment), repr(sorted(self.run_options.items()))],
                           sort_keys=True, default=str)
         return f"{fixture_name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+@dataclass(frozen=True)
+class Cache:
+    """Where warm checkpoints are shared between machines: a repository of an OCI registry."""
+
+    repository: str
+    signer: Optional[Ed25519PrivateKey] = None
+    trusted_keys: Sequence[Ed25519PublicKey] = ()
+    allow_unsigned: bool = False
+    ca_file: Optional[str] = None
+
+    @classmethod
+    def of(cls, repository: str, *, signer: Optional[Ed25519PrivateKey], trusted_keys: Sequence[Ed25519PublicKey],
+           allow_unsigned: bool, ca_file: Optional[str]) -> Cache:
+        """Keys given, or else read from ``DOLLY_CACHE_SIGNER`` (a private PEM file) and
+        ``DOLLY_CACHE_TRUST`` (public PEM files, ``os.pathsep``-separated), as CI passes secrets.
+
+        Raises:
+            InvalidArgument: a repository with a tag or digest, or no key and no
+                ``allow_unsigned``.
+        """
+        ref = Reference.parse(repository)
+        if ref.tag != "latest" or ref.digest or repository.endswith(":latest"):
+            raise InvalidArgument(f"cache={repository!r}: name a repository; the plugin picks the tags")
+        if signer is None and os.environ.get("DOLLY_CACHE_SIGNER"):
+            signer = trust.load_private_key(os.environ["DOLLY_CACHE_SIGNER"])
+        trusted = list(trusted_keys) or [trust.load_public_key(p) for p in
+                                         filter(None, os.environ.get("DOLLY_CACHE_TRUST", "").split(os.pathsep))]
+        if signer is not None:
+            trusted.append(signer.public_key())
+        if not trusted and not allow_unsigned:
+            raise InvalidArgument("a cache needs keys: cache_signer (pushes are signed, pulls checked), "
+                                  "cache_trusted_keys, DOLLY_CACHE_SIGNER/DOLLY_CACHE_TRUST, or cache_allow_unsigned")
+        return cls(ref.name, signer, tuple(trusted), allow_unsigned, ca_file)
 
 
 def warm_service(
@@ -121,6 +165,11 @@ def warm_service(
     environment: Optional[Mapping[str, str]] = None,
     ready: Optional[Callable[[Container], bool]] = None,
     ready_timeout: float = 120.0,
+    cache: Optional[str] = None,
+    cache_signer: Optional[Ed25519PrivateKey] = None,
+    cache_trusted_keys: Sequence[Ed25519PublicKey] = (),
+    cache_allow_unsigned: bool = False,
+    cache_ca_file: Optional[str] = None,
     **run_options: Any,
 ) -> Any:
     """Make a pytest fixture that gives each test its own warm clone of a service.
@@ -133,12 +182,31 @@ def warm_service(
             taking the container; the service is checkpointed once it passes. Without one, as
             soon as the container runs.
         ready_timeout: seconds to wait for ``ready``.
+        cache: ``HOST:PORT/REPOSITORY`` of an OCI registry that shares the warm checkpoint between
+            machines (CI runners, a notebook server and its workers). The first run that needs
+            the fixture pulls the checkpoint tagged with what made it (the image's ID, command,
+            environment, run options, Dolly's and CRIU's versions) when the registry has a fresh
+            one, and otherwise warms the service, checkpoints it and pushes it there. The summary
+            says which happened and the time saved.
+        cache_signer: the key pushes are signed with (pulls are then checked against it);
+            cache_trusted_keys: keys a pulled checkpoint may be signed by (a runner that only
+            pulls); else from ``DOLLY_CACHE_SIGNER`` / ``DOLLY_CACHE_TRUST``.
+        cache_allow_unsigned: push unsigned and accept unsigned pulls (a registry you trust).
+        cache_ca_file: the CA that signs the registry's TLS certificate.
         run_options: more keyword arguments for ``client.containers.run`` (ports, volumes, ...).
 
     The fixture raises :class:`dolly.errors.NotReady` (with the service's last log lines) when the
-    service never gets ready, and the errors of :func:`dolly.checkpoint` and :func:`dolly.restore`.
+    service never gets ready, and the errors of :func:`dolly.checkpoint` and :func:`dolly.restore`;
+    with a cache, those of :func:`dolly.pull` for a checkpoint that fails its checks there
+    (tampered, signed by another key, a rolled-back tag): an expired one, or none, is warmed and
+    pushed again, and a registry that cannot be reached is only warned about.
     """
-    spec = ServiceSpec(image, command, dict(environment or {}), ready, ready_timeout, dict(run_options))
+    shared = None
+    if cache is not None:
+        shared = Cache.of(cache, signer=cache_signer, trusted_keys=cache_trusted_keys,
+                          allow_unsigned=cache_allow_unsigned, ca_file=cache_ca_file)
+    spec = ServiceSpec(image, command, dict(environment or {}), ready, ready_timeout, dict(run_options),
+                       cache=shared)
     return _clone_fixture(spec, lambda clone: clone)
 
 
@@ -295,10 +363,14 @@ class Stats:
     # The checkpoint and the clones' shared layer, after the cold start: paid once too.
     warm_s: Dict[str, float] = field(default_factory=dict)
     clone_s: Dict[str, List[float]] = field(default_factory=dict)
+    # The registry cache: what each fixture did there ("pulled" or "pushed"), the reference, its
+    # seconds, and for a pull the pusher's cold start and checkpoint seconds (its annotations).
+    cache: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def merge(self, data: Mapping[str, Any]) -> None:
         self.cold_s.update(data.get("cold_s", {}))
         self.warm_s.update(data.get("warm_s", {}))
+        self.cache.update(data.get("cache", {}))
         for k, v in data.get("clone_s", {}).items():
             self.clone_s.setdefault(k, []).extend(v)
 
@@ -349,12 +421,61 @@ class Plugin:
                 saved = json.loads(state.read_text())
                 cp = Checkpoint.load(Path(saved["checkpoint"]))
             else:
-                cp, cold, warm = self._make_warm(spec, key)
-                state.write_text(json.dumps({"checkpoint": str(cp.path), "cold_s": cold}))
-                self.stats.cold_s[fixture_name] = cold
-                self.stats.warm_s[fixture_name] = warm
+                pulled = self._pull(spec, spec.cache, fixture_name) if spec.cache is not None else None
+                if pulled is not None:
+                    cp = pulled
+                else:
+                    cp, cold, warm = self._make_warm(spec, key)
+                    self.stats.cold_s[fixture_name] = cold
+                    self.stats.warm_s[fixture_name] = warm
+                    if spec.cache is not None:
+                        self._push(spec, spec.cache, fixture_name, cp, cold, warm)
+                state.write_text(json.dumps({"checkpoint": str(cp.path)}))
         self._checkpoints[key] = cp
         return cp
+
+    # --- the registry cache ----------------------------------------------------------------------
+
+    def _cache_ref(self, spec: ServiceSpec, cache: Cache) -> str:
+        """The cache's tag for ``spec``: what made the warm checkpoint."""
+        engine = Engine.of(self.client)
+        made_by = json.dumps([engine.image_id(spec.image), spec.command, dict(spec.environment),
+                              repr(sorted(spec.run_options.items())), importlib.metadata.version("dolly"),
+                              criu.version(), criu.build()], sort_keys=True, default=str)
+        return f"{cache.repository}:warm-{hashlib.sha256(made_by.encode()).hexdigest()[:32]}"
+
+    def _pull(self, spec: ServiceSpec, cache: Cache, fixture_name: str) -> Optional[Checkpoint]:
+        """The cache's warm checkpoint, or None when it has no fresh one (or cannot be reached)."""
+        ref = self._cache_ref(spec, cache)
+        started = time.perf_counter()
+        try:
+            cp, notes = pull_annotated(ref, client=self.client, trusted_keys=cache.trusted_keys,
+                                       allow_unsigned=cache.allow_unsigned, ca_file=cache.ca_file)
+        except RegistryError as e:
+            if e.status != 404:
+                warnings.warn(f"dolly: the cache {ref} could not be used ({e}): warming here", stacklevel=1)
+            return None
+        except BundleExpired:
+            return None  # warmed and pushed again
+        # The source's ID is recorded like a container of this run: its checkpoint goes with the run.
+        self.record(cp.container_id)
+        shared_layer(Engine.of(self.client), cp)
+        self.stats.cache[fixture_name] = {
+            "action": "pulled", "reference": ref, "seconds": time.perf_counter() - started,
+            "cold_s": _float(notes.get(COLD_ANNOTATION)), "warm_s": _float(notes.get(WARM_ANNOTATION))}
+        return cp
+
+    def _push(self, spec: ServiceSpec, cache: Cache, fixture_name: str, cp: Checkpoint, cold: float,
+              warm: float) -> None:
+        ref = self._cache_ref(spec, cache)
+        try:
+            report = push(cp, ref, signer=cache.signer, ca_file=cache.ca_file, client=self.client,
+                          annotations={COLD_ANNOTATION: f"{cold:.3f}", WARM_ANNOTATION: f"{warm:.3f}"})
+        except (RegistryError, OSError) as e:
+            warnings.warn(f"dolly: could not push the warm checkpoint to {ref}: {e}", stacklevel=1)
+            return
+        self.stats.cache[fixture_name] = {"action": "pushed", "reference": report.reference,
+                                          "seconds": report.seconds, "bytes_uploaded": report.bytes_uploaded}
 
     def _make_warm(self, spec: ServiceSpec, key: str) -> tuple[Checkpoint, float, float]:
         """The warm checkpoint, the cold start's seconds, and the seconds after it (checkpoint,
@@ -407,7 +528,8 @@ class Plugin:
         """Remove what this run made. Under xdist only the controller does it, after the workers."""
         if self.is_worker:
             self.config.workeroutput["dolly_stats"] = {  # type: ignore[attr-defined]
-                "cold_s": self.stats.cold_s, "warm_s": self.stats.warm_s, "clone_s": self.stats.clone_s}
+                "cold_s": self.stats.cold_s, "warm_s": self.stats.warm_s, "clone_s": self.stats.clone_s,
+            "cache": self.stats.cache}
             return
         if self.state_dir.exists():
             remove_run(self.client, self.run_id)
@@ -416,6 +538,17 @@ class Plugin:
         if not self.stats.clone_s:
             return
         terminal.section("dolly warm replicas")
+        for name, did in sorted(self.stats.cache.items()):
+            if did["action"] == "pulled":
+                line = f"{name}: pulled the warm checkpoint {did['reference']} in {did['seconds']:.2f} s"
+                if did.get("cold_s") is not None:
+                    spent = did["cold_s"] + (did.get("warm_s") or 0.0)
+                    line += (f" instead of warming it here (cold start and checkpoint took {spent:.2f} s where it "
+                             f"was pushed): saved {spent - did['seconds']:.1f} s")
+            else:
+                line = (f"{name}: warmed here and pushed to {did['reference']} in {did['seconds']:.2f} s "
+                        f"({did['bytes_uploaded'] / 2**20:.1f} MiB uploaded)")
+            terminal.write_line(line)
         for name, times in sorted(self.stats.clone_s.items()):
             med = statistics.median(times)
             cold = self.stats.cold_s.get(name)
@@ -753,3 +886,10 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     config.stash[_plugin_key].summary(terminalreporter)
+
+
+def _float(value: Optional[str]) -> Optional[float]:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
