@@ -25,7 +25,7 @@ import re
 import sys
 import zlib
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Iterator, Optional, Union
+from typing import IO, TYPE_CHECKING, Any, Iterator, Optional, Union, cast
 
 import zstandard
 
@@ -303,6 +303,10 @@ class HashingReader(io.RawIOBase):
             self.size += n
         return n or 0
 
+    def file_size(self) -> int:
+        """The file's size now (a cheap first check: the digest decides)."""
+        return os.fstat(self._f.fileno()).st_size
+
     def finish(self) -> str:
         """Read what is left and return the whole file's SHA-256 (hex)."""
         for chunk in iter(lambda: self._f.read(CHUNK), b""):
@@ -313,6 +317,61 @@ class HashingReader(io.RawIOBase):
     def close(self) -> None:
         self._f.close()
         super().close()
+
+
+# The character devices Docker makes in every container's /dev: null, zero, full, random,
+# urandom, tty, console, ptmx.
+CONTAINER_DEVICES = frozenset({(1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 1), (5, 2)})
+MAX_TMPFS_MEMBERS = 100_000
+
+
+def repack_tmpfs(source: Path, out: Path, *, max_bytes: int) -> None:
+    """Write the new file ``out``, a tmpfs's files as CRIU keeps them (a gzipped tar), rebuilt
+    from ``source`` (the same, or a plain tar): CRIU unpacks it with GNU tar, as root, so only
+    folders, regular files, symlinks and the character devices Docker gives every container
+    pass, with no member under a symlink of the archive, no set-id bits (owners are kept), and
+    headers read with :class:`BoundedTarInfo`.
+
+    Raises:
+        UnsafeArchive: any other member, an unsafe name, more than ``max_bytes`` or
+            :data:`MAX_TMPFS_MEMBERS` members, or not a tar.
+    """
+    links: set = set()
+    total = count = 0
+    try:
+        with open(source, "rb") as raw, open(out, "xb") as sink, \
+                gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=1) as packed, \
+                tarfile.open(fileobj=packed, mode="w|", format=tarfile.PAX_FORMAT) as clean:
+            stream: Any = gzip.GzipFile(fileobj=raw) if raw.peek(2)[:2] == GZIP_MAGIC else raw
+            with tarfile.open(fileobj=stream, mode="r|", tarinfo=BoundedTarInfo) as tar:
+                for member in tar:
+                    cast(Any, tar).members.clear()  # a stream: nothing is looked up again
+                    count += 1
+                    name = member.name.removeprefix("./").rstrip("/")
+                    rel = safe_relpath(name) if name not in ("", ".") else "."
+                    parts = rel.split("/")
+                    if any("/".join(parts[:i]) in links for i in range(1, len(parts))):
+                        raise UnsafeArchive(f"a tmpfs image has {member.name!r:.200} under one of its symlinks")
+                    if member.issym():
+                        links.add(rel)
+                    elif member.ischr():
+                        if (member.devmajor, member.devminor) not in CONTAINER_DEVICES:
+                            raise UnsafeArchive(f"a tmpfs image makes device {member.devmajor}:{member.devminor}")
+                    elif not (member.isdir() or member.isfile()) or member.sparse is not None:
+                        raise UnsafeArchive(f"a tmpfs image holds {member.name!r:.200}, which is no file, folder, "
+                                            "symlink or container device")
+                    total += member.size
+                    if total > max_bytes or count > MAX_TMPFS_MEMBERS:
+                        raise UnsafeArchive(f"a tmpfs image holds more than {max_bytes} bytes or "
+                                            f"{MAX_TMPFS_MEMBERS} members")
+                    member.name, member.mode = "./" + rel if rel != "." else "./", member.mode & 0o1777
+                    clean.addfile(member, tar.extractfile(member) if member.isfile() else None)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        out.unlink(missing_ok=True)
+        raise UnsafeArchive(f"a tmpfs image is not a readable tar ({type(e).__name__}: {e})") from e
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
 
 
 def sha256_file(path: Path) -> str:

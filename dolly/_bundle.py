@@ -550,6 +550,11 @@ def _import(
     staging = names.inside(engine.spool_dir, f"import-{uuid.uuid4().hex}")
     staging.mkdir(mode=0o700)
     reader = archive.HashingReader(Path(path)) if detached is not None else None  # type: ignore[arg-type]
+    if reader is not None and detached is not None and reader.file_size() != detached.size:
+        reader.close()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DigestMismatch(f"the archive is {reader.file_size()} bytes; its detached signature signs "
+                             f"{detached.size}")
     try:
         with archive.open_bundle(reader or _source(path), encryption_key) as tar:
             members = iter(tar)
@@ -590,13 +595,7 @@ def _import(
             "allowed": sorted(allowed),
         }
         cp = _make_checkpoint(staging / "in", staging / "cp", manifest, final, origin, max_bytes)
-        policy.check(cp.config, allowed)
-        try:
-            policy.check_images(criu.processes(staging / "cp" / "criu"), criu.mountpoints(staging / "cp" / "criu"),
-                                cp.config, allowed,
-                                host_paths=[p for p in policy.masked_paths() if os.path.exists(p)])
-        except ImageRewriteError as e:
-            raise UnsafeArchive(f"the bundle's process images cannot be read: {e}") from e
+        _check_policy(cp, staging / "cp" / "criu", allowed)
         if not between_own_engines:
             _refuse_claims(engine, meta["container_id"])
         # By ID, and never tagged: a bundle's name must not take over one of this engine's.
@@ -645,12 +644,7 @@ def _import_foreign(engine: Engine, staging: Path, *, allow_unsigned: bool, allo
     origin = {**(cp.origin or {}), "signer": signer, "imported_at": datetime.now(UTC).isoformat(),
               "allowed": sorted(allowed)}
     cp = dataclasses.replace(cp, origin=origin)
-    policy.check(cp.config, allowed)
-    try:
-        policy.check_images(criu.processes(staging / "cp" / "criu"), criu.mountpoints(staging / "cp" / "criu"),
-                            cp.config, allowed, host_paths=[p for p in policy.masked_paths() if os.path.exists(p)])
-    except ImageRewriteError as e:
-        raise UnsafeArchive(f"the archive's process images cannot be read: {e}") from e
+    _check_policy(cp, staging / "cp" / "criu", allowed)
     if not between_own_engines:
         _refuse_claims(engine, cp.container_id)
     for item in origin["not_applied"]:
@@ -668,6 +662,22 @@ def _import_foreign(engine: Engine, staging: Path, *, allow_unsigned: bool, allo
             engine.remove_image(image_id)
         raise
     return Checkpoint.load(final, engine.client)
+
+
+def _check_policy(cp: Checkpoint, images: Path, allowed: FrozenSet[str]) -> None:
+    """The restore policy on what came from outside: the recorded configuration, and CRIU's
+    images against it (capabilities, seccomp, masked paths, the mount tree's types).
+
+    Raises:
+        PolicyRefused: what it asks for beyond ``allowed``; UnsafeArchive: unreadable images.
+    """
+    policy.check(cp.config, allowed)
+    try:
+        policy.check_images(criu.processes(images), criu.mountpoints(images), cp.config, allowed,
+                            host_paths=[p for p in policy.masked_paths() if os.path.exists(p)])
+        policy.check_mount_types(criu.mount_types(images), allowed)
+    except ImageRewriteError as e:
+        raise UnsafeArchive(f"the checkpoint's process images cannot be read: {e}") from e
 
 
 def _refuse_claims(engine: Engine, container_id: str) -> None:
@@ -773,9 +783,13 @@ def _extract(tar: tarfile.TarFile, first: Optional[tarfile.TarInfo], members: It
     (into / "checkpoint").mkdir(mode=0o700)
     seen = set()
     total = 0
+    folder_seen = False
     member = first
     while member is not None:
         if formats.is_images_folder(member):
+            if folder_seen:  # once: a stream of folder entries would be endless work
+                raise UnsafeArchive("the bundle holds the images' folder twice")
+            folder_seen = True
             member = next(members, None)
             continue
         if not _MEMBER_RE.match(member.name):
@@ -809,7 +823,10 @@ def _make_checkpoint(extracted: Path, folder: Path, manifest: Dict[str, Any], fi
     the recorded configuration checked and its metadata written by Dolly, not copied."""
     formats.unpack_layout(extracted, folder, max_bytes=max_bytes)
     if manifest.get("flavor") == "podman":
-        formats.undo_podman_images(folder / "criu")
+        try:
+            formats.undo_podman_images(folder / "criu")
+        except ImageRewriteError as e:
+            raise UnsafeArchive(f"the bundle's CRIU images cannot be made Docker's again: {e}") from e
     meta = archive.small_json(extracted / "config.dump")
     if isinstance(meta, dict) and "dolly" in meta:  # beside checkpointctl's fields (older bundles: alone)
         meta = meta["dolly"]

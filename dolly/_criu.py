@@ -295,8 +295,14 @@ def root_task_ids(images_dir: Path) -> dict:
     Raises:
         ImageRewriteError: no pstree or ids image pycriu can read.
     """
-    root = _load(Path(images_dir) / "pstree.img")["entries"][0]["pid"]
-    return dict(_load(Path(images_dir) / f"ids-{root}.img")["entries"][0])
+    try:
+        root = int(_load(Path(images_dir) / "pstree.img")["entries"][0]["pid"])
+        ids = dict(_load(Path(images_dir) / f"ids-{root}.img")["entries"][0])
+        for key in ("mnt_ns_id", "net_ns_id"):
+            ids[key] = int(ids[key])
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise ImageRewriteError(f"the checkpoint's first task has no readable ids ({type(e).__name__})") from e
+    return ids
 
 
 def external_netns_image(images_dir: Path, out: Path, *, key: str) -> Optional[str]:
@@ -356,32 +362,45 @@ def without_external_netns(images_dir: Path) -> bool:
     return True
 
 
-def external_tmpfs_inlined(images_dir: Path, key: str, content: bytes) -> bool:
+TMPFS = 5  # CRIU's fstype of a tmpfs (images/mnt.proto)
+
+
+def external_tmpfs_inlined(images_dir: Path, key: str) -> Optional[Path]:
     """Rewrite the first task's ``mountpoints-<id>.img`` in place so that the external tmpfs
     mount under ``key`` (Podman's ``/dev/shm``, a bind of a tmpfs the engine made) is the
-    container's own tmpfs, as Docker makes it, and write its content for CRIU: ``content`` is a
-    gzipped tar, as CRIU keeps a tmpfs's files (``tmpfs-dev-<device>.tar.gz.img``). Returns
-    whether such a mount was there.
+    container's own tmpfs, as Docker makes it. Returns where CRIU will look for its files (a
+    gzipped tar, ``tmpfs-dev-<device>.tar.gz.img``, for the caller to write), or None when
+    there is no such mount.
 
     Raises:
         ImageRewriteError: images pycriu cannot read or write.
     """
     path = Path(images_dir) / f"mountpoints-{root_task_ids(images_dir)['mnt_ns_id']}.img"
     img = _load(path)
-    found = [e for e in img["entries"] if e.get("ext_key") == key and e.get("source") == "shm"]
-    if len(found) != 1 or found[0].get("root") != "/":
-        return False
+    found = [e for e in img["entries"] if e.get("ext_key") == key and e.get("fstype") == TMPFS]
+    if len(found) != 1 or found[0].get("root") != "/" or not isinstance(found[0].get("root_dev"), int):
+        return None
     del found[0]["ext_key"]
-    tmpfs = Path(images_dir) / f"tmpfs-dev-{int(found[0]['root_dev'])}.tar.gz.img"
-    try:
-        with open(tmpfs, "xb") as f:
-            f.write(content)
-    except OSError as e:
-        raise ImageRewriteError(f"cannot write {tmpfs}: {e}") from e
     new = path.with_name(path.name + ".new")
     _dump(img, new)
     os.replace(new, path)
-    return True
+    return Path(images_dir) / f"tmpfs-dev-{found[0]['root_dev']}.tar.gz.img"
+
+
+def mount_types(images_dir: Path) -> list:
+    """``(mountpoint, fstype, external)`` of every mount in the checkpoint's mount images.
+
+    Raises:
+        ImageRewriteError: a mount image pycriu cannot read.
+    """
+    found = []
+    for image in sorted(Path(images_dir).glob("mountpoints-*.img")):
+        try:
+            found += [(str(m["mountpoint"]), int(m.get("fstype", 0)), bool(m.get("ext_key")))
+                      for m in _load(image)["entries"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ImageRewriteError(f"{image} is not a mount image ({type(e).__name__})") from e
+    return found
 
 
 def without_mounts(images_dir: Path, *, keep) -> list:

@@ -22,8 +22,8 @@ checkpoint's ``origin["not_applied"]`` and logged, not dropped silently.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
-import io
 import json
 import logging
 import os
@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from . import _criu as criu, _names as names, _rootfs as rootfs, policy
-from ._archive import sha256_file, small_json, tarfile, write_member
+from ._archive import repack_tmpfs, sha256_file, small_json, tarfile, write_member
 from ._checkpoint import ROOTFS_DIFF, Checkpoint
-from .errors import BundleError, UnsafeArchive, UnsignedBundle
+from .errors import BundleError, ImageRewriteError, UnsafeArchive, UnsignedBundle
 
 log = logging.getLogger("dolly")
 
@@ -99,6 +99,10 @@ def extract(tar: tarfile.TarFile, first: tarfile.TarInfo, members: Iterator[tarf
     while member is not None:
         name = member.name[2:] if member.name.startswith("./") else member.name
         if is_images_folder(member) or (member.isdir() and name.rstrip("/") in (".", _ARTIFACTS_FOLDER)):
+            folder = name.rstrip("/") or "."
+            if folder in seen:  # each once: a stream of folder entries would be endless work
+                raise UnsafeArchive(f"the archive holds the folder {folder!r} twice")
+            seen.add(folder)
             member = next(members, None)
             continue
         if not _MEMBER_RE.match(name):
@@ -170,7 +174,10 @@ def make_checkpoint(extracted: Path, folder: Path, store_dir: Path, *, allow_uns
     recorded, not_applied = docker_config(spec, config, container_id=container_id, name=container_name,
                                           image_id=image_id, image_name=image_name)
     not_applied += _extras(extracted, kind)
-    not_applied += docker_images(extracted, folder / "criu", kind, max_bytes=max_bytes)
+    try:
+        not_applied += docker_images(extracted, folder / "criu", kind, max_bytes=max_bytes)
+    except ImageRewriteError as e:
+        raise UnsafeArchive(f"the archive's CRIU images cannot be made Docker's: {e}") from e
     cp = Checkpoint(container_id=container_id, container_name=container_name, name=name, created_at=created_at,
                     hostname=criu.read_hostname(folder / "criu"), config=types.MappingProxyType(recorded),
                     path=final, origin={"format": kind, "not_applied": not_applied})
@@ -199,6 +206,11 @@ def unpack_layout(extracted: Path, folder: Path, *, max_bytes: int) -> None:
         with tarfile.open(diff, "w"):
             pass
     rootfs.to_overlay_form(diff, deleted, folder / ROOTFS_DIFF, max_bytes=max_bytes)
+    # CRIU unpacks each tmpfs's files with GNU tar, as root: only what a container's own may hold.
+    for image in sorted((folder / "criu").glob("tmpfs-*.img")):
+        clean = image.with_name(image.name + ".clean")
+        repack_tmpfs(image, clean, max_bytes=max_bytes)
+        os.replace(clean, image)
     for member in ("spec.dump", "stats-dump"):
         if (extracted / member).exists():
             os.rename(extracted / member, folder / member)
@@ -282,8 +294,12 @@ def docker_images(extracted: Path, images: Path, kind: str, *, max_bytes: int) -
     """
     undo_podman_images(images)
     shm = extracted / "devshm-checkpoint.tar"
-    criu.external_tmpfs_inlined(images, "/dev/shm", _tmpfs_content(shm if shm.exists() else None,
-                                                                   max_bytes=max_bytes))
+    target = criu.external_tmpfs_inlined(images, "/dev/shm")
+    if target is not None:
+        if shm.exists():
+            repack_tmpfs(shm, target, max_bytes=max_bytes)
+        else:
+            _empty_tmpfs(target)
     dropped = criu.without_mounts(images, keep=lambda key: key in _DOCKER_MOUNTS or key.startswith("/sys/fs/cgroup/"))
     return [f"{kind}'s mount at {path}: not in the Docker container" for path in dropped if path in _ENGINE_MOUNTS]
 
@@ -298,38 +314,10 @@ def undo_podman_images(images: Path) -> None:
     os.replace(files.with_name("files.img.new"), files)
 
 
-def _tmpfs_content(tar_path: Optional[Path], *, max_bytes: int) -> bytes:
-    """A tmpfs's files as CRIU keeps them (a gzipped tar), from Podman's plain tar of them,
-    rebuilt from its regular files and folders only: CRIU unpacks it with GNU tar as root.
-
-    Raises:
-        UnsafeArchive: a member that is not a regular file or folder, or unsafe to unpack.
-    """
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w:gz") as clean:
-        if tar_path is not None:
-            _copy_files(tar_path, clean, max_bytes=max_bytes)
-    return out.getvalue()
-
-
-def _copy_files(tar_path: Path, clean: tarfile.TarFile, *, max_bytes: int) -> None:
-    try:
-        with tarfile.open(tar_path, "r:") as tar:  # Podman writes it plain: nothing is decompressed
-            total = 0
-            for member in tar:
-                if not (member.isfile() or member.isdir()) or member.sparse is not None:
-                    raise UnsafeArchive(f"devshm-checkpoint.tar holds {member.name!r:.200}, not a file or folder")
-                try:
-                    tarfile.data_filter(member, "/dev/shm")  # a check of the name: owners and modes are kept
-                except tarfile.FilterError as e:
-                    raise UnsafeArchive(f"devshm-checkpoint.tar: {e}") from e
-                member.mode &= 0o1777
-                total += member.size
-                if total > max_bytes:
-                    raise UnsafeArchive(f"devshm-checkpoint.tar holds more than {max_bytes} bytes")
-                clean.addfile(member, tar.extractfile(member) if member.isfile() else None)
-    except tarfile.TarError as e:
-        raise UnsafeArchive(f"devshm-checkpoint.tar is not a tar archive: {e}") from e
+def _empty_tmpfs(target: Path) -> None:
+    with open(target, "xb") as raw, gzip.GzipFile(fileobj=raw, mode="wb") as packed, \
+            tarfile.open(fileobj=packed, mode="w|"):
+        pass
 
 
 def _extras(extracted: Path, kind: str) -> List[str]:

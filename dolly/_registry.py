@@ -50,14 +50,25 @@ import zlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from urllib.parse import urlsplit
 
 import docker
+import requests
+import requests.adapters
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from . import _archive as archive, _bundle as bundle, trust
-from ._checkpoint import Checkpoint, engine_of
+from ._checkpoint import Checkpoint, engine_of, remove_checkpoint
 from ._engine import Engine
-from .errors import BundleError, BundleExpired, DigestMismatch, InvalidArgument, RegistryError, UnsignedBundle
+from .errors import (
+    BundleError,
+    BundleExpired,
+    DigestMismatch,
+    InvalidArgument,
+    RegistryError,
+    RollbackRefused,
+    UnsignedBundle,
+)
 
 log = logging.getLogger("dolly")
 
@@ -313,7 +324,7 @@ def pull_annotated(reference: str, *, client: Optional[docker.DockerClient] = No
     # agent keeps the bundle's own lineages there).
     lineages = (bundle.Lineages.of(engine) if engine.files_are_local()
                 else bundle.Lineages(_user_state() / "lineages.json"))
-    key = f"registry/{(signed or {}).get('signer') or 'unsigned'}/{ref.name}:{ref.tag}"
+    key = f"registry/{ref.name}:{ref.tag}"  # whoever signed it: a tag moves forward only
     if ref.digest is None:  # a digest is a pin the caller chose; a tag is what the registry says
         lineages.check(key, manifest["created_at"])
 
@@ -352,7 +363,12 @@ def pull_annotated(reference: str, *, client: Optional[docker.DockerClient] = No
     if failure and not isinstance(failure[0], BrokenPipeError):
         raise failure[0]
     if ref.digest is None:
-        with lineages.lock:
+        with lineages.lock:  # checked again: another pull may have recorded a newer one meanwhile
+            try:
+                lineages.check(key, manifest["created_at"])
+            except RollbackRefused:
+                remove_checkpoint(cp, cp.client)
+                raise
             lineages.record(key, manifest["created_at"])
     log.info("pulled %s (%s) as checkpoint %s of %s", ref, digest, cp.name, cp.container_name)
     notes = layout["annotations"]
@@ -481,7 +497,7 @@ def _push_signature(session: _Session, ref: Reference, digest: str, signer: Ed25
         "critical": {"identity": {"docker-reference": ref.name}, "image": {"docker-manifest-digest": digest},
                      "type": "cosign container image signature"},
         "optional": {"io.dolly.signer": trust.key_id(signer), "io.dolly.created": created,
-                     "io.dolly.expires": expires},
+                     "io.dolly.expires": expires, "io.dolly.tag": ref.tag or "latest"},
     }, sort_keys=True, separators=(",", ":")).encode()
     signature = base64.b64encode(trust.sign(signer, payload)).decode()
     layer = session.put_blob(payload, COSIGN_PAYLOAD, {COSIGN_SIGNATURE: signature})
@@ -523,8 +539,8 @@ def _check_signature(session: _Session, ref: Reference, digest: str, trusted: Li
         claims = json.loads(payload)
         critical, optional = claims["critical"], claims["optional"]
         signer, created = optional["io.dolly.signer"], optional["io.dolly.created"]
-        expires = optional["io.dolly.expires"]
-        if not all(isinstance(x, str) for x in (signer, created, expires)):
+        expires, tag = optional["io.dolly.expires"], optional["io.dolly.tag"]
+        if not all(isinstance(x, str) for x in (signer, created, expires, tag)):
             raise TypeError("not strings")
     except (ValueError, KeyError, TypeError):
         raise BundleError(f"{ref}: its signature's payload is not Dolly's") from None
@@ -532,6 +548,8 @@ def _check_signature(session: _Session, ref: Reference, digest: str, trusted: Li
     if critical.get("image", {}).get("docker-manifest-digest") != digest or \
             critical.get("identity", {}).get("docker-reference") != ref.name:
         raise DigestMismatch(f"{ref}: its signature is of another manifest or repository")
+    if ref.digest is None and tag != ref.tag:  # a tag pull gets what was pushed to that tag
+        raise DigestMismatch(f"{ref}: the registry answered with a manifest signed for the tag {tag!r:.80}")
     try:
         expired = datetime.now(UTC) > datetime.fromisoformat(expires)
     except (ValueError, TypeError):
@@ -550,11 +568,9 @@ class _Session:
     def __init__(self, ref: Reference, *, ca_file: Optional[PathLike], insecure: Optional[bool]) -> None:
         import oras.container
         import oras.provider
-        import requests
 
         self.ref = ref
         verify: Union[bool, str] = str(ca_file) if ca_file is not None else True
-        self._requests = requests
         # As Docker: HTTPS, and for a registry on a loopback address without a CA file, plain HTTP
         # when it does not speak TLS at all (never when its certificate fails to verify).
         plain_allowed = insecure is None and ca_file is None and _is_loopback(ref.registry)
@@ -563,19 +579,31 @@ class _Session:
         # token service (Bearer). Asked once, without oras' retries, so that a registry that is
         # not there fails now, not after minutes of back-off.
         try:
-            probe = requests.get(f"{self.scheme}://{ref.registry}/v2/", timeout=10, verify=verify)
+            probe = requests.get(f"{self.scheme}://{ref.registry}/v2/", timeout=10, verify=verify, stream=True)
         except requests.exceptions.SSLError as e:
             if not plain_allowed or "CERTIFICATE_VERIFY_FAILED" in str(e) or "certificate" in str(e).lower():
                 raise RegistryError(f"TLS with {ref.registry} failed (pass ca_file= for a private CA): {e}") from e
             self.scheme = "http"
-            probe = self._probe_plain(requests, ref)
+            probe = self._probe_plain(ref)
         except requests.exceptions.RequestException as e:
             raise RegistryError(f"cannot reach the registry {ref.registry} over {self.scheme}: {e}") from e
         insecure = self.scheme == "http"
+        probe.close()
         challenge = probe.headers.get("Www-Authenticate", "")
         backend = "basic" if challenge.lower().startswith("basic") else "token"
+        realm = re.search(r'realm="([^"]*)"', challenge)
+        if backend == "token" and realm and not _same_trust(realm.group(1), self.scheme, ref.registry):
+            # oras sends Docker's credentials for the registry to the token service it names:
+            # over TLS only (as Docker), unless the registry itself is plain HTTP on loopback.
+            raise RegistryError(f"{ref.registry} names the token service {realm.group(1)!r:.200}, which is "
+                                "not HTTPS: credentials are not sent there")
         self.registry = oras.provider.Registry(ref.registry, insecure=insecure, tls_verify=verify,
                                                auth_backend=backend)
+        # Every request has connect and read timeouts (oras sets none): a registry that stops
+        # answering fails the call instead of hanging it.
+        adapter = _TimeoutAdapter()
+        self.registry.session.mount("https://", adapter)
+        self.registry.session.mount("http://", adapter)
         self.container = oras.container.Container(f"{ref.registry}/{ref.repository}")
         config = Path(os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker") / "config.json"
         self.registry.auth.load_configs(self.container, configs=[str(config)] if config.exists() else None)
@@ -584,26 +612,32 @@ class _Session:
                                 "for it: `docker login` it", status=401)
 
     @staticmethod
-    def _probe_plain(requests: Any, ref: Reference) -> Any:
+    def _probe_plain(ref: Reference) -> Any:
         try:
-            return requests.get(f"http://{ref.registry}/v2/", timeout=10)
+            return requests.get(f"http://{ref.registry}/v2/", timeout=10, stream=True)
         except requests.exceptions.RequestException as e:
             raise RegistryError(f"cannot reach the registry {ref.registry}: {e}") from e
 
     def _request(self, url: str, method: str, **kwargs: Any) -> Any:
         try:
             response = self.registry.do_request(url, method, **kwargs)
-        except self._requests.exceptions.RequestException as e:
+        except requests.exceptions.RequestException as e:
             raise RegistryError(f"{method} {url}: {e}") from e
         except ValueError as e:  # oras: a 500 after its retries, or credentials it could not use
             raise RegistryError(f"{method} {url}: {e}") from e
         return response
 
     def _fail(self, what: str, response: Any) -> RegistryError:
+        try:  # at most 4 KiB of whatever the registry says
+            body = response.raw.read(4096, decode_content=False) if response.raw is not None else b""
+        except Exception:
+            body = b""
+        finally:
+            response.close()
         try:
-            errors = "; ".join(str(e.get("message")) for e in response.json().get("errors", []))
-        except ValueError:
-            errors = response.text[:200]
+            errors = "; ".join(str(e.get("message"))[:200] for e in json.loads(body).get("errors", [])[:5])
+        except (ValueError, AttributeError):
+            errors = body[:200].decode("utf-8", "replace")
         return RegistryError(f"{what}: the registry answered {response.status_code} {response.reason}"
                              f"{': ' + errors if errors else ''}", status=response.status_code)
 
@@ -617,9 +651,10 @@ class _Session:
 
     def put_manifest(self, reference: str, body: bytes) -> None:
         url = f"{self.scheme}://{self.container.manifest_url(reference)}"
-        response = self._request(url, "PUT", data=body, headers={"Content-Type": OCI_MANIFEST})
+        response = self._request(url, "PUT", data=body, headers={"Content-Type": OCI_MANIFEST}, stream=True)
         if response.status_code not in (200, 201):
             raise self._fail(f"pushing the manifest {self.ref.name}:{reference}", response)
+        response.close()
 
     def put_blob(self, data: bytes, media_type: str, annotations: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
         """Upload ``data`` unless the repository has it; returns its descriptor, with
@@ -627,19 +662,25 @@ class _Session:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         blob = {"mediaType": media_type, "digest": digest, "size": len(data), "annotations": annotations,
                 "uploaded": False}
-        head = self._request(f"{self.scheme}://{self.container.get_blob_url(digest)}", "HEAD")
+        head = self._request(f"{self.scheme}://{self.container.get_blob_url(digest)}", "HEAD", stream=True)
+        head.close()
         if head.status_code == 200:
             return blob
         start = self._request(f"{self.scheme}://{self.container.upload_blob_url()}", "POST",
-                              headers={"Content-Length": "0"})
+                              headers={"Content-Length": "0"}, stream=True)
         location = self.registry._get_location(start, self.container)  # oras' own (relative URLs)
         if start.status_code != 202 or not location:
             raise self._fail("starting an upload", start)
+        start.close()
+        if not _same_origin(location, self.scheme, self.ref.registry):
+            raise RegistryError(f"the registry sends the upload elsewhere ({location!r:.200}): refused, as "
+                                "credentials would go with it")
         url = f"{location}{'&' if '?' in location else '?'}digest={digest}"
         done = self._request(url, "PUT", data=data, headers={"Content-Type": "application/octet-stream",
-                                                              "Content-Length": str(len(data))})
+                                                              "Content-Length": str(len(data))}, stream=True)
         if done.status_code != 201:
             raise self._fail(f"uploading {digest}", done)
+        done.close()
         blob["uploaded"] = True
         return blob
 
@@ -674,6 +715,26 @@ class _Session:
                 yield chunk
             if seen != size or "sha256:" + h.hexdigest() != digest:
                 raise DigestMismatch(f"the registry's blob {digest} is not what was pushed ({seen} of {size} bytes)")
+
+
+class _TimeoutAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter with connect and read timeouts on every request that sets none."""
+
+    def send(self, request: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = (10, 60)
+        return super().send(request, **kwargs)
+
+
+def _same_origin(url: str, scheme: str, registry: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme == scheme and parts.netloc == registry
+
+
+def _same_trust(realm: str, scheme: str, registry: str) -> bool:
+    """A token service credentials may go to: HTTPS, or the registry's own plain-HTTP origin."""
+    parts = urlsplit(realm)
+    return parts.scheme == "https" or (parts.scheme == scheme == "http" and parts.netloc == registry)
 
 
 def _bounded(response: Any, limit: int, what: str) -> bytes:

@@ -266,6 +266,29 @@ def check_images(processes: Iterable[Mapping[str, Any]], mountpoints: Iterable[s
                 "allow security-options to restore it", items=["security-options"])
 
 
+# The mount types a container's own mount tree holds, as CRIU numbers them (images/mnt.proto):
+# proc, sysfs, tmpfs, devpts, cgroup, mqueue, overlayfs (the root), cgroup2. Not devtmpfs (its
+# restore mounts the host's devices) nor a file system of the host's: those come in only as bind
+# mounts the runtime hands CRIU from the container's configuration.
+CONTAINER_FSTYPES = frozenset({1, 2, 5, 6, 12, 14, 17, 23})
+
+
+def check_mount_types(mounts: Iterable[Tuple[str, int, bool]], allowed: Iterable[str]) -> None:
+    """Refuse a mount tree (``(mountpoint, fstype, external)`` each) with a mount of its own
+    that is not of :data:`CONTAINER_FSTYPES`, unless ``privileged`` is allowed.
+
+    Raises:
+        PolicyRefused: naming the mount.
+    """
+    if "privileged" in items(allowed):
+        return
+    for path, fstype, external in mounts:
+        if not external and fstype not in CONTAINER_FSTYPES:
+            raise PolicyRefused(f"the checkpoint's mount tree mounts a file system of type {fstype} at "
+                                f"{path!s:.200}, which a container's own does not hold: allow privileged to "
+                                "restore it", items=["privileged"])
+
+
 def masked_paths() -> FrozenSet[str]:
     """Docker's masked and read-only paths."""
     return frozenset(_MASKED | _READONLY)

@@ -167,7 +167,7 @@ class DetachedSignature:
     signer: str
 
 
-def sign_file(key: Ed25519PrivateKey, path: PathLike, *, expires_in: Optional[timedelta] = None,
+def sign_file(key: Ed25519PrivateKey, path: PathLike, *, expires_in: timedelta = timedelta(days=7),
               out: Optional[PathLike] = None) -> Path:
     """Sign the file at ``path`` (a Podman or kubelet checkpoint archive, which has no place for
     a signature of its own) with a detached signature: a small JSON document, written to a new
@@ -180,8 +180,8 @@ def sign_file(key: Ed25519PrivateKey, path: PathLike, *, expires_in: Optional[ti
             ``out`` exists.
         OSError: ``path`` cannot be read.
     """
-    if expires_in is not None and expires_in <= timedelta(0):
-        raise InvalidArgument(f"expires_in must be positive, got {expires_in}")
+    if not isinstance(expires_in, timedelta) or expires_in <= timedelta(0):
+        raise InvalidArgument(f"expires_in must be a positive timedelta, got {expires_in!r}")
     h, size = hashlib.sha256(), 0
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(CHUNK), b""):
@@ -189,7 +189,7 @@ def sign_file(key: Ed25519PrivateKey, path: PathLike, *, expires_in: Optional[ti
             size += len(chunk)
     now = datetime.now(UTC)
     body = {"type": DETACHED_TYPE, "sha256": h.hexdigest(), "size": size, "signer": key_id(key),
-            "signed_at": now.isoformat(), "expires_at": (now + expires_in).isoformat() if expires_in else None}
+            "signed_at": now.isoformat(), "expires_at": (now + expires_in).isoformat()}
     doc = {**body, "signature": base64.b64encode(sign(key, _canonical(body))).decode()}
     target = Path(out) if out is not None else Path(f"{path}.sig")
     return _write_new(target, json.dumps(doc, indent=2).encode() + b"\n", 0o644, overwrite=False)
@@ -214,7 +214,7 @@ def verify_detached(data: bytes, trusted: Iterable[Ed25519PublicKey]) -> Detache
             and isinstance(doc["size"], int) and not isinstance(doc["size"], bool) and doc["size"] >= 0
             and isinstance(doc["signer"], str) and re.fullmatch(r"[0-9a-f]{16}", doc["signer"])
             and isinstance(doc["signature"], str) and len(doc["signature"]) <= 200
-            and (doc["expires_at"] is None or isinstance(doc["expires_at"], str))):
+            and isinstance(doc["expires_at"], str)):
         raise BundleError("not a Dolly detached signature (application/vnd.dolly.detached-signature.v1+json)")
     try:
         signature = base64.b64decode(doc["signature"], validate=True)
@@ -222,13 +222,12 @@ def verify_detached(data: bytes, trusted: Iterable[Ed25519PublicKey]) -> Detache
         raise BundleError("the detached signature's signature is not base64") from None
     body = {k: v for k, v in doc.items() if k != "signature"}
     verify(_canonical(body), signature, doc["signer"], trusted)
-    if doc["expires_at"] is not None:
-        try:
-            expires = datetime.fromisoformat(doc["expires_at"])
-        except ValueError:
-            raise BundleError("the detached signature's expires_at is not a time") from None
-        if expires.tzinfo is None or datetime.now(UTC) > expires:
-            raise BundleExpired(f"the detached signature expired at {doc['expires_at']}: the archive is not fresh")
+    try:
+        expires = datetime.fromisoformat(doc["expires_at"])
+    except ValueError:
+        raise BundleError("the detached signature's expires_at is not a time") from None
+    if expires.tzinfo is None or datetime.now(UTC) > expires:
+        raise BundleExpired(f"the detached signature expired at {doc['expires_at']}: the archive is not fresh")
     return DetachedSignature(sha256=doc["sha256"], size=doc["size"], signer=doc["signer"])
 
 

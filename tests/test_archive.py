@@ -184,3 +184,54 @@ def test_the_overlay_form_keeps_only_checked_names_and_user_attributes(tmp_path)
     assert m.pax_headers == {"SCHILY.xattr.user.note": "kept"}
     gnu = subprocess.run(["tar", "-tf", str(tmp_path / "out.tar")], capture_output=True, text=True, check=True)
     assert gnu.stdout.split() == [m.name] == [checked]
+
+
+# --- a tmpfs's files, which CRIU unpacks with GNU tar as root (archive.repack_tmpfs) -----------------
+
+
+def _tmpfs_tar(tmp_path, *members) -> os.PathLike:
+    """A plain tar of ``members``: ``(TarInfo, payload or None)``."""
+    path = tmp_path / f"tmpfs-{len(list(tmp_path.iterdir()))}.tar"
+    with tarfile.open(path, "w") as tar:
+        for info, payload in members:
+            if payload is not None:
+                info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload) if payload is not None else None)
+    return path
+
+
+def _entry(name: str, kind=tarfile.REGTYPE, **attrs) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    for key, value in attrs.items():
+        setattr(info, key, value)
+    return info
+
+
+def test_a_tmpfs_image_keeps_files_folders_links_and_the_container_devices(tmp_path):
+    source = _tmpfs_tar(tmp_path, (_entry("./", tarfile.DIRTYPE, mode=0o755), None),
+                        (_entry("./null", tarfile.CHRTYPE, devmajor=1, devminor=3, mode=0o666), None),
+                        (_entry("./fd", tarfile.SYMTYPE, linkname="/proc/self/fd"), None),
+                        (_entry("./data", mode=0o4755, uid=70, gid=70), b"kept"))
+    archive.repack_tmpfs(source, tmp_path / "out.tar.gz", max_bytes=1 << 20)
+    with tarfile.open(tmp_path / "out.tar.gz", "r:gz") as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert members["./data"].mode == 0o755 and members["./data"].uid == 70, "set-id bits go, owners stay"
+        assert tar.extractfile("./data").read() == b"kept"
+        assert (members["./null"].devmajor, members["./null"].devminor) == (1, 3)
+        assert members["./fd"].linkname == "/proc/self/fd"
+
+
+@pytest.mark.parametrize("members", [
+    [(_entry("./sda", tarfile.BLKTYPE, devmajor=8, devminor=0), None)],
+    [(_entry("./mem", tarfile.CHRTYPE, devmajor=1, devminor=1), None)],
+    [(_entry("./etc", tarfile.SYMTYPE, linkname="/etc"), None), (_entry("./etc/cron.d/x"), b"* * * * * root sh")],
+    [(_entry("./hard", tarfile.LNKTYPE, linkname="/etc/shadow"), None)],
+    [(_entry("../escape"), b"x")],
+    [(_entry("./fifo", tarfile.FIFOTYPE), None)],
+], ids=["block-device", "dev-mem", "under-a-symlink", "hard-link", "dot-dot", "fifo"])
+def test_a_tmpfs_image_with_anything_else_is_refused_and_nothing_written(tmp_path, members):
+    source = _tmpfs_tar(tmp_path, *members)
+    with pytest.raises(errors.UnsafeArchive):
+        archive.repack_tmpfs(source, tmp_path / "out.tar.gz", max_bytes=1 << 20)
+    assert not (tmp_path / "out.tar.gz").exists()

@@ -142,6 +142,8 @@ def test_a_detached_signature_is_refused_when_untrusted_edited_expired_or_not_on
         trust.verify_detached(json.dumps({**document, "extra": 1}).encode(), [public])
     with pytest.raises(errors.BundleError, match="not a Dolly detached signature"):
         trust.verify_detached(b"[" * 100_000, [public])
+    with pytest.raises(errors.BundleError, match="not a Dolly detached signature"):  # it must expire
+        trust.verify_detached(json.dumps({**document, "expires_at": None}).encode(), [public])
     expired = trust.sign_file(private, archive, out=tmp_path / "old.sig", expires_in=timedelta(microseconds=1))
     with pytest.raises(errors.BundleExpired):
         trust.verify_detached(expired.read_bytes(), [public])

@@ -176,3 +176,15 @@ def test_allowed_capabilities_and_unmasked_paths():
     with pytest.raises(errors.PolicyRefused, match="/proc/keys"):
         policy.check_images([PROCESS], MOUNTS - {"/proc/keys"}, PLAIN, (), host_paths=HOST)
     policy.check_images([PROCESS], MOUNTS - {"/proc/keys"}, PLAIN, ["security-options"], host_paths=HOST)
+
+
+def test_a_mount_tree_of_a_containers_own_types_passes():
+    policy.check_mount_types([("/", 17, False), ("/proc", 1, False), ("/dev", 5, False), ("/etc/hosts", 0, True)], [])
+
+
+def test_a_devtmpfs_or_a_host_file_system_in_the_mount_tree_is_refused_unless_privileged():
+    for mount in [("/dev", 3, False), ("/data", 0, False)]:  # devtmpfs; a file system CRIU does not type
+        with pytest.raises(errors.PolicyRefused) as info:
+            policy.check_mount_types([("/", 17, False), mount], [])
+        assert info.value.items == ["privileged"]
+        policy.check_mount_types([mount], ["privileged"])

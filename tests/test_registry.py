@@ -185,6 +185,19 @@ def test_a_signature_for_another_repository_is_refused(served, client, registry,
     nothing_written(client, source.id)
 
 
+def test_a_manifest_served_under_another_tag_is_refused(served, client, registry, repo, keys):
+    """The signature names the tag it was pushed to: a registry that answers one tag with
+    another tag's (validly signed) manifest is caught."""
+    source, _, cp = served
+    private, public = keys
+    dolly.push(cp, f"{registry.address}/{repo}:postgres", signer=private)
+    registry.put_manifest(repo, "web", registry.manifest(repo, "postgres"))
+    gone(source, client)
+    with pytest.raises(errors.DigestMismatch, match="signed for the tag"):
+        dolly.pull(f"{registry.address}/{repo}:web", client=client, trusted_keys=[public])
+    nothing_written(client, source.id)
+
+
 def test_a_second_push_of_the_service_uploads_only_the_pieces_that_changed(run, client, registry, repo):
     source = run(PYTHON, ["python3", "-c", DEMO_SERVICE.read_text()],
                  environment={"STATE_MB": "32", "RANDOM_STATE": "1"})
