@@ -550,11 +550,10 @@ def _import(
     staging = names.inside(engine.spool_dir, f"import-{uuid.uuid4().hex}")
     staging.mkdir(mode=0o700)
     reader = archive.HashingReader(Path(path)) if detached is not None else None  # type: ignore[arg-type]
-    if reader is not None and detached is not None and reader.file_size() != detached.size:
+    if reader is not None and detached is not None and (size := reader.file_size()) != detached.size:
         reader.close()
         shutil.rmtree(staging, ignore_errors=True)
-        raise DigestMismatch(f"the archive is {reader.file_size()} bytes; its detached signature signs "
-                             f"{detached.size}")
+        raise DigestMismatch(f"the archive is {size} bytes; its detached signature signs {detached.size}")
     try:
         with archive.open_bundle(reader or _source(path), encryption_key) as tar:
             members = iter(tar)

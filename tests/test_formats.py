@@ -450,19 +450,24 @@ def _nothing_left_of_podman(client, archive_path: Path) -> None:
     _nothing_left(client, _podman_id(archive_path))
 
 
-def test_a_podman_archive_with_a_link_in_its_dev_shm_is_refused(podman_exports, client, tmp_path):
-    """devshm-checkpoint.tar is unpacked by CRIU (GNU tar, as root): only files and folders."""
+def test_a_podman_archive_writing_through_a_link_in_its_dev_shm_is_refused(podman_exports, client, tmp_path):
+    """devshm-checkpoint.tar is unpacked by CRIU (GNU tar, as root): nothing may be written
+    through a symlink it made."""
     _, archives = podman_exports
     shm = io.BytesIO()
     with tarfile.open(fileobj=shm, mode="w") as tar:
         link = tarfile.TarInfo("./escape")
         link.type, link.linkname = tarfile.SYMTYPE, "/etc"
         tar.addfile(link)
+        planted = tarfile.TarInfo("./escape/cron.d/dolly-test")
+        planted.size = 2
+        tar.addfile(planted, io.BytesIO(b"x\n"))
     path = tmp_path / "evil.tar"
     _rewrite_members(archives["none"], path, {"devshm-checkpoint.tar": shm.getvalue()})
-    with pytest.raises(errors.UnsafeArchive, match="tmpfs image"):
+    with pytest.raises(errors.UnsafeArchive, match="under one of its symlinks"):
         dolly.import_bundle(path, client=client, allow_unsigned=True)
     _nothing_left_of_podman(client, path)
+    assert not Path("/etc/cron.d/dolly-test").exists()
 
 
 def _rewrite_members(src: Path, out: Path, replace: dict) -> None:
