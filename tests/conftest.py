@@ -17,11 +17,11 @@ import pytest
 
 import dolly
 import dolly.testing
-from dolly import trust
+from dolly import ready, trust
 from dolly._checkpoint import LAYER_IMAGE_REPOSITORY, remove_all_of, remove_unused_layer_images
 from dolly._engine import Engine
 from engines import IsolatedEngine, SecondEngine
-from helpers import BUSYBOX, COUNTER, ENGINE_B, ENGINE_B_SUBNET, FILES, RUN_ID, TEST_LABEL
+from helpers import BUSYBOX, COUNTER, ENGINE_B, ENGINE_B_SUBNET, FILES, PYTHON, RUN_ID, STATEFUL, TEST_LABEL, ask
 
 # The fixtures that start or reach a Docker Engine. A test that asks for one of them, directly or
 # through the fixtures it asks for, is marked `engine`; the others are `make unit`: no engine, no
@@ -186,6 +186,16 @@ def busybox_checkpoint(client: docker.DockerClient) -> Iterator[dolly.Checkpoint
 def keys():
     """An Ed25519 key pair: (private, public)."""
     return trust.generate_keypair()
+
+
+@pytest.fixture
+def stateful(run):
+    """helpers.STATEFUL, ready and asked three times: the container and its last answer."""
+    source = run(PYTHON, ["python3", "-c", STATEFUL])
+    ready.wait(source, ready.http(8000), timeout=60)
+    for _ in range(3):
+        before = ask(source)
+    return source, before
 
 
 @pytest.fixture

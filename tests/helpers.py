@@ -79,6 +79,20 @@ def ask(container, port: int = 8000, path: str = "/", network=None) -> dict:
     return get_json(ready.ip_address(container, network), port, path)
 
 
+def ask_one_clone(cp) -> dict:
+    """What a clone of ``cp`` answers (``ask``); the clone and the checkpoint are removed after."""
+    import dolly
+
+    try:
+        (clone,) = dolly.clone(cp, 1)
+        try:
+            return ask(clone)
+        finally:
+            clone.remove(force=True)
+    finally:
+        dolly.remove_checkpoint(cp)
+
+
 def kernel_hostname(container) -> str:
     return container.exec_run(["cat", "/proc/sys/kernel/hostname"]).output.decode().strip()
 

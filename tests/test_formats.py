@@ -27,7 +27,7 @@ import dolly
 from dolly import _rootfs as rootfs, errors
 from dolly._archive import tarfile
 from dolly._engine import Engine
-from helpers import PYTHON, STATEFUL, ask, assert_counts_on, get_json
+from helpers import STATEFUL, ask, ask_one_clone, assert_counts_on, get_json
 
 POD_ANNOTATIONS = {"io.kubernetes.pod.name": "web-0", "io.kubernetes.pod.namespace": "default",
                    "io.kubernetes.pod.uid": "5b7c0d3e", "io.kubernetes.container.name": "counter"}
@@ -282,12 +282,9 @@ def podman_image(client):
         podman("rmi", "-f", "localhost/dolly/python:latest", check=False)
 
 
-def test_docker_to_podman_two_clones_answer_with_the_state(run, podman_image, keys, tmp_path):
+def test_docker_to_podman_two_clones_answer_with_the_state(stateful, podman_image, keys, tmp_path):
     private, _ = keys
-    source = run(PYTHON, ["python3", "-c", STATEFUL])
-    dolly.ready.wait(source, dolly.ready.http(8000), timeout=60)
-    for _ in range(3):
-        before = ask(source)
+    source, before = stateful
     cp = dolly.checkpoint(source, "to-podman")
     archive_path = dolly.export(cp, tmp_path / "podman.tar.zst", format="podman", signer=private)
     with _open_any(archive_path) as tar:
@@ -320,13 +317,10 @@ def _two_answer_with(names, before) -> None:
     assert len(addresses) == len(names) and "" not in addresses
 
 
-def test_podman_restores_a_dolly_checkpoint_image(run, podman_image, keys, tmp_path):
+def test_podman_restores_a_dolly_checkpoint_image(stateful, podman_image, keys, tmp_path):
     """export(format="oci") -> skopeo copy into Podman's storage -> podman container restore IMAGE."""
     private, _ = keys
-    source = run(PYTHON, ["python3", "-c", STATEFUL])
-    dolly.ready.wait(source, dolly.ready.http(8000), timeout=60)
-    for _ in range(2):
-        before = ask(source)
+    source, before = stateful
     layout = dolly.export(dolly.checkpoint(source, "to-image"), tmp_path / "image", format="oci", signer=private)
     image = f"localhost/dolly-checkpoint-{secrets.token_hex(3)}:test"
     names = [f"dolly-podman-image-{secrets.token_hex(3)}-{i}" for i in (1, 2)]
@@ -422,16 +416,8 @@ def test_podman_to_docker_two_clones_continue_the_state(podman_exports, client):
 @pytest.mark.parametrize("compress", ["gzip", "none"])
 def test_podman_archives_gzipped_or_plain_import_and_clone(podman_exports, client, compress):
     before, archives = podman_exports
-    cp = dolly.import_bundle(archives[compress], client=client, allow_unsigned=True)
-    try:
-        (clone,) = dolly.clone(cp, 1)
-        try:
-            after = ask(clone)
-            assert after["token"] == before["token"] and after["hits"] == before["hits"] + 1, after
-        finally:
-            clone.remove(force=True)
-    finally:
-        dolly.remove_checkpoint(cp)
+    after = ask_one_clone(dolly.import_bundle(archives[compress], client=client, allow_unsigned=True))
+    assert after["token"] == before["token"] and after["hits"] == before["hits"] + 1, after
 
 
 def test_a_podman_archive_without_a_signature_is_refused(podman_exports, client):
@@ -489,15 +475,8 @@ def test_a_detached_signature_by_a_trusted_key_imports_a_podman_archive(podman_e
     signature = dolly.trust.sign_file(private, archives["gzip"], out=tmp_path / "gzip.tar.sig",
                                       expires_in=timedelta(hours=1))
     cp = dolly.import_bundle(archives["gzip"], client=client, trusted_keys=[public], signature=signature)
-    try:
-        assert cp.origin["signer"] == dolly.trust.key_id(public)
-        (clone,) = dolly.clone(cp, 1)
-        try:
-            assert ask(clone)["token"] == before["token"]
-        finally:
-            clone.remove(force=True)
-    finally:
-        dolly.remove_checkpoint(cp)
+    assert cp.origin["signer"] == dolly.trust.key_id(public)
+    assert ask_one_clone(cp)["token"] == before["token"]
 
 
 def test_a_detached_signature_refuses_a_changed_archive_an_untrusted_key_and_age(podman_exports, client, keys,

@@ -17,7 +17,7 @@ from test_pytest_plugin import pytest_run, run_containers
 import dolly
 from dolly import errors, trust
 from dolly._engine import Engine
-from helpers import PYTHON, STATEFUL, ask
+from helpers import PYTHON, ask, ask_one_clone
 
 # Read, never imported: importing it runs the service.
 DEMO_SERVICE = Path(dolly.__file__).with_name("demo_service.py")
@@ -39,12 +39,9 @@ def repo():
 
 
 @pytest.fixture
-def served(run):
+def served(stateful):
     """A stateful service asked three times, checkpointed; its last answer and the checkpoint."""
-    source = run(PYTHON, ["python3", "-c", STATEFUL])
-    dolly.ready.wait(source, dolly.ready.http(8000), timeout=60)
-    for _ in range(3):
-        before = ask(source)
+    source, before = stateful
     return source, before, dolly.checkpoint(source, "pushed")
 
 
@@ -92,15 +89,8 @@ def test_a_pull_by_digest_gets_that_manifest(served, client, registry, repo, key
     dolly.push(dolly.checkpoint(source, "later"), f"{registry.address}/{repo}:v1", signer=private)
     gone(source, client)
     pulled = dolly.pull(first.reference, client=client, trusted_keys=[public])
-    try:
-        assert pulled.name == "pushed"
-        (clone,) = dolly.clone(pulled, 1)
-        try:
-            assert ask(clone)["hits"] == before["hits"] + 1
-        finally:
-            clone.remove(force=True)
-    finally:
-        dolly.remove_checkpoint(pulled)
+    assert pulled.name == "pushed"
+    assert ask_one_clone(pulled)["hits"] == before["hits"] + 1
 
 
 def test_a_tampered_piece_is_refused_with_nothing_written(served, client, registry, repo, keys):
@@ -228,14 +218,7 @@ def test_tls_and_basic_auth_from_docker_config(served, client, tmp_path, keys, m
         dolly.push(cp, ref, signer=private, ca_file=secure.ca_file)
         gone(source, client)
         pulled = dolly.pull(ref, client=client, trusted_keys=[public], ca_file=secure.ca_file)
-        try:
-            (clone,) = dolly.clone(pulled, 1)
-            try:
-                assert ask(clone)["token"] == before["token"]
-            finally:
-                clone.remove(force=True)
-        finally:
-            dolly.remove_checkpoint(pulled)
+        assert ask_one_clone(pulled)["token"] == before["token"]
     finally:
         secure.stop()
 
