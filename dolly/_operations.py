@@ -49,7 +49,7 @@ def run(op: str, args: Dict[str, Any], *, stdin: IO[bytes], stdout: IO[bytes]) -
         cp = get_checkpoint(args["container_id"], args["name"], client)
         made = clone(cp, args["n"], name_prefix=args.get("name_prefix"), labels=args.get("labels"),
                      max_workers=args["max_workers"], client=client, _names=args.get("names"),
-                     _page_port=args.get("page_port"))
+                     _page_port=args.get("page_port"), network=args.get("network"))
         return [c.id for c in made]
     if op == "resume":
         cp = get_checkpoint(args["container_id"], args["name"], client)

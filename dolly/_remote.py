@@ -15,7 +15,7 @@ import hashlib
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Iterable, List, Optional, Union
+from typing import IO, Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import docker
 from cryptography.hazmat.primitives import serialization
@@ -62,9 +62,11 @@ def remove_checkpoint(engine: Engine, cp: Checkpoint) -> None:
 
 def clone(engine: Engine, cp: Checkpoint, n: int, *, name_prefix: Optional[str], labels: Optional[Dict[str, str]],
           max_workers: int, names: Optional[List[str]], on_create: Optional[Callable[[str], None]],
-          progress: Optional[Callable[[Container], None]], page_port: Optional[int] = None) -> List[Container]:
+          progress: Optional[Callable[[Container], None]], page_port: Optional[int] = None,
+          network: Union[str, Sequence[str], None] = None) -> List[Container]:
     ids = Agent.of(engine).call("clone", container_id=cp.container_id, name=cp.name, n=n, name_prefix=name_prefix,
-                                labels=labels, max_workers=max_workers, names=names, page_port=page_port)
+                                labels=labels, max_workers=max_workers, names=names, page_port=page_port,
+                                network=network if isinstance(network, (str, type(None))) else list(network))
     try:
         made = [engine.container(i) for i in ids]
         for c in made:  # the agent cannot call back: each hook runs once the clones run

@@ -22,7 +22,7 @@ import signal
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import docker
 from docker.models.containers import Container
@@ -58,6 +58,7 @@ def restore(
     name: Optional[str] = None,
     labels: Optional[Dict[str, str]] = None,
     on_create: Optional[Callable[[str], None]] = None,
+    network: Optional[str] = None,
     client: Optional[docker.DockerClient] = None,
 ) -> Container:
     """Start a new container from ``checkpoint``: the process continues where it was.
@@ -69,6 +70,8 @@ def restore(
         on_create: called with the new container's ID as soon as the engine has created it,
             before anything else happens to it (to track what is made; if it raises, the
             container is removed and the error passes).
+        network: the network the new container joins instead of the source's (as
+            :func:`clone`).
         client: the engine; default the one the checkpoint knows (``checkpoint.client``), else
             ``docker.from_env()``.
 
@@ -90,7 +93,7 @@ def restore(
     if name is not None:
         names.container_name(name)
     return clone(checkpoint, 1, name_prefix=None, labels=labels, on_create=on_create, client=client,
-                 _names=[name] if name else None)[0]
+                 network=network, _names=[name] if name else None)[0]
 
 
 def clone(
@@ -104,6 +107,7 @@ def clone(
     engines: Optional[Sequence[docker.DockerClient]] = None,
     max_workers: int = MAX_WORKERS,
     progress: Optional[Callable[[Container], None]] = None,
+    network: Union[str, Sequence[str], None] = None,
     _names: Optional[List[str]] = None,
     _page_port: Optional[int] = None,
 ) -> List[Container]:
@@ -125,6 +129,11 @@ def clone(
             is removed again afterwards. The list is in engine order, then name order.
         max_workers: how many clones are prepared and started concurrently (per engine).
         progress: called with each clone as soon as it runs (from a worker thread).
+        network: the network (a name or ID on the engine) every clone joins instead of the
+            source's networks, or a list of them to spread the clones over in turn (clone k joins
+            ``network[k % len(network)]``): a Linux bridge takes at most 1,023 containers, so
+            thousands of clones need several networks. Each clone gets a new address there. Not
+            for a source with ``--network host``, ``none`` or ``container:...``.
 
     Returns:
         The running clones, in name order.
@@ -142,6 +151,7 @@ def clone(
         names.container_name(name_prefix)
     if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
         raise InvalidArgument(f"max_workers must be an int of 1 or more, got {max_workers!r}")
+    spread = _networks(network)
     require(checkpoint)
     if checkpoint.origin is not None:
         # Checked at import already; again here, because the clone's create body is built from
@@ -150,6 +160,8 @@ def clone(
     if engines is None and client is not None and checkpoint.client is not None and not _holds(client, checkpoint):
         engines = [client]  # another engine than the checkpoint's: it is copied there first
     if engines is not None:
+        if spread is not None:
+            raise InvalidArgument("network= is not for clones spread over several engines (each has its own)")
         return _clone_across(checkpoint, n, list(engines), home=checkpoint.client or client, name_prefix=name_prefix,
                              labels=labels, on_create=on_create, max_workers=max_workers, progress=progress)
     engine = Engine.of(client if client is not None else checkpoint.client)
@@ -157,7 +169,8 @@ def clone(
         from . import _remote
 
         return _remote.clone(engine, checkpoint, n, name_prefix=name_prefix, labels=labels, max_workers=max_workers,
-                             names=_names, on_create=on_create, progress=progress, page_port=_page_port)
+                             names=_names, on_create=on_create, progress=progress, page_port=_page_port,
+                             network=network)
     criu.require_version()
     engine.require_checkpoint_support()
     image = engine.image_ref(checkpoint.image_id, checkpoint.config["Config"].get("Image"))
@@ -174,8 +187,9 @@ def clone(
     try:
         with ThreadPoolExecutor(max_workers=min(n, max_workers), thread_name_prefix="dolly-clone") as pool:
             futures = [pool.submit(_restore_one, engine, checkpoint, layer_image or image, nm, explicit, prefix,
-                                   labels, progress, on_create, unpack=layer_image is None, page_port=_page_port)
-                       for nm in chosen]
+                                   labels, progress, on_create, unpack=layer_image is None, page_port=_page_port,
+                                   network=spread[k % len(spread)] if spread else None)
+                       for k, nm in enumerate(chosen)]
             results: List[Tuple[Optional[Container], Optional[BaseException]]] = []
             for f in futures:
                 try:
@@ -373,8 +387,9 @@ def _restore_one(
     *,
     unpack: bool = True,
     page_port: Optional[int] = None,
+    network: Optional[str] = None,
 ) -> Container:
-    config, extra_networks = clone_config(cp.config, image=image, labels=labels)
+    config, extra_networks = clone_config(cp.config, image=image, labels=labels, network=network)
     # Names the engine refused: taken by another process meanwhile, or still held by a container
     # being removed (the engine lists it no more, but frees its name only once it is gone).
     refused: Set[str] = set()
@@ -505,7 +520,7 @@ def _labels(cp: Checkpoint) -> Dict[str, str]:
 
 
 def clone_config(
-    recorded: Dict[str, Any] | Any, *, image: str, labels: Dict[str, str]
+    recorded: Dict[str, Any] | Any, *, image: str, labels: Dict[str, str], network: Optional[str] = None
 ) -> Tuple[Dict[str, Any], Dict[str, Dict[str, Any]]]:
     """The Engine API create body for a clone of a container whose ``docker inspect`` is
     ``recorded``, and the endpoint configs of the networks to connect after create (the API
@@ -513,7 +528,8 @@ def clone_config(
 
     What makes the clone its own: no hostname or MAC address (Docker assigns new ones), host ports
     left for Docker to choose, no fixed IP addresses, and the source's own ID dropped from its
-    network aliases. Everything else, command to mounts to labels, is the source's.
+    network aliases. Everything else, command to mounts to labels, is the source's. With
+    ``network``, that network alone instead of the source's.
     """
     config = {k: v for k, v in recorded["Config"].items() if k not in ("Hostname", "MacAddress")}
     config["Image"] = image
@@ -543,10 +559,30 @@ def clone_config(
         for net, ep in networks.items()
     }
     if mode in ("host", "none") or mode.startswith("container:"):
+        if network is not None:
+            raise InvalidArgument(f"the source runs with --network {mode}: its clones cannot join {network!r}")
         config["NetworkingConfig"] = {"EndpointsConfig": {}}
+        return config, {}
+    if network is not None:
+        host["NetworkMode"] = network
+        config["NetworkingConfig"] = {"EndpointsConfig": {network: {}}}
         return config, {}
     config["NetworkingConfig"] = {"EndpointsConfig": {primary: endpoints.pop(primary, {})}}
     return config, endpoints
+
+
+def _networks(network: Union[str, Sequence[str], None]) -> Optional[List[str]]:
+    """``clone``'s ``network``, as a list (None: the source's networks).
+
+    Raises:
+        InvalidArgument: an empty list, or a name that is not a string.
+    """
+    if network is None:
+        return None
+    spread = [network] if isinstance(network, str) else list(network)
+    if not spread or not all(isinstance(n, str) and n and len(n) <= 255 for n in spread):
+        raise InvalidArgument(f"network must be a network's name or a non-empty list of them, got {network!r:.100}")
+    return spread
 
 
 def allocate_names(prefix: str, n: int, taken: Iterable[str]) -> List[str]:

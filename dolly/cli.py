@@ -158,12 +158,13 @@ def checkpoint_cmd(ctx: Context, container: str, name: Optional[str], stop: bool
 @click.argument("container")
 @click.argument("checkpoint")
 @click.option("--name", help="The new container's name (default <source>-clone-<k>).")
+@click.option("--network", help="Join this network instead of the source's.")
 @command
-def restore_cmd(ctx: Context, container: str, checkpoint: str, name: Optional[str]) -> None:
+def restore_cmd(ctx: Context, container: str, checkpoint: str, name: Optional[str], network: Optional[str]) -> None:
     """Start a new container from CONTAINER's CHECKPOINT."""
     cp = dolly.get_checkpoint(container, checkpoint, ctx.client)
     with err.status(f"restoring {checkpoint}"):
-        c = dolly.restore(cp, name=name, client=ctx.client)
+        c = dolly.restore(cp, name=name, network=network, client=ctx.client)
     _print_containers(ctx, [c])
 
 
@@ -172,14 +173,17 @@ def restore_cmd(ctx: Context, container: str, checkpoint: str, name: Optional[st
 @click.argument("checkpoint")
 @click.option("-n", "count", type=click.IntRange(min=1), default=1, show_default=True, help="How many clones.")
 @click.option("--prefix", help="Name clones <prefix>-<k> (default <source>-clone).")
+@click.option("--network", "networks", multiple=True,
+              help="Join this network instead of the source's; repeat it to spread the clones over several.")
 @command
-def clone_cmd(ctx: Context, container: str, checkpoint: str, count: int, prefix: Optional[str]) -> None:
+def clone_cmd(ctx: Context, container: str, checkpoint: str, count: int, prefix: Optional[str],
+              networks: List[str]) -> None:
     """Start COUNT new containers from CONTAINER's CHECKPOINT, each with its own identity."""
     cp = dolly.get_checkpoint(container, checkpoint, ctx.client)
     columns = [TextColumn("cloning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=err, transient=True, disable=count == 1 or not err.is_terminal) as bar:
         task = bar.add_task("clone", total=count)
-        clones = dolly.clone(cp, count, name_prefix=prefix, client=ctx.client,
+        clones = dolly.clone(cp, count, name_prefix=prefix, client=ctx.client, network=list(networks) or None,
                              progress=lambda _: bar.advance(task))
     _print_containers(ctx, clones)
 

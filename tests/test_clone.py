@@ -92,6 +92,27 @@ def test_http_service_clones_answer_with_their_own_identity(run, network):
     assert ask(source, network=net.name)["hostname"] == warm["hostname"]
 
 
+def test_clones_spread_over_the_networks_given_each_answer_there(run, network):
+    """clone(..., network=[a, b]): clone k joins network k mod 2, alone, with an address of its
+    subnet, and answers there with the source's state; the source stays on its own network."""
+    nets = [network("10.213.9.0/24"), network("10.213.10.0/24")]
+    source = run(PYTHON, ["python3", "-c", SERVICE], environment={"STATE_MB": "4"})
+    ready.wait(source, ready.http(8000), timeout=60)
+    warm = ask(source)
+    cp = dolly.checkpoint(source, "spread")
+    clones = dolly.clone(cp, 4, network=[n.name for n in nets])
+    for k, c in enumerate(clones):
+        joined = c.attrs["NetworkSettings"]["Networks"]
+        assert list(joined) == [nets[k % 2].name], joined
+        assert joined[nets[k % 2].name]["IPAddress"].startswith(("10.213.9.", "10.213.10.")[k % 2])
+        answer = ask(c, network=nets[k % 2].name)
+        assert answer["token"] == warm["token"] and answer["served"] == warm["served"] + 1
+    source.reload()
+    assert list(source.attrs["NetworkSettings"]["Networks"]) == ["bridge"]
+    with pytest.raises(dolly.errors.InvalidArgument):
+        dolly.clone(cp, 1, network=[])
+
+
 def test_published_ports_get_free_host_ports(run):
     source = run(PYTHON, ["python3", "-c", SERVICE], environment={"STATE_MB": "1"},
                  ports={"8000/tcp": ("127.0.0.1", None)})

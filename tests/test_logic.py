@@ -64,6 +64,18 @@ def test_clone_config_with_a_shared_network_namespace_has_no_endpoints():
     assert config["NetworkingConfig"] == {"EndpointsConfig": {}} and extra == {}
 
 
+def test_clone_config_with_a_network_joins_it_alone():
+    config, extra = clone_config(recorded(), image="web", labels={}, network="dense-2")
+    assert config["HostConfig"]["NetworkMode"] == "dense-2"
+    assert config["NetworkingConfig"] == {"EndpointsConfig": {"dense-2": {}}} and extra == {}
+
+
+def test_a_network_for_a_source_without_its_own_network_is_refused():
+    for mode in ("host", "none", "container:abc"):
+        with pytest.raises(InvalidArgument):
+            clone_config(recorded(NetworkMode=mode), image="web", labels={}, network="dense-2")
+
+
 @pytest.mark.parametrize("name", ["a" * 65, "-lead", "under_score", "", "a..b", 7])
 def test_bad_hostnames_are_refused(name):
     with pytest.raises(InvalidArgument):
