@@ -254,16 +254,12 @@ def _export_podman(checkpoint: Checkpoint, out: Path, *, signer: Optional[Ed2551
         meta = json.loads((unpacked / "config.dump").read_text())["dolly"]
         image_name = formats.podman_image_name(str(checkpoint.config["Config"].get("Image") or checkpoint.image_id))
         flavoured = formats.podman_members(unpacked, meta=meta, image_name=image_name, work=work / "work")
+        # A member podman_members left as it was keeps the digest its extraction checked.
+        kept = {m["name"]: m for m in manifest["members"]}
         manifest.update(
             flavor="podman", compression=compression, signer=trust.key_id(signer) if signer is not None else None,
-            members=[{"name": n, "sha256": archive.sha256_file(p), "size": p.stat().st_size} for n, p in flavoured])
-
-        def opened() -> Iterator[Tuple[str, int, IO[bytes]]]:
-            for name, p in flavoured:
-                with open(p, "rb") as f:
-                    yield name, p.stat().st_size, f
-
-        write_bundle(out, manifest, opened(), signer=signer, compression=compression, encryption_key=None)
+            members=[kept[n] if p == unpacked / n and n in kept else _entry(n, p) for n, p in flavoured])
+        write_bundle(out, manifest, _opened(flavoured), signer=signer, compression=compression, encryption_key=None)
     return out
 
 
@@ -336,16 +332,21 @@ def _export(checkpoint: Checkpoint, engine: Engine, emit: Any, *, signer: Option
             "kernel": os.uname().release,
             "compression": compression,
             "signer": trust.key_id(signer) if signer is not None else None,
-            "members": [{"name": name, "sha256": archive.sha256_file(p), "size": p.stat().st_size}
-                        for name, p in members],
+            "members": [_entry(name, p) for name, p in members],
         }
+        emit(manifest, _opened(members))
 
-        def opened() -> Iterator[Tuple[str, int, IO[bytes]]]:
-            for name, p in members:
-                with open(p, "rb") as f:
-                    yield name, p.stat().st_size, f
 
-        emit(manifest, opened())
+def _entry(name: str, path: Path) -> Dict[str, Any]:
+    """The manifest's entry of a member: its SHA-256 and size."""
+    return {"name": name, "sha256": archive.sha256_file(path), "size": path.stat().st_size}
+
+
+def _opened(members: List[Tuple[str, Path]]) -> Iterator[Tuple[str, int, IO[bytes]]]:
+    """``(name, size, data)`` of ``(name, path)`` members, each open only while it is read."""
+    for name, p in members:
+        with open(p, "rb") as f:
+            yield name, p.stat().st_size, f
 
 
 def write_bundle(out: Path, manifest: Dict[str, Any], members: Iterable[Tuple[str, int, IO[bytes]]], *,
@@ -549,12 +550,12 @@ def _import(
     engine.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     staging = names.inside(engine.spool_dir, f"import-{uuid.uuid4().hex}")
     staging.mkdir(mode=0o700)
-    reader = archive.HashingReader(Path(path)) if detached is not None else None  # type: ignore[arg-type]
-    if reader is not None and detached is not None and (size := reader.file_size()) != detached.size:
-        reader.close()
-        shutil.rmtree(staging, ignore_errors=True)
-        raise DigestMismatch(f"the archive is {size} bytes; its detached signature signs {detached.size}")
+    reader: Optional[archive.HashingReader] = None
     try:
+        if detached is not None:
+            reader = archive.HashingReader(Path(path))  # type: ignore[arg-type]
+            if (size := reader.file_size()) != detached.size:  # cheap, before anything is unpacked
+                raise DigestMismatch(f"the archive is {size} bytes; its detached signature signs {detached.size}")
         with archive.open_bundle(reader or _source(path), encryption_key) as tar:
             members = iter(tar)
             head = next(members, None)
