@@ -323,11 +323,11 @@ def external_netns_image(images_dir: Path, out: Path, *, key: str) -> Optional[s
     return name
 
 
-def root_mode_rewritten(images_dir: Path, out: Path, *, mode: int) -> int:
-    """Write ``out``, a copy of ``files.img`` whose entries for the container's root directory
-    (``/``, a directory) have ``mode``'s permission bits: CRIU checks that a reopened directory
-    has the mode it had, and engines give the same image's root different modes (Docker 0755,
-    Podman 0555). Returns how many entries changed.
+def root_mode_rewritten(images_dir: Path, out: Optional[Path], *, mode: int) -> int:
+    """Write ``out`` (None: ``files.img`` itself), a copy of ``files.img`` whose entries for the
+    container's root directory (``/``, a directory) have ``mode``'s permission bits: CRIU checks
+    that a reopened directory has the mode it had, and engines give the same image's root
+    different modes (Docker 0755, Podman 0555). Returns how many entries changed.
 
     Raises:
         ImageRewriteError: an image pycriu cannot read or write.
@@ -339,7 +339,10 @@ def root_mode_rewritten(images_dir: Path, out: Path, *, mode: int) -> int:
         if reg.get("name") == "/" and isinstance(reg.get("mode"), int) and reg["mode"] & 0o170000 == 0o040000:
             reg["mode"] = (reg["mode"] & ~0o7777) | mode
             changed += 1
-    _dump(img, out)
+    if out is None:
+        _dump_in_place(img, Path(images_dir) / "files.img")
+    else:
+        _dump(img, out)
     return changed
 
 
@@ -381,9 +384,7 @@ def external_tmpfs_inlined(images_dir: Path, key: str) -> Optional[Path]:
     if len(found) != 1 or found[0].get("root") != "/" or not isinstance(found[0].get("root_dev"), int):
         return None
     del found[0]["ext_key"]
-    new = path.with_name(path.name + ".new")
-    _dump(img, new)
-    os.replace(new, path)
+    _dump_in_place(img, path)
     return Path(images_dir) / f"tmpfs-dev-{found[0]['root_dev']}.tar.gz.img"
 
 
@@ -424,10 +425,15 @@ def without_mounts(images_dir: Path, *, keep) -> list:
         return []
     paths = [e["mountpoint"] for e in img["entries"] if e["mnt_id"] in dropped]
     img["entries"] = [e for e in img["entries"] if e["mnt_id"] not in dropped]
+    _dump_in_place(img, path)
+    return paths
+
+
+def _dump_in_place(img: dict, path: Path) -> None:
+    """Replace the image ``path`` with ``img``, in one rename."""
     new = path.with_name(path.name + ".new")
     _dump(img, new)
     os.replace(new, path)
-    return paths
 
 
 def _dump(img: dict, out: Path) -> None:

@@ -309,9 +309,7 @@ def undo_podman_images(images: Path) -> None:
     Docker's: no external network namespace (runc makes one, Docker's hook sets it up), and the
     root directory's mode as Docker gives it (0755)."""
     criu.without_external_netns(images)
-    files = images / "files.img"
-    criu.root_mode_rewritten(images, files.with_name("files.img.new"), mode=DOCKER_ROOT_MODE)
-    os.replace(files.with_name("files.img.new"), files)
+    criu.root_mode_rewritten(images, None, mode=DOCKER_ROOT_MODE)
 
 
 def _empty_tmpfs(target: Path) -> None:

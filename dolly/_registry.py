@@ -201,7 +201,8 @@ def push(
     started = time.perf_counter()
     session = _Session(ref, ca_file=ca_file, insecure=insecure)
     engine = engine_of(checkpoint, client)
-    with _private_folder(engine) as work:
+    with _private_folder(engine) as tmp:
+        work = Path(tmp)
         path = bundle.export(checkpoint, work / "bundle", signer=signer, compression="none", expires_in=expires_in,
                              client=client)
         with archive.open_bundle(path, None) as tar:
@@ -761,23 +762,10 @@ def _is_loopback(registry: str) -> bool:
         return False
 
 
-class _private_folder:
-    """A folder only root reads, for the bundle on its way to the registry: the engine's spool
-    when its files are here, else a private temporary folder."""
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self._tmp: Optional[tempfile.TemporaryDirectory] = None
-
-    def __enter__(self) -> Path:
-        parent = None
-        if self._engine.files_are_local():
-            self._engine.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            parent = str(self._engine.spool_dir)
-        self._tmp = tempfile.TemporaryDirectory(dir=parent, prefix="push-")
-        return Path(self._tmp.name)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
-
+def _private_folder(engine: Engine) -> tempfile.TemporaryDirectory:
+    """A folder only root reads, for the bundle on its way to the registry: in the engine's spool
+    when its files are here, else in the system's temporary folder."""
+    if not engine.files_are_local():
+        return tempfile.TemporaryDirectory(prefix="dolly-push-")
+    engine.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(dir=engine.spool_dir, prefix="push-")
