@@ -190,7 +190,7 @@ def test_a_manifest_served_under_another_tag_is_refused(served, client, registry
 
 def test_a_second_push_of_the_service_uploads_only_the_pieces_that_changed(run, client, registry, repo):
     source = run(PYTHON, ["python3", "-c", DEMO_SERVICE.read_text()],
-                 environment={"STATE_MB": "32", "RANDOM_STATE": "1"})
+                 environment={"STATE_MB": "64", "RANDOM_STATE": "1"})
     dolly.ready.wait(source, dolly.ready.http(8000), timeout=120)
     first = dolly.push(dolly.checkpoint(source, "one"), f"{registry.address}/{repo}:one")
     for _ in range(5):
@@ -199,7 +199,8 @@ def test_a_second_push_of_the_service_uploads_only_the_pieces_that_changed(run, 
     one, two = registry.digests(repo, "one"), registry.digests(repo, "two")
     assert first.uploaded == len(set(one)) and first.blobs == len(one)
     assert second.uploaded == len(set(two) - set(one)), (first, second)
-    # 32 MiB of random state that the requests do not touch: most of the memory's pieces are shared.
+    # 64 MiB of random state that the requests do not touch: most of the memory's pieces are shared
+    # (the interpreter's own 10 to 12 MB are re-sent nearly whole: 32 MiB left that at the edge).
     assert second.bytes_uploaded < second.bytes / 4, second
 
 
