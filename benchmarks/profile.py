@@ -42,6 +42,7 @@ def main() -> int:
     ap.add_argument("--state-mb", type=int, default=128)
     ap.add_argument("--warmup", type=float, default=0.0)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--keep-logs", action="store_true", help="leave CRIU's restore logs in " + str(CRIU_LOG_DIR))
     args = ap.parse_args()
 
     client = docker.from_env()
@@ -86,7 +87,8 @@ def main() -> int:
             import shutil
 
             shutil.rmtree(images, ignore_errors=True)
-            (CRIU_LOG_DIR / f"{cid}.restore.log").unlink(missing_ok=True)
+            if not args.keep_logs:
+                (CRIU_LOG_DIR / f"{cid}.restore.log").unlink(missing_ok=True)
         dolly.remove_checkpoint(cp)
     finally:
         keep.unlink(missing_ok=True)

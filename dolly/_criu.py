@@ -227,6 +227,39 @@ def rewrite_hostname(src: Path, dst: Union[str, Path], hostname: str) -> None:
         raise ImageRewriteError(f"cannot write {dst}: {e}") from e
 
 
+# CRIU's enum NETWORK_LOCK_METHOD (criu/include/cr_options.h), as the inventory records it.
+NETWORK_LOCK_SKIP = 2
+
+
+def without_network_lock(src: Path, dst: Union[str, Path]) -> None:
+    """Write ``dst``, a copy of the inventory image ``src`` that has CRIU restore without its
+    network lock.
+
+    A restore takes its network-lock method from the dump's inventory, not from its own options:
+    with iptables (CRIU's default) it locks the new network namespace with iptables-restore at
+    the start and unlocks it with four more at the end, about 0.1 s of a restore here, each
+    waiting on an nf_tables commit. The lock guards TCP connections restored mid-flight; a
+    Docker checkpoint carries none (runc is not asked for --tcp-established), and the namespace
+    is a new one that nothing reaches before the restore is done. A new file, as for the UTS image.
+
+    Raises:
+        ImageRewriteError: ``src`` is not an inventory image pycriu can read, or ``dst`` cannot
+            be written.
+    """
+    img = _load(src)
+    entries = img.get("entries")
+    if img.get("magic") != "INVENTORY" or not isinstance(entries, list) or len(entries) != 1:
+        raise ImageRewriteError(f"{src} is not a CRIU inventory image")
+    entries[0]["network_lock_method"] = NETWORK_LOCK_SKIP
+    tmp = Path(dst).with_name(Path(dst).name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        _dump(img, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def processes(images_dir: Path) -> list[dict]:
     """What each task of a checkpoint will hold when restored: its capability sets (64-bit
     masks ``cap_prm``, ``cap_eff``, ``cap_bnd``, ``cap_inh``, ``cap_amb``) and seccomp mode, from

@@ -502,15 +502,18 @@ def _start_from(engine: Engine, cp: Checkpoint, container_id: str, *, hostname: 
 
 
 def _place_images(cp: Checkpoint, folder: os.PathLike[str], *, hostname: Optional[str]) -> None:
-    """The checkpoint's images as hard links in ``folder`` (no data copied), except the UTS
-    image, which is rewritten with ``hostname`` (a new file: the checkpoint's own stays as it
-    is). With ``hostname`` None every image is linked as is, so pycriu is not needed."""
+    """The checkpoint's images as hard links in ``folder`` (no data copied), except two new
+    files: the UTS image, rewritten with ``hostname`` (None: as CRIU recorded it), and the
+    inventory, rewritten to restore without CRIU's network lock (see
+    :func:`criu.without_network_lock`). The checkpoint's own images stay as they are."""
     os.makedirs(folder, mode=0o700, exist_ok=True)
     uts = set(criu.uts_images(cp.images_dir))
     for src in cp.images_dir.iterdir():
         dst = os.path.join(folder, src.name)
         if hostname is not None and src in uts:
             criu.rewrite_hostname(src, dst, hostname)
+        elif src.name == "inventory.img":
+            criu.without_network_lock(src, dst)
         else:
             os.link(src, dst)
 

@@ -124,6 +124,10 @@ if ! criu_ok || [ "$(cat "$CRIU_SRC/.dolly-build" 2>/dev/null)" != "$CRIU_BUILD"
     criu_ok || { criu --version; criu check; exit 1; }
   fi
 fi
+# An unpatched CRIU on a /run that is no tmpfs leaves an empty /run/criu.kdat.tmp at every run and
+# keeps no cache of its kernel probes (patch 0004 says more); that file, which blocked every later
+# save, goes.
+[ -f /run/criu.kdat.tmp ] && [ ! -s /run/criu.kdat.tmp ] && rm -f /run/criu.kdat.tmp
 [ -f "$CRIU_SRC/lib/pycriu/images/images.py" ] && ls "$CRIU_SRC"/lib/pycriu/images/*_pb2.py >/dev/null 2>&1 ||
   criu_make lib
 

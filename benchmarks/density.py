@@ -1,0 +1,189 @@
+"""Density: how many live clones of a busybox httpd checkpoint this machine holds, and how fast.
+
+    .venv/bin/python benchmarks/density.py [--clones 2300] [--batch 100] [--workers 8]
+
+The source is busybox `httpd -f` serving a page it wrote at start: no other process, nothing that
+wakes up by itself. Clones are made in batches with `dolly.clone(cp, batch, network=[...])`,
+spread over user-defined networks of at most 1,000 containers each (a Linux bridge takes at most
+1,023 ports). After each batch the rate, the host's CPU time spent (all processes: Dolly, dockerd,
+containerd, its shims, runc, CRIU) and MemAvailable are recorded. At the end every clone is asked
+for the page on its own IP, and the answers are checked against the source's.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import statistics
+import sys
+import time
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import List
+
+import docker
+
+import dolly
+
+LABEL = "dolly.bench"
+IMAGE = "dolly/busybox"
+PAGE_CMD = "mkdir -p /www && echo $RANDOM-$$ > /www/index.html && exec httpd -f -p 80 -h /www"
+PER_NETWORK = 1000
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def host_cpu_seconds() -> float:
+    """CPU time every process on the host has spent so far (not idle, not waiting for I/O)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def mem_available_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def ip_of(container) -> str:
+    nets = container.attrs["NetworkSettings"]["Networks"]
+    return next(n["IPAddress"] for n in nets.values() if n.get("IPAddress"))
+
+
+def fetch(ip: str) -> bytes:
+    with urllib.request.urlopen(f"http://{ip}/", timeout=10) as resp:
+        return resp.read()
+
+
+def subnets(count: int) -> List[str]:
+    """Distinct /22 subnets in 10.214.0.0/16 (1,022 addresses each)."""
+    return [str(net) for net in list(ipaddress.ip_network("10.214.0.0/16").subnets(new_prefix=22))[:count]]
+
+
+def run(client: docker.DockerClient, clones: int, *, batch: int = 100, workers: int = 8,
+        on_batch=None) -> dict:
+    """Make ``clones`` live clones, check that each answers, remove them; returns the figures."""
+    tag = uuid.uuid4().hex[:6]
+    nets = [client.networks.create(f"dolly-density-{tag}-{i}", driver="bridge", labels={LABEL: "1"},
+                                   ipam=docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=s)]))
+            for i, s in enumerate(subnets((clones + PER_NETWORK - 1) // PER_NETWORK))]
+    source = client.containers.run(IMAGE, ["sh", "-c", PAGE_CMD], detach=True, network=nets[0].name,
+                                   name=f"dolly-density-{tag}", labels={LABEL: "1"})
+    made: list = []
+    cp = None
+    try:
+        source.reload()
+        expected = _wait_page(ip_of(source))
+        cp = dolly.checkpoint(source, "density")
+        batches = []
+        mem0, cpu0, t0 = mem_available_mb(), host_cpu_seconds(), time.perf_counter()
+        while len(made) < clones:
+            k = min(batch, clones - len(made))
+            t, c = time.perf_counter(), host_cpu_seconds()
+            made += dolly.clone(cp, k, network=[n.name for n in nets], max_workers=workers,
+                                name_prefix=f"dolly-density-{tag}-b{len(batches)}")
+            batches.append({"clones": k, "seconds": round(time.perf_counter() - t, 3),
+                            "cpu_s": round(host_cpu_seconds() - c, 2), "alive": len(made)})
+            if on_batch is not None:
+                on_batch(batches[-1])
+        took, cpu = time.perf_counter() - t0, host_cpu_seconds() - cpu0
+        time.sleep(2)  # let the last shims settle before reading memory
+        mem = mem0 - mem_available_mb()
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            pages = list(pool.map(lambda c: fetch(ip_of(c)), made))
+        right = sum(1 for p in pages if p == expected)
+        rates = [b["clones"] / b["seconds"] for b in batches]
+        first_n = max(1, 100 // batch)
+        thousand = _first(batches, 1000)
+        return {
+            "clones": clones, "answered_with_the_source_page": right,
+            "distinct_ips": len({ip_of(c) for c in made}), "networks": len(nets),
+            "seconds": round(took, 1), "per_second": round(clones / took, 2),
+            "first_1000_per_second": thousand,
+            "first_100_per_second": round(statistics.fmean(rates[:first_n]), 2),
+            "last_100_per_second_of_1000": _last_100_rate(batches, 1000),
+            "last_100_per_second": round(statistics.fmean(rates[-first_n:]), 2),
+            "host_memory_per_clone_mb": round(mem / clones, 2),
+            "host_cpu_s_per_clone": round(cpu / clones, 3),
+            "batches": batches,
+        }
+    finally:
+        t = time.perf_counter()
+        _remove(made + [source])
+        print(f"removed {len(made) + 1} containers in {time.perf_counter() - t:.1f} s", flush=True)
+        if cp is not None:
+            dolly.remove_checkpoint(cp)
+        for net in nets:
+            _remove_network(net)
+
+
+def _wait_page(ip: str) -> bytes:
+    for _ in range(100):
+        try:
+            return fetch(ip)
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"the source at {ip} never answered")
+
+
+def _first(batches: List[dict], n: int):
+    done, seconds = 0, 0.0
+    for b in batches:
+        done, seconds = done + b["clones"], seconds + b["seconds"]
+        if done >= n:
+            return round(done / seconds, 2)
+    return None
+
+
+def _last_100_rate(batches: List[dict], upto: int):
+    """The rate of the batches that made clones upto-100 .. upto."""
+    done, window = 0, []
+    for b in batches:
+        done += b["clones"]
+        if upto - 100 < done <= upto:
+            window.append(b)
+    if not window or done < upto:
+        return None
+    return round(sum(b["clones"] for b in window) / sum(b["seconds"] for b in window), 2)
+
+
+def _remove(containers) -> None:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda c: c.remove(force=True), containers))
+
+
+def _remove_network(net) -> None:
+    """After a mass removal the engine may still count endpoints for a moment."""
+    for _ in range(30):
+        try:
+            net.remove()
+            return
+        except docker.errors.APIError as e:
+            if "active endpoints" not in str(e):
+                raise
+            time.sleep(1)
+    print(f"could not remove network {net.name}: stale endpoints (restart dockerd to clear them)")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clones", type=int, default=2300)
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    client = docker.from_env(timeout=600)
+    result = run(client, args.clones, batch=args.batch, workers=args.workers,
+                 on_batch=lambda b: print(f"  {b}", flush=True))
+    print(json.dumps({k: v for k, v in result.items() if k != "batches"}, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
