@@ -1,13 +1,19 @@
-"""`make bench`: Dolly against Podman and Docker-by-hand, same machine, same run.
+"""`make bench`: Dolly against Podman, same machine, same run, then density.
 
-For each workload: cold start to the first correct HTTP answer; checkpoint (leave running);
-clone to first correct answer for N = 1, 4 and 16 at once; memory per clone. The peers run the
-same workloads: Podman's `checkpoint --export` / `restore --import --name` (its default zstd
-export, and `--compress=none`), and Docker's own `docker start --checkpoint` after copying the
-checkpoint folder into a new container by hand. Medians over --repeats runs.
+Side by side, for each workload: the cold start (one run per tool), then --repeats rounds, the
+tools in a rotated order each round: checkpoint (source left running), and clone to first correct
+answer for N at once (every clone answers HTTP with the source's state on its own IP). Medians and
+p90s. CRIU's own restore time of a one-clone restore comes from CRIU's restore statistics (the
+same figure Podman's `restore --print-stats` reports). The peers: **podman** is `podman container
+checkpoint --leave-running --export` and `podman container restore --import --name` with its
+default zstd export; **podman-none** the same with `--compress=none`, Podman's fastest; **docker**
+(only with --peers docker) is `docker checkpoint create`, the folder copied into a new container
+by hand, `docker start --checkpoint`.
 
-Prints a table, writes benchmarks/results/latest.json and draws benchmarks/results/latest.png.
-With --scale N, also makes N busybox clones alive at once and reports the rate and memory.
+Then density (benchmarks/density.py): --density busybox httpd clones alive at once, each answering
+on its own IP.
+
+Writes benchmarks/results/latest.json and latest.png after every workload, before density.
 """
 from __future__ import annotations
 
@@ -29,13 +35,15 @@ from typing import Callable, Dict, List, Optional
 import docker
 
 import dolly
-from dolly._engine import Engine
+from dolly._engine import CRIU_LOG_DIR, Engine
 from dolly.demo import SERVICE
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import density
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 LABEL = "dolly.bench"
-PODMAN = ["podman"]
 PODMAN_RUN = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
 PY_IMAGE = "dolly/python"
 BB_IMAGE = "dolly/busybox"
@@ -50,39 +58,62 @@ class Workload:
     command: List[str]
     env: Dict[str, str] = field(default_factory=dict)
     clone_ns: List[int] = field(default_factory=lambda: [1, 4, 16])
+    # Per peer, the clone counts measured (the slow ones skip the large N); absent: the peer skips
+    # the workload.
+    peers: Dict[str, List[int]] = field(default_factory=dict)
 
 
 WORKLOADS = {
-    "W128": Workload("W128", PY_IMAGE, ["python3", "-c", SERVICE], {"STATE_MB": "128", "RANDOM_STATE": "1"}),
-    "W1G": Workload("W1G", PY_IMAGE, ["python3", "-c", SERVICE], {"STATE_MB": "1024", "RANDOM_STATE": "1"}, [1, 4]),
-    "warm10": Workload("warm10", PY_IMAGE, ["python3", "-c", SERVICE], {"STATE_MB": "32", "WARMUP_S": "10"}, [1, 4]),
-    "busybox": Workload("busybox", BB_IMAGE, ["sh", "-c", BUSYBOX_HTTP]),
+    "busybox": Workload("busybox", BB_IMAGE, ["sh", "-c", BUSYBOX_HTTP],
+                        peers={"podman": [1, 4], "podman-none": [1, 4, 16]}),
+    "W128": Workload("W128", PY_IMAGE, ["python3", "-c", SERVICE], {"STATE_MB": "128", "RANDOM_STATE": "1"},
+                     peers={"podman": [1, 4], "podman-none": [1, 4, 16], "docker": [1]}),
+    "warm10": Workload("warm10", PY_IMAGE, ["python3", "-c", SERVICE], {"STATE_MB": "32", "WARMUP_S": "10"},
+                       [1, 4], peers={"podman": [1, 4], "podman-none": [1, 4]}),
+    # Podman's zstd export of 1 GB takes about 28 s a round (checkpoint, then restore): left out.
+    "W1G": Workload("W1G", PY_IMAGE, ["python3", "-c", SERVICE], {"STATE_MB": "1024", "RANDOM_STATE": "1"},
+                    [1], peers={"podman-none": [1]}),
 }
 
 
 # --- answering -------------------------------------------------------------------------------------
 
 
-def answers(ip: str, port: int = 8000) -> bool:
+def fetch(ip: str, port: int = 8000) -> Optional[bytes]:
     conn = http.client.HTTPConnection(ip, port, timeout=1)
     try:
         conn.request("GET", "/")
         resp = conn.getresponse()
-        return resp.status == 200 and len(resp.read()) > 0
+        return resp.read() if resp.status == 200 else None
     except OSError:
-        return False
+        return None
     finally:
         conn.close()
 
 
-def wait_answer(ip_of: Callable[[], Optional[str]], timeout: float = 600) -> None:
+def state_of(body: Optional[bytes]) -> Optional[object]:
+    """What must be the same in the source's answer and a clone's: the demo service's token and
+    checksum (not its hostname or request count), or busybox's whole page."""
+    if body is None:
+        return None
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return body
+    return (doc.get("token"), doc.get("checksum"), doc.get("rows")) if isinstance(doc, dict) else body
+
+
+def wait_state(ip_of: Callable[[], Optional[str]], expected: object, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
+    last = None
     while time.monotonic() < deadline:
         ip = ip_of()
-        if ip and answers(ip):
-            return
-        time.sleep(0.01)
-    raise TimeoutError("no answer")
+        if ip:
+            last = state_of(fetch(ip))
+            if last is not None and (expected is None or last == expected):
+                return
+        time.sleep(0.005)
+    raise TimeoutError(f"no correct answer (last: {last!r:.80})")
 
 
 def docker_ip(c) -> Optional[str]:
@@ -91,12 +122,12 @@ def docker_ip(c) -> Optional[str]:
     return next((n["IPAddress"] for n in nets.values() if n.get("IPAddress")), None)
 
 
-def all_answer(ips: List[Callable[[], Optional[str]]]) -> None:
+def all_answer(ips: List[Callable[[], Optional[str]]], expected: object) -> None:
     with ThreadPoolExecutor(max_workers=min(16, len(ips))) as pool:
-        list(pool.map(wait_answer, ips))
+        list(pool.map(lambda f: wait_state(f, expected), ips))
 
 
-# --- Dolly -----------------------------------------------------------------------------------------
+# --- the tools -------------------------------------------------------------------------------------
 
 
 class DollyRunner:
@@ -105,32 +136,51 @@ class DollyRunner:
     def __init__(self, client: docker.DockerClient) -> None:
         self.client = client
 
-    def cold(self, w: Workload) -> tuple:
+    def start(self, w: Workload) -> tuple:
+        """The source, until it answers: (seconds, source, its state)."""
         t = time.perf_counter()
         c = self.client.containers.run(w.image, w.command, environment=w.env, detach=True, labels={LABEL: "1"})
-        wait_answer(lambda: docker_ip(c))
-        return time.perf_counter() - t, c
+        wait_state(lambda: docker_ip(c), None)
+        took = time.perf_counter() - t
+        return took, c, state_of(fetch(docker_ip(c) or ""))
 
     def checkpoint(self, source) -> tuple:
         t = time.perf_counter()
         cp = dolly.checkpoint(source, f"bench-{uuid.uuid4().hex[:6]}")
         return time.perf_counter() - t, cp
 
-    def clone(self, cp, n: int) -> tuple:
+    def clone(self, cp, n: int, expected: object) -> tuple:
         t = time.perf_counter()
         clones = dolly.clone(cp, n)
-        all_answer([lambda c=c: docker_ip(c) for c in clones])
+        all_answer([lambda c=c: docker_ip(c) for c in clones], expected)
         return time.perf_counter() - t, clones
 
-    def memory_mb(self, containers) -> float:
-        return statistics.median(cgroup_rss_mb(c.id) for c in containers)
+    def criu_restore_s(self, clones) -> Optional[float]:
+        """CRIU's restore time from its statistics, which dolly-runc keeps while .keep exists."""
+        return _stats_restore_s(CRIU_LOG_DIR / f"{clones[0].id}.stats-restore")
+
+    def memory_mb(self, clones) -> float:
+        return statistics.median(cgroup_rss_mb(c.id) for c in clones)
 
     def remove(self, containers) -> None:
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(lambda c: c.remove(force=True), containers))
+        for c in containers:
+            (CRIU_LOG_DIR / f"{c.id}.stats-restore").unlink(missing_ok=True)
+            (CRIU_LOG_DIR / f"{c.id}.restore.log").unlink(missing_ok=True)
 
     def drop(self, cp) -> None:
         dolly.remove_checkpoint(cp)
+
+
+def _stats_restore_s(path: Path) -> Optional[float]:
+    if not path.exists():
+        return None
+    import pycriu.images
+
+    with open(path, "rb") as f:
+        entry = pycriu.images.load(f)["entries"][0]
+    return entry["restore"]["restore_time"] / 1e6
 
 
 def cgroup_rss_mb(container_id: str) -> float:
@@ -144,9 +194,6 @@ def cgroup_rss_mb(container_id: str) -> float:
     return float("nan")
 
 
-# --- Docker by hand --------------------------------------------------------------------------------
-
-
 class DockerByHand:
     """What a user can do with Docker alone: checkpoint, copy the folder into a new container,
     `docker start --checkpoint`. One clone at a time: identical folders collide in containerd."""
@@ -156,16 +203,16 @@ class DockerByHand:
     def __init__(self, client: docker.DockerClient) -> None:
         self.client = client
         self.engine = Engine.of(client)
+        self.start = DollyRunner(client).start
 
     def checkpoint(self, source) -> tuple:
         name = f"bench-{uuid.uuid4().hex[:6]}"
         t = time.perf_counter()
-        # --leave-running, as Dolly's.
         subprocess.run(["docker", "checkpoint", "create", "--leave-running", source.id, name],
                        check=True, capture_output=True)
         return time.perf_counter() - t, (source, name)
 
-    def clone(self, cp, n: int) -> tuple:
+    def clone(self, cp, n: int, expected: object) -> tuple:
         source, name = cp
         t = time.perf_counter()
         made = []
@@ -181,7 +228,7 @@ class DockerByHand:
         except BaseException:
             self.remove(made)
             raise
-        all_answer([lambda c=c: docker_ip(c) for c in made])
+        all_answer([lambda c=c: docker_ip(c) for c in made], expected)
         return time.perf_counter() - t, made
 
     def remove(self, containers) -> None:
@@ -192,16 +239,12 @@ class DockerByHand:
         subprocess.run(["docker", "checkpoint", "rm", source.id, name], capture_output=True)
 
 
-# --- Podman ----------------------------------------------------------------------------------------
-
-
 def podman(*args: str, check: bool = True) -> str:
-    return subprocess.run([*PODMAN, *args], check=check, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(["podman", *args], check=check, capture_output=True, text=True).stdout.strip()
 
 
 def podman_ip(name: str) -> Optional[str]:
-    out = podman("inspect", "-f", "{{.NetworkSettings.IPAddress}}", name, check=False)
-    return out or None
+    return podman("inspect", "-f", "{{.NetworkSettings.IPAddress}}", name, check=False) or None
 
 
 class PodmanRunner:
@@ -210,14 +253,16 @@ class PodmanRunner:
         self.name = "podman" if compress == "zstd" else f"podman-{compress}"
         self.dir = Path("/var/tmp/dolly-bench-podman")
         self.dir.mkdir(exist_ok=True)
+        self._criu: Dict[str, float] = {}
 
-    def cold(self, w: Workload) -> tuple:
+    def start(self, w: Workload) -> tuple:
         name = f"pb-{uuid.uuid4().hex[:8]}"
         env = [a for k, v in w.env.items() for a in ("-e", f"{k}={v}")]
         t = time.perf_counter()
         podman("run", "-d", *PODMAN_RUN, "--name", name, *env, f"localhost/{w.image}", *w.command)
-        wait_answer(lambda: podman_ip(name))
-        return time.perf_counter() - t, name
+        wait_state(lambda: podman_ip(name), None)
+        took = time.perf_counter() - t
+        return took, name, state_of(fetch(podman_ip(name) or ""))
 
     def checkpoint(self, source: str) -> tuple:
         path = self.dir / f"{source}-{uuid.uuid4().hex[:6]}.tar"
@@ -225,17 +270,28 @@ class PodmanRunner:
         podman("container", "checkpoint", "--leave-running", f"--export={path}", f"--compress={self.compress}", source)
         return time.perf_counter() - t, path
 
-    def clone(self, path: Path, n: int) -> tuple:
+    def clone(self, path: Path, n: int, expected: object) -> tuple:
         names = [f"pb-{uuid.uuid4().hex[:8]}" for _ in range(n)]
+
+        def restore(name: str) -> None:
+            out = podman("container", "restore", "--print-stats", f"--import={path}", "--name", name)
+            stats = json.loads(out[out.index("{"):])
+            self._criu[name] = stats["criu_statistics"]["restore_time"] / 1e6
+
         t = time.perf_counter()
         with ThreadPoolExecutor(max_workers=n) as pool:
-            list(pool.map(lambda nm: podman("container", "restore", f"--import={path}", "--name", nm), names))
-        all_answer([lambda nm=nm: podman_ip(nm) for nm in names])
+            list(pool.map(restore, names))
+        all_answer([lambda nm=nm: podman_ip(nm) for nm in names], expected)
         return time.perf_counter() - t, names
+
+    def criu_restore_s(self, names) -> Optional[float]:
+        return self._criu.pop(names[0], None)
 
     def remove(self, names) -> None:
         if names:
             podman("rm", "-f", "-t", "0", *names, check=False)
+        for name in names:
+            self._criu.pop(name, None)
 
     def drop(self, path: Path) -> None:
         path.unlink(missing_ok=True)
@@ -244,131 +300,105 @@ class PodmanRunner:
 # --- the run ---------------------------------------------------------------------------------------
 
 
-def measure(runner, w: Workload, repeats: int, clone_ns: List[int], results: dict, *, cold: bool = True) -> None:
-    row = results.setdefault(w.name, {}).setdefault(runner.name, {})
+def stats(xs: List[float]) -> Optional[dict]:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    p90 = xs[min(len(xs) - 1, round(0.9 * (len(xs) - 1)))]
+    return {"median": round(statistics.median(xs), 3), "p90": round(p90, 3), "n": len(xs)}
+
+
+def side_by_side(w: Workload, runners: list, repeats: int, results: dict) -> None:
+    """Each tool's source started once; then `repeats` rounds, the tools' order rotated each round."""
+    rows = results.setdefault(w.name, {})
+    tools = [r for r in runners if r.name == "dolly" or r.name in w.peers]
+    raw: Dict[str, Dict[str, list]] = {r.name: {} for r in tools}
+    sources: Dict[str, tuple] = {}
     try:
-        _measure(runner, w, repeats, clone_ns, row, cold=cold)
-    except (subprocess.CalledProcessError, dolly.DollyError, docker.errors.DockerException, TimeoutError) as e:
-        failed_run = isinstance(e, subprocess.CalledProcessError) and e.stderr
-        detail = e.stderr.strip().splitlines()[-1] if failed_run else str(e)
-        row["failed"] = f"{type(e).__name__}: {detail}"[:300]
-        print(f"  {w.name:<8} {runner.name:<12} FAILED {row['failed']}", flush=True)
-
-
-def _measure(runner, w: Workload, repeats: int, clone_ns: List[int], row: dict, *, cold: bool) -> None:
-    colds, cps, clones, mems = [], [], {n: [] for n in clone_ns}, []
-    for _ in range(repeats):
-        source = None
-        cp = None
-        try:
-            if cold:
-                took, source = runner.cold(w)
-                colds.append(took)
-            else:
-                source = DollyRunner(runner.client).cold(w)[1]
-            took, cp = runner.checkpoint(source)
-            cps.append(took)
-            for n in clone_ns:
-                took, made = runner.clone(cp, n)
-                clones[n].append(took)
-                try:
-                    if n == clone_ns[-1] and hasattr(runner, "memory_mb"):
-                        mems.append(runner.memory_mb(made))
-                finally:
-                    runner.remove(made)
-        finally:
-            if cp is not None:
-                runner.drop(cp)
-            if source is not None:
-                runner.remove([source])
-
-    def med(xs):
-        return round(statistics.median(xs), 3) if xs else None
-
-    row.update({"cold_s": med(colds), "checkpoint_s": med(cps),
-                **{f"clone{n}_s": med(v) for n, v in clones.items()},
-                "memory_per_clone_mb": med(mems), "runs": repeats})
-    print(f"  {w.name:<8} {runner.name:<12} " + "  ".join(f"{k}={v}" for k, v in row.items() if k != "runs"),
-          flush=True)
-
-
-def scale(client: docker.DockerClient, total: int, results: dict) -> None:
-    """`total` busybox clones alive at once, spread over networks (a bridge holds 1,023 ports)."""
-    per_net = 500
-    nets, sources, cps, made = [], [], [], []
-    free_before = _mem_available_mb()
-    try:
-        for i in range((total + per_net - 1) // per_net):
-            net = client.networks.create(f"dolly-bench-{i}", driver="bridge", labels={LABEL: "1"},
-                                         ipam=docker.types.IPAMConfig(pool_configs=[
-                                             docker.types.IPAMPool(subnet=f"10.214.{4 * i}.0/22")]))
-            nets.append(net)
-            src = client.containers.run(BB_IMAGE, ["sh", "-c", "while sleep 1; do :; done"], detach=True,
-                                        network=net.name, labels={LABEL: "1"})
-            sources.append(src)
-            cps.append(dolly.checkpoint(src, "scale"))
-        t = time.perf_counter()
-        rates = []
-        for i, cp in enumerate(cps):
-            k = min(per_net, total - i * per_net)
-            t0 = time.perf_counter()
-            made.extend(dolly.clone(cp, k, max_workers=8))
-            rates.append(k / (time.perf_counter() - t0))
-        took = time.perf_counter() - t
-        alive = sum(1 for c in client.containers.list(filters={"label": LABEL}) if "dolly.source" in c.labels)
-        mem_each = (free_before - _mem_available_mb()) / max(1, alive)
-        results["scale"] = {"clones": total, "alive": alive, "seconds": round(took, 1),
-                            "per_second": round(total / took, 1), "per_second_min_batch": round(min(rates), 1),
-                            "host_memory_per_clone_mb": round(mem_each, 2)}
-        print(f"  scale: {results['scale']}", flush=True)
+        for r in tools:
+            try:
+                took, source, state = r.start(w)
+                sources[r.name] = (source, state)
+                raw[r.name]["cold_s"] = [took]
+            except (subprocess.CalledProcessError, docker.errors.DockerException, TimeoutError) as e:
+                _failed(rows, w, r, e)
+        for i in range(repeats):
+            order = tools[i % len(tools):] + tools[:i % len(tools)]
+            for r in order:
+                if r.name in sources and "failed" not in rows.get(r.name, {}):
+                    try:
+                        _round(r, w, *sources[r.name], raw[r.name])
+                    except (subprocess.CalledProcessError, dolly.DollyError, docker.errors.DockerException,
+                            TimeoutError) as e:
+                        _failed(rows, w, r, e)
     finally:
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(lambda c: c.remove(force=True), made + sources))
-        for cp in cps:
-            dolly.remove_checkpoint(cp)
-        for net in nets:
-            _remove_network(net)
+        for r in tools:
+            if r.name in sources:
+                r.remove([sources[r.name][0]])
+    for r in tools:
+        row = rows.setdefault(r.name, {})
+        row.update({k: stats(v) for k, v in raw[r.name].items()})
+        print(f"  {w.name:<8} {r.name:<12} " + "  ".join(
+            f"{k}={v['median'] if isinstance(v, dict) else v}" for k, v in row.items()), flush=True)
 
 
-def _remove_network(net) -> None:
-    """After a mass removal the engine may still count endpoints for a moment."""
-    for _ in range(30):
-        try:
-            net.remove()
-            return
-        except docker.errors.APIError as e:
-            if "active endpoints" not in str(e):
-                raise
-            time.sleep(1)
-    print(f"  could not remove network {net.name}: stale endpoints (restart dockerd to clear them)")
+def _round(r, w: Workload, source, state, raw: Dict[str, list]) -> None:
+    took, cp = r.checkpoint(source)
+    raw.setdefault("checkpoint_s", []).append(took)
+    try:
+        for n in (w.clone_ns if r.name == "dolly" else w.peers[r.name]):
+            took, made = r.clone(cp, n, state)
+            raw.setdefault(f"clone{n}_s", []).append(took)
+            try:
+                if n == 1 and hasattr(r, "criu_restore_s"):
+                    criu_s = r.criu_restore_s(made)
+                    if criu_s is not None:
+                        raw.setdefault("criu_restore_s", []).append(criu_s)
+                if n == max(w.clone_ns) and hasattr(r, "memory_mb"):
+                    raw.setdefault("memory_per_clone_mb", []).append(r.memory_mb(made))
+            finally:
+                r.remove(made)
+    finally:
+        r.drop(cp)
 
 
-def _mem_available_mb() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def _failed(rows: dict, w: Workload, r, e: BaseException) -> None:
+    failed_run = isinstance(e, subprocess.CalledProcessError) and e.stderr
+    detail = e.stderr.strip().splitlines()[-1] if failed_run else str(e)
+    rows.setdefault(r.name, {})["failed"] = f"{type(e).__name__}: {detail}"[:300]
+    print(f"  {w.name:<8} {r.name:<12} FAILED {rows[r.name]['failed']}", flush=True)
+
+
+# --- the report ------------------------------------------------------------------------------------
+
+COLUMNS = ["cold_s", "checkpoint_s", "clone1_s", "criu_restore_s", "clone4_s", "clone16_s", "memory_per_clone_mb"]
+
+
+def _med(row: dict, key: str) -> Optional[float]:
+    v = row.get(key)
+    return v.get("median") if isinstance(v, dict) else None
 
 
 def table(results: dict) -> str:
-    cols = ["cold_s", "checkpoint_s", "clone1_s", "clone4_s", "clone16_s", "memory_per_clone_mb"]
-    lines = [f"{'workload':<9}{'tool':<14}" + "".join(f"{c:>20}" for c in cols)]
+    lines = [f"{'workload':<9}{'tool':<13}" + "".join(f"{c:>21}" for c in COLUMNS)]
     for wname, tools in results.items():
-        if wname in ("scale", "machine"):
+        if wname not in WORKLOADS:
             continue
         for tool, row in tools.items():
-            lines.append(f"{wname:<9}{tool:<14}" + "".join(f"{row.get(c, '')!s:>20}" for c in cols))
-        d, p = tools.get("dolly", {}), tools.get("podman", {})
-        ratios = []
-        if d.get("clone1_s") and p.get("clone1_s"):
-            ratios.append(f"clone/podman restore {d['clone1_s'] / p['clone1_s']:.2f}")
-        if d.get("clone1_s") and d.get("cold_s"):
-            ratios.append(f"clone/cold start {d['clone1_s'] / d['cold_s']:.2f}")
-        for tool, row in tools.items():
+            cells = []
+            for c in COLUMNS:
+                v = row.get(c)
+                cells.append(f"{v['median']} / {v['p90']}" if isinstance(v, dict) else "")
+            lines.append(f"{wname:<9}{tool:<13}" + "".join(f"{c:>21}" for c in cells))
             if row.get("failed"):
-                lines.append(f"{'':<9}{tool:<14}failed: {row['failed']}")
-        if ratios:
-            lines.append(f"{'':<9}{'ratios':<14}" + ", ".join(ratios))
+                lines.append(f"{'':<9}{tool:<13}failed: {row['failed']}")
+        d, none = tools.get("dolly", {}), tools.get("podman-none", {})
+        if _med(d, "clone1_s") and _med(none, "clone1_s"):
+            ratio = _med(d, "clone1_s") / _med(none, "clone1_s")
+            lines.append(f"{'':<9}{'ratio':<13}dolly clone 1 / podman-none {ratio:.2f}")
+    lines.append("(median / p90, seconds; memory in MB; cold start: one run)")
+    if "density" in results:
+        lines.append("density: " + json.dumps({k: v for k, v in results["density"].items() if k != "batches"}))
     return "\n".join(lines)
 
 
@@ -378,34 +408,47 @@ def chart(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [w for w in results if w not in ("scale", "machine")]
+    names = [w for w in results if w in WORKLOADS]
+    has_density = bool(results.get("density", {}).get("batches"))
+    panels = len(names) + has_density
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.8), squeeze=False)
+    keys = ["checkpoint_s", "clone1_s", "criu_restore_s", "clone4_s", "clone16_s"]
     tools = ["dolly", "podman", "podman-none", "docker"]
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), squeeze=False)
-    for ax, w in zip(axes[0], names, strict=True):
+    for ax, w in zip(axes[0], names, strict=False):  # the density panel is last
         for i, tool in enumerate(tools):
             row = results[w].get(tool, {})
-            vals = [row.get(k) or 0 for k in ("cold_s", "checkpoint_s", "clone1_s", "clone4_s")]
-            ax.bar([x + i * 0.2 for x in range(4)], vals, 0.2, label=tool)
-        ax.set_xticks([x + 0.3 for x in range(4)], ["cold", "checkpoint", "clone 1", "clone 4"])
+            vals = [_med(row, k) or 0 for k in keys]
+            ax.bar([x + i * 0.2 for x in range(len(keys))], vals, 0.2, label=tool)
+        ax.set_xticks([x + 0.3 for x in range(len(keys))], ["ckpt", "clone 1", "CRIU", "clone 4", "clone 16"])
         ax.set_title(w)
         ax.set_ylabel("seconds (median)")
     axes[0][0].legend(fontsize=8)
+    if has_density:
+        ax = axes[0][-1]
+        batches = results["density"]["batches"]
+        ax.plot([b["alive"] for b in batches], [b["clones"] / b["seconds"] for b in batches], marker=".")
+        ax.set_title("density: busybox clones")
+        ax.set_xlabel("clones alive")
+        ax.set_ylabel("clones per second (batch)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def write(results: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
-    chart({k: v for k, v in results.items() if k != "machine"}, out.with_suffix(".png"))
+    chart(results, out.with_suffix(".png"))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--workloads", default="busybox,W128,warm10,W1G")
-    ap.add_argument("--peers", default="podman,podman-none,docker")
-    ap.add_argument("--scale", type=int, default=1000, help="busybox clones alive at once (0: skip)")
+    ap.add_argument("--peers", default="podman,podman-none", help="also: docker")
+    ap.add_argument("--density", type=int, default=2300, help="busybox clones alive at once (0: skip)")
     ap.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     args = ap.parse_args(argv)
 
@@ -414,27 +457,35 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not report.ok:
         print(report, file=sys.stderr)
         return 1
-    results: dict = {}
     peers = [p for p in args.peers.split(",") if p]
-    for wname in args.workloads.split(","):
-        w = WORKLOADS[wname]
-        print(f"{wname}:", flush=True)
-        measure(DollyRunner(client), w, args.repeats, w.clone_ns, results)
-        if "podman" in peers:
-            measure(PodmanRunner("zstd"), w, args.repeats, w.clone_ns, results)
-        if "podman-none" in peers:
-            measure(PodmanRunner("none"), w, args.repeats, [1, 4], results)
-        if "docker" in peers:
-            measure(DockerByHand(client), w, args.repeats, [1], results, cold=False)
-    results["machine"] = {"cores": os.cpu_count(), "kernel": os.uname().release,
-                          "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    write(results, args.out)  # before the long scale run, so that a failure there loses nothing
-    if args.scale:
-        scale(client, args.scale, results)
-        write(results, args.out)
+    runners: list = [DollyRunner(client)]
+    runners += [PodmanRunner("zstd")] if "podman" in peers else []
+    runners += [PodmanRunner("none")] if "podman-none" in peers else []
+    runners += [DockerByHand(client)] if "docker" in peers else []
+    results: dict = {"machine": {"cores": os.cpu_count(), "kernel": os.uname().release,
+                                 "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                 "repeats": args.repeats}}
+    started = time.monotonic()
+    keep = CRIU_LOG_DIR / ".keep"  # dolly-runc keeps CRIU's restore statistics meanwhile
+    CRIU_LOG_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    keep.touch()
+    try:
+        for wname in args.workloads.split(","):
+            print(f"{wname}:", flush=True)
+            side_by_side(WORKLOADS[wname], runners, args.repeats, results)
+            write(results, args.out)
+    finally:
+        keep.unlink(missing_ok=True)
+    results["machine"]["side_by_side_s"] = round(time.monotonic() - started, 1)
+    write(results, args.out)  # before the long density run, so that a failure there loses nothing
+    if args.density:
+        print(f"density ({args.density} busybox clones):", flush=True)
+        results["density"] = density.run(client, args.density, on_batch=lambda b: print(f"  {b}", flush=True))
+    results["machine"]["total_s"] = round(time.monotonic() - started, 1)
+    write(results, args.out)
     print()
     print(table(results))
-    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')} in {results['machine']['total_s']:.0f} s")
     return 0
 
 

@@ -75,6 +75,7 @@ def run(client: docker.DockerClient, clones: int, *, batch: int = 100, workers: 
                                    name=f"dolly-density-{tag}", labels={LABEL: "1"})
     made: list = []
     cp = None
+    result: dict = {}
     try:
         source.reload()
         expected = _wait_page(ip_of(source))
@@ -99,7 +100,7 @@ def run(client: docker.DockerClient, clones: int, *, batch: int = 100, workers: 
         rates = [b["clones"] / b["seconds"] for b in batches]
         first_n = max(1, 100 // batch)
         thousand = _first(batches, 1000)
-        return {
+        result.update({
             "clones": clones, "answered_with_the_source_page": right,
             "distinct_ips": len({ip_of(c) for c in made}), "networks": len(nets),
             "seconds": round(took, 1), "per_second": round(clones / took, 2),
@@ -110,15 +111,16 @@ def run(client: docker.DockerClient, clones: int, *, batch: int = 100, workers: 
             "host_memory_per_clone_mb": round(mem / clones, 2),
             "host_cpu_s_per_clone": round(cpu / clones, 3),
             "batches": batches,
-        }
+        })
     finally:
         t = time.perf_counter()
-        _remove(made + [source])
-        print(f"removed {len(made) + 1} containers in {time.perf_counter() - t:.1f} s", flush=True)
+        _remove([*made, source])
+        result["removed_s"] = round(time.perf_counter() - t, 1)
         if cp is not None:
             dolly.remove_checkpoint(cp)
         for net in nets:
             _remove_network(net)
+    return result
 
 
 def _wait_page(ip: str) -> bytes:

@@ -27,7 +27,7 @@ from dolly.demo import SERVICE
 # The module, not the function of the same name that `dolly` re-exports.
 _restore = importlib.import_module("dolly._restore")
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import answers, docker_ip  # noqa: E402 - once sys.path holds this folder
+from bench import docker_ip, fetch  # noqa: E402 - once sys.path holds this folder
 
 
 def criu_seconds(container_id: str) -> float:
@@ -56,7 +56,7 @@ def main() -> int:
     phases: dict = {k: [] for k in ("create", "writable layer", "images", "start", "of which CRIU", "first answer",
                                     "total")}
     try:
-        while not (docker_ip(source) and answers(docker_ip(source))):
+        while not (docker_ip(source) and fetch(docker_ip(source))):
             time.sleep(0.05)
         cp = dolly.checkpoint(source, "profile")
         image = engine.image_ref(cp.image_id, cp.config["Config"].get("Image"))
@@ -77,7 +77,7 @@ def main() -> int:
             engine.start_from_checkpoint(cid, cp.name)
             t4 = time.perf_counter()
             c = client.containers.get(cid)
-            while not answers(docker_ip(c)):
+            while not fetch(docker_ip(c)):
                 time.sleep(0.005)
             t5 = time.perf_counter()
             took = (t1 - t0, t2 - t1, t3 - t2, t4 - t3, criu_seconds(cid), t5 - t4, t5 - t0)

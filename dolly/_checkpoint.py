@@ -407,7 +407,7 @@ def _checkpoint_lazy_locked(engine: Engine, source: Container, name: str, final:
         if not (staging / "criu" / RUNTIME_ROOTFS_DIFF).exists():
             raise CheckpointFailed(f"the '{RUNTIME}' runtime left no {RUNTIME_ROOTFS_DIFF} in the checkpoint of "
                                    f"{source.name}: is /usr/local/sbin/dolly-runc current? (run `make host`)")
-        _take_runtime_files(staging)
+        _settle_images(staging)
         cp = Checkpoint(container_id=id_of(source), container_name=name_of(source), name=name,
                         created_at=created_at, hostname=criu.read_hostname(staging / "criu"),
                         config=types.MappingProxyType(source.attrs), path=final, client=engine.client)
@@ -515,7 +515,7 @@ def _checkpoint_locked(
                 f"the '{RUNTIME}' runtime left no {RUNTIME_ROOTFS_DIFF} in the checkpoint of "
                 f"{source.name}: is /usr/local/sbin/dolly-runc current? (run `make host`)"
             )
-        _take_runtime_files(staging)
+        _settle_images(staging)
         cp = Checkpoint(
             container_id=id_of(source),
             container_name=name_of(source),
@@ -639,10 +639,14 @@ def _resume_if_left_paused(engine: Engine, container_id: str) -> None:
     marker.unlink(missing_ok=True)
 
 
-def _take_runtime_files(staging: Path) -> None:
-    """Move what the runtime added beside CRIU's images to their places in the checkpoint, and
+def _settle_images(staging: Path) -> None:
+    """Move what the runtime added beside CRIU's images to their places in the checkpoint, have
+    the images restore without CRIU's network lock wherever they are restored (Dolly's clones,
+    `docker start --checkpoint`, Podman from an export: see criu.without_network_lock), and
     make every file root-only."""
     images = staging / "criu"
+    if (images / "inventory.img").exists():
+        criu.without_network_lock(images / "inventory.img", images / "inventory.img")
     if (images / RUNTIME_ROOTFS_DIFF).exists():
         os.rename(images / RUNTIME_ROOTFS_DIFF, staging / ROOTFS_DIFF)
     for made, kept in RUNTIME_EXTRAS.items():
@@ -746,7 +750,7 @@ def _keep_images(
                     shutil.rmtree(staging / "criu", ignore_errors=True)
                     raise
                 doomed.append(found)
-        _take_runtime_files(staging)
+        _settle_images(staging)
         try:
             hostname = criu.read_hostname(staging / "criu")
         except Exception:  # pycriu missing or the image unreadable: the container's own

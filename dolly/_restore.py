@@ -505,7 +505,8 @@ def _place_images(cp: Checkpoint, folder: os.PathLike[str], *, hostname: Optiona
     """The checkpoint's images as hard links in ``folder`` (no data copied), except two new
     files: the UTS image, rewritten with ``hostname`` (None: as CRIU recorded it), and the
     inventory, rewritten to restore without CRIU's network lock (see
-    :func:`criu.without_network_lock`). The checkpoint's own images stay as they are."""
+    :func:`criu.without_network_lock`; Dolly's own checkpoints say so already, imported ones
+    may not). The checkpoint's own images stay as they are."""
     os.makedirs(folder, mode=0o700, exist_ok=True)
     uts = set(criu.uts_images(cp.images_dir))
     for src in cp.images_dir.iterdir():
