@@ -639,13 +639,15 @@ def _resume_if_left_paused(engine: Engine, container_id: str) -> None:
     marker.unlink(missing_ok=True)
 
 
-def _settle_images(staging: Path) -> None:
+def _settle_images(staging: Path, *, rescue: bool = False) -> None:
     """Move what the runtime added beside CRIU's images to their places in the checkpoint, have
     the images restore without CRIU's network lock wherever they are restored (Dolly's clones,
     `docker start --checkpoint`, Podman from an export: see criu.without_network_lock), and
-    make every file root-only."""
+    make every file root-only. A ``rescue`` of images after a failure leaves the inventory as
+    CRIU wrote it: nothing that might fail again may stand between the images and the keeping
+    of them (a clone's own inventory skips the lock anyway)."""
     images = staging / "criu"
-    if (images / "inventory.img").exists():
+    if not rescue:
         criu.without_network_lock(images / "inventory.img", images / "inventory.img")
     if (images / RUNTIME_ROOTFS_DIFF).exists():
         os.rename(images / RUNTIME_ROOTFS_DIFF, staging / ROOTFS_DIFF)
@@ -750,7 +752,7 @@ def _keep_images(
                     shutil.rmtree(staging / "criu", ignore_errors=True)
                     raise
                 doomed.append(found)
-        _settle_images(staging)
+        _settle_images(staging, rescue=True)
         try:
             hostname = criu.read_hostname(staging / "criu")
         except Exception:  # pycriu missing or the image unreadable: the container's own

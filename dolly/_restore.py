@@ -503,17 +503,18 @@ def _start_from(engine: Engine, cp: Checkpoint, container_id: str, *, hostname: 
 
 def _place_images(cp: Checkpoint, folder: os.PathLike[str], *, hostname: Optional[str]) -> None:
     """The checkpoint's images as hard links in ``folder`` (no data copied), except two new
-    files: the UTS image, rewritten with ``hostname`` (None: as CRIU recorded it), and the
-    inventory, rewritten to restore without CRIU's network lock (see
-    :func:`criu.without_network_lock`; Dolly's own checkpoints say so already, imported ones
-    may not). The checkpoint's own images stay as they are."""
+    files: the UTS image, rewritten with ``hostname``, and the inventory, rewritten to restore
+    without CRIU's network lock (see :func:`criu.without_network_lock`; Dolly's own checkpoints
+    say so already, imported ones may not). With ``hostname`` None (a container resumed as
+    itself) every image is linked as is, so that pycriu is not needed: a resume is how images
+    rescued after a failure are started again. The checkpoint's own images stay as they are."""
     os.makedirs(folder, mode=0o700, exist_ok=True)
     uts = set(criu.uts_images(cp.images_dir))
     for src in cp.images_dir.iterdir():
         dst = os.path.join(folder, src.name)
         if hostname is not None and src in uts:
             criu.rewrite_hostname(src, dst, hostname)
-        elif src.name == "inventory.img":
+        elif hostname is not None and src.name == "inventory.img":
             criu.without_network_lock(src, dst)
         else:
             os.link(src, dst)
