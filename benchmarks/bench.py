@@ -276,12 +276,16 @@ class PodmanRunner:
         def restore(name: str) -> None:
             out = podman("container", "restore", "--print-stats", f"--import={path}", "--name", name)
             stats = json.loads(out[out.index("{"):])
-            self._criu[name] = stats["criu_statistics"]["restore_time"] / 1e6
+            self._criu[name] = stats["container_statistics"][0]["criu_statistics"]["restore_time"] / 1e6
 
         t = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=n) as pool:
-            list(pool.map(restore, names))
-        all_answer([lambda nm=nm: podman_ip(nm) for nm in names], expected)
+        try:
+            with ThreadPoolExecutor(max_workers=n) as pool:
+                list(pool.map(restore, names))
+            all_answer([lambda nm=nm: podman_ip(nm) for nm in names], expected)
+        except BaseException:
+            self.remove(names)
+            raise
         return time.perf_counter() - t, names
 
     def criu_restore_s(self, names) -> Optional[float]:
@@ -329,7 +333,7 @@ def side_by_side(w: Workload, runners: list, repeats: int, results: dict) -> Non
                     try:
                         _round(r, w, *sources[r.name], raw[r.name])
                     except (subprocess.CalledProcessError, dolly.DollyError, docker.errors.DockerException,
-                            TimeoutError) as e:
+                            TimeoutError, KeyError, ValueError) as e:
                         _failed(rows, w, r, e)
     finally:
         for r in tools:

@@ -207,3 +207,45 @@ def test_a_process_of_another_user_is_checkpointed_and_cloned(run):
     # The limits came with the process: its soft limit on open files is the one it set.
     limits = clone.exec_run(["cat", "/proc/1/limits"]).output.decode()
     assert limits.split("Max open files")[1].split()[0] == "321"
+
+
+def _lock_method(inventory) -> int:
+    import pycriu.images
+
+    with open(inventory, "rb") as f:
+        return pycriu.images.load(f)["entries"][0].get("network_lock_method", 0)
+
+
+def _set_lock_method(inventory, method: int) -> None:
+    import pycriu.images
+
+    with open(inventory, "rb") as f:
+        img = pycriu.images.load(f)
+    img["entries"][0]["network_lock_method"] = method
+    with open(inventory, "wb") as f:
+        pycriu.images.dump(img, f)
+
+
+def test_clones_restore_without_criu_s_network_lock(run, tmp_path):
+    """CRIU restores with the network-lock method the dump's inventory names (iptables by
+    default: forks of iptables-restore into the new namespace, about 0.1 s of a restore). Dolly's
+    checkpoints name none; a clone of one that names iptables (an imported one) gets its own
+    inventory naming none, and the checkpoint's own stays as it is."""
+    from dolly import _criu
+    from dolly._restore import _place_images
+
+    source = run(BUSYBOX, ["sh", "-c", COUNTER])
+    time.sleep(1)
+    counted = read_int(source)
+    cp = dolly.checkpoint(source, "nolock")
+    inventory = cp.images_dir / "inventory.img"
+    assert _lock_method(inventory) == _criu.NETWORK_LOCK_SKIP
+
+    _set_lock_method(inventory, 0)  # CRIU's NETWORK_LOCK_IPTABLES, as another host's dump says
+    _place_images(cp, tmp_path / "images", hostname="lockless")
+    assert _lock_method(tmp_path / "images" / "inventory.img") == _criu.NETWORK_LOCK_SKIP
+    assert _lock_method(inventory) == 0
+    assert (tmp_path / "images" / "inventory.img").stat().st_ino != inventory.stat().st_ino
+
+    (clone,) = dolly.clone(cp, 1)
+    assert_counts_on(clone, counted)
