@@ -30,7 +30,7 @@ unit: venv
 test: host lint unit
 	$(PY) -m pytest -m engine $(PYTEST_ARGS) $(NONE_SELECTED_OK)
 
-## bench: Dolly against Podman and Docker by hand (benchmarks/README.md); BENCH_ARGS to narrow it
+## bench: Dolly against Podman, then density (benchmarks/README.md); BENCH_ARGS to narrow it
 bench: host
 	@scripts/bench-setup.sh
 	@$(PY) benchmarks/bench.py $(BENCH_ARGS)

@@ -305,11 +305,13 @@ class PodmanRunner:
 
 
 def stats(xs: List[float]) -> Optional[dict]:
+    """Median, p90 (nearest rank) and every run, in the order measured."""
     if not xs:
         return None
-    xs = sorted(xs)
-    p90 = xs[min(len(xs) - 1, round(0.9 * (len(xs) - 1)))]
-    return {"median": round(statistics.median(xs), 3), "p90": round(p90, 3), "n": len(xs)}
+    ranked = sorted(xs)
+    p90 = ranked[min(len(ranked) - 1, round(0.9 * (len(ranked) - 1)))]
+    return {"median": round(statistics.median(xs), 3), "p90": round(p90, 3), "n": len(xs),
+            "runs": [round(x, 3) for x in xs]}
 
 
 def side_by_side(w: Workload, runners: list, repeats: int, results: dict) -> None:
