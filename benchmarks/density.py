@@ -176,22 +176,24 @@ def _wait_page(ip: str) -> bytes:
     raise TimeoutError(f"the source at {ip} never answered")
 
 
-def _first(batches: List[dict], n: int):
-    done, seconds = 0, 0.0
+def _until(batches: List[dict], upto: int, key: str):
+    """(clones, the sum of ``key``) over the first batches that made ``upto`` clones, or None."""
+    done, total = 0, 0.0
     for b in batches:
-        done, seconds = done + b["clones"], seconds + b["seconds"]
-        if done >= n:
-            return round(done / seconds, 2)
+        done, total = done + b["clones"], total + b[key]
+        if done >= upto:
+            return done, total
     return None
+
+
+def _first(batches: List[dict], n: int):
+    made = _until(batches, n, "seconds")
+    return round(made[0] / made[1], 2) if made else None
 
 
 def _cpu_per_clone(batches: List[dict], upto: int):
-    done, cpu = 0, 0.0
-    for b in batches:
-        done, cpu = done + b["clones"], cpu + b["cpu_s"]
-        if done >= upto:
-            return round(cpu / done, 3)
-    return None
+    made = _until(batches, upto, "cpu_s")
+    return round(made[1] / made[0], 3) if made else None
 
 
 def _last_100_rate(batches: List[dict], upto: int):
