@@ -1,7 +1,9 @@
 """Checkpoint, restore and clone on the real engine and CRIU: state, files and identity."""
 from __future__ import annotations
 
+import shutil
 import time
+import uuid
 
 import pytest
 
@@ -226,7 +228,7 @@ def _set_lock_method(inventory, method: int) -> None:
         pycriu.images.dump(img, f)
 
 
-def test_clones_restore_without_criu_s_network_lock(run, tmp_path):
+def test_clones_restore_without_criu_s_network_lock(run, engine):
     """CRIU restores with the network-lock method the dump's inventory names (iptables by
     default: forks of iptables-restore into the new namespace, about 0.1 s of a restore). Dolly's
     checkpoints name none; a clone of one that names iptables (an imported one) gets its own
@@ -242,10 +244,15 @@ def test_clones_restore_without_criu_s_network_lock(run, tmp_path):
     assert _lock_method(inventory) == _criu.NETWORK_LOCK_SKIP
 
     _set_lock_method(inventory, 0)  # CRIU's NETWORK_LOCK_IPTABLES, as another host's dump says
-    _place_images(cp, tmp_path / "images", hostname="lockless")
-    assert _lock_method(tmp_path / "images" / "inventory.img") == _criu.NETWORK_LOCK_SKIP
-    assert _lock_method(inventory) == 0
-    assert (tmp_path / "images" / "inventory.img").stat().st_ino != inventory.stat().st_ino
+    # Where a restore places them: in the spool, on the checkpoint's file system (hard links).
+    placed = engine.spool_dir / f"test-{uuid.uuid4().hex}.restore"
+    try:
+        _place_images(cp, placed, hostname="lockless")
+        assert _lock_method(placed / "inventory.img") == _criu.NETWORK_LOCK_SKIP
+        assert _lock_method(inventory) == 0
+        assert (placed / "inventory.img").stat().st_ino != inventory.stat().st_ino
+    finally:
+        shutil.rmtree(placed, ignore_errors=True)
 
     (clone,) = dolly.clone(cp, 1)
     assert_counts_on(clone, counted)
