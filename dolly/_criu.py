@@ -215,16 +215,7 @@ def rewrite_hostname(src: Path, dst: Union[str, Path], hostname: str) -> None:
     if len(entries) != 1:
         raise ImageRewriteError(f"{src} is not a UTS namespace image")
     entries[0]["nodename"] = hostname
-    import pycriu.images
-
-    tmp = Path(dst).with_name(Path(dst).name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            pycriu.images.dump(img, f)
-        os.replace(tmp, dst)
-    except Exception as e:  # pycriu raises bare Exceptions and protobuf errors
-        tmp.unlink(missing_ok=True)
-        raise ImageRewriteError(f"cannot write {dst}: {e}") from e
+    _replace_image(img, Path(dst))
 
 
 # CRIU's enum NETWORK_LOCK_METHOD (criu/include/cr_options.h), as the inventory records it.
@@ -251,13 +242,7 @@ def without_network_lock(src: Path, dst: Union[str, Path]) -> None:
     if img.get("magic") != "INVENTORY" or not isinstance(entries, list) or len(entries) != 1:
         raise ImageRewriteError(f"{src} is not a CRIU inventory image")
     entries[0]["network_lock_method"] = NETWORK_LOCK_SKIP
-    tmp = Path(dst).with_name(Path(dst).name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        _dump(img, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _replace_image(img, Path(dst))
 
 
 def processes(images_dir: Path) -> list[dict]:
@@ -373,7 +358,7 @@ def root_mode_rewritten(images_dir: Path, out: Optional[Path], *, mode: int) -> 
             reg["mode"] = (reg["mode"] & ~0o7777) | mode
             changed += 1
     if out is None:
-        _dump_in_place(img, Path(images_dir) / "files.img")
+        _replace_image(img, Path(images_dir) / "files.img")
     else:
         _dump(img, out)
     return changed
@@ -417,7 +402,7 @@ def external_tmpfs_inlined(images_dir: Path, key: str) -> Optional[Path]:
     if len(found) != 1 or found[0].get("root") != "/" or not isinstance(found[0].get("root_dev"), int):
         return None
     del found[0]["ext_key"]
-    _dump_in_place(img, path)
+    _replace_image(img, path)
     return Path(images_dir) / f"tmpfs-dev-{found[0]['root_dev']}.tar.gz.img"
 
 
@@ -458,15 +443,27 @@ def without_mounts(images_dir: Path, *, keep) -> list:
         return []
     paths = [e["mountpoint"] for e in img["entries"] if e["mnt_id"] in dropped]
     img["entries"] = [e for e in img["entries"] if e["mnt_id"] not in dropped]
-    _dump_in_place(img, path)
+    _replace_image(img, path)
     return paths
 
 
-def _dump_in_place(img: dict, path: Path) -> None:
-    """Replace the image ``path`` with ``img``, in one rename."""
+def _replace_image(img: dict, path: Path) -> None:
+    """Write ``img`` to ``path``, whether an image is there or not: beside it, then renamed over
+    it, so that a hard link at ``path`` (into a shared checkpoint) is replaced, never written
+    through, and a reader sees the old file or the new one.
+
+    Raises:
+        ImageRewriteError: pycriu cannot write ``img``, or ``path`` cannot be replaced.
+    """
     new = path.with_name(path.name + ".new")
-    _dump(img, new)
-    os.replace(new, path)
+    new.unlink(missing_ok=True)
+    try:
+        _dump(img, new)
+        os.replace(new, path)
+    except OSError as e:
+        raise ImageRewriteError(f"cannot write CRIU image {path}: {e}") from e
+    finally:
+        new.unlink(missing_ok=True)
 
 
 def _dump(img: dict, out: Path) -> None:
