@@ -20,6 +20,10 @@ import --allow ITEM``):
     log-driver         a log driver other than json-file, local or none (they reach the network)
     resources          a negative OOM score, OOM kill disabled, ulimits, more than 1 GiB of /dev/shm
     links              legacy links to other containers of this engine
+    networks           the recorded networks, with their aliases, links and driver options (a
+                       clone of an imported checkpoint otherwise joins the default bridge, or the
+                       caller's ``network=``, under no alias: a recorded alias would answer for
+                       another network's name, such as ``db``)
 
 The recorded configuration must also use Docker's own field names, exactly (Docker's decoder
 matches names in any case: ``binds`` would be ``Binds``): any other field is refused, and cannot
@@ -50,6 +54,7 @@ ITEMS: Dict[str, str] = {
     "log-driver": "a log driver that is not local",
     "resources": "resource settings that can starve the host",
     "links": "links to other containers",
+    "networks": "the recorded networks and their aliases",
 }
 # An item that no ``allow`` can name: a field that is not Docker's.
 UNKNOWN_FIELDS = "unknown-fields"

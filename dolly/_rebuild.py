@@ -1,0 +1,402 @@
+"""The CRIU images that decide privilege, rebuilt for a checkpoint from outside.
+
+A checkpoint that did not come from this engine (an imported bundle, a Podman or kubelet
+archive, a pulled artifact) is a set of instructions CRIU carries out as root. Checking a list of
+fields in them leaves everything else through: an extra entry in ``mountpoints-*.img`` mounts a
+second writable procfs or binds a host folder; a path in ``cgroup.img`` puts the process in the
+host's root cgroups; ``seccomp.img`` can hold an allow-everything filter. So for such a
+checkpoint these images are not inspected but **made again** from what this engine makes for
+the configuration the restore policy accepted:
+
+- a **reference**: a container of Dolly's own busybox image, created on this engine with the
+  accepted configuration's mount, device, capability, security and cgroup settings (not its
+  image, command, ports or networks), is started and checkpointed by Dolly, then removed. Its
+  images are what Docker, runc and CRIU make for that configuration on this host;
+- **mounts**: the checkpoint's mount tree must have exactly the reference's mountpoints (Docker's
+  masked paths this kernel lacks may be left out); each entry is the reference's entry (type,
+  source, ``root``, options, flags, external key, propagation), keeping only the checkpoint's own
+  mount IDs, which its open files name. A mountpoint the reference lacks is refused;
+- **cgroups**: ``cgroup.img`` is the reference's, and every task's ``cg_set`` the reference's: the
+  clone's processes land in the clone's own cgroup (which runc maps the image's root to), with
+  no sub-cgroups and no properties of the checkpoint's;
+- **seccomp**: a task keeps its own chain of filters only when the chain starts with the very
+  filter runc installs for the configuration (what a process adds on top can only restrict it:
+  the kernel applies the strictest verdict of a chain); otherwise its chain is that filter alone;
+- **namespaces**: every task must share the first task's mount, network, user and cgroup
+  namespaces, and the checkpoint may hold no network namespace image of its own (Docker's
+  dumps name the engine's, which runc hands CRIU).
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from . import _criu as criu
+from ._checkpoint import checkpoint, remove_checkpoint
+from ._engine import RUNTIME, Engine, translate_errors
+from .errors import DollyError, HostNotReady, ImageRewriteError, UnsafeArchive
+
+log = logging.getLogger("dolly")
+
+REFERENCE_IMAGE = "dolly/busybox"
+REFERENCE_LABEL = "dolly.reference"
+
+# The HostConfig fields that shape a container's mount tree, cgroups, seccomp filter or
+# devices: the reference takes these from the accepted configuration and nothing else (no ports,
+# restart policy, links or networks, whose use by a throwaway container would reach beyond it).
+SHAPING_FIELDS = frozenset({
+    "Binds", "Mounts", "Tmpfs", "VolumesFrom", "VolumeDriver", "ShmSize", "ReadonlyRootfs",
+    "MaskedPaths", "ReadonlyPaths", "Privileged", "CapAdd", "CapDrop", "Capabilities", "SecurityOpt",
+    "Devices", "DeviceCgroupRules", "DeviceRequests", "CgroupParent", "Cgroup", "CgroupnsMode", "IpcMode",
+    "PidMode", "UTSMode", "UsernsMode", "Init", "Isolation"})
+
+
+# What Podman (containers-common) masks beyond Docker's list. Such a mount in an imported tree is
+# left out, like a Docker mask this kernel lacks: the clone is masked as Docker masks.
+PODMAN_MASKS = frozenset({"/sys/dev/block", "/sys/fs/selinux", "/proc/interrupts"})
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What this engine makes for one configuration, read from a checkpoint of a reference
+    container: its first task's mount entries, cgroup image and cg_set, seccomp image and the
+    index of its first task's filter (None: no filter)."""
+
+    mounts: Sequence[Mapping[str, Any]]
+    cgroup: Mapping[str, Any]
+    cg_set: int
+    seccomp: Optional[Mapping[str, Any]]
+    seccomp_filter: Optional[int]
+    seccomp_mode: str
+    new_namespaces: frozenset = frozenset()
+
+
+def reference_body(config: Mapping[str, Any], *, image: str = REFERENCE_IMAGE) -> Dict[str, Any]:
+    """The Engine API create body of the reference container for an accepted ``docker
+    inspect`` ``config``."""
+    recorded = config.get("HostConfig") or {}
+    host: Dict[str, Any] = {k: v for k, v in recorded.items() if k in SHAPING_FIELDS}
+    for key in ("PidMode", "UTSMode", "IpcMode"):
+        # Another container's namespace may be gone by now; the reference takes a private one
+        # (what it joins does not change the reference's own mounts but for /dev/shm, below).
+        if str(host.get(key) or "").startswith("container:"):
+            host.pop(key)
+    host["Runtime"] = RUNTIME
+    host["RestartPolicy"] = {"Name": "no"}
+    host["NetworkMode"] = "host" if recorded.get("NetworkMode") == "host" else "none"
+    volumes = (config.get("Config") or {}).get("Volumes")
+    return {
+        "Image": image, "Entrypoint": None, "Cmd": ["sleep", "86400"], "User": "", "WorkingDir": "",
+        "Volumes": volumes if isinstance(volumes, dict) else None, "Labels": {REFERENCE_LABEL: "1"},
+        "HostConfig": host, "NetworkingConfig": {"EndpointsConfig": {}},
+    }
+
+
+def make_reference(engine: Engine, config: Mapping[str, Any], *, image_source: Optional[Engine] = None) -> Reference:
+    """Start, checkpoint and remove a reference container for ``config`` on ``engine``.
+
+    Dolly's busybox image is copied from ``image_source`` (an engine of the caller's own) when
+    ``engine`` lacks it.
+
+    Raises:
+        HostNotReady: neither engine has Dolly's busybox image (``make host`` builds it).
+        DollyError: the engine refused the configuration or the checkpoint failed.
+    """
+    image = REFERENCE_IMAGE
+    if not engine.has_image(REFERENCE_IMAGE):
+        if image_source is None or not image_source.has_image(REFERENCE_IMAGE):
+            raise HostNotReady(f"the engine has no image {REFERENCE_IMAGE}, which Dolly checks imported "
+                               "checkpoints against: run `make host` on its host, or pass image_source=")
+        # By ID, untagged: an import never adds or moves a name on the engine.
+        with translate_errors():
+            image = str(image_source.client.images.get(REFERENCE_IMAGE).id)
+        engine.ensure_image(image, None, source=image_source, tag=False)
+    name = f"dolly-reference-{uuid.uuid4().hex[:12]}"
+    cid = engine.create(reference_body(config, image=image), name)
+    try:
+        with translate_errors():
+            engine.api.start(cid)
+        cp = checkpoint(cid, "reference", leave_running=False, client=engine.client)
+        try:
+            return read_reference(cp.images_dir)
+        finally:
+            with contextlib.suppress(DollyError):
+                remove_checkpoint(cp, engine.client)
+    finally:
+        engine.remove(cid, volumes=True)
+
+
+def read_reference(images: Path) -> Reference:
+    """The :class:`Reference` in a checkpoint's images (its first task's).
+
+    Raises:
+        ImageRewriteError: images pycriu cannot read.
+    """
+    ids = criu.root_task_ids(images)
+    mounts = criu.load_image(images / f"mountpoints-{ids['mnt_ns_id']}.img")["entries"]
+    core = _thread_core(images, _root_pid(images))
+    seccomp_path = images / "seccomp.img"
+    return Reference(
+        mounts=mounts, cgroup=criu.load_image(images / "cgroup.img"), cg_set=int(core.get("cg_set", 0)),
+        new_namespaces=new_namespaces(images),
+        seccomp=criu.load_image(seccomp_path) if seccomp_path.exists() else None,
+        seccomp_filter=core.get("seccomp_filter") if core.get("seccomp_mode") == "filter" else None,
+        seccomp_mode=str(core.get("seccomp_mode", "disabled")))
+
+
+def needed(config: Mapping[str, Any], allowed: Any) -> bool:
+    """Whether an imported checkpoint's images are to be rebuilt: always, but for one allowed
+    privileged mode, which gives its container everything the images could (mounts, devices,
+    every capability, no filter) and which the reference could not show otherwise."""
+    return not ("privileged" in allowed and (config.get("HostConfig") or {}).get("Privileged"))
+
+
+def rebuild(images: Path, ref: Reference) -> None:
+    """Make ``images``' mount tree, cgroup and seccomp images from ``ref`` (the module's
+    docstring says how), in place.
+
+    Raises:
+        UnsafeArchive: the checkpoint asks for what the reference does not hold (a mount, a
+            namespace, a network namespace image of its own).
+        ImageRewriteError: images pycriu cannot read or write.
+    """
+    _check_namespaces(images)
+    made = new_namespaces(images)
+    if made != ref.new_namespaces:
+        raise UnsafeArchive(
+            "the checkpoint's first task would be restored in namespaces other than those Docker makes "
+            f"for its configuration (new: {', '.join(sorted(made)) or 'none'}; Docker's: "
+            f"{', '.join(sorted(ref.new_namespaces))}): a shared one is the host's. This cannot be allowed")
+    ids = criu.root_task_ids(images)
+    path = images / f"mountpoints-{ids['mnt_ns_id']}.img"
+    img = criu.load_image(path)
+    img["entries"] = rebuild_mounts(img["entries"], ref.mounts)
+    criu.replace_image(img, path)
+    cores = sorted(images.glob("core-*.img"))
+    loaded = {p: img for p in cores if not criu.is_zombie((img := criu.load_image(p))["entries"][0])}
+    seccomp = criu.load_image(images / "seccomp.img") if (images / "seccomp.img").exists() else None
+    new_seccomp, chains = rebuild_seccomp(seccomp, [_core_of(img) for img in loaded.values()], ref)
+    for p, core_img in loaded.items():
+        thread = _core_of(core_img)
+        thread["cg_set"] = ref.cg_set
+        mode, index = chains[id(thread)]
+        thread["seccomp_mode"] = mode
+        if index is None:
+            thread.pop("seccomp_filter", None)
+        else:
+            thread["seccomp_filter"] = index
+        criu.replace_image(core_img, p)
+    if new_seccomp is None:
+        (images / "seccomp.img").unlink(missing_ok=True)
+    else:
+        criu.replace_image(new_seccomp, images / "seccomp.img")
+    criu.replace_image(dict(ref.cgroup), images / "cgroup.img")
+
+
+def rebuild_mounts(foreign: Sequence[Mapping[str, Any]],
+                   reference: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+    """The mount entries of a restore: the reference's, at the foreign tree's mount IDs.
+
+    Each foreign mountpoint must be one of the reference's, or one of Docker's masked paths
+    that this host lacks or one Podman masks beyond Docker (left out: the clone is masked as
+    Docker masks it); each of the
+    reference's must be in the foreign tree. The entry written is the reference's, with the
+    foreign ``mnt_id`` (open files name it), its parent's foreign ``mnt_id``, and a ``root_dev``
+    that is shared exactly where the reference's is (CRIU takes mounts of one ``root_dev`` for
+    binds of one file system, and finds a tmpfs's files by it).
+
+    Raises:
+        UnsafeArchive: a mount the reference does not hold, one missing, or mount IDs that are
+            not a tree.
+    """
+    from .policy import masked_paths  # the list of Docker's masked paths, kept in one place
+
+    by_point: Dict[str, Mapping[str, Any]] = {}
+    for e in foreign:
+        point = e.get("mountpoint")
+        if not isinstance(point, str) or not isinstance(e.get("mnt_id"), int) or point in by_point:
+            raise UnsafeArchive(f"the checkpoint's mount tree has a malformed or repeated entry ({point!r:.200})")
+        by_point[point] = e
+    if len({e["mnt_id"] for e in foreign}) != len(foreign):
+        raise UnsafeArchive("the checkpoint's mount tree repeats a mount ID")
+    ref_by_point = {str(e["mountpoint"]): e for e in reference}
+    extra = sorted(set(by_point) - set(ref_by_point) - masked_paths() - PODMAN_MASKS)
+    if extra:
+        raise UnsafeArchive(
+            "the checkpoint's mount tree holds mounts that Docker does not make for its configuration "
+            f"on this engine: {', '.join(repr(p)[:200] for p in extra[:5])}. This cannot be allowed")
+    missing = sorted(set(ref_by_point) - set(by_point))
+    if missing:
+        raise UnsafeArchive(
+            "the checkpoint's mount tree lacks mounts that Docker makes for its configuration on this "
+            f"engine: {', '.join(missing[:5])}")
+    ref_by_id = {e["mnt_id"]: e for e in reference}
+    # Each of the reference's file systems (root_dev) gets the foreign root_dev of the first of
+    # its mounts in the reference's order: one foreign device per reference device, never shared.
+    devices: Dict[int, int] = {}
+    for e in reference:
+        dev = int(e.get("root_dev", 0))
+        if dev not in devices:
+            devices[dev] = int(by_point[str(e["mountpoint"])].get("root_dev", 0))
+    if len(set(devices.values())) != len(devices):
+        raise UnsafeArchive("the checkpoint's mount tree shares a file system between mounts that Docker "
+                            "gives file systems of their own")
+    rebuilt = []
+    for e in reference:
+        point = str(e["mountpoint"])
+        new = dict(e)
+        new["mnt_id"] = by_point[point]["mnt_id"]
+        parent = ref_by_id.get(e.get("parent_mnt_id"))
+        new["parent_mnt_id"] = (by_point[str(parent["mountpoint"])]["mnt_id"] if parent is not None
+                                else by_point[point].get("parent_mnt_id", 0))
+        new["root_dev"] = devices[int(e.get("root_dev", 0))]
+        rebuilt.append(new)
+    return rebuilt
+
+
+def rebuild_seccomp(foreign: Optional[Mapping[str, Any]], threads: Sequence[Dict[str, Any]], ref: Reference):
+    """The seccomp image of a restore and each thread's ``(mode, filter index)``, keyed by
+    ``id(thread)``: a thread keeps its chain when the chain's first filter is the reference's
+    (byte for byte); any other thread gets the reference's filter alone. The reference's
+    filter comes first in the image written.
+
+    Raises:
+        UnsafeArchive: a chain that loops or names a filter that is not there.
+    """
+    if ref.seccomp_filter is None or ref.seccomp is None:
+        # The accepted configuration runs unconfined (allowed security options or privileged
+        # mode): what the checkpoint's tasks hold can only restrict them further.
+        return foreign, {id(t): (t.get("seccomp_mode", "disabled"), t.get("seccomp_filter")) for t in threads}
+    ref_filters = _filters(ref.seccomp)
+    ref_chain = _chain(ref_filters, ref.seccomp_filter)
+    base = [dict(ref_filters[i]) for i in ref_chain]  # root first
+    for k, f in enumerate(base):
+        f.pop("prev", None)
+        if k:
+            f["prev"] = k - 1
+    top = len(base) - 1
+    filters = _filters(foreign) if foreign is not None else []
+    out = list(base)
+    moved: Dict[int, int] = {}
+    chains: Dict[int, Any] = {}
+    for t in threads:
+        index = t.get("seccomp_filter")
+        keep = False
+        if t.get("seccomp_mode") == "filter" and isinstance(index, int):
+            chain = _chain(filters, index)
+            keep = len(chain) >= len(base) and all(
+                _same(filters[chain[k]], base[k]) for k in range(len(base)))
+        if not keep:
+            chains[id(t)] = ("filter", top)
+            continue
+        prev = top
+        for i in chain[len(base):]:
+            if i not in moved:
+                f = dict(filters[i])
+                f["prev"] = prev
+                out.append(f)
+                moved[i] = len(out) - 1
+            prev = moved[i]
+        chains[id(t)] = ("filter", prev)
+    return {"magic": "SECCOMP", "entries": [{"seccomp_filters": out}]}, chains
+
+
+def _filters(img: Mapping[str, Any]) -> List[Mapping[str, Any]]:
+    try:
+        return list(img["entries"][0]["seccomp_filters"])
+    except (KeyError, IndexError, TypeError) as e:
+        raise UnsafeArchive(f"the checkpoint's seccomp image is not one ({type(e).__name__})") from e
+
+
+def _chain(filters: Sequence[Mapping[str, Any]], index: int) -> List[int]:
+    """The indexes of a chain from its first (outermost) filter to ``index``."""
+    chain: List[int] = []
+    i: Optional[int] = index
+    while i is not None:
+        if not isinstance(i, int) or not 0 <= i < len(filters) or i in chain:
+            raise UnsafeArchive("the checkpoint's seccomp image has a chain that loops or names no filter")
+        chain.append(i)
+        i = filters[i].get("prev")
+    return chain[::-1]
+
+
+def _same(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    def raw(f: Mapping[str, Any]) -> bytes:
+        data = f.get("filter", b"")
+        return base64.b64decode(data) if isinstance(data, str) else bytes(data)
+
+    return raw(a) == raw(b) and a.get("flags", 0) == b.get("flags", 0)
+
+
+# The namespaces CRIU compares between a checkpoint's first task and its inventory's root_ids:
+# where they are equal it makes no namespace, and the task stays in CRIU's own, the host's.
+NAMESPACES = ("pid_ns_id", "net_ns_id", "ipc_ns_id", "uts_ns_id", "mnt_ns_id", "user_ns_id", "cgroup_ns_id",
+              "time_ns_id")
+
+
+def new_namespaces(images: Path) -> frozenset:
+    """The namespaces a restore makes for the checkpoint's tasks: those in which every task's id
+    differs from the inventory's ``root_ids`` (CRIU's ``root_ns_mask``; criu/pstree.c). A
+    namespace in which some task equals ``root_ids`` and another does not is named with a
+    ``mixed:`` prefix, which no reference has.
+
+    Raises:
+        ImageRewriteError: images pycriu cannot read.
+    """
+    try:
+        root = criu.load_image(images / "inventory.img")["entries"][0]["root_ids"]
+        tasks = [criu.load_image(p)["entries"][0] for p in sorted(images.glob("ids-*.img"))]
+    except (KeyError, IndexError, TypeError) as e:
+        raise ImageRewriteError(f"the checkpoint has no readable namespace ids ({type(e).__name__})") from e
+    made = set()
+    for key in NAMESPACES:
+        differs = {t.get(key) != root.get(key) for t in tasks}
+        if differs == {True}:
+            made.add(key[:-6])
+        elif differs == {True, False}:
+            made.add(f"mixed:{key[:-6]}")
+    return frozenset(made)
+
+
+def _check_namespaces(images: Path) -> None:
+    """Raises:
+        UnsafeArchive: a task in a mount, network, user or cgroup namespace of its own, or a
+            network namespace image (CRIU would make that namespace, links and all, as root).
+    """
+    first = criu.load_image(images / f"ids-{_root_pid(images)}.img")["entries"][0]
+    for path in sorted(images.glob("ids-*.img")):
+        ids = criu.load_image(path)["entries"][0]
+        for key in ("mnt_ns_id", "net_ns_id", "user_ns_id", "cgroup_ns_id"):
+            if ids.get(key) != first.get(key):
+                raise UnsafeArchive(f"a task of the checkpoint ({path.name}) is in a {key[:-6]} namespace of its "
+                                    "own, which a restore would make as root: this cannot be allowed")
+    found = sorted(p.name for p in images.glob("netns-*.img"))
+    if found:
+        raise UnsafeArchive(f"the checkpoint holds a network namespace of its own ({found[0]}), which a restore "
+                            "would make as root: Docker's checkpoints join the namespace the engine makes")
+
+
+def _root_pid(images: Path) -> int:
+    try:
+        return int(criu.load_image(images / "pstree.img")["entries"][0]["pid"])
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise ImageRewriteError(f"the checkpoint has no readable process tree ({type(e).__name__})") from e
+
+
+def _thread_core(images: Path, pid: int) -> Dict[str, Any]:
+    return _core_of(criu.load_image(images / f"core-{pid}.img"))
+
+
+def _core_of(img: Mapping[str, Any]) -> Dict[str, Any]:
+    try:
+        core = img["entries"][0]["thread_core"]
+    except (KeyError, IndexError, TypeError) as e:
+        raise ImageRewriteError(f"a core image holds no thread state ({type(e).__name__})") from e
+    if not isinstance(core, dict):
+        raise ImageRewriteError("a core image holds no thread state")
+    return core
