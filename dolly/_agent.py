@@ -6,7 +6,8 @@ another host, or another mount namespace), Dolly keeps one small container on th
 agent, and runs its own functions there with ``exec`` (``python -m dolly._agent OP``), where the
 engine's data root is mounted at its own path and the engine's socket is at hand:
 
-    name        dolly-agent, labelled dolly.agent=<protocol>; started on demand, kept warm
+    name        dolly-agent-<fingerprint>, labelled dolly.agent=<protocol> and with its digest
+                (below); started on demand, kept warm
     image       dolly/python (Debian's userland), with Dolly's Python, virtualenv and source
                 mounted read-only from the same paths on that host (``make host`` there puts
                 them there, as here)
@@ -15,6 +16,18 @@ engine's data root is mounted at its own path and the engine's socket is at hand
     runs as     root with the capabilities file work needs (not privileged), the host's PID
                 namespace, no network, runtime runc: what Dolly does as root on a local engine's
                 host, no more
+
+The agent is known, not named: anyone who can create containers on the engine can create one
+under its name. Each install has a secret, made once on the calling side (:func:`secret_dir`,
+root-only); the agent carries an HMAC of its whole configuration and engine under that secret
+(``dolly.agent.digest``). Whenever an :class:`Agent` resolves its container it checks, with one
+inspect, the digest and every field that decides what the container can do (image, command,
+environment, binds and mounts, capabilities, privileges, security options, namespaces, runtime),
+against what the engine's labels say now; and, with one exec of the stdlib Python there, that
+the socket the agent mounts reaches the engine that runs it (it finds itself by its full
+container ID). Anything else under the name is removed and replaced, never used; an engine whose
+socket cannot be found (no ``dolly.socket`` label, and the default path is another engine's) is
+refused. A container's configuration cannot change once made, so the ID resolved stays checked.
 
 Results come back as one JSON line on stdout; a Dolly error comes back by its class name and
 message and is raised here as the same class. Bundles travel over the exec's stdout (export) and
@@ -26,28 +39,40 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import hmac
 import io
 import json
+import logging
 import os
 import queue
+import secrets
 import socket
 import ssl
+import stat
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Tuple, cast
+from typing import IO, Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, cast
 
 import docker
 from docker.utils.socket import consume_socket_output, demux_adaptor, frames_iter
 
-from . import _retry as retry, errors
+from . import _retry as retry, errors, policy
 from ._engine import Engine, translate_errors
 from .errors import ContainerNotFound, DollyError, EngineError, HostNotReady
 
-PROTOCOL = "1"
+log = logging.getLogger("dolly")
+
+PROTOCOL = "2"
 NAME = "dolly-agent"
 LABEL = "dolly.agent"
+# The keyed digest that makes a container Dolly's agent (see AgentSpec.digest). Anyone who can
+# reach the engine reads it with `docker inspect`: it proves who made the container for which
+# configuration and engine, and copying it onto another container proves nothing more, because
+# that container's configuration is checked against the one the digest covers.
+DIGEST_LABEL = "dolly.agent.digest"
 IMAGE = "dolly/python"
 SOCKET_LABEL = "dolly.socket"
 _CHUNK = 1 << 20
@@ -90,56 +115,148 @@ class Agent:
         other's; two processes starting it at once share the one the engine made first.
 
         Raises:
-            HostNotReady: the engine lacks the image, or the agent does not start.
+            HostNotReady: the engine lacks the image, the agent does not start, a container under
+                its name is not Dolly's agent and cannot be replaced, the engine's socket cannot
+                be told (see :meth:`_find_or_start`), or this runs inside an agent.
         """
         if self._id is not None:
             return self._id
+        if os.environ.get("DOLLY_AGENT") == "1":
+            # Inside an agent, its own engine's files are local by construction: when they are
+            # not, its socket is another engine's, and an agent started from here would act there.
+            raise HostNotReady("Dolly's agent reached an engine whose files it does not hold: the socket it "
+                               "mounts is not its own engine's (set the engine's dolly.socket label)")
         with self._starting:  # this process's threads (prewarm's among them) start it once
             if self._id is not None:
                 return self._id
             return self._find_or_start()
 
     def _find_or_start(self) -> str:
+        """Find this install's agent and prove it is Dolly's own before anything is run in it,
+        else make one (see :func:`_verify` for what is checked, and why).
+
+        Raises:
+            HostNotReady: no image, an agent that does not start, a container under the agent's
+                name that is not Dolly's and cannot be removed, or an engine whose socket, as
+                the agent mounts it, reaches another engine (set ``dolly.socket``).
+        """
         api = self.engine.api
-        name = f"{NAME}-{_fingerprint()}"
+        name = agent_name()
+        secret = agent_secret()
         with translate_errors():
+            spec = self._spec()
             try:
-                found = api.inspect_container(name)
+                found: Optional[Dict[str, Any]] = api.inspect_container(name)
             except docker.errors.NotFound:
                 found = None
-            if found is not None and not found["State"]["Running"]:
-                api.remove_container(found["Id"], force=True)
-                found = None
+            if found is not None:
+                wrong = _mismatch(found, spec, secret) or ("" if found["State"]["Running"] else "it is not running")
+                if not wrong:
+                    wrong = self._socket_mismatch(found, spec, secret)
+                if wrong:
+                    # Dolly's own agent made for another configuration (an older label, another
+                    # image), a stopped one, or a container someone else put under this name:
+                    # never used; this engine is the caller's to drive, so it is replaced.
+                    log.warning("replacing the container %s on %s: %s", name, api.base_url, wrong)
+                    self._remove_found(found, wrong)
+                    found = None
             if found is None:
-                found = self._start(name)
+                found = self._start(name, spec, secret)
+                wrong = _mismatch(found, spec, secret) or self._socket_mismatch(found, spec, secret)
+                if wrong:
+                    if "reaches another engine" in wrong or "cannot reach" in wrong:
+                        self._remove_found(found, wrong)
+                        raise HostNotReady(_socket_advice(self.engine, spec, wrong))
+                    raise HostNotReady(f"the container {name} on {api.base_url} is not the agent Dolly made: "
+                                       f"{wrong}")
         self._id = str(found["Id"])
         return self._id
 
-    def _start(self, name: str) -> Dict[str, Any]:
+    def _spec(self) -> AgentSpec:
+        """What this install's agent on this engine must be, from the engine's current labels
+        (read again, so that an agent made before a label changed is seen to differ).
+
+        Raises:
+            HostNotReady: the engine lacks the agent's image.
+        """
         api = self.engine.api
-        if not self.engine.has_image(IMAGE):
+        info = self.engine.info(refresh=True)
+        try:
+            image = api.inspect_image(IMAGE)
+        except docker.errors.ImageNotFound:
             raise HostNotReady(f"the engine at {api.base_url} has no image {IMAGE}, which Dolly's agent runs "
-                               "in: run `make host` on that host (or copy the image there)")
-        info = self.engine.info()
-        root = info["DockerRootDir"]
-        engine_socket = _label(info, SOCKET_LABEL) or "/var/run/docker.sock"
-        binds = [f"{root}:{root}", f"{engine_socket}:/var/run/docker.sock", "/var/log/dolly:/var/log/dolly",
-                 "/run/dolly:/run/dolly"]
-        binds += [f"{p}:{p}:ro" for p in _runtime_paths()]
+                               "in: run `make host` on that host (or copy the image there)") from None
+        return AgentSpec.of(info, image)
+
+    def _remove_found(self, found: Dict[str, Any], why: str) -> None:
+        """Remove a container found under the agent's name.
+
+        Raises:
+            HostNotReady: the engine refuses to remove it (the message says what it was).
+        """
+        try:
+            self.engine.api.remove_container(found["Id"], force=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as e:
+            raise HostNotReady(f"the container {found.get('Name', '').lstrip('/')} ({found['Id'][:12]}) on "
+                               f"{self.engine.api.base_url} is under the name of Dolly's agent but is not "
+                               f"Dolly's agent ({why}), and it cannot be removed: {e}") from e
+
+    def _socket_mismatch(self, found: Dict[str, Any], spec: AgentSpec, secret: bytes) -> str:
+        """Why the engine that the agent's mounted socket reaches is not the engine that runs it,
+        or "" when it is. Asked from inside the agent: it looks itself up, by its full container
+        ID, through that socket. Container IDs are 256 random bits, so finding itself there, with
+        the same digest, proves the same engine; the engine ID alone would not (engines sharing
+        /etc/docker report the same one). One exec of the stdlib Python, no import of Dolly."""
+        api = self.engine.api
+        exec_id = api.exec_create(found["Id"], [sys.executable, "-I", "-S", "-c", _WHOAMI, found["Id"], DIGEST_LABEL],
+                                  stdout=True, stderr=True)["Id"]
+        out, err = api.exec_start(exec_id, demux=True)
+        code = _exit_code(api, exec_id)
+        try:
+            seen = json.loads((out or b"").decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            seen = None
+        if code != 0 or not isinstance(seen, dict):
+            return (f"the agent cannot reach an engine through the socket it mounts ({spec.socket} on the "
+                    f"engine's host): {(err or b'').decode(errors='replace')[-300:]}")
+        if seen.get("status") != 200:
+            return (f"the socket it mounts ({spec.socket} on the engine's host) reaches another engine: "
+                    f"container {found['Id'][:12]} is not there (status {seen.get('status')})")
+        if seen.get("id") != found["Id"] or not hmac.compare_digest(str(seen.get("digest")), spec.digest(secret)):
+            return (f"the socket it mounts ({spec.socket} on the engine's host) reaches another engine: "
+                    "it shows another container under this ID")
+        return ""
+
+    def _start(self, name: str, spec: AgentSpec, secret: bytes) -> Dict[str, Any]:
+        """Create and start the agent as ``spec`` says, labelled with its digest.
+
+        Raises:
+            HostNotReady: through the caller, when what was made does not check out.
+            EngineError: the engine refuses to create or start it.
+        """
+        api = self.engine.api
         # Not privileged: a privileged container asks for every capability, and hosts whose root
         # lacks one (CAP_SYS_RESOURCE, on some VMs and CI sandboxes) refuse to start it.
-        host_config = api.create_host_config(binds=binds, cap_add=AGENT_CAPABILITIES, pid_mode="host",
-                                             security_opt=["seccomp=unconfined", "apparmor=unconfined"],
+        host_config = api.create_host_config(binds=list(spec.binds), cap_add=list(spec.capabilities),
+                                             pid_mode="host", security_opt=list(spec.security_opt),
                                              network_mode="none", runtime="runc",
                                              restart_policy={"Name": "unless-stopped"})
         try:
             created = api.create_container(
-                IMAGE, ["sleep", "infinity"], name=name, labels={LABEL: PROTOCOL}, host_config=host_config,
-                environment={"DOLLY_AGENT": "1", "PYTHONPATH": str(_source_root()), "PYTHONDONTWRITEBYTECODE": "1"})
+                spec.image_id, list(spec.command), name=name, host_config=host_config, environment=dict(spec.env),
+                labels={LABEL: PROTOCOL, DIGEST_LABEL: spec.digest(secret)})
         except docker.errors.APIError as e:
             if e.status_code != 409:
                 raise
-            return api.inspect_container(name)  # another process made it first: share it
+            # Another process made it first: checked as any found, once that process started it.
+            deadline = time.monotonic() + 30
+            while True:
+                found: Dict[str, Any] = api.inspect_container(name)
+                if found["State"]["Running"] or time.monotonic() > deadline:
+                    return found
+                time.sleep(0.1)
         try:
             api.start(created["Id"])
         except docker.errors.APIError:
@@ -151,7 +268,7 @@ class Agent:
         """Stop and remove the agent (it is started again when needed)."""
         self._id = None
         with contextlib.suppress(docker.errors.NotFound):
-            self.engine.api.remove_container(f"{NAME}-{_fingerprint()}", force=True)
+            self.engine.api.remove_container(agent_name(), force=True)
 
     def prewarm(self, n: int = 1) -> Callable[[float], None]:
         """Start ``n`` workers in the background: execs of the agent that have loaded Dolly and
@@ -502,7 +619,7 @@ def _result(out: bytes, err: bytes, code: Optional[int]) -> Any:
 _CARRIED = ("kept", "log_lines", "log_path", "items", "status_code", "step", "logs")
 
 
-def _label(info: Dict[str, Any], key: str) -> Optional[str]:
+def _label(info: Mapping[str, Any], key: str) -> Optional[str]:
     for label in info.get("Labels") or []:
         k, _, v = str(label).partition("=")
         if k == key:
@@ -521,9 +638,213 @@ def _runtime_paths() -> List[str]:
     return sorted(p for p in paths if p and p != "/")
 
 
-def _fingerprint() -> str:
-    """Which Dolly an agent runs: its protocol, Python and source paths, as a short name part."""
-    return hashlib.sha256(f"{PROTOCOL}:{sys.executable}:{_source_root()}".encode()).hexdigest()[:12]
+def _fingerprint(key_id: str) -> str:
+    """Which Dolly an agent runs: its protocol, Python and source paths and the ID of its
+    secret, as a short name part."""
+    return hashlib.sha256(f"{PROTOCOL}:{sys.executable}:{_source_root()}:{key_id}".encode()).hexdigest()[:12]
+
+
+# --- knowing the agent ------------------------------------------------------------------------------
+
+SECRET_FILE = "secret"
+
+
+def secret_dir() -> Path:
+    """Where this side keeps the secret its agents are made with: Dolly's own state folder on the
+    calling machine (never the engine's host, which the agent's engine may not be), root's
+    ``/var/lib/dolly/agent``, else this user's ``$XDG_STATE_HOME/dolly/agent``."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/dolly/agent")
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "dolly" / "agent"
+
+
+def agent_secret() -> bytes:
+    """This install's 32-byte secret, made once: a folder only its owner can enter (0700), a file
+    only its owner can read (0600), both owned by this user. Written beside its place and linked
+    there, so that two processes making it at once agree on the first one made.
+
+    Raises:
+        HostNotReady: the folder or the file is someone else's, or others can read or write it
+            (then the secret is no secret), or the file is damaged.
+    """
+    folder = secret_dir()
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = folder / SECRET_FILE
+    _private(folder, stat.S_ISDIR)
+    if not path.exists():
+        tmp = folder / f".{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+                f.flush()
+                os.fsync(f.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)  # the first one made wins
+        finally:
+            tmp.unlink(missing_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        _private(path, stat.S_ISREG, os.fstat(f.fileno()))
+        data = f.read(64)
+    if len(data) != 32:
+        raise HostNotReady(f"{path}, the secret Dolly makes its agents with, is damaged ({len(data)} bytes, "
+                           "not 32): remove it, and Dolly makes a new one (and new agents)")
+    return data
+
+
+def _private(path: Path, kind: Callable[[int], bool], st: Optional[os.stat_result] = None) -> None:
+    """Raises:
+        HostNotReady: ``path`` is not of ``kind``, not this user's, or open to others.
+    """
+    st = st if st is not None else os.lstat(path)
+    if not kind(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise HostNotReady(f"{path} holds the secret Dolly makes its agents with, but it is not private to "
+                           f"this user (mode {stat.filemode(st.st_mode)}, owner {st.st_uid}): make it "
+                           f"{'0700' if kind is stat.S_ISDIR else '0600'} and owned by uid {os.geteuid()}, "
+                           "or remove it")
+
+
+def agent_name() -> str:
+    """The agent's name: each install (protocol, Python, source, secret) has its own, so that two
+    never replace each other's, even two machines driving one engine from the same paths."""
+    key_id = hmac.new(agent_secret(), b"dolly agent name", hashlib.sha256).hexdigest()[:16]
+    return f"{NAME}-{_fingerprint(key_id)}"
+
+
+# Run in the agent with its Python's standard library only (-I -S: no Dolly, no site): look the
+# agent's own container up, by the full ID it is given, through the socket it mounts.
+_WHOAMI = """
+import http.client, json, socket, sys
+class C(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(20)
+        self.sock.connect("/var/run/docker.sock")
+c = C("localhost")
+c.request("GET", "/containers/" + sys.argv[1] + "/json")
+r = c.getresponse()
+body = r.read()
+out = {"status": r.status}
+if r.status == 200:
+    d = json.loads(body)
+    out.update(id=d["Id"], digest=((d.get("Config") or {}).get("Labels") or {}).get(sys.argv[2]))
+print(json.dumps(out))
+"""
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """What this install's agent on one engine is: everything about the container that decides
+    what it can do and what runs in it, and the engine it is for. Computed from the engine's
+    current ``docker info`` and image, compared field by field with the container found."""
+
+    image_id: str
+    command: Tuple[str, ...]
+    env: Tuple[Tuple[str, str], ...]  # ours, set over the image's
+    image_env: Tuple[Tuple[str, str], ...]
+    binds: Tuple[str, ...]
+    capabilities: Tuple[str, ...]
+    security_opt: Tuple[str, ...]
+    socket: str
+    engine: Tuple[str, str, str]  # the engine's ID, name and data root, as it reports them
+
+    @classmethod
+    def of(cls, info: Mapping[str, Any], image: Mapping[str, Any]) -> AgentSpec:
+        root = str(info["DockerRootDir"])
+        engine_socket = _label(info, SOCKET_LABEL) or "/var/run/docker.sock"
+        binds = [f"{root}:{root}", f"{engine_socket}:/var/run/docker.sock", "/var/log/dolly:/var/log/dolly",
+                 "/run/dolly:/run/dolly"]
+        binds += [f"{p}:{p}:ro" for p in _runtime_paths()]
+        env = {"DOLLY_AGENT": "1", "PYTHONPATH": str(_source_root()), "PYTHONDONTWRITEBYTECODE": "1"}
+        return cls(image_id=str(image["Id"]), command=("sleep", "infinity"), env=tuple(sorted(env.items())),
+                   image_env=tuple(sorted(_env((image.get("Config") or {}).get("Env")).items())),
+                   binds=tuple(binds), capabilities=tuple(AGENT_CAPABILITIES),
+                   security_opt=("seccomp=unconfined", "apparmor=unconfined"), socket=engine_socket,
+                   engine=(str(info.get("ID")), str(info.get("Name")), root))
+
+    def digest(self, secret: bytes) -> str:
+        """HMAC-SHA256, keyed with this install's secret, of the whole spec and the agent's name:
+        only this install can make it; it binds the configuration and the engine."""
+        body = json.dumps({"protocol": PROTOCOL, "name": agent_name(), "spec": self.__dict__}, sort_keys=True,
+                          default=list)
+        return hmac.new(secret, body.encode(), hashlib.sha256).hexdigest()
+
+
+def _env(pairs: Any) -> Dict[str, str]:
+    out: Dict[str, str] = {}
+    for pair in pairs or []:
+        k, _, v = str(pair).partition("=")
+        out[k] = v
+    return out
+
+
+def _caps(value: Any) -> List[str]:
+    return sorted(str(c).upper().removeprefix("CAP_") for c in value or [])
+
+
+def _own(mode: Any) -> bool:
+    """A namespace mode that is the container's own (not the host's, nor another container's)."""
+    return not str(mode or "").startswith(("host", "container:"))
+
+
+def _mismatch(found: Mapping[str, Any], spec: AgentSpec, secret: bytes) -> str:
+    """Why the container ``found`` (its ``docker inspect``) is not the agent ``spec`` describes,
+    or "" when it is. The digest proves this install made it for this spec; the fields prove the
+    container is what the spec says, so that the digest, which anyone can read and copy onto a
+    container of their own, is worth nothing on another configuration."""
+    config, host = found.get("Config") or {}, found.get("HostConfig") or {}
+    labels = config.get("Labels") or {}
+    digest = labels.get(DIGEST_LABEL)
+    if not digest or not hmac.compare_digest(str(digest), spec.digest(secret)):
+        return ("its digest label is missing or was not made by this Dolly for this engine and configuration "
+                "(made by someone else, or by this Dolly for another configuration)")
+    want_env = {**dict(spec.image_env), **dict(spec.env)}
+    mounts = sorted((str(m.get("Type")), str(m.get("Source")), str(m.get("Destination")), bool(m.get("RW")))
+                    for m in found.get("Mounts") or [])
+    want_mounts = sorted(("bind", b.split(":")[0], b.split(":")[1], not b.endswith(":ro")) for b in spec.binds)
+    checks = [
+        ("image", found.get("Image"), spec.image_id),
+        ("command", list(config.get("Cmd") or []), list(spec.command)),
+        ("entrypoint", config.get("Entrypoint") or None, None),
+        ("user", config.get("User") or "", ""),
+        ("environment", _env(config.get("Env")), want_env),
+        ("health check", config.get("Healthcheck") or None, None),
+        ("binds", sorted(host.get("Binds") or []), sorted(spec.binds)),
+        ("mounts", mounts, want_mounts),
+        ("other mounts", [host.get(k) or None for k in ("Mounts", "Tmpfs", "VolumesFrom")], [None] * 3),
+        ("capabilities", _caps(host.get("CapAdd")), _caps(spec.capabilities)),
+        ("capability set", host.get("Capabilities") or None, None),
+        ("privileged", bool(host.get("Privileged")), False),
+        # Docker adds label=disable itself to a container in the host's PID namespace.
+        ("security options", sorted(set(host.get("SecurityOpt") or []) - {"label=disable"}),
+         sorted(spec.security_opt)),
+        ("devices", [host.get(k) or None for k in ("Devices", "DeviceRequests", "DeviceCgroupRules")], [None] * 3),
+        ("PID namespace", host.get("PidMode"), "host"),
+        ("network", host.get("NetworkMode"), "none"),
+        # Not the cgroup namespace: the engine's default for it is the host's on some hosts (cgroup v1).
+        ("other namespaces", [_own(host.get(k)) for k in ("IpcMode", "UTSMode", "UsernsMode")], [True] * 3),
+        ("runtime", host.get("Runtime"), "runc"),
+        ("sysctls", host.get("Sysctls") or None, None),
+        # Docker's defaults, or more: unmasked, /proc/kcore and the like would be the host's.
+        ("masked paths", sorted(set(policy.masked_paths()) - set(host.get("MaskedPaths") or [])
+                                - set(host.get("ReadonlyPaths") or [])), []),
+    ]
+    for what, have, want in checks:
+        if have != want:
+            return f"its {what} differ{'s' if not what.endswith('s') else ''} from this Dolly's agent's: {have!r:.300}"
+    return ""
+
+
+def _socket_advice(engine: Engine, spec: AgentSpec, wrong: str) -> str:
+    """What to do when the agent's socket is not its own engine's."""
+    if _label(engine.info(), SOCKET_LABEL) is None:
+        return (f"the engine at {engine.api.base_url} has no {SOCKET_LABEL} label, and on its host "
+                f"{spec.socket} is not its socket: {wrong}. Dolly does not act there, since it would act on "
+                f"that other engine: give the engine the label, \"labels\": [\"{SOCKET_LABEL}=/path/to/its.sock\"] "
+                "in its daemon.json, and reload or restart it")
+    return (f"the engine at {engine.api.base_url} says its socket is {spec.socket} (its {SOCKET_LABEL} "
+            f"label), but {wrong}. Dolly does not act there: correct the label in its daemon.json")
 
 
 # --- inside the agent ------------------------------------------------------------------------------

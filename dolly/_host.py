@@ -74,7 +74,10 @@ def check_host(client: Optional[docker.DockerClient] = None) -> HostReport:
         try:
             rows = _remote.check_host(engine)
         except DollyError as e:
-            checks.append(Check("agent", False, str(e), "run `make host` on the engine's host"))
+            # An engine whose socket Dolly cannot tell needs its label, not another `make host`.
+            fix = ("give the engine its socket's path as a label: \"labels\": [\"dolly.socket=/path/to.sock\"] in its "
+                   "daemon.json" if "dolly.socket" in str(e) else "run `make host` on the engine's host")
+            checks.append(Check("agent", False, str(e), fix))
             return HostReport(checks)
         checks.append(Check("agent", True, f"Dolly's agent answers beside the files of {engine.api.base_url}"))
         checks += [Check(**row) for row in rows if row["name"] != "engine"]

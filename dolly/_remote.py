@@ -15,19 +15,19 @@ import hashlib
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import IO, Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Union
 
 import docker
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from docker.models.containers import Container
 
-from . import _archive as archive, _formats as formats, trust
+from . import _archive as archive, _formats as formats, policy, trust
 from ._agent import Agent
 from ._archive import tarfile
 from ._bundle import check_signature_and_freshness, first_member, parse_manifest, read_signature, write_stream
 from ._checkpoint import Checkpoint
-from ._engine import ContainerRef, Engine, id_of
+from ._engine import ContainerRef, Engine, id_of, translate_errors
 from .errors import BundleError
 
 _CHUNK = 1 << 20
@@ -192,3 +192,21 @@ class _Hashing:
         if (self.left <= 0 or not chunk) and self.hash.hexdigest() != self.want:
             raise BundleError(f"{self.name} from Dolly's agent does not match its SHA-256")
         return bytes(chunk)
+
+
+def allowed_from(engine: Engine, cp: Checkpoint) -> FrozenSet[str]:
+    """The most that a copy of ``cp`` sent by ``engine``'s agent may ask for where it is imported:
+    what the caller's own container asks for, as the engine's API (not the agent) reports it now;
+    nothing, when that container is gone. A copy between the caller's engines is the caller's
+    own, but what an agent sends is only as good as the agent: it is never imported with more
+    allowed than the container it claims to be a copy of has.
+
+    Raises:
+        EngineError: the engine does not answer.
+    """
+    with translate_errors():
+        try:
+            attrs = engine.api.inspect_container(cp.container_id)
+        except docker.errors.NotFound:
+            return frozenset()
+    return frozenset(item for item, _ in policy.violations(attrs) if item in policy.ITEMS)

@@ -269,8 +269,12 @@ class IsolatedEngine:
 
     def __init__(self, name: str, *, subnet: str, tcp_tls: bool = False,
                  images: Sequence[str] = ("dolly/busybox", "dolly/python"),
-                 image_source: Optional[docker.DockerClient] = None) -> None:
-        """``subnet``: the bridge's address with its prefix length, like ``10.213.111.1/24``."""
+                 image_source: Optional[docker.DockerClient] = None, socket_label: bool = True) -> None:
+        """``subnet``: the bridge's address with its prefix length, like ``10.213.111.1/24``.
+        ``socket_label``: give the engine its ``dolly.socket`` label; without it, the default
+        socket path in its namespace, /var/run/docker.sock, is the *main* engine's (only
+        /run/docker is its own), as on a host whose socket is elsewhere and unlabelled."""
+        self.socket_label = socket_label
         self.name = name
         self.subnet = subnet
         self.tcp_tls = tcp_tls
@@ -338,7 +342,7 @@ class IsolatedEngine:
         # says /var/run/docker.sock for a host's main engine).
         config = {"experimental": True, "runtimes": {"dolly": {"path": "/usr/local/sbin/dolly-runc"}},
                   "default-runtime": "dolly", "cgroup-parent": self.cgroup_parent,
-                  "labels": [f"dolly.socket={self.socket}"]}
+                  "labels": [f"dolly.socket={self.socket}"] if self.socket_label else []}
         (self.base / "etc" / "daemon.json").write_text(json.dumps(config, indent=2))
         self.log.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(["ip", "link", "add", "name", self.bridge, "type", "bridge"], check=True)

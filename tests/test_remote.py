@@ -7,7 +7,10 @@ agent, a container it keeps on each of them.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import io
+import json
 import os
 import signal
 import threading
@@ -20,7 +23,18 @@ import zstandard
 
 import dolly
 from dolly import errors, trust
-from dolly._agent import NAME as AGENT
+from dolly._agent import (
+    AGENT_CAPABILITIES,
+    DIGEST_LABEL,
+    IMAGE,
+    LABEL,
+    NAME as AGENT,
+    PROTOCOL,
+    Agent,
+    AgentSpec,
+    agent_name,
+    agent_secret,
+)
 from dolly._archive import tarfile
 from dolly._bundle import read_manifest
 from dolly._engine import Engine
@@ -324,3 +338,138 @@ def test_a_post_copy_target_losing_its_memory_mid_way_brings_the_source_back(war
     assert (info.value.step, "broke off" in str(info.value) or "did not keep running" in str(info.value)) in (
         ("memory", True), ("verify", True)), str(info.value)
     _assert_the_source_as_it_was(source, before, ask, client, host_b)
+
+
+# --- the agent is known, not named (issue 22) -----------------------------------------------------
+
+
+def _fresh_agent(client: docker.DockerClient) -> Agent:
+    """This process's Agent of that engine, made to look its container up again on next use."""
+    agent = Agent.of(Engine.of(client))
+    agent._id = None
+    return agent
+
+
+def _agent_binds(agent_id: str, client: docker.DockerClient) -> list:
+    return client.api.inspect_container(agent_id)["HostConfig"]["Binds"]
+
+
+@pytest.mark.parametrize("label", ["none", "copied from Dolly's agent"])
+def test_an_impostor_under_the_agent_s_name_is_never_used(host_b, tmp_path, label):
+    """A container that anyone with access to the engine made under the agent's name, with the
+    agent's image, command and environment but a host folder bound in (and, in the second case,
+    the digest label of Dolly's real agent, read with `docker inspect` and copied): Dolly neither
+    execs in it nor keeps it; it makes its own agent, which carries no such folder."""
+    engine = Engine.of(host_b)
+    real = _fresh_agent(host_b).container_id()
+    real_attrs = host_b.api.inspect_container(real)
+    digest = real_attrs["Config"]["Labels"][DIGEST_LABEL]
+    host_b.api.remove_container(real, force=True)
+    labels = {LABEL: PROTOCOL, **({DIGEST_LABEL: digest} if label != "none" else {})}
+    spec = AgentSpec.of(engine.info(refresh=True), host_b.api.inspect_image(IMAGE))
+    impostor = host_b.containers.run(
+        IMAGE, ["sleep", "infinity"], detach=True, name=agent_name(), labels=labels,
+        environment=dict(spec.env), cap_add=AGENT_CAPABILITIES, pid_mode="host",
+        network_mode="none", runtime="runc", security_opt=list(spec.security_opt),
+        volumes=[*spec.binds, f"{tmp_path}:/host-folder"])
+    try:
+        assert dolly.list_checkpoints(client=host_b) == []
+        used = Agent.of(engine).container_id()
+        assert used != impostor.id, "Dolly used the impostor as its agent"
+        with pytest.raises(docker.errors.NotFound):
+            host_b.containers.get(impostor.id)  # replaced: this engine is the caller's to drive
+        attrs = host_b.api.inspect_container(used)
+        assert attrs["Name"] == "/" + agent_name()
+        assert not any(m["Destination"] == "/host-folder" for m in attrs["Mounts"])
+        assert attrs["Config"]["Labels"][DIGEST_LABEL] == digest  # the same spec: the same digest
+    finally:
+        with contextlib.suppress(docker.errors.NotFound):
+            impostor.remove(force=True)
+
+
+def test_an_agent_whose_mounts_no_longer_match_is_replaced(on_host, host_b, host_b_engine):
+    """Dolly's own agent, made when the engine's dolly.socket label said another socket (here
+    the main engine's): its digest is good for the configuration it was made with, which is not
+    what the label says now, so it is replaced before anything runs in it."""
+    engine = Engine.of(host_b)
+    source = on_host(host_b)
+    cp = dolly.checkpoint(source.id, "mounts", client=host_b)
+    agent = _fresh_agent(host_b)
+    host_b.api.remove_container(agent.container_id(), force=True)
+    agent._id = None
+    spec = AgentSpec.of(engine.info(refresh=True), host_b.api.inspect_image(IMAGE))
+    old_binds = tuple(b.replace(f"{host_b_engine.socket}:", "/var/run/docker.sock:") for b in spec.binds)
+    assert old_binds != spec.binds
+    old = agent._start(agent_name(), dataclasses.replace(spec, binds=old_binds, socket="/var/run/docker.sock"),
+                       agent_secret())
+    assert "/var/run/docker.sock:/var/run/docker.sock" in _agent_binds(old["Id"], host_b)
+    # On host b, through the agent: host b's checkpoint, not the main engine's list.
+    assert dolly.list_checkpoints(source.id, host_b) == [cp]
+    used = agent.container_id()
+    assert used != old["Id"]
+    with pytest.raises(docker.errors.NotFound):
+        host_b.api.inspect_container(old["Id"])
+    assert f"{host_b_engine.socket}:/var/run/docker.sock" in _agent_binds(used, host_b)
+
+
+def test_an_engine_whose_default_socket_is_another_engine_s_is_refused(client, run):
+    """An engine without the dolly.socket label, on whose host /var/run/docker.sock is another
+    engine's (here: the main engine's, as in a namespace where only /run/docker is its own).
+    Its agent would act on that other engine and report its checkpoints as this one's: Dolly
+    refuses, says to set the label, and leaves no agent behind."""
+    source = run(BUSYBOX, ["sh", "-c", COUNTER])
+    time.sleep(0.5)
+    here = dolly.checkpoint(source, "elsewhere")  # what the wrong engine would report
+    unlabelled = IsolatedEngine(f"nolab{RUN_ID[:4]}", subnet="10.213.117.1/24", images=("dolly/python",),
+                                socket_label=False)
+    other = unlabelled.start()
+    try:
+        # (Before, this returned the main engine's checkpoints, `here` among them, as the other's.)
+        with pytest.raises(errors.HostNotReady, match=r"dolly\.socket") as refused:
+            dolly.list_checkpoints(client=other)
+        assert "another engine" in str(refused.value)
+        assert other.containers.list(all=True, filters={"label": LABEL}) == []
+        report = dolly.check_host(other)
+        assert not report.ok and "dolly.socket" in str(report)
+    finally:
+        unlabelled.stop()
+    assert dolly.list_checkpoints(source) == [here]
+
+
+def test_what_an_agent_sends_is_not_imported_with_more_than_its_source_has(on_host, client, host_b,
+                                                                            host_b_engine, tmp_path):
+    """A copy from another host's agent into this engine (clone(..., engines=[client]), as
+    migrate does): the agent sends a checkpoint whose recorded configuration asks for
+    SYS_ADMIN and a host folder (here its files were changed on that host; a lying agent would
+    send the same), while the container it is a copy of, as that engine's API shows it, asks for
+    neither. It is refused, and nothing of it stays here."""
+    source = on_host(host_b)
+    cp = dolly.checkpoint(source.id, "widened", client=host_b)
+    meta_path = host_b_engine.data_root / cp.path.relative_to("/var/lib/docker") / "dolly.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["HostConfig"].update(CapAdd=["SYS_ADMIN", "SYS_MODULE"], Binds=[f"{tmp_path}:/host-folder"])
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(errors.PolicyRefused) as refused:  # (a clone that ran would go with the test's cleanup)
+        dolly.clone(cp, 1, engines=[client])
+    assert set(refused.value.items) == {"capabilities", "host-mounts"}, str(refused.value)
+    assert [c for c in client.containers.list(all=True) if c.attrs["Config"]["Image"] == BUSYBOX
+            and c.attrs["HostConfig"].get("CapAdd")] == []
+    assert [x for x in dolly.list_checkpoints(client=client) if x.container_id == source.id] == []
+
+
+def test_the_agent_secret_is_made_once_and_kept_private(tmp_path, monkeypatch):
+    """No engine: the secret's folder is 0700 and its file 0600, made once; one that others can
+    read is refused, never used (anyone could then make an agent that passes for Dolly's)."""
+    from dolly import _agent
+
+    monkeypatch.setattr(_agent, "secret_dir", lambda: tmp_path / "agent")
+    first = agent_secret()
+    assert len(first) == 32 and agent_secret() == first
+    folder, path = tmp_path / "agent", tmp_path / "agent" / "secret"
+    assert (folder.stat().st_mode & 0o777, path.stat().st_mode & 0o777) == (0o700, 0o600)
+    name = agent_name()
+    path.chmod(0o644)
+    with pytest.raises(errors.HostNotReady, match="not private"):
+        agent_secret()
+    path.unlink()
+    assert agent_secret() != first and agent_name() != name  # a new secret: a new agent
