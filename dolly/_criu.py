@@ -28,7 +28,7 @@ MIN_VERSION = (4, 2)
 # Linux's __NEW_UTS_LEN; a longer nodename cannot be restored.
 HOSTNAME_MAX = 64
 _HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
-                          r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*$")
+                          r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*\Z")
 
 
 def version() -> Optional[Tuple[int, ...]]:
@@ -93,27 +93,170 @@ def criu_command() -> Optional[list]:
 # --lazy-pages finds it there by this relative name (criu/uffd.c).
 LAZY_PAGES_SOCKET = "lazy-pages.socket"
 
+# Post-copy's two connections are reachable by Dolly alone (issue 22: on 127.0.0.1, the first
+# local user to connect could read the memory, or send the close record and have the source's
+# processes killed with their memory nowhere else):
+#  - the lazy dump's page server listens on 127.0.0.1 of a network namespace of its own, made by
+#    scripts/dolly-runc for that one dump with only loopback in it; dolly-runc records, in a
+#    root-only file of the spool, the process whose namespace it is. Entering it takes
+#    CAP_SYS_ADMIN (setns);
+#  - the lazy-pages daemon connects to nothing: it is handed a connected socket (--ps-socket,
+#    which criu/page-xfer.c's connect_to_page_server() reuses as is), the other end of which is
+#    the relay's, reached through a unix socket in the target engine's root-only spool, whose
+#    peers are checked (SO_PEERCRED).
+#: The page server's port, inside the dump's own network namespace, where nothing else listens.
+PAGE_SERVER_PORT = 7000
 
-def start_lazy_pages(images: Path, *, port: int, log: Path, timeout: float = 10.0) -> subprocess.Popen:
-    """Start CRIU's lazy-pages daemon for a post-copy restore from ``images``: it takes the
-    restored processes' userfaultfds and fills their memory from the page server at
-    127.0.0.1:``port`` (on the engine's host), first the pages they touch, then the rest; it
-    ends by itself once every page is in, or when the page server goes. Returns once its socket
-    is there (scripts/dolly-runc then restores with --lazy-pages). Its errors go to ``log``.
+
+def lazy_netns_record(spool: Path, container_id: str) -> Path:
+    """Where scripts/dolly-runc records the network namespace of a container's lazy dump: the
+    line ``<pid> <start time>`` of a process in it (runc's, which lives until the dump ends)."""
+    return spool / f"{container_id}.lazy-netns"
+
+
+def relay_socket(spool: Path, number: int) -> Path:
+    """The relay's unix socket numbered ``number`` in an engine's spool (root-only, 0700)."""
+    return spool / f"pages-{number:016x}.sock"
+
+
+def open_lazy_netns(record: Path) -> int:
+    """A file descriptor of the network namespace a lazy dump's page server listens in, as
+    ``record`` (:func:`lazy_netns_record`) names it. The caller closes it.
 
     Raises:
-        HostNotReady: CRIU is missing, or the daemon ended or made no socket within ``timeout``
-            (its log's errors in the message).
+        OSError: no such record, or its process is gone (the dump ended).
+    """
+    text = record.read_text()
+    try:
+        pid, start = (int(x) for x in text.split())
+    except ValueError:
+        raise OSError(f"{record} names no process: {text[:80]!r}") from None
+    fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        # Checked after the open: if the process still has its start time now, the namespace
+        # opened is its own, not that of a process that got its pid after it ended.
+        if _start_time(pid) != start:
+            raise OSError(f"the process of {record} ({pid}) is gone")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _start_time(pid: int) -> int:
+    """Field 22 of /proc/<pid>/stat (after the command name, which may hold spaces)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return -1
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def connect_in_netns(netns_fd: int, port: int, *, timeout: float = 30.0) -> socket.socket:
+    """A TCP connection to 127.0.0.1:``port`` in the network namespace ``netns_fd``, ending with
+    a reset when closed (:func:`reset_on_close`). The connection is made by a thread of its own
+    that enters the namespace (setns moves only the calling thread; the socket keeps the
+    namespace it was made in), so that no thread of the caller's leaves its namespace.
+
+    Raises:
+        OSError: it cannot enter the namespace, or nothing listens there.
+    """
+    import threading
+
+    made: list = []
+
+    def connect() -> None:
+        try:
+            _setns(netns_fd, _CLONE_NEWNET)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                reset_on_close(sock)  # before anything can end it: never a clean end by accident
+                sock.settimeout(timeout)
+                sock.connect(("127.0.0.1", port))
+                sock.settimeout(None)
+            except BaseException:
+                sock.close()
+                raise
+            made.append(sock)
+        except BaseException as e:
+            made.append(e)
+
+    thread = threading.Thread(target=connect, name="dolly-page-server-connect", daemon=True)
+    thread.start()
+    thread.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int, nstype: int) -> None:
+    setns = getattr(os, "setns", None)  # Python 3.12
+    if setns is not None:
+        setns(fd, nstype)
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, nstype) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The user ID of the process at the other end of a unix socket (SO_PEERCRED), as the
+    kernel recorded it at connect (or socketpair): not something the peer can claim."""
+    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                           struct.calcsize("3i")))
+    return uid
+
+
+def start_lazy_pages(images: Path, *, relay: int, log: Path, timeout: float = 10.0) -> subprocess.Popen:
+    """Start CRIU's lazy-pages daemon for a post-copy restore from ``images`` (a folder of the
+    engine's spool): it takes the restored processes' userfaultfds and fills their memory from
+    the relay numbered ``relay`` (:func:`relay_socket` in the same spool, which Dolly listens on
+    for this migration), first the pages they touch, then the rest; it ends by itself once every
+    page is in, or when the relay goes. The daemon is handed the connection itself (--ps-socket):
+    it opens none, so nothing else can take its place. Returns once its own socket is there
+    (scripts/dolly-runc then restores with --lazy-pages). Its errors go to ``log``.
+
+    Raises:
+        HostNotReady: CRIU is missing, the relay's socket cannot be reached or is not root's, or
+            the daemon ended or made no socket within ``timeout`` (its log's errors in the message).
     """
     command = criu_command()
     if command is None:
         raise HostNotReady("CRIU is not installed (run `make host`)")
     log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    daemon = subprocess.Popen([*command, "lazy-pages", "--page-server", "--address", "127.0.0.1",
-                               "--port", str(port), "--images-dir", str(images), "--work-dir", str(images),
-                               "--log-file", str(log), "-v2"],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    path = relay_socket(images.parent, relay)
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        conn.settimeout(timeout)
+        conn.connect(str(path))
+        conn.settimeout(None)
+        if peer_uid(conn) != 0:  # a socket put there by anyone but root is no relay of Dolly's
+            raise HostNotReady(f"the post-copy relay's socket {path} is not root's")
+    except OSError as e:
+        conn.close()
+        raise HostNotReady(f"the post-copy relay's socket {path} cannot be reached: {e}") from e
+    except BaseException:
+        conn.close()
+        raise
+    fd = conn.fileno()
+    try:
+        # With --ps-socket CRIU uses the fd handed as is (no address, no TLS) and ends with
+        # PS_IOV_FORCE_CLOSE, which the relay treats as the close record. A unix socket: CRIU
+        # logs a warning that it cannot set TCP_CORK/TCP_NODELAY on it, once per request
+        # (about 140 lines for 64 MB), harmless.
+        daemon = subprocess.Popen([*command, "lazy-pages", "--page-server", "--ps-socket", str(fd),
+                                   "--images-dir", str(images), "--work-dir", str(images),
+                                   "--log-file", str(log), "-v2"],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True, pass_fds=(fd,))
+    finally:
+        conn.close()  # the daemon's copy is the connection's only end here: its end is the relay's EOF
     deadline = time.monotonic() + timeout
     while not (images / LAZY_PAGES_SOCKET).is_socket():
         if daemon.poll() is not None or time.monotonic() > deadline:
@@ -126,15 +269,18 @@ def start_lazy_pages(images: Path, *, port: int, log: Path, timeout: float = 10.
     return daemon
 
 
-def break_off_page_server(port: int) -> None:
-    """Break off a lazy dump's page server on 127.0.0.1:``port`` (in this process's network
-    namespace): a connection reset before the transfer's end, which CRIU takes as a failed
-    transfer, so that it lets the dumped processes run on, with their memory. A clean end of the
-    connection would not do: CRIU takes that as the end of a transfer and kills them."""
-    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        reset_on_close(sock)
-        sock.settimeout(5)
-        sock.connect(("127.0.0.1", port))
+def break_off_page_server(netns_record: Path, port: int = PAGE_SERVER_PORT) -> None:
+    """Break off a lazy dump's page server on 127.0.0.1:``port`` in the dump's own network
+    namespace (``netns_record``, :func:`lazy_netns_record`): a connection reset before the
+    transfer's end, which CRIU takes as a failed transfer, so that it lets the dumped processes
+    run on, with their memory. A clean end of the connection would not do: CRIU takes that as
+    the end of a transfer and kills them."""
+    with contextlib.suppress(OSError):
+        fd = open_lazy_netns(netns_record)
+        try:
+            connect_in_netns(fd, port, timeout=5).close()
+        finally:
+            os.close(fd)
 
 
 def reset_on_close(sock: socket.socket) -> None:
@@ -256,7 +402,10 @@ def processes(images_dir: Path) -> list[dict]:
     found = []
     for image in sorted(Path(images_dir).glob("core-*.img")):
         try:
-            core = _load(image)["entries"][0]["thread_core"]
+            entry0 = _load(image)["entries"][0]
+            if is_zombie(entry0):
+                continue  # a zombie holds no credentials, and CRIU restores it as one: it never runs
+            core = entry0["thread_core"]
             creds = core["creds"]
             entry: dict[str, object] = {key: _mask(creds.get(key))
                                         for key in ("cap_prm", "cap_eff", "cap_bnd", "cap_inh", "cap_amb")}
@@ -266,6 +415,12 @@ def processes(images_dir: Path) -> list[dict]:
             raise ImageRewriteError(f"{image} holds no task credentials ({type(e).__name__})") from e
         found.append(entry)
     return found
+
+
+def is_zombie(core: dict) -> bool:
+    """Whether a core image's entry is a zombie's (pycriu names CRIU's task states): it has no
+    thread state, credentials or seccomp filter of its own."""
+    return "thread_core" not in core and (core.get("tc") or {}).get("task_state") in ("Zombie", 3)
 
 
 def mountpoints(images_dir: Path) -> set[str]:
@@ -292,6 +447,31 @@ def _mask(words: object) -> int:
     return sum(w << (32 * i) for i, w in enumerate(words))
 
 
+# The largest CRIU image Dolly parses. pycriu holds an image as Python objects at about seven
+# times its size: a crafted 74 MiB core image took 525 MiB of the importing root process before
+# any policy decision. The images Dolly reads (cores, mounts, cgroups, seccomp filters, ids,
+# inventory, UTS, files) are a few KiB to a few MiB for any real container; pages are never parsed.
+MAX_IMAGE_BYTES = 16 << 20
+
+
+def load_image(path: Path) -> dict:
+    """A CRIU image as pycriu decodes it, read only if it is at most :data:`MAX_IMAGE_BYTES`.
+
+    Raises:
+        ImageRewriteError: too large, or not an image pycriu can read.
+    """
+    return _load(path)
+
+
+def replace_image(img: dict, path: Path) -> None:
+    """Write ``img`` over ``path`` as :func:`_replace_image` does (beside it, then renamed).
+
+    Raises:
+        ImageRewriteError: pycriu cannot write ``img``, or ``path`` cannot be replaced.
+    """
+    _replace_image(img, path)
+
+
 def _load(path: Path) -> dict:
     try:
         import pycriu.images
@@ -299,7 +479,13 @@ def _load(path: Path) -> dict:
         raise HostNotReady(f"pycriu is not importable ({e}): run `make host`") from e
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_IMAGE_BYTES:
+                raise ImageRewriteError(f"CRIU image {path} is {size} bytes, more than the {MAX_IMAGE_BYTES} "
+                                        "Dolly reads: no real container's is that large")
             return pycriu.images.load(f)
+    except ImageRewriteError:
+        raise
     except Exception as e:  # pycriu raises bare Exceptions, KeyErrors and protobuf DecodeErrors
         raise ImageRewriteError(f"cannot read CRIU image {path}: {type(e).__name__}: {e}") from e
 

@@ -266,7 +266,7 @@ def _migrate_post_copy(source_engine: Engine, target_engine: Engine, source: Con
         step = "restore"
         t = time.perf_counter()
         relay = postcopy.Relay(page_source.end, page_target.end)
-        target = clone(moved, 1, client=target_engine.client, _names=[name_of(source)], _page_port=page_target.port)[0]
+        target = clone(moved, 1, client=target_engine.client, _names=[name_of(source)], _page_port=page_target.relay)[0]
         restored_as = _start_marks(target)
         steps[step] = time.perf_counter() - t
         step = "verify"

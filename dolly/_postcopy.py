@@ -5,10 +5,16 @@ CRIU's page server keeps the memory on the source, whose processes stay frozen, 
 lazy-pages daemon on the target fills the restored processes' memory from it: first the pages
 they touch (userfaultfd), then the rest. The downtime no longer grows with the memory.
 
-The page server and the daemon each listen or connect on 127.0.0.1 of their own engine's host
-(scripts/dolly-runc, :func:`dolly._criu.start_lazy_pages`). Dolly joins them through the
-engines' APIs alone, as it moves everything else: through an exec in each engine's agent (or a
-socket of this process, for an engine whose files are local) and a relay in this process::
+Only Dolly reaches either (issue 22: a local user who connected first to a page server on the
+host's 127.0.0.1 could read the memory, or send the close record and have the source killed with
+its memory nowhere else). The page server listens on 127.0.0.1 of a network namespace made for
+that one dump (scripts/dolly-runc), which only a process with CAP_SYS_ADMIN enters
+(:func:`dolly._criu.connect_in_netns`). The daemon connects to nothing: it is handed its
+connection (CRIU's --ps-socket, :func:`dolly._criu.start_lazy_pages`), taken from the relay's
+unix socket in the target engine's root-only spool, whose peers must be root (SO_PEERCRED).
+Dolly joins the two through the engines' APIs alone, as it moves everything else: through an
+exec in each engine's agent (or this process, for an engine whose files are local) and a relay
+in this process::
 
     page server  <->  SourceLink (source host)  <->  Relay (here)  <->  Listener (target host)  <->  daemon
 
@@ -24,21 +30,23 @@ than being lost. Only a clean end after the close record ends the source.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import platform
+import secrets
 import socket
+import stat
 import struct
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Callable, List, Optional, Protocol, Tuple
 
 import docker
 
 from . import _criu as criu
 from ._checkpoint import Checkpoint, PendingDump, checkpoint_lazy
-from ._engine import ContainerRef, Engine, peer_pid
+from ._engine import ContainerRef, Engine
 from .errors import CheckpointFailed, HostNotReady
 
 __all__ = ["PageSource", "PageTarget", "Relay", "open_source", "open_target"]
@@ -50,7 +58,6 @@ PS_IOV_GET, PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE = 7, 0x1023, 0x1024
 _MAX_PAGES = 1 << 30  # 4 TiB: a request for more is no daemon's
 _CMD_MASK = 0xFFFF
 _CHUNK = 1 << 20
-_CLONE_NEWNET = 0x40000000
 
 
 def check_record(record: bytes) -> None:
@@ -98,40 +105,20 @@ class End(Protocol):
 # --- on an engine's host: this process for a local engine, else the agent there -------------------
 
 
-def enter_netns_of(pid: int) -> None:
-    """Move the calling thread (and the threads it starts) into the network namespace of process
-    ``pid``: the engine's dockerd, beside which runc runs CRIU. Needs CAP_SYS_ADMIN."""
-    with open(f"/proc/{pid}/ns/net", "rb") as ns:
-        setns = getattr(os, "setns", None)  # Python 3.12
-        if setns is not None:
-            setns(ns.fileno(), _CLONE_NEWNET)
-            return
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(ns.fileno(), _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns into the network namespace of {pid}: {os.strerror(err)}")
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 of the calling thread's network namespace."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class SourceLink:
     """The connection to a lazy dump's page server. It passes the daemon's records on; after the
     ``PS_IOV_CLOSE`` record it ends cleanly (CRIU then ends the dump, and the source's
-    processes). Closed before that, it ends with a reset: the source runs on."""
+    processes). Closed before that, it ends with a reset: the source runs on.
 
-    def __init__(self, port: int) -> None:
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    ``sock`` is connected already, set to end with a reset (:func:`dolly._criu.connect_in_netns`
+    makes it so in the dump's own network namespace)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
         try:
-            criu.reset_on_close(self._sock)  # before anything can end it: never a clean end by accident
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # requests are small and wait
-            self._sock.settimeout(30)
-            self._sock.connect(("127.0.0.1", port))
-            self._sock.settimeout(None)
+            criu.reset_on_close(self._sock)  # never a clean end by accident
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # requests are small and wait
         except BaseException:
             self._sock.close()
             raise
@@ -174,26 +161,56 @@ class SourceLink:
 
 
 class Listener:
-    """Where the lazy-pages daemon connects: 127.0.0.1:``port``, once."""
+    """Where the lazy-pages daemon's connection comes from: a unix socket in ``spool`` (an
+    engine's spool, a directory only root may enter), numbered :attr:`number`
+    (:func:`dolly._criu.relay_socket`). :func:`dolly._criu.start_lazy_pages` connects to it and
+    hands the connection to the daemon. The first peer that is root is taken, once; any other
+    is refused (SO_PEERCRED: the uid the kernel recorded, not a claim). The socket file goes
+    as soon as the peer is taken, or with :meth:`close`.
 
-    def __init__(self) -> None:
+    Raises:
+        HostNotReady: ``spool`` is not a directory of root's that only root may enter (another
+            user could then reach the socket).
+    """
+
+    def __init__(self, spool: Path) -> None:
+        spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(spool)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
+            raise HostNotReady(f"{spool} must be a directory of root's that only root may enter "
+                               f"(mode {stat.filemode(st.st_mode)}, owner {st.st_uid}): post-copy's relay "
+                               "listens there")
+        self.number = secrets.randbits(63)
+        self.path = criu.relay_socket(spool, self.number)
         # No timeout: the migration closes it when it ends, whatever the restore took.
-        self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._server.bind(("127.0.0.1", 0))
-        self._server.listen(1)
-        self.port = int(self._server.getsockname()[1])
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self._server.bind(str(self.path))
+            os.chmod(self.path, 0o600)  # before listen(): until then every connect is refused
+            self._server.listen(4)
+        except BaseException:
+            self._server.close()
+            self.path.unlink(missing_ok=True)
+            raise
         self._sock: Optional[socket.socket] = None
+        self.refused = 0  # peers that were not root
         self._accepted = threading.Event()
         threading.Thread(target=self._accept, name="dolly-pages-accept", daemon=True).start()
 
     def _accept(self) -> None:
         try:
-            self._sock, _ = self._server.accept()
+            while True:
+                sock, _ = self._server.accept()
+                if criu.peer_uid(sock) == 0:
+                    self._sock = sock
+                    break
+                self.refused += 1
+                sock.close()
             self._sock.settimeout(None)
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             self._sock = None
         finally:
+            self.path.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 self._server.close()
             self._accepted.set()
@@ -214,6 +231,7 @@ class Listener:
             return b""
 
     def close(self) -> None:
+        self.path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self._server.shutdown(socket.SHUT_RDWR)  # ends a pending accept
         with contextlib.suppress(OSError):
@@ -258,18 +276,23 @@ def pump(end: End, inp: IO[bytes], out: IO[bytes]) -> None:
 def dump_lazily(container: ContainerRef, name: str, *, client: Optional[docker.DockerClient] = None
                 ) -> Tuple[Checkpoint, PendingDump, SourceLink]:
     """Dump ``container`` lazily on this host (:func:`dolly._checkpoint.checkpoint_lazy`) and
-    connect to its page server, in the calling thread's network namespace.
+    connect to its page server, in the dump's own network namespace.
 
     Raises:
         as checkpoint_lazy; OSError when the page server cannot be reached (the dump is then
         broken off, so the source runs on, and its memory-less checkpoint removed).
     """
-    port = free_port()
+    port = criu.PAGE_SERVER_PORT
     cp, pending = checkpoint_lazy(container, name, port=port, client=client)
+    record = criu.lazy_netns_record(pending.engine.spool_dir, pending.container_id)
     try:
-        return cp, pending, SourceLink(port)
+        netns = criu.open_lazy_netns(record)
+        try:
+            return cp, pending, SourceLink(criu.connect_in_netns(netns, port))
+        finally:
+            os.close(netns)
     except OSError:
-        criu.break_off_page_server(port)
+        criu.break_off_page_server(record, port)
         with contextlib.suppress(Exception):
             pending.wait(60)
         _remove_quietly(cp)
@@ -281,7 +304,6 @@ def serve_source(container: ContainerRef, name: str, *, inp: IO[bytes], out: IO[
     """The agent's side of a post-copy source: dump lazily, say ``ready``, join the page server
     to stdin and stdout, and say how the dump ended (``ended``: True when the target took every
     page and the source ended; else the error's message, and the source runs on)."""
-    enter_netns_of(peer_pid("/var/run/docker.sock"))
     cp, pending, link = dump_lazily(container, name)
     control({"ready": checkpoint_json(cp), "frozen_s": time.perf_counter() - pending.started_at})
     pump(link, inp, out)
@@ -293,11 +315,10 @@ def serve_source(container: ContainerRef, name: str, *, inp: IO[bytes], out: IO[
 
 
 def serve_target(*, inp: IO[bytes], out: IO[bytes], control: Callable[[dict], None]) -> None:
-    """The agent's side of a post-copy target: listen where the lazy-pages daemon will connect
-    (say ``port``), and join it to stdin and stdout."""
-    enter_netns_of(peer_pid("/var/run/docker.sock"))
-    listener = Listener()
-    control({"port": listener.port})
+    """The agent's side of a post-copy target: listen where the lazy-pages daemon's connection
+    will come from (say its number, ``relay``), and join it to stdin and stdout."""
+    listener = Listener(Engine.of(docker.from_env()).spool_dir)
+    control({"relay": listener.number})
     pump(listener, inp, out)
 
 
@@ -318,9 +339,10 @@ class PageSource:
 
 @dataclass
 class PageTarget:
-    """The target's side: the port its lazy-pages daemon connects to, and the way to it."""
+    """The target's side: the number of the relay's socket its lazy-pages daemon's connection
+    comes from (:func:`dolly._criu.relay_socket`), and the way to it."""
 
-    port: int
+    relay: int
     end: End
 
 
@@ -328,8 +350,7 @@ def open_source(engine: Engine, container: ContainerRef, name: str) -> PageSourc
     """Dump ``container`` lazily on ``engine``; returns once its page server listens.
 
     Raises:
-        as :func:`dolly._checkpoint.checkpoint_lazy`; HostNotReady when this process cannot
-        reach a local engine's page server (another network namespace than its dockerd's).
+        as :func:`dolly._checkpoint.checkpoint_lazy`.
     """
     _require_64_bit()
     if not engine.files_are_local():
@@ -350,16 +371,15 @@ def open_source(engine: Engine, container: ContainerRef, name: str) -> PageSourc
                 raise CheckpointFailed(f"the post-copy dump ended without the target: {ended}")
 
         return PageSource(cp, duplex, wait_remote, frozen_at)
-    _require_daemon_netns(engine)
     cp, pending, link = dump_lazily(container, name, client=engine.client)
     return PageSource(cp, link, pending.wait, pending.started_at)
 
 
 def open_target(engine: Engine) -> PageTarget:
-    """Listen, on ``engine``'s host, where its lazy-pages daemon will connect.
+    """Listen, on ``engine``'s host, for the lazy-pages daemon's connection.
 
     Raises:
-        HostNotReady: the agent there did not answer.
+        HostNotReady: the agent there did not answer, or the engine's spool is not root's alone.
     """
     _require_64_bit()
     if not engine.files_are_local():
@@ -367,12 +387,12 @@ def open_target(engine: Engine) -> PageTarget:
 
         duplex = Agent.of(engine).duplex("post_copy_target")
         try:
-            return PageTarget(int(duplex.control("port", timeout=60)), duplex)
+            return PageTarget(int(duplex.control("relay", timeout=60)), duplex)
         except BaseException:
             duplex.close()
             raise
-    listener = Listener()  # the daemon runs in this process's namespaces (criu_command)
-    return PageTarget(listener.port, listener)
+    listener = Listener(engine.spool_dir)
+    return PageTarget(listener.number, listener)
 
 
 def _require_64_bit() -> None:
@@ -387,19 +407,6 @@ def _remove_quietly(cp: Checkpoint) -> None:
 
     with contextlib.suppress(Exception):
         remove_checkpoint(cp)
-
-
-def _require_daemon_netns(engine: Engine) -> None:
-    pid = engine.daemon_pid()
-    if pid is None:
-        return
-    try:
-        same = os.stat("/proc/self/ns/net").st_ino == os.stat(f"/proc/{pid}/ns/net").st_ino
-    except OSError:
-        same = True
-    if not same:
-        raise HostNotReady("a post-copy migration from a local engine needs this process in the network "
-                           "namespace of that engine's dockerd, where CRIU's page server listens")
 
 
 def _ref(container: ContainerRef) -> str:
