@@ -31,6 +31,7 @@ A refusal at any step removes the staging folder: nothing of the bundle remains.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -52,7 +53,16 @@ import docker
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from filelock import FileLock
 
-from . import _archive as archive, _criu as criu, _formats as formats, _names as names, _rootfs as rootfs, policy, trust
+from . import (
+    _archive as archive,
+    _criu as criu,
+    _formats as formats,
+    _names as names,
+    _rebuild,
+    _rootfs as rootfs,
+    policy,
+    trust,
+)
 from ._archive import tarfile
 from ._checkpoint import METADATA, Checkpoint, engine_of, require, seal
 from ._engine import Engine
@@ -79,17 +89,20 @@ FORMAT = "dolly-bundle/1"
 # (export format "podman" and "oci"; an import into Docker undoes the images' changes).
 FLAVORS = ("docker", "podman")
 COMPRESSIONS = ("zstd", "gzip", "none")
-DEFAULT_MAX_BYTES = 64 << 30  # what one bundle may unpack to, in all
+# What one bundle may unpack to, in all, at most; by default an import also keeps to half the free
+# space of the engine's data root (default_max_bytes): a bundle must not fill the disk the engine
+# and its containers live on.
+DEFAULT_MAX_BYTES = 64 << 30
 MAX_MEMBERS = 100_000
 MAX_MANIFEST = 16 << 20
 MAX_SIGNATURE = 1024
 CLOCK_SKEW = timedelta(minutes=10)
 _MEMBER_RE = re.compile(r"^(config\.dump|spec\.dump|network\.status|rootfs-diff\.tar|deleted\.files|"
-                        r"stats-dump|checkpoint/[A-Za-z0-9][A-Za-z0-9._-]{0,200})$")
+                        r"stats-dump|checkpoint/[A-Za-z0-9][A-Za-z0-9._-]{0,200})\Z")
 _REQUIRED = ("config.dump", "rootfs-diff.tar", "deleted.files", "checkpoint/inventory.img")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
-_BUNDLE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
+_KEY_ID_RE = re.compile(r"^[0-9a-f]{16}\Z")
+_BUNDLE_ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
 
 
 # --- export ----------------------------------------------------------------------------------------
@@ -431,7 +444,7 @@ def import_bundle(
     allow: Iterable[str] = (),
     image_source: Optional[docker.DockerClient] = None,
     encryption_key: Optional[bytes] = None,
-    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_bytes: Optional[int] = None,
     signature: Optional[PathLike] = None,
 ) -> Checkpoint:
     """Make a bundle a checkpoint on ``client``'s engine, usable by :func:`dolly.restore` and
@@ -444,7 +457,8 @@ def import_bundle(
             or a checkpoint archive of Podman or the kubelet (CRI-O, containerd), told apart by
             its content, which needs ``allow_unsigned`` (see :mod:`dolly._formats`).
         trusted_keys: public keys whose signatures are accepted. When any are given, the bundle
-            must be signed by one of them, whatever ``allow_unsigned`` says.
+            must be signed by one of them, whatever ``allow_unsigned`` says; so must a Podman or
+            kubelet archive, through a detached ``signature``.
         allow_unsigned: with no ``trusted_keys``, accept a bundle whose signature cannot be
             checked (or that has none). Off by default.
         allow: restore policy items (:mod:`dolly.policy`) the bundle's container may ask for:
@@ -455,7 +469,10 @@ def import_bundle(
         image_source: another engine's client to copy the source's image from, when this engine
             lacks it.
         encryption_key: the key the bundle was encrypted with.
-        max_bytes: refuse a bundle that would unpack to more than this.
+        max_bytes: refuse a bundle that would unpack to more than this (its manifest's sizes
+            are checked before anything is written). Default: the smaller of
+            :data:`DEFAULT_MAX_BYTES` (64 GiB) and half the free space of the engine's data root
+            (:func:`default_max_bytes`); 64 GiB for an engine on another host.
         signature: a detached signature of the archive at ``path`` (see
             :func:`dolly.trust.sign_file`), for Podman's and the kubelet's archives, which have
             no place for one: it must be by one of ``trusted_keys`` and unexpired, and the
@@ -496,10 +513,11 @@ def import_bundle(
 def import_between_own_engines(path: Union[PathLike, IO[bytes]], *, client: Optional[docker.DockerClient],
                                trusted_keys: Iterable[Ed25519PublicKey] = (), allow_unsigned: bool = False,
                                image_source: Optional[docker.DockerClient], max_bytes: int = DEFAULT_MAX_BYTES,
-                               ) -> Checkpoint:
+                               allow: Iterable[str] = policy.ALL) -> Checkpoint:
     """An import of a copy that :func:`transfer` makes between engines the caller drives: every
-    policy item allowed, no claim or rollback bookkeeping (a copy's key is made for it alone)."""
-    return _import(path, client=client, trusted_keys=trusted_keys, allow_unsigned=allow_unsigned, allow=policy.ALL,
+    policy item allowed (less, for what an agent sent: see dolly._remote.allowed_from), no claim
+    or rollback bookkeeping (a copy's key is made for it alone)."""
+    return _import(path, client=client, trusted_keys=trusted_keys, allow_unsigned=allow_unsigned, allow=allow,
                    image_source=image_source, max_bytes=max_bytes, between_own_engines=True)
 
 
@@ -528,7 +546,7 @@ def _import(
     allow_unsigned: bool,
     allow: Iterable[str],
     image_source: Optional[docker.DockerClient],
-    max_bytes: int,
+    max_bytes: Optional[int],
     encryption_key: Optional[bytes] = None,
     between_own_engines: bool = False,
     relayed: bool = False,
@@ -536,11 +554,12 @@ def _import(
     detached: Optional[trust.DetachedSignature] = None,
 ) -> Checkpoint:
     allowed = policy.items(allow)
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
         raise InvalidArgument(f"max_bytes must be a positive int, got {max_bytes!r}")
     trusted = list(trusted_keys)
     engine = Engine.of(client)
     if not engine.files_are_local():
+        max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes  # its disk is not here to measure
         from . import _remote
 
         return _remote.import_bundle(engine, _source(path), trusted=trusted, allow_unsigned=allow_unsigned,
@@ -548,6 +567,8 @@ def _import(
                                      max_bytes=max_bytes, between_own_engines=between_own_engines)
     lineages = Lineages.of(engine)
     engine.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if max_bytes is None:
+        max_bytes = default_max_bytes(engine)
     staging = names.inside(engine.spool_dir, f"import-{uuid.uuid4().hex}")
     staging.mkdir(mode=0o700)
     reader: Optional[archive.HashingReader] = None
@@ -561,10 +582,14 @@ def _import(
             head = next(members, None)
             if formats.is_foreign(head) and not relayed and head is not None:
                 # Podman's or the kubelet's archive: no manifest, no signature (see dolly._formats).
+                # With trusted keys the caller asked for a verification: only a detached signature
+                # by one of them gives it, allow_unsigned never stands in (as for a Dolly bundle).
+                if trusted and detached is None and not relayed:
+                    raise UnsignedBundle(_FOREIGN_UNSIGNED)
                 formats.extract(tar, head, members, staging / "in", max_bytes=max_bytes)
                 if reader is not None and detached is not None:
                     _check_detached(reader, detached)
-                return _import_foreign(engine, staging, allow_unsigned=allow_unsigned, allowed=allowed,
+                return _import_foreign(engine, staging, allow_unsigned=allow_unsigned and not trusted, allowed=allowed,
                                        image_source=image_source, max_bytes=max_bytes,
                                        between_own_engines=between_own_engines,
                                        signer=detached.signer if detached is not None else None)
@@ -585,6 +610,8 @@ def _import(
             if final.exists():
                 raise CheckpointExists(f"this engine already has checkpoint {meta['name']!r} "
                                        f"of {meta['container_name']}")
+            if (declared := sum(m["size"] for m in manifest["members"])) > max_bytes:  # before a byte is written
+                raise UnsafeArchive(_too_large(declared, max_bytes))
             _extract(tar, first, members, staging / "in", manifest, max_bytes)
 
         origin = {
@@ -602,6 +629,8 @@ def _import(
         loaded = engine.ensure_image(manifest["image"]["id"], manifest["image"]["name"], tag=False,
                                      source=Engine.of(image_source) if image_source is not None else None)
         try:
+            if not between_own_engines:
+                _rebuild_images(engine, cp, staging / "cp" / "criu", allowed, image_source)
             with lineages.lock:
                 lineages.check(lineage, manifest["created_at"])
                 final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -622,6 +651,25 @@ def _import(
     return Checkpoint.load(final, engine.client)
 
 
+def default_max_bytes(engine: Engine) -> int:
+    """What an import into ``engine`` may unpack to by default: the smaller of
+    :data:`DEFAULT_MAX_BYTES` and half the free space of the engine's data root (the bundle is
+    unpacked in its spool, and its writable layer may be converted once more), so that one
+    bundle cannot fill the disk the engine and its containers need.
+
+    Raises:
+        OSError: the data root cannot be measured.
+    """
+    st = os.statvfs(engine.spool_dir)
+    return max(1, min(DEFAULT_MAX_BYTES, st.f_bavail * st.f_frsize // 2))
+
+
+def _too_large(size: int, max_bytes: int) -> str:
+    return (f"the bundle unpacks to {size} bytes or more, over max_bytes={max_bytes} (by default the smaller of "
+            f"{DEFAULT_MAX_BYTES} bytes and half the free space of the engine's data root): free space there, "
+            "or pass a larger max_bytes if the bundle is expected to be this large")
+
+
 def _check_detached(reader: archive.HashingReader, detached: trust.DetachedSignature) -> None:
     """Raises:
         DigestMismatch: the archive read is not the one the detached signature signs.
@@ -632,12 +680,25 @@ def _check_detached(reader: archive.HashingReader, detached: trust.DetachedSigna
                              f"signature signs (sha256:{detached.sha256}, {detached.size} bytes)")
 
 
+_FOREIGN_UNSIGNED = (
+    "this is a Podman or kubelet checkpoint archive, which carries no signature of its own, and "
+    "trusted_keys were given: import it with a detached signature by one of them "
+    "(signature=ARCHIVE.sig, made by dolly.trust.sign_file / `dolly sign`); allow_unsigned applies "
+    "only when no trusted_keys are given")
+
+
 def _import_foreign(engine: Engine, staging: Path, *, allow_unsigned: bool, allowed: FrozenSet[str],
                     image_source: Optional[docker.DockerClient], max_bytes: int,
                     between_own_engines: bool, signer: Optional[str]) -> Checkpoint:
     """The rest of an import of a Podman or kubelet archive, extracted into ``staging / "in"``
     (and, when ``signer`` is set, checked against a detached signature by that key): held to the
-    same rules as a bundle's members (policy, process images, claims, image)."""
+    same rules as a bundle's members (policy, process images, claims, image).
+
+    Raises:
+        UnsignedBundle: neither a detached signature (``signer``) nor ``allow_unsigned`` (which
+            the caller passes as False whenever trusted keys were given).
+        and the other errors of :func:`import_bundle`.
+    """
     cp, final, image_id, image_name, kind = formats.make_checkpoint(
         staging / "in", staging / "cp", engine.store_dir, allow_unsigned=allow_unsigned or signer is not None,
         max_bytes=max_bytes)
@@ -653,6 +714,8 @@ def _import_foreign(engine: Engine, staging: Path, *, allow_unsigned: bool, allo
     loaded = engine.ensure_image(image_id, image_name, tag=False,
                                  source=Engine.of(image_source) if image_source is not None else None)
     try:
+        if not between_own_engines:
+            _rebuild_images(engine, cp, staging / "cp" / "criu", allowed, image_source)
         final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if final.exists():
             raise CheckpointExists(f"checkpoint {cp.name!r} of {cp.container_name} exists already")
@@ -676,6 +739,25 @@ def _check_policy(cp: Checkpoint, images: Path, allowed: FrozenSet[str]) -> None
         policy.check_images(criu.processes(images), criu.mountpoints(images), cp.config, allowed,
                             host_paths=[p for p in policy.masked_paths() if os.path.exists(p)])
         policy.check_mount_types(criu.mount_types(images), allowed)
+    except ImageRewriteError as e:
+        raise UnsafeArchive(f"the checkpoint's process images cannot be read: {e}") from e
+
+
+def _rebuild_images(engine: Engine, cp: Checkpoint, images: Path, allowed: FrozenSet[str],
+                    image_source: Optional[docker.DockerClient]) -> None:
+    """The images that decide privilege made again from what this engine makes for the accepted
+    configuration (:mod:`dolly._rebuild`); after the policy and once the checkpoint's image is
+    here, so that a missing image is named first.
+
+    Raises:
+        UnsafeArchive: images asking for what the accepted configuration does not make, or
+            unreadable ones; HostNotReady: no reference image on either engine.
+    """
+    if not _rebuild.needed(cp.config, allowed):
+        return
+    source = Engine.of(image_source) if image_source is not None else None
+    try:
+        _rebuild.rebuild(images, _rebuild.make_reference(engine, cp.config, image_source=source))
     except ImageRewriteError as e:
         raise UnsafeArchive(f"the checkpoint's process images cannot be read: {e}") from e
 
@@ -808,7 +890,7 @@ def _extract(tar: tarfile.TarFile, first: Optional[tarfile.TarInfo], members: It
         if member.size != want["size"]:
             raise DigestMismatch(f"{member.name} is {member.size} bytes, the manifest says {want['size']}")
         if total > max_bytes:
-            raise UnsafeArchive(f"the bundle unpacks to more than {max_bytes} bytes")
+            raise UnsafeArchive(_too_large(total, max_bytes))
         dest = names.inside(into, *member.name.split("/"), error=UnsafeArchive)
         archive.write_member(tar, member, dest, sha256=want["sha256"])
         member = next(members, None)
@@ -974,9 +1056,31 @@ class Lineages:
         seen = data.get(key)
         if not seen or datetime.fromisoformat(seen) < datetime.fromisoformat(created_at):
             data[key] = created_at
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data, indent=1))
+            self._write(json.dumps(data, indent=1).encode())
+
+    def _write(self, payload: bytes) -> None:
+        """Replace the record at once. The temporary file has a random name and is created
+        exclusively, never through a link: a fixed ``lineages.tmp`` could be a symlink planted
+        beforehand, and writing through it would overwrite whatever it points at as root.
+
+        Raises:
+            OSError: it cannot be written.
+        """
+        tmp = self.path.parent / f".{self.path.name}.{uuid.uuid4().hex}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                view = memoryview(payload)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 # --- between engines -------------------------------------------------------------------------------
@@ -1028,15 +1132,18 @@ def transfer(
 
 def _stream_between(checkpoint: Checkpoint, source: Engine, target: docker.DockerClient,
                     image_source: docker.DockerClient) -> Checkpoint:
-    def into_target(stream: IO[bytes]) -> Checkpoint:
-        return import_between_own_engines(stream, client=target, allow_unsigned=True, image_source=image_source)
+    def into_target(stream: IO[bytes], allow: Iterable[str] = policy.ALL) -> Checkpoint:
+        return import_between_own_engines(stream, client=target, allow_unsigned=True, image_source=image_source,
+                                          allow=allow)
 
     if not source.files_are_local():
+        from . import _remote
         from ._agent import Agent
 
+        allow = _remote.allowed_from(source, checkpoint)  # an agent's stream: no more than the source has
         with Agent.of(source).stream_out("export", container_id=checkpoint.container_id, name=checkpoint.name,
                                          expires_in_s=3600.0, lineage=None, max_bytes=DEFAULT_MAX_BYTES) as plain:
-            return into_target(plain)
+            return into_target(plain, allow)
     # A local export, written by a thread into a pipe that the import reads.
     read_fd, write_fd = os.pipe()
     failed: List[BaseException] = []

@@ -422,7 +422,7 @@ def _checkpoint_lazy_locked(engine: Engine, source: Container, name: str, final:
             listening = ready.is_file() and ready.stat().st_size > 0
             time.sleep(0.01)
         if listening:
-            criu.break_off_page_server(port)
+            criu.break_off_page_server(criu.lazy_netns_record(engine.spool_dir, id_of(source)), port)
         with contextlib.suppress(Exception):
             pending.wait(timeout=60)
         shutil.rmtree(staging, ignore_errors=True)
@@ -1040,6 +1040,49 @@ def remove_all_of(engine: Engine, container_id: str) -> None:
         remove_unused_layer_images(engine, only=tags)
 
 
+def _layer_record(engine: Engine, tag: str) -> Path:
+    """Where Dolly records the ID of the shared layer image it made under ``tag``: root-only,
+    beside the store. A tag is predictable (it derives from the checkpoint's fields), so an image
+    found under it is Dolly's only when its ID, which the engine derives from the image's content,
+    is the one recorded here."""
+    return engine.store_dir.parent / "layer-images" / tag.rsplit(":", 1)[1]
+
+
+def made_layer_image(engine: Engine, tag: str) -> Optional[str]:
+    """The ID Dolly recorded for the layer image it made under ``tag``, or None."""
+    try:
+        fd = os.open(_layer_record(engine, tag), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd) as f:
+        text = f.read(200).strip()
+    return text if names.IMAGE_ID.match(text) else None
+
+
+def record_layer_image(engine: Engine, tag: str, image_id: str) -> None:
+    """Record that Dolly made ``image_id`` under ``tag``: a file of a random name, created
+    exclusively, renamed over the record.
+
+    Raises:
+        OSError: it cannot be written.
+    """
+    path = _layer_record(engine, tag)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.parent / f".{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(image_id)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def forget_layer_image(engine: Engine, tag: str) -> None:
+    _layer_record(engine, tag).unlink(missing_ok=True)
+
+
 def remove_unused_layer_images(engine: Engine, *, only: Optional[set[str]] = None) -> None:
     """Remove the clones' shared layer images (of ``only``, default all) that nothing needs: not
     the layer of a checkpoint still kept, not the image a checkpoint of a clone was taken from,
@@ -1058,6 +1101,8 @@ def remove_unused_layer_images(engine: Engine, *, only: Optional[set[str]] = Non
             if engine.image_id(tag) in recorded:
                 continue
             engine.remove_image(tag)
+            if not engine.has_image(tag):
+                forget_layer_image(engine, tag)
 
 
 def engine_of(checkpoint: Checkpoint, client: Optional[docker.DockerClient]) -> Engine:

@@ -43,9 +43,9 @@ log = logging.getLogger("dolly")
 
 FORMATS = ("podman", "cri-o", "containerd")
 _MEMBER_RE = re.compile(r"^(config\.dump|spec\.dump|network\.status|rootfs-diff\.tar|deleted\.files|stats-dump|"
-                        r"bind\.mounts|status\.dump|dump\.log|devshm-checkpoint\.tar|ctr\.log|checkpoint/[A-Za-z0-9][A-Za-z0-9._-]{0,200})$")
+                        r"bind\.mounts|status\.dump|dump\.log|devshm-checkpoint\.tar|ctr\.log|checkpoint/[A-Za-z0-9][A-Za-z0-9._-]{0,200})\Z")
 _MAX_MEMBERS = 100_000
-_IMAGE_ID_RE = re.compile(r"^(sha256:)?([0-9a-f]{64})$")
+_IMAGE_ID_RE = re.compile(r"^(sha256:)?([0-9a-f]{64})\Z")
 # The mounts Docker makes in every container itself; any other mount of the spec is reported.
 _ENGINE_MOUNTS = {"/proc", "/dev", "/dev/pts", "/sys", "/sys/fs/cgroup", "/dev/mqueue", "/dev/shm",
                   "/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/run/.containerenv", "/run/secrets",
@@ -369,7 +369,7 @@ def _mapping(value: Any) -> Mapping[str, Any]:
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
-_DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
+_DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})\Z")
 _MAX_OCI_JSON = 1 << 20
 
 

@@ -14,22 +14,25 @@ from typing import Any, Type
 
 from .errors import DollyError, InvalidArgument
 
+# Every rule ends in \Z, never $: with re.match, "$" also matches just before a final "\n", so
+# "name\n" would pass and reach a path, a tag or an engine request. _check uses fullmatch as well,
+# so a rule written with "$" by mistake still cannot let a trailing newline through.
 # Docker's own rule for checkpoint names; it also keeps names out of paths ("..", "/").
-CHECKPOINT_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
+CHECKPOINT_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}\Z")
 # Docker's rule for container names.
-CONTAINER_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,200}$")
-CONTAINER_ID = re.compile(r"^[0-9a-f]{64}$")
-IMAGE_ID = re.compile(r"^sha256:[0-9a-f]{64}$")
+CONTAINER_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,200}\Z")
+CONTAINER_ID = re.compile(r"^[0-9a-f]{64}\Z")
+IMAGE_ID = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 # A lineage names a series of bundles: Dolly's default is a container ID.
-LINEAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+LINEAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
 # docker/distribution's reference grammar, without digests: [host[:port]/]path[:tag].
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _HOST = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?/)?"
-IMAGE_NAME = re.compile(rf"^{_HOST}{_COMPONENT}(?:/{_COMPONENT})*(?::[\w][\w.-]{{0,127}})?$")
+IMAGE_NAME = re.compile(rf"^{_HOST}{_COMPONENT}(?:/{_COMPONENT})*(?::[\w][\w.-]{{0,127}})?\Z")
 
 
 def _check(value: Any, rule: re.Pattern[str], what: str, error: Type[DollyError], hint: str = "") -> str:
-    if not isinstance(value, str) or not rule.match(value):
+    if not isinstance(value, str) or not rule.fullmatch(value):
         raise error(f"not a valid {what}: {value!r}{hint}")
     return value
 

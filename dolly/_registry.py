@@ -92,10 +92,10 @@ COSIGN_SIGNATURE = "dev.cosignproject.cosign/signature"
 MEMBER_ANNOTATION = "io.dolly.member"
 _MAX_MANIFEST = 4 << 20
 _MAX_SMALL_BLOB = 1 << 20
-_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-_REPO_RE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$")
-_HOST_RE = re.compile(r"^(?:\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+)(?::\d{1,5})?$")
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
+_REPO_RE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*\Z")
+_HOST_RE = re.compile(r"^(?:\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+)(?::\d{1,5})?\Z")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +260,7 @@ def pull(
     image_source: Optional[docker.DockerClient] = None,
     ca_file: Optional[PathLike] = None,
     insecure: Optional[bool] = None,
-    max_bytes: int = bundle.DEFAULT_MAX_BYTES,
+    max_bytes: Optional[int] = None,
 ) -> Checkpoint:
     """Pull a checkpoint that :func:`push` pushed (``HOST:PORT/REPO:TAG`` or ``...@sha256:...``)
     and make it a checkpoint on ``client``'s engine, as :func:`dolly.import_bundle` does.
@@ -295,7 +295,7 @@ def pull_annotated(reference: str, *, client: Optional[docker.DockerClient] = No
                    trusted_keys: Iterable[Ed25519PublicKey] = (), allow_unsigned: bool = False,
                    allow: Iterable[str] = (), image_source: Optional[docker.DockerClient] = None,
                    ca_file: Optional[PathLike] = None, insecure: Optional[bool] = None,
-                   max_bytes: int = bundle.DEFAULT_MAX_BYTES) -> Tuple[Checkpoint, Dict[str, str]]:
+                   max_bytes: Optional[int] = None) -> Tuple[Checkpoint, Dict[str, str]]:
     """:func:`pull`, and the pushed manifest's annotations (what :func:`push` was given in
     ``annotations``, beside Dolly's: the pytest plugin's cache keeps its cold-start time there).
     They were signed with the manifest, but say what the pusher chose to say."""
@@ -567,6 +567,7 @@ class _Session:
     """One repository of one registry: blobs and manifests by digest and tag."""
 
     def __init__(self, ref: Reference, *, ca_file: Optional[PathLike], insecure: Optional[bool]) -> None:
+        import oras.auth
         import oras.container
         import oras.provider
 
@@ -592,14 +593,28 @@ class _Session:
         probe.close()
         challenge = probe.headers.get("Www-Authenticate", "")
         backend = "basic" if challenge.lower().startswith("basic") else "token"
-        realm = re.search(r'realm="([^"]*)"', challenge)
-        if backend == "token" and realm and not _same_trust(realm.group(1), self.scheme, ref.registry):
-            # oras sends Docker's credentials for the registry to the token service it names:
-            # over TLS only (as Docker), unless the registry itself is plain HTTP on loopback.
-            raise RegistryError(f"{ref.registry} names the token service {realm.group(1)!r:.200}, which is "
-                                "not HTTPS: credentials are not sent there")
+        if backend == "token" and challenge:
+            _check_realm(challenge, self.scheme, ref.registry, insecure)
         self.registry = oras.provider.Registry(ref.registry, insecure=insecure, tls_verify=verify,
                                                auth_backend=backend)
+        if backend == "token":
+            # The probe's challenge is not the last word: any later 401 (a registry restarted with
+            # token auth, a proxy, one path guarded differently) names a realm of its own, and
+            # oras' TokenAuth sends Docker's Basic credentials there. Every challenge is checked
+            # before oras answers it. (Basic: oras retries the same URL, the registry's own.)
+            answer = self.registry.auth.authenticate_request
+
+            def checked(original: Any, headers: Any, refresh: bool = False) -> Any:
+                if challenge := original.headers.get("Www-Authenticate", ""):  # none: oras contacts nothing
+                    try:
+                        _check_realm(challenge, self.scheme, ref.registry, insecure)
+                    except RegistryError as e:
+                        # oras retries any other exception for minutes; this one it passes on at
+                        # once, and _request turns it back into the RegistryError.
+                        raise oras.auth.AuthenticationException(str(e)) from e
+                return answer(original, headers, refresh)
+
+            self.registry.auth.authenticate_request = checked
         # Every request has connect and read timeouts (oras sets none): a registry that stops
         # answering fails the call instead of hanging it.
         adapter = _TimeoutAdapter()
@@ -620,11 +635,15 @@ class _Session:
             raise RegistryError(f"cannot reach the registry {ref.registry}: {e}") from e
 
     def _request(self, url: str, method: str, **kwargs: Any) -> Any:
+        import oras.auth
+
         try:
             response = self.registry.do_request(url, method, **kwargs)
         except requests.exceptions.RequestException as e:
             raise RegistryError(f"{method} {url}: {e}") from e
         except ValueError as e:  # oras: a 500 after its retries, or credentials it could not use
+            raise RegistryError(f"{method} {url}: {e}") from e
+        except oras.auth.AuthenticationException as e:  # a challenge refused by _check_realm
             raise RegistryError(f"{method} {url}: {e}") from e
         return response
 
@@ -733,9 +752,35 @@ def _same_origin(url: str, scheme: str, registry: str) -> bool:
 
 
 def _same_trust(realm: str, scheme: str, registry: str) -> bool:
-    """A token service credentials may go to: HTTPS, or the registry's own plain-HTTP origin."""
+    """A token service credentials may go to: HTTPS, or the registry's own plain-HTTP origin
+    (which Dolly only speaks to on loopback, or when the caller passed ``insecure=True``)."""
     parts = urlsplit(realm)
     return parts.scheme == "https" or (parts.scheme == scheme == "http" and parts.netloc == registry)
+
+
+def _check_realm(challenge: str, scheme: str, registry: str, insecure: bool) -> None:
+    """Refuse a token challenge whose realm credentials may not go to. The realm is read with
+    oras' own parser and completed as oras completes it, so the URL checked is the one oras would
+    contact (a second ``realm=`` in the header, which a first-match reading would miss, included).
+
+    Raises:
+        RegistryError: the challenge names no realm, or one that is neither HTTPS nor the
+            registry's own plain-HTTP origin.
+    """
+    import oras.auth.utils
+
+    realm = oras.auth.utils.parse_auth_header(challenge).realm
+    if not isinstance(realm, str) or not realm:
+        raise RegistryError(f"{registry} asks for authentication without naming a token service "
+                            f"({challenge!r:.200}): check the registry's auth configuration")
+    if not realm.startswith("http"):  # as oras does before it sends the request
+        realm = f"{'http' if insecure else 'https'}://{realm}"
+    if not _same_trust(realm, scheme, registry):
+        # oras sends Docker's credentials for the registry to the token service it names:
+        # over TLS only (as Docker), unless it is the registry's own plain-HTTP (loopback) origin.
+        raise RegistryError(f"{registry} names the token service {realm!r:.200}, which is neither HTTPS nor "
+                            f"the registry's own origin: credentials are not sent there (serve the token "
+                            "service over HTTPS)")
 
 
 def _bounded(response: Any, limit: int, what: str) -> bytes:

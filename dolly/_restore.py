@@ -29,7 +29,7 @@ from docker.models.containers import Container
 from filelock import FileLock
 
 from . import _criu as criu, _names as names, _rootfs as rootfs, policy
-from ._checkpoint import Checkpoint, engine_of, require
+from ._checkpoint import Checkpoint, engine_of, made_layer_image, record_layer_image, require
 from ._engine import CRIU_LOG_DIR, RUNTIME, ContainerRef, Engine, id_of
 from .errors import DollyError, InvalidArgument, NameConflict
 
@@ -389,7 +389,8 @@ def _restore_one(
     page_port: Optional[int] = None,
     network: Optional[str] = None,
 ) -> Container:
-    config, extra_networks = clone_config(cp.config, image=image, labels=labels, network=network)
+    config, extra_networks = clone_config(cp.config, image=image, labels=labels, network=network,
+                                          own_networks=_may_join_recorded_networks(cp))
     # Names the engine refused: taken by another process meanwhile, or still held by a container
     # being removed (the engine lists it no more, but frees its name only once it is gone).
     refused: Set[str] = set()
@@ -433,8 +434,13 @@ LAYER_IMAGE_MAX = 4 << 30
 
 
 def shared_layer(engine: Engine, cp: Checkpoint) -> Optional[str]:
-    """The image (a tag) holding ``cp``'s image and its writable layer on top, made on first use
-    and kept until the checkpoint is removed; None when the layer is to be unpacked per clone."""
+    """The image (by ID) holding ``cp``'s image and its writable layer on top, made on first use
+    under the tag ``cp.layer_image`` and kept until the checkpoint is removed; None when the layer
+    is to be unpacked per clone. An image found under that tag is used only when it is the one
+    Dolly made (its ID recorded when made): the tag is predictable, so anyone who may tag images
+    could plant one for every clone to run. Anything else under the tag is untagged and the layer
+    image made again. The ID, not the tag, goes to the clones: a tag moved after the check does
+    not reach them."""
     try:
         size = cp.rootfs_diff.stat().st_size
     except OSError:
@@ -445,14 +451,20 @@ def shared_layer(engine: Engine, cp: Checkpoint) -> Optional[str]:
     engine.lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with FileLock(str(engine.lock_dir / f"{tag.rsplit(':', 1)[1]}.layer.lock")):
         if engine.has_image(tag):
-            return tag
+            made = made_layer_image(engine, tag)
+            if made is not None and engine.image_id(tag) == made:
+                return made
+            log.warning("the image under %s is not the layer image Dolly made for checkpoint %s: "
+                        "untagging it and making the layer image again", tag, cp.name)
+            engine.remove_image(tag)  # only the tag when it has others or a container uses it
         engine.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         layer = engine.spool_dir / f"{uuid.uuid4().hex}.layer.tar"
         try:
             fd = os.open(layer, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as out:
                 rootfs.to_image_layer(cp.rootfs_diff, out, max_bytes=LAYER_IMAGE_MAX)
-            engine.load_layer_image(cp.image_id, layer, tag)
+            made = engine.load_layer_image(cp.image_id, layer, tag)
+            record_layer_image(engine, tag, made)
         except InvalidArgument:
             return None  # not expressible as an image layer: unpacked per clone
         except (DollyError, OSError, docker.errors.DockerException) as e:
@@ -462,7 +474,7 @@ def shared_layer(engine: Engine, cp: Checkpoint) -> Optional[str]:
             return None
         finally:
             layer.unlink(missing_ok=True)
-    return tag
+    return made
 
 
 def _start_from(engine: Engine, cp: Checkpoint, container_id: str, *, hostname: Optional[str],
@@ -487,7 +499,7 @@ def _start_from(engine: Engine, cp: Checkpoint, container_id: str, *, hostname: 
             f.write(str(images))
         daemon = None
         if page_port is not None:
-            daemon = criu.start_lazy_pages(images, port=page_port, log=CRIU_LOG_DIR / f"{container_id}.lazy-pages.log")
+            daemon = criu.start_lazy_pages(images, relay=page_port, log=CRIU_LOG_DIR / f"{container_id}.lazy-pages.log")
         try:
             engine.start_from_checkpoint(container_id, docker_name)
         except BaseException:
@@ -524,8 +536,15 @@ def _labels(cp: Checkpoint) -> Dict[str, str]:
     return {LABEL_SOURCE: cp.container_id, LABEL_CHECKPOINT: cp.name}
 
 
+def _may_join_recorded_networks(cp: Checkpoint) -> bool:
+    """Whether clones of ``cp`` join the networks it recorded: a checkpoint of this engine's,
+    or one imported with the ``networks`` policy item allowed."""
+    return cp.origin is None or "networks" in (cp.origin.get("allowed") or ())
+
+
 def clone_config(
-    recorded: Dict[str, Any] | Any, *, image: str, labels: Dict[str, str], network: Optional[str] = None
+    recorded: Dict[str, Any] | Any, *, image: str, labels: Dict[str, str], network: Optional[str] = None,
+    own_networks: bool = True,
 ) -> Tuple[Dict[str, Any], Dict[str, Dict[str, Any]]]:
     """The Engine API create body for a clone of a container whose ``docker inspect`` is
     ``recorded``, and the endpoint configs of the networks to connect after create (the API
@@ -534,7 +553,11 @@ def clone_config(
     What makes the clone its own: no hostname or MAC address (Docker assigns new ones), host ports
     left for Docker to choose, no fixed IP addresses, and the source's own ID dropped from its
     network aliases. Everything else, command to mounts to labels, is the source's. With
-    ``network``, that network alone instead of the source's.
+    ``network``, that network alone instead of the source's. Without ``own_networks`` (an
+    imported checkpoint whose importer did not allow ``networks``), the default bridge alone
+    (or ``network``), under no alias, link or driver option of the recording's: the network
+    mode is rebuilt, not read, but for the host's or another container's namespace, which the
+    restore policy decides on (``host-namespaces``).
     """
     config = {k: v for k, v in recorded["Config"].items() if k not in ("Hostname", "MacAddress")}
     config["Image"] = image
@@ -554,6 +577,10 @@ def clone_config(
     source_id = recorded.get("Id", "")
     networks = (recorded.get("NetworkSettings") or {}).get("Networks") or {}
     mode = host.get("NetworkMode") or "default"
+    if not own_networks and not (mode in ("host", "none") or mode.startswith("container:")):
+        host["NetworkMode"] = network or "default"
+        config["NetworkingConfig"] = {"EndpointsConfig": {network or "bridge": {}}}
+        return config, {}
     primary = "bridge" if mode == "default" else mode
     endpoints = {
         net: {

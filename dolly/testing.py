@@ -77,12 +77,21 @@ from docker.models.containers import Container
 from filelock import FileLock
 
 from . import _criu as criu, _databases, ready as _ready, trust
-from ._checkpoint import Checkpoint, checkpoint, remove_all_of
+from ._checkpoint import Checkpoint, checkpoint, remove_all_of, remove_checkpoint
 from ._databases import FixtureSource, Recipe
 from ._engine import Engine, id_of
+from ._names import CHECKPOINT_NAME
 from ._registry import Reference, pull_annotated, push
 from ._restore import LABEL_SOURCE, restore, shared_layer
-from .errors import BundleExpired, ContainerNotFound, InvalidArgument, RegistryError
+from .errors import (
+    BundleExpired,
+    CheckpointExists,
+    CheckpointNotFound,
+    ContainerNotFound,
+    DollyError,
+    InvalidArgument,
+    RegistryError,
+)
 
 __all__ = ["Database", "mariadb", "postgres", "redis", "warm_service"]
 
@@ -93,8 +102,12 @@ STATE_ROOT = Path("/run/dolly/pytest")
 # one a line, appended as each is created.
 OWNER_FILE = "owner"
 CONTAINERS_FILE = "containers"
-_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_CONTAINER_ID_RE = re.compile(r"^[0-9a-f]{64}$")
+# And the checkpoints the run pulled from a cache, ``<container-id>/<name>`` a line: the pulled
+# source's folder in the store may hold checkpoints the run did not make (another run's pull of
+# the same tag, the user's own), and only the pulled one is the run's to remove.
+CHECKPOINTS_FILE = "checkpoints"
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
+_CONTAINER_ID_RE = re.compile(r"^[0-9a-f]{64}\Z")
 
 # The pusher's cold start and checkpoint seconds, on a cached checkpoint's manifest.
 COLD_ANNOTATION = "io.dolly.pytest.cold_s"
@@ -389,6 +402,8 @@ class Plugin:
         self._client: Optional[docker.DockerClient] = None
         self._checkpoints: Dict[str, Checkpoint] = {}
         self._reaped = False
+        # Fixtures whose cached checkpoint another run on this engine holds: warmed here, not pushed.
+        self._pull_taken: Set[str] = set()
 
     @property
     def client(self) -> docker.DockerClient:
@@ -428,7 +443,7 @@ class Plugin:
                     cp, cold, warm = self._make_warm(spec, key)
                     self.stats.cold_s[fixture_name] = cold
                     self.stats.warm_s[fixture_name] = warm
-                    if spec.cache is not None:
+                    if spec.cache is not None and fixture_name not in self._pull_taken:
                         self._push(spec, spec.cache, fixture_name, cp, cold, warm)
                 state.write_text(json.dumps({"checkpoint": str(cp.path)}))
         self._checkpoints[key] = cp
@@ -457,8 +472,14 @@ class Plugin:
             return None
         except BundleExpired:
             return None  # warmed and pushed again
-        # The source's ID is recorded like a container of this run: its checkpoint goes with the run.
-        self.record(cp.container_id)
+        except CheckpointExists:
+            # Another run on this engine pulled the same tag and still has it (or the user
+            # imported it): it is theirs to remove, not this run's to use. Warm here instead.
+            self._pull_taken.add(fixture_name)
+            return None
+        # Recorded as this run's own checkpoint, that one alone (not its source's whole folder),
+        # once it is there: a record made before could name another run's checkpoint.
+        record_checkpoint(self.state_dir, cp.container_id, cp.name)
         shared_layer(Engine.of(self.client), cp)
         self.stats.cache[fixture_name] = {
             "action": "pulled", "reference": ref, "seconds": time.perf_counter() - started,
@@ -708,6 +729,39 @@ def record_container(state_dir: Path, container_id: str) -> None:
         os.close(fd)  # releases the lock
 
 
+def record_checkpoint(state_dir: Path, container_id: str, name: str) -> None:
+    """Append a checkpoint the run pulled (``<container-id>/<name>``) to the run's record
+    (``checkpoints``, 0600), as :func:`record_container` does.
+
+    Raises:
+        ValueError: not a full container ID or not a checkpoint name.
+        OSError: it cannot be written.
+    """
+    if not _CONTAINER_ID_RE.match(container_id) or not CHECKPOINT_NAME.match(name):
+        raise ValueError(f"not a checkpoint of Dolly's store: {container_id!r}/{name!r}")
+    fd = os.open(state_dir / CHECKPOINTS_FILE,
+                 os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _write_all(fd, f"{container_id}/{name}\n".encode())
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def recorded_checkpoints(state_dir: Path) -> Set[tuple[str, str]]:
+    """The checkpoints (container ID, name) recorded in a run's state folder; trusted as
+    :func:`recorded_containers` says."""
+    text = _read_private(state_dir, CHECKPOINTS_FILE)
+    if text is None:
+        return set()
+    found = set()
+    for line in text.split("\n")[:-1]:
+        cid, _, name = line.partition("/")
+        if _CONTAINER_ID_RE.match(cid) and CHECKPOINT_NAME.match(name):
+            found.add((cid, name))
+    return found
+
+
 def recorded_containers(state_dir: Path) -> Set[str]:
     """The container IDs recorded in a run's state folder: none when the folder or the record
     is missing, or is not this user's own, only writable by it (then nothing in it is trusted).
@@ -787,8 +841,23 @@ def remove_run(client: docker.DockerClient, run_id: str) -> None:
     for cid in recorded - keep:
         # IDs are 64 hex digits (checked as read): a plain name under the store.
         remove_all_of(engine, cid)
+    for cid, name in recorded_checkpoints(folder):
+        _remove_pulled(engine, cid, name)
     if os.path.lexists(folder):
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_pulled(engine: Engine, container_id: str, name: str) -> None:
+    """Remove one checkpoint a run pulled, and its shared layer image unless in use; only an
+    imported one (never a checkpoint taken on this engine, whatever the record says)."""
+    try:
+        cp = Checkpoint.load(engine.store_dir / container_id / name, engine.client)
+    except DollyError:
+        return  # gone already
+    if cp.origin is None:
+        return
+    with contextlib.suppress(CheckpointNotFound):
+        remove_checkpoint(cp, engine.client)
 
 
 def reap_dead_runs(client: docker.DockerClient) -> List[str]:

@@ -18,13 +18,19 @@ class Registry:
     """``docker-registry serve`` on 127.0.0.1 with its storage in ``folder``; with ``user``, Basic
     authentication (an htpasswd file, bcrypt) and TLS by a CA of its own (:attr:`ca_file`)."""
 
-    def __init__(self, folder: Path, *, user: Optional[tuple] = None) -> None:
+    def __init__(self, folder: Path, *, user: Optional[tuple] = None, token_realm: Optional[str] = None,
+                 port: Optional[int] = None) -> None:
+        """``token_realm``: token authentication (plain HTTP) by that token service; ``port``: a
+        port of its own (another registry's, stopped, to change what answers there)."""
         self.folder = folder
         self.user = user
+        self.token_realm = token_realm
         self.ca_file: Optional[str] = None
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        if port is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        self.port = port
         self.address = f"127.0.0.1:{self.port}"
         self._proc: Optional[subprocess.Popen] = None
 
@@ -46,6 +52,10 @@ class Registry:
             hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4, prefix=b"2a")).decode()
             (self.folder / "htpasswd").write_text(f"{name}:{hashed}\n")
             config["auth"] = {"htpasswd": {"realm": "dolly-test", "path": str(self.folder / "htpasswd")}}
+        if self.token_realm is not None:
+            bundle = make_tls_files(self.folder, "127.0.0.1")["ca"]  # a certificate it would verify tokens by
+            config["auth"] = {"token": {"realm": self.token_realm, "service": "dolly-test", "issuer": "dolly-test",
+                                        "rootcertbundle": bundle}}
         (self.folder / "config.yml").write_text(json.dumps(config))  # YAML reads JSON
         self._proc = subprocess.Popen(["docker-registry", "serve", str(self.folder / "config.yml")],
                                       stdout=open(self.folder / "log", "wb"), stderr=subprocess.STDOUT)
