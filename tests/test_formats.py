@@ -485,7 +485,14 @@ def test_a_detached_signature_refuses_a_changed_archive_an_untrusted_key_and_age
     private, public = keys
     other, _ = dolly.trust.generate_keypair()
     changed = tmp_path / "changed.tar"
-    changed.write_bytes(archives["none"].read_bytes() + b"\0" * 1024)  # still a valid tar, not the signed one
+    # One byte of a member's data changed, the archive's size kept: only the digest the detached
+    # signature signs tells it from the signed one (a longer file would be caught by its size).
+    data = bytearray(archives["none"].read_bytes())
+    with tarfile.open(archives["none"]) as tar:
+        member = max((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.size)
+    data[member.offset_data + member.size // 2] ^= 0x01
+    changed.write_bytes(bytes(data))
+    assert changed.stat().st_size == archives["none"].stat().st_size
     signed = dolly.trust.sign_file(private, archives["none"], out=tmp_path / "good.sig")
     with pytest.raises(errors.DigestMismatch):
         dolly.import_bundle(changed, client=client, trusted_keys=[public], signature=signed)
