@@ -513,17 +513,18 @@ def import_bundle(
 def import_between_own_engines(path: Union[PathLike, IO[bytes]], *, client: Optional[docker.DockerClient],
                                trusted_keys: Iterable[Ed25519PublicKey] = (), allow_unsigned: bool = False,
                                image_source: Optional[docker.DockerClient], max_bytes: int = DEFAULT_MAX_BYTES,
-                               allow: Iterable[str] = policy.ALL) -> Checkpoint:
+                               allow: Iterable[str] = policy.ALL, from_agent: bool = False) -> Checkpoint:
     """An import of a copy that :func:`transfer` makes between engines the caller drives: every
     policy item allowed (less, for what an agent sent: see dolly._remote.allowed_from), no claim
-    or rollback bookkeeping (a copy's key is made for it alone)."""
+    or rollback bookkeeping (a copy's key is made for it alone). What an agent sent
+    (``from_agent``) is from outside: its images are rebuilt as an import's are."""
     return _import(path, client=client, trusted_keys=trusted_keys, allow_unsigned=allow_unsigned, allow=allow,
-                   image_source=image_source, max_bytes=max_bytes, between_own_engines=True)
+                   image_source=image_source, max_bytes=max_bytes, between_own_engines=True, rebuild=from_agent)
 
 
 def import_relayed(stream: IO[bytes], *, client: docker.DockerClient, transit_key: Ed25519PublicKey,
                    signed_by: Optional[str], allow: Iterable[str], max_bytes: int,
-                   between_own_engines: bool) -> Checkpoint:
+                   between_own_engines: bool, rebuild: bool = False) -> Checkpoint:
     """What Dolly's agent runs for an import its caller verified (see dolly._remote): the stream
     is signed by the one-time ``transit_key``; ``signed_by`` is the original signer's key id (or
     None), which the lineage and ``origin`` record.
@@ -535,7 +536,7 @@ def import_relayed(stream: IO[bytes], *, client: docker.DockerClient, transit_ke
         raise BundleError(f"not a key id: {signed_by!r:.40}")
     return _import(stream, client=client, trusted_keys=[transit_key], allow_unsigned=False, allow=allow,
                    image_source=None, max_bytes=max_bytes, between_own_engines=between_own_engines,
-                   relayed=True, relayed_for=signed_by)
+                   relayed=True, relayed_for=signed_by, rebuild=rebuild)
 
 
 def _import(
@@ -552,7 +553,11 @@ def _import(
     relayed: bool = False,
     relayed_for: Optional[str] = None,
     detached: Optional[trust.DetachedSignature] = None,
+    rebuild: bool = False,
 ) -> Checkpoint:
+    # The images that decide privilege are made again for everything from outside: an import,
+    # and a copy between the caller's engines that one engine's agent sent (``rebuild``).
+    rebuild = rebuild or not between_own_engines
     allowed = policy.items(allow)
     if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
         raise InvalidArgument(f"max_bytes must be a positive int, got {max_bytes!r}")
@@ -564,7 +569,8 @@ def _import(
 
         return _remote.import_bundle(engine, _source(path), trusted=trusted, allow_unsigned=allow_unsigned,
                                      allow=allowed, image_source=image_source, encryption_key=encryption_key,
-                                     max_bytes=max_bytes, between_own_engines=between_own_engines)
+                                     max_bytes=max_bytes, between_own_engines=between_own_engines,
+                                     rebuild=rebuild)
     lineages = Lineages.of(engine)
     engine.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if max_bytes is None:
@@ -591,7 +597,7 @@ def _import(
                     _check_detached(reader, detached)
                 return _import_foreign(engine, staging, allow_unsigned=allow_unsigned and not trusted, allowed=allowed,
                                        image_source=image_source, max_bytes=max_bytes,
-                                       between_own_engines=between_own_engines,
+                                       between_own_engines=between_own_engines, rebuild=rebuild,
                                        signer=detached.signer if detached is not None else None)
             if detached is not None:
                 raise InvalidArgument("a Dolly bundle carries its own signature: a detached one is for "
@@ -629,7 +635,7 @@ def _import(
         loaded = engine.ensure_image(manifest["image"]["id"], manifest["image"]["name"], tag=False,
                                      source=Engine.of(image_source) if image_source is not None else None)
         try:
-            if not between_own_engines:
+            if rebuild:
                 _rebuild_images(engine, cp, staging / "cp" / "criu", allowed, image_source)
             with lineages.lock:
                 lineages.check(lineage, manifest["created_at"])
@@ -689,7 +695,7 @@ _FOREIGN_UNSIGNED = (
 
 def _import_foreign(engine: Engine, staging: Path, *, allow_unsigned: bool, allowed: FrozenSet[str],
                     image_source: Optional[docker.DockerClient], max_bytes: int,
-                    between_own_engines: bool, signer: Optional[str]) -> Checkpoint:
+                    between_own_engines: bool, signer: Optional[str], rebuild: bool = True) -> Checkpoint:
     """The rest of an import of a Podman or kubelet archive, extracted into ``staging / "in"``
     (and, when ``signer`` is set, checked against a detached signature by that key): held to the
     same rules as a bundle's members (policy, process images, claims, image).
@@ -714,7 +720,7 @@ def _import_foreign(engine: Engine, staging: Path, *, allow_unsigned: bool, allo
     loaded = engine.ensure_image(image_id, image_name, tag=False,
                                  source=Engine.of(image_source) if image_source is not None else None)
     try:
-        if not between_own_engines:
+        if rebuild:
             _rebuild_images(engine, cp, staging / "cp" / "criu", allowed, image_source)
         final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if final.exists():
@@ -1132,9 +1138,9 @@ def transfer(
 
 def _stream_between(checkpoint: Checkpoint, source: Engine, target: docker.DockerClient,
                     image_source: docker.DockerClient) -> Checkpoint:
-    def into_target(stream: IO[bytes], allow: Iterable[str] = policy.ALL) -> Checkpoint:
+    def into_target(stream: IO[bytes], allow: Iterable[str] = policy.ALL, from_agent: bool = False) -> Checkpoint:
         return import_between_own_engines(stream, client=target, allow_unsigned=True, image_source=image_source,
-                                          allow=allow)
+                                          allow=allow, from_agent=from_agent)
 
     if not source.files_are_local():
         from . import _remote
@@ -1143,7 +1149,7 @@ def _stream_between(checkpoint: Checkpoint, source: Engine, target: docker.Docke
         allow = _remote.allowed_from(source, checkpoint)  # an agent's stream: no more than the source has
         with Agent.of(source).stream_out("export", container_id=checkpoint.container_id, name=checkpoint.name,
                                          expires_in_s=3600.0, lineage=None, max_bytes=DEFAULT_MAX_BYTES) as plain:
-            return into_target(plain, allow)
+            return into_target(plain, allow, from_agent=True)
     # A local export, written by a thread into a pipe that the import reads.
     read_fd, write_fd = os.pipe()
     failed: List[BaseException] = []

@@ -37,7 +37,7 @@ import docker
 from docker.models.containers import Container
 from filelock import FileLock
 
-from . import _criu as criu, _names as names, _rootfs as rootfs
+from . import _criu as criu, _names as names, _retry as retry, _rootfs as rootfs
 from ._engine import RUNTIME, ContainerRef, Engine, id_of, name_of
 from .errors import (
     CheckpointExists,
@@ -471,7 +471,6 @@ def _checkpoint_locked(
     shutil.rmtree(spool, ignore_errors=True)
     if own_runtime:
         spool.mkdir(mode=0o700, exist_ok=True)  # a mount point stays (a spool on a filesystem of its own)
-        _write_private(spool / RUNTIME_REQUEST, f"max_layer_bytes={max_layer_bytes}\n")
     created_at = datetime.now(UTC)
     images = engine.checkpoints_dir(id_of(source)) / docker_name
     doomed = [images, staging, spool]
@@ -492,7 +491,7 @@ def _checkpoint_locked(
                 engine.pause(id_of(source))
                 paused = True
                 _take_files_paused(engine, source, staging, max_layer_bytes)
-            engine.create_checkpoint(id_of(source), docker_name, exit=not leave_running)
+            _dump(engine, source, docker_name, spool if own_runtime else None, leave_running, max_layer_bytes)
         except CheckpointFailed as e:
             refused = _refusal(e, source, engine)
             if refused is not None:
@@ -546,6 +545,30 @@ def _checkpoint_locked(
     finally:
         for leftover in doomed:
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _dump(engine: Engine, source: Container, docker_name: str, spool: Optional[Path], leave_running: bool,
+          max_layer_bytes: int) -> None:
+    """Have the engine dump ``source``, again when CRIU found a task in uninterruptible sleep
+    (it then let every task run on and dumped nothing: see :class:`retry.TasksBusy`). With
+    Dolly's runtime, its request goes into ``spool`` before each try (the runtime takes it).
+
+    Raises:
+        CheckpointFailed: Docker or CRIU failed, each time for a busy task.
+    """
+    try:
+        for attempt in retry.busy_tasks():
+            with attempt:
+                if spool is not None:
+                    _write_private(spool / RUNTIME_REQUEST, f"max_layer_bytes={max_layer_bytes}\n")
+                try:
+                    engine.create_checkpoint(id_of(source), docker_name, exit=not leave_running)
+                except CheckpointFailed as e:
+                    if any("Unseizable non-zombie" in line for line in e.log_lines or ()):
+                        raise retry.TasksBusy(e) from e
+                    raise
+    except retry.TasksBusy as busy:
+        raise busy.error from None
 
 
 def _take_files_paused(engine: Engine, source: Container, staging: Path, max_layer_bytes: int) -> None:

@@ -65,7 +65,8 @@ def run(op: str, args: Dict[str, Any], *, stdin: IO[bytes], stdout: IO[bytes]) -
         key = serialization.load_pem_public_key(base64.b64decode(args["transit_key"]))
         cp = import_relayed(stdin, client=client, transit_key=key,  # type: ignore[arg-type]
                             signed_by=args["signed_by"], allow=policy.items(args["allow"]),
-                            max_bytes=args["max_bytes"], between_own_engines=bool(args["between_own_engines"]))
+                            max_bytes=args["max_bytes"], between_own_engines=bool(args["between_own_engines"]),
+                            rebuild=bool(args.get("rebuild", True)))
         return checkpoint_json(cp)
     if op in ("post_copy_source", "post_copy_target"):  # streams both ways; JSON lines on stderr
 

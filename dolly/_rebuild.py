@@ -23,14 +23,22 @@ the configuration the restore policy accepted:
   filter runc installs for the configuration (what a process adds on top can only restrict it:
   the kernel applies the strictest verdict of a chain); otherwise its chain is that filter alone;
 - **namespaces**: every task must share the first task's mount, network, user and cgroup
-  namespaces, and the checkpoint may hold no network namespace image of its own (Docker's
-  dumps name the engine's, which runc hands CRIU).
+  namespaces, CRIU must make for the first task exactly the namespaces it makes for the
+  reference (where a task's id equals the inventory's ``root_ids``, CRIU makes none and the task
+  stays in CRIU's own: the host's), and the checkpoint may hold no network namespace image of
+  its own (Docker's dumps name the engine's, which runc hands CRIU);
+- **files**: CRIU reopens every file as root. A fanotify descriptor (a mark on a whole file
+  system, the host's, with writable event files), a namespace file, a tun device, a BPF map or
+  an "external" file is refused, and so is an inotify watch without a path (CRIU would open its
+  file handle with ``open_by_handle_at`` on any mount of that device); CRIU's separate images of
+  those kinds, which it still reads, are refused outright.
 """
 from __future__ import annotations
 
 import base64
 import contextlib
 import logging
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +174,7 @@ def rebuild(images: Path, ref: Reference) -> None:
         ImageRewriteError: images pycriu cannot read or write.
     """
     _check_namespaces(images)
+    check_files(images)
     made = new_namespaces(images)
     if made != ref.new_namespaces:
         raise UnsafeArchive(
@@ -361,6 +370,43 @@ def new_namespaces(images: Path) -> frozenset:
         elif differs == {True, False}:
             made.add(f"mixed:{key[:-6]}")
     return frozenset(made)
+
+
+# Descriptor kinds an imported checkpoint may not hold (files.img, CRIU's fd_types), and CRIU's
+# older separate images of them (still read by a restore).
+REFUSED_FILES = frozenset({"FANOTIFY", "NS", "TUNF", "EXT", "BPFMAP"})
+REFUSED_IMAGES = ("fanotify", "fanotify-mark", "inotify", "inotify-wd", "ns-files", "tunfile", "ext-files",
+                  "bpfmap-file", "bpfmap-data", "binfmt-misc")
+
+
+def check_files(images: Path) -> None:
+    """Refuse what CRIU would reopen as root beyond the container's own files (the module's
+    docstring says which).
+
+    Raises:
+        UnsafeArchive: naming the descriptor or image.
+        ImageRewriteError: a files image pycriu cannot read.
+    """
+    pattern = re.compile(rf"({'|'.join(map(re.escape, REFUSED_IMAGES))})(-\d+)?\.img\Z")
+    found = sorted(p.name for p in images.iterdir() if pattern.match(p.name))
+    if found:
+        raise UnsafeArchive(f"the checkpoint holds {found[0]}: CRIU would restore that kind of descriptor as "
+                            "root beyond the container's own files. This cannot be allowed")
+    path = images / "files.img"
+    if not path.exists():
+        return
+    for entry in criu.load_image(path).get("entries") or []:
+        kind = entry.get("type")
+        if kind in REFUSED_FILES:
+            raise UnsafeArchive(f"the checkpoint holds a descriptor of kind {kind} (id {entry.get('id')}), which "
+                                "CRIU would open as root beyond the container's own files. This cannot be allowed")
+        if kind == "INOTIFY":
+            for wd in (entry.get("ify") or {}).get("wd") or []:
+                if not (wd.get("f_handle") or {}).get("path"):
+                    raise UnsafeArchive(
+                        "the checkpoint holds an inotify watch without a path: CRIU would open its file "
+                        "handle on any mount of that device, outside the container's tree. This cannot be "
+                        "allowed")
 
 
 def _check_namespaces(images: Path) -> None:

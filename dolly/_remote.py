@@ -132,9 +132,10 @@ def export(engine: Engine, cp: Checkpoint, out: Path, *, signer: Optional[Ed2551
 
 def import_bundle(engine: Engine, source: Union[Path, IO[bytes]], *, trusted: List[Ed25519PublicKey],
                   allow_unsigned: bool, allow: Iterable[str], image_source: Optional[docker.DockerClient],
-                  encryption_key: Optional[bytes], max_bytes: int, between_own_engines: bool) -> Checkpoint:
+                  encryption_key: Optional[bytes], max_bytes: int, between_own_engines: bool,
+                  rebuild: bool = True) -> Checkpoint:
     """Verified here (signature, freshness, form), re-signed for the agent with a one-time key,
-    streamed to it; it checks the rest as a local import does."""
+    streamed to it; it checks the rest as a local import does, its images rebuilt with ``rebuild``."""
 
     transit, transit_public = trust.generate_keypair()
     loaded = False
@@ -171,7 +172,7 @@ def import_bundle(engine: Engine, source: Union[Path, IO[bytes]], *, trusted: Li
                 "import", produce, transit_key=base64.b64encode(transit_public.public_bytes(
                     serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)).decode(),
                 allow=sorted(allow), max_bytes=max_bytes, signed_by=signer,
-                between_own_engines=between_own_engines)
+                between_own_engines=between_own_engines, rebuild=rebuild)
         except BaseException:
             if loaded:
                 engine.remove_image(manifest["image"]["id"])

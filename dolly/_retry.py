@@ -1,8 +1,8 @@
 """Dolly's retry policies, all in one place.
 
-Only what is transient is retried: the engine briefly unreachable, and the engine's content-store
-conflict that clears by itself. A CRIU failure, a missing container or a bad argument is
-deterministic and is raised at once.
+Only what is transient is retried: the engine briefly unreachable, the engine's content-store
+conflict that clears by itself, and a dump that found a task in uninterruptible sleep. A CRIU
+failure, a missing container or a bad argument is deterministic and is raised at once.
 """
 from __future__ import annotations
 
@@ -47,6 +47,28 @@ def checkpoint_upload() -> Retrying:
         retry=retry_if_exception_type(ContentConflict),
         stop=stop_after_attempt(6),
         wait=wait_exponential(multiplier=0.1, max=2) + wait_random(0, 0.3),
+        before_sleep=before_sleep_log(log, logging.INFO),
+        reraise=True,
+    )
+
+
+class TasksBusy(DollyError):
+    """CRIU could not seize a task of the container within its freeze timeout because the task
+    sat in uninterruptible sleep ("Unseizable non-zombie ... state D", seen on a database under a
+    write load waiting on its disk); CRIU let every task run on and dumped nothing. Carries the
+    :class:`~dolly.errors.CheckpointFailed` it came from."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def busy_tasks() -> Retrying:
+    """For a dump: a task in uninterruptible sleep leaves it within moments; twice more."""
+    return Retrying(
+        retry=retry_if_exception_type(TasksBusy),
+        stop=stop_after_attempt(3),
+        wait=wait_exponential(multiplier=0.5, max=2) + wait_random(0, 0.3),
         before_sleep=before_sleep_log(log, logging.INFO),
         reraise=True,
     )

@@ -77,7 +77,7 @@ from docker.models.containers import Container
 from filelock import FileLock
 
 from . import _criu as criu, _databases, ready as _ready, trust
-from ._checkpoint import Checkpoint, checkpoint, remove_all_of, remove_checkpoint
+from ._checkpoint import Checkpoint, checkpoint, get_checkpoint, remove_all_of, remove_checkpoint
 from ._databases import FixtureSource, Recipe
 from ._engine import Engine, id_of
 from ._names import CHECKPOINT_NAME
@@ -851,7 +851,8 @@ def _remove_pulled(engine: Engine, container_id: str, name: str) -> None:
     """Remove one checkpoint a run pulled, and its shared layer image unless in use; only an
     imported one (never a checkpoint taken on this engine, whatever the record says)."""
     try:
-        cp = Checkpoint.load(engine.store_dir / container_id / name, engine.client)
+        # Through the engine's agent where its files are not this process's (a run on another host).
+        cp = get_checkpoint(container_id, name, client=engine.client)
     except DollyError:
         return  # gone already
     if cp.origin is None:

@@ -283,3 +283,82 @@ def test_a_first_task_in_the_hosts_namespaces_is_refused(base, engine_b, tmp_pat
     with pytest.raises(errors.UnsafeArchive, match="namespaces other than those Docker makes"):
         _import(hostile, engine_b)
     assert_refused(errors.UnsafeArchive, hostile, engine_b, allow_unsigned=True, image_source=default_client())
+
+
+# --- files ------------------------------------------------------------------------------------------
+
+FOWN = {"uid": 0, "euid": 0, "signum": 0, "pid_type": 0, "pid": 0}
+
+
+def _add_file(entry):
+    def edit(img):
+        entry["id"] = max(e["id"] for e in img["entries"]) + 1
+        img["entries"].append(entry)
+    return edit
+
+
+@pytest.mark.parametrize("case", ["fanotify", "namespace file", "inotify without a path", "separate image"])
+def test_descriptors_criu_would_open_beyond_the_container_are_refused(base, engine_b, tmp_path, case):
+    """A fanotify mark on a whole file system (the host's, through a bind Docker makes) hands
+    the clone every file of it, writable: CRIU restores it as root. Refused, with its kin."""
+    member = "checkpoint/files.img"
+    if case == "fanotify":
+        edit = _add_file({"type": "FANOTIFY", "ffy": {"id": 0, "flags": 2, "fown": FOWN, "faflags": 0,
+                                                       "evflags": 2}})
+    elif case == "namespace file":
+        edit = _add_file({"type": "NS", "nsf": {"id": 0, "ns_id": 1, "ns_cflag": 0x20000, "flags": 0}})
+    elif case == "inotify without a path":
+        edit = _add_file({"type": "INOTIFY", "ify": {"id": 0, "flags": 0, "fown": FOWN, "wd": [
+            {"id": 0, "i_ino": 2, "mask": 0x20, "ignored_mask": 0, "s_dev": 0xFE00000, "wd": 1,
+             "f_handle": {"bytes": 8, "type": 1, "handle": [2, 0]}}]}})
+    if case == "separate image":
+        import pycriu.images
+
+        out = io.BytesIO()
+        pycriu.images.dump({"magic": "FANOTIFY_FILE", "entries": [
+            {"id": 1, "flags": 2, "fown": FOWN, "faflags": 0, "evflags": 2}]}, out)
+        replace = {"checkpoint/fanotify.img": out.getvalue()}
+    else:
+        replace = {member: edited_image(base, member, edit)}
+    hostile = rebuild(base, tmp_path / "files.dolly", replace=replace)
+    with pytest.raises(errors.UnsafeArchive, match=r"beyond the container|outside the container"):
+        _import(hostile, engine_b)
+    assert_refused(errors.UnsafeArchive, hostile, engine_b, allow_unsigned=True, image_source=default_client())
+
+
+# --- what an agent sends ----------------------------------------------------------------------------
+
+
+def test_a_copy_an_agent_sends_is_rebuilt_too(client, host_b, host_b_engine):
+    """clone(..., engines=[client]) of a checkpoint on another host: the copy streams from that
+    engine's agent, and is from outside like any import. Its cgroup image, edited on that host
+    (a lying agent would send the same), puts the process in the host's root cgroups; the clone
+    here is in its own."""
+    source = host_b.containers.run(BUSYBOX, ["sh", "-c", "while true; do sleep 0.2; done"], detach=True,
+                                   labels={TEST_LABEL: RUN_ID})
+    cp = None
+    try:
+        cp = dolly.checkpoint(source.id, "lying", client=host_b)
+        image = host_b_engine.data_root / cp.images_dir.relative_to("/var/lib/docker") / "cgroup.img"
+        import pycriu.images
+
+        with open(image, "rb") as f:
+            img = pycriu.images.load(f)
+        for cg_set in img["entries"][0]["sets"]:
+            for ctl in cg_set["ctls"]:
+                ctl["path"] = "/"
+        for controller in img["entries"][0]["controllers"]:
+            controller.pop("dirs", None)
+        with open(image, "wb") as f:
+            pycriu.images.dump(img, f)
+        (clone,) = dolly.clone(cp, 1, engines=[client], labels={TEST_LABEL: RUN_ID})
+        code, out = clone.exec_run(["cat", "/proc/1/cgroup"])
+        lines = [line.split(":", 2) for line in out.decode().splitlines()]
+        assert code == 0 and lines
+        for _, controllers, path in lines:
+            if controllers in ("devices", "memory", "pids"):
+                assert clone.id in path, f"the restored process is in {path!r} for {controllers}"
+    finally:
+        source.remove(force=True)
+        if cp is not None:
+            dolly.remove_checkpoint(cp)

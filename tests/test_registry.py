@@ -250,6 +250,7 @@ def test_the_pytest_cache_warms_on_one_engine_and_pulls_on_the_other(client, hos
     tokens = tmp_path / "tokens"
     env = {"CACHE": f"{registry.address}/{repo}", "TOKENS": str(tokens),
            "DOLLY_CACHE_SIGNER": str(tmp_path / "signer.pem")}
+    on_b = dolly.list_checkpoints(client=host_b_engine.client)
     first = pytest_run("-q", "test_cached.py", cwd=tmp_path, env={**env, "DOCKER_HOST": "unix:///var/run/docker.sock"})
     assert first.returncode == 0, first.stdout + first.stderr
     assert "warmed here and pushed" in first.stdout, first.stdout
@@ -259,3 +260,5 @@ def test_the_pytest_cache_warms_on_one_engine_and_pulls_on_the_other(client, hos
     warmed, pulled = tokens.read_text().split()
     assert warmed == pulled, "the second run warmed its own service instead of pulling the first run's"
     assert not run_containers(client) and not run_containers(host_b_engine.client)
+    # The run on host b removed the checkpoint it pulled, through that engine's agent.
+    assert dolly.list_checkpoints(client=host_b_engine.client) == on_b
