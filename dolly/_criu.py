@@ -417,10 +417,15 @@ def processes(images_dir: Path) -> list[dict]:
     return found
 
 
+# CRIU's TASK_DEAD (criu/include/pid.h): a zombie, dumped without thread state. pycriu maps only
+# some task states to names (and names 3, CRIU's TASK_STOPPED, "Zombie"): this one it leaves a number.
+TASK_DEAD = 2
+
+
 def is_zombie(core: dict) -> bool:
-    """Whether a core image's entry is a zombie's (pycriu names CRIU's task states): it has no
-    thread state, credentials or seccomp filter of its own."""
-    return "thread_core" not in core and (core.get("tc") or {}).get("task_state") in ("Zombie", 3)
+    """Whether a core image's entry is a zombie's: it has no thread state, credentials or
+    seccomp filter of its own, and CRIU restores it as a zombie, never running."""
+    return "thread_core" not in core and (core.get("tc") or {}).get("task_state") == TASK_DEAD
 
 
 def mountpoints(images_dir: Path) -> set[str]:

@@ -16,6 +16,8 @@ the configuration the restore policy accepted:
   masked paths this kernel lacks may be left out); each entry is the reference's entry (type,
   source, ``root``, options, flags, external key, propagation), keeping only the checkpoint's own
   mount IDs, which its open files name. A mountpoint the reference lacks is refused;
+- **limits**: each task's OOM score and resource limits are the reference's, which CRIU sets as
+  root before it drops the task's capabilities;
 - **cgroups**: ``cgroup.img`` is the reference's, and every task's ``cg_set`` the reference's: the
   clone's processes land in the clone's own cgroup (which runc maps the image's root to), with
   no sub-cgroups and no properties of the checkpoint's;
@@ -82,6 +84,8 @@ class Reference:
     seccomp_filter: Optional[int]
     seccomp_mode: str
     new_namespaces: frozenset = frozenset()
+    oom_score_adj: int = 0
+    rlimits: Optional[Mapping[str, Any]] = None
 
 
 def reference_body(config: Mapping[str, Any], *, image: str = REFERENCE_IMAGE) -> Dict[str, Any]:
@@ -147,11 +151,14 @@ def read_reference(images: Path) -> Reference:
     """
     ids = criu.root_task_ids(images)
     mounts = criu.load_image(images / f"mountpoints-{ids['mnt_ns_id']}.img")["entries"]
-    core = _thread_core(images, _root_pid(images))
+    core_img = criu.load_image(images / f"core-{_root_pid(images)}.img")
+    core = _core_of(core_img)
+    tc = core_img["entries"][0].get("tc") or {}
     seccomp_path = images / "seccomp.img"
     return Reference(
         mounts=mounts, cgroup=criu.load_image(images / "cgroup.img"), cg_set=int(core.get("cg_set", 0)),
-        new_namespaces=new_namespaces(images),
+        new_namespaces=new_namespaces(images), oom_score_adj=int(tc.get("oom_score_adj", 0)),
+        rlimits=tc.get("rlimits"),
         seccomp=criu.load_image(seccomp_path) if seccomp_path.exists() else None,
         seccomp_filter=core.get("seccomp_filter") if core.get("seccomp_mode") == "filter" else None,
         seccomp_mode=str(core.get("seccomp_mode", "disabled")))
@@ -176,7 +183,11 @@ def rebuild(images: Path, ref: Reference) -> None:
     _check_namespaces(images)
     check_files(images)
     made = new_namespaces(images)
-    if made != ref.new_namespaces:
+    # Every namespace Docker makes must be made (one not made is CRIU's own: the host's); a new
+    # time or cgroup namespace only isolates more (CRIU's own time namespace differs from the
+    # container's where the engine runs in namespaces of its own), any other (a user namespace
+    # with maps of the checkpoint's choosing) is refused.
+    if not ref.new_namespaces <= made or not made - ref.new_namespaces <= ISOLATING_ONLY:
         raise UnsafeArchive(
             "the checkpoint's first task would be restored in namespaces other than those Docker makes "
             f"for its configuration (new: {', '.join(sorted(made)) or 'none'}; Docker's: "
@@ -193,6 +204,16 @@ def rebuild(images: Path, ref: Reference) -> None:
     for p, core_img in loaded.items():
         thread = _core_of(core_img)
         thread["cg_set"] = ref.cg_set
+        # What CRIU sets as root before it drops the task's capabilities: its OOM score (-1000
+        # makes it unkillable) and its limits (hard ones a container cannot raise itself). The
+        # reference's are what the configuration gives.
+        tc = core_img["entries"][0].get("tc")
+        if isinstance(tc, dict):
+            tc["oom_score_adj"] = ref.oom_score_adj
+            if ref.rlimits is not None:
+                tc["rlimits"] = ref.rlimits
+            else:
+                tc.pop("rlimits", None)
         mode, index = chains[id(thread)]
         thread["seccomp_mode"] = mode
         if index is None:
@@ -245,13 +266,18 @@ def rebuild_mounts(foreign: Sequence[Mapping[str, Any]],
             "the checkpoint's mount tree lacks mounts that Docker makes for its configuration on this "
             f"engine: {', '.join(missing[:5])}")
     ref_by_id = {e["mnt_id"]: e for e in reference}
-    # Each of the reference's file systems (root_dev) gets the foreign root_dev of the first of
-    # its mounts in the reference's order: one foreign device per reference device, never shared.
-    devices: Dict[int, int] = {}
+    # Each of the reference's file systems (root_dev) gets the foreign root_dev of its own mount:
+    # the one that is no external bind and shows the file system's root (a tmpfs's files are
+    # found by that device), else its first mount. One foreign device per reference device, never
+    # shared. (External binds are what runc hands CRIU by key: /dev/null, say, is the container's
+    # /dev's on one engine and the host's devtmpfs on another.)
+    owners: Dict[int, Mapping[str, Any]] = {}
     for e in reference:
         dev = int(e.get("root_dev", 0))
-        if dev not in devices:
-            devices[dev] = int(by_point[str(e["mountpoint"])].get("root_dev", 0))
+        own = not e.get("ext_key") and e.get("root") == "/"
+        if dev not in owners or (own and (owners[dev].get("ext_key") or owners[dev].get("root") != "/")):
+            owners[dev] = e
+    devices = {dev: int(by_point[str(e["mountpoint"])].get("root_dev", 0)) for dev, e in owners.items()}
     if len(set(devices.values())) != len(devices):
         raise UnsafeArchive("the checkpoint's mount tree shares a file system between mounts that Docker "
                             "gives file systems of their own")
@@ -344,6 +370,7 @@ def _same(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 # The namespaces CRIU compares between a checkpoint's first task and its inventory's root_ids:
 # where they are equal it makes no namespace, and the task stays in CRIU's own, the host's.
+ISOLATING_ONLY = frozenset({"time", "cgroup"})
 NAMESPACES = ("pid_ns_id", "net_ns_id", "ipc_ns_id", "uts_ns_id", "mnt_ns_id", "user_ns_id", "cgroup_ns_id",
               "time_ns_id")
 
@@ -432,10 +459,6 @@ def _root_pid(images: Path) -> int:
         return int(criu.load_image(images / "pstree.img")["entries"][0]["pid"])
     except (KeyError, IndexError, TypeError, ValueError) as e:
         raise ImageRewriteError(f"the checkpoint has no readable process tree ({type(e).__name__})") from e
-
-
-def _thread_core(images: Path, pid: int) -> Dict[str, Any]:
-    return _core_of(criu.load_image(images / f"core-{pid}.img"))
 
 
 def _core_of(img: Mapping[str, Any]) -> Dict[str, Any]:

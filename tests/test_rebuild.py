@@ -285,6 +285,19 @@ def test_a_first_task_in_the_hosts_namespaces_is_refused(base, engine_b, tmp_pat
     assert_refused(errors.UnsafeArchive, hostile, engine_b, allow_unsigned=True, image_source=default_client())
 
 
+def test_a_user_namespace_docker_does_not_make_is_refused(base, engine_b, tmp_path):
+    """A root_ids user namespace that no task shares has CRIU make one, with maps of the
+    checkpoint's choosing: root in it holds every capability over what it maps."""
+    def edit(img):
+        img["entries"][0]["root_ids"]["user_ns_id"] = 4242
+
+    member = "checkpoint/inventory.img"
+    hostile = rebuild(base, tmp_path / "userns.dolly", replace={member: edited_image(base, member, edit)})
+    with pytest.raises(errors.UnsafeArchive, match="namespaces other than those Docker makes"):
+        _import(hostile, engine_b)
+    assert_refused(errors.UnsafeArchive, hostile, engine_b, allow_unsigned=True, image_source=default_client())
+
+
 # --- files ------------------------------------------------------------------------------------------
 
 FOWN = {"uid": 0, "euid": 0, "signum": 0, "pid_type": 0, "pid": 0}
@@ -362,3 +375,42 @@ def test_a_copy_an_agent_sends_is_rebuilt_too(client, host_b, host_b_engine):
         source.remove(force=True)
         if cp is not None:
             dolly.remove_checkpoint(cp)
+
+
+# --- limits -----------------------------------------------------------------------------------------
+
+
+def test_oom_score_and_limits_are_dockers_not_the_checkpoints(base, engine_b, tmp_path, b_cleanup):
+    """CRIU writes a task's oom_score_adj and sets its rlimits as root, before it drops the
+    task's capabilities: -1000 would make it unkillable, and a hard limit above Docker's is one
+    the container could not raise itself. The stored images hold the values of the checkpoint
+    as Docker made it, not the bundle's."""
+    import pycriu.images
+
+    cores = sorted(n for n in _names(base) if n.startswith("checkpoint/core-"))
+    with tarfile.open(base) as tar:
+        original = {n: pycriu.images.load(io.BytesIO(tar.extractfile(n).read()))["entries"][0] for n in cores}
+
+    def edit(img):
+        tc = img["entries"][0]["tc"]
+        tc["oom_score_adj"] = -1000
+        if "rlimits" in tc:
+            tc["rlimits"]["rlimits"][7] = {"cur": 1 << 20, "max": 1 << 20}  # RLIMIT_NOFILE
+
+    replace = {n: edited_image(base, n, edit) for n in cores}
+    hostile = rebuild(base, tmp_path / "limits.dolly", replace=replace)
+    cp = _import(hostile, engine_b)
+    b_cleanup.append(cp)
+    from dolly import _criu as criu
+
+    for name, entry in original.items():
+        if criu.is_zombie(entry):
+            continue
+        stored = criu.load_image(cp.images_dir / name.removeprefix("checkpoint/"))["entries"][0]["tc"]
+        assert stored["oom_score_adj"] == entry["tc"]["oom_score_adj"] != -1000
+        assert stored["rlimits"]["rlimits"][7] == entry["tc"]["rlimits"]["rlimits"][7]
+
+
+def _names(path):
+    with tarfile.open(path) as tar:
+        return tar.getnames()
