@@ -56,14 +56,14 @@ log = logging.getLogger("dolly")
 REFERENCE_IMAGE = "dolly/busybox"
 REFERENCE_LABEL = "dolly.reference"
 
-# The HostConfig fields that shape a container's mount tree, cgroups, seccomp filter or
-# devices: the reference takes these from the accepted configuration and nothing else (no ports,
+# The HostConfig fields that shape a container's mount tree, cgroups, seccomp filter, devices,
+# limits or OOM score: the reference takes these from the accepted configuration and nothing else (no ports,
 # restart policy, links or networks, whose use by a throwaway container would reach beyond it).
 SHAPING_FIELDS = frozenset({
     "Binds", "Mounts", "Tmpfs", "VolumesFrom", "VolumeDriver", "ShmSize", "ReadonlyRootfs",
     "MaskedPaths", "ReadonlyPaths", "Privileged", "CapAdd", "CapDrop", "Capabilities", "SecurityOpt",
     "Devices", "DeviceCgroupRules", "DeviceRequests", "CgroupParent", "Cgroup", "CgroupnsMode", "IpcMode",
-    "PidMode", "UTSMode", "UsernsMode", "Init", "Isolation"})
+    "PidMode", "UTSMode", "UsernsMode", "Init", "Isolation", "Ulimits", "OomScoreAdj"})
 
 
 # What Podman (containers-common) masks beyond Docker's list. Such a mount in an imported tree is
