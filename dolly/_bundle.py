@@ -627,6 +627,10 @@ def _import(
             "imported_at": datetime.now(UTC).isoformat(),
             "allowed": sorted(allowed),
         }
+        if between_own_engines:
+            # A copy :func:`transfer` made between the caller's engines: the next clone spread
+            # over this engine uses it again instead of copying the checkpoint once more.
+            origin["copy"] = True
         cp = _make_checkpoint(staging / "in", staging / "cp", manifest, final, origin, max_bytes)
         _check_policy(cp, staging / "cp" / "criu", allowed)
         if not between_own_engines:

@@ -235,17 +235,13 @@ def _clone_across(
     counts = [n // len(engines) + (1 if i < n % len(engines) else 0) for i in range(len(engines))]
 
     def on(engine_client: docker.DockerClient, count: int) -> List[Container]:
-        if _holds(engine_client, cp):
-            return clone(cp, count, name_prefix=name_prefix, labels=labels, on_create=on_create,
-                         client=engine_client, max_workers=max_workers, progress=progress)
-        copy = transfer(cp, engine_client, source=source)
-        try:
-            return clone(copy, count, name_prefix=name_prefix, labels=labels, on_create=on_create,
-                         client=engine_client, max_workers=max_workers, progress=progress)
-        finally:
-            from ._checkpoint import remove_checkpoint
-
-            remove_checkpoint(copy)
+        there = cp if _holds(engine_client, cp) else _same_on(engine_client, cp)
+        if there is None:
+            # Kept there: the next spread of this checkpoint over that engine uses it again
+            # (``dolly.prune`` on that engine removes it, its container being elsewhere).
+            there = transfer(cp, engine_client, source=source)
+        return clone(there, count, name_prefix=name_prefix, labels=labels, on_create=on_create,
+                     client=engine_client, max_workers=max_workers, progress=progress)
 
     jobs = [(c, k) for c, k in zip(engines, counts, strict=True) if k > 0]
     with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="dolly-engine") as pool:
@@ -263,6 +259,24 @@ def _clone_across(
                 Engine.of(c.client).remove(id_of(c))
         raise errors[0]
     return [c for made, _ in outcomes for c in made]
+
+
+def _same_on(client: docker.DockerClient, cp: Checkpoint) -> Optional[Checkpoint]:
+    """The checkpoint ``cp`` is, as ``client``'s engine already holds it: of the same container,
+    name and instant, and either taken there (the original ``cp`` was copied from: it is the
+    caller's own) or a copy Dolly's own transfer made there. None when there is none; an
+    imported checkpoint that only claims the same identity is never taken for it."""
+    from ._checkpoint import get_checkpoint
+
+    try:
+        found = get_checkpoint(cp.container_id, cp.name, client=client)
+    except DollyError:
+        return None
+    if found.created_at != cp.created_at:
+        return None
+    if found.origin is None or found.origin.get("copy") is True:
+        return found
+    return None
 
 
 def _holds(client: docker.DockerClient, cp: Checkpoint) -> bool:

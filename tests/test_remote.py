@@ -151,11 +151,53 @@ def test_clone_spread_over_three_engines(client, host_b, host_c, run):
             for c in mine:
                 assert engine_client.containers.get(c.id).status == "running"
                 assert_counts_on(c, before)
-        # The copies made on the other engines for this call are gone again.
-        assert dolly.list_checkpoints(client=host_b) == [] and dolly.list_checkpoints(client=host_c) == []
+        # One copy on each other engine, kept there: a second spread uses it, copying nothing.
+        copies = {e: dolly.list_checkpoints(source.id, client=e) for e in (host_b, host_c)}
+        assert all([(x.name, x.created_at, x.origin["copy"]) for x in found] == [("spread", cp.created_at, True)]
+                   for found in copies.values())
+        again = dolly.clone(cp, 3, engines=[client, host_b, host_c])
+        clones += again
+        for c in again:
+            assert_counts_on(c, before)
+        for e, found in copies.items():
+            assert [(x.path, x.origin["imported_at"]) for x in dolly.list_checkpoints(source.id, client=e)] == \
+                [(x.path, x.origin["imported_at"]) for x in found]
     finally:
         for c in clones:
             c.remove(force=True)
+        for e in (host_b, host_c):
+            for x in dolly.list_checkpoints(source.id, client=e):
+                dolly.remove_checkpoint(x)
+
+
+def test_a_spread_uses_the_original_an_engine_holds(client, host_c, run, tmp_path, keys):
+    """A checkpoint taken on C, exported and imported here, then spread over here and C: C
+    clones its own original (it used to be copied back to C and fail with CheckpointExists)."""
+    private, public = keys
+    source = host_c.containers.run(BUSYBOX, ["sh", "-c", FILE_AND_COUNTER], detach=True,
+                                   labels={TEST_LABEL: RUN_ID})
+    clones: list = []
+    here = None
+    try:
+        time.sleep(0.5)
+        before = read_int(source)
+        original = dolly.checkpoint(source.id, "home", client=host_c)
+        bundle = dolly.export(original, tmp_path / "home.dolly", signer=private)
+        here = dolly.import_bundle(bundle, client=client, trusted_keys=[public], image_source=host_c)
+        clones = dolly.clone(here, 4, engines=[client, host_c])
+        on_c = [c for c in clones if c.client is host_c]
+        assert len(on_c) == 2 and all(c.labels.get("dolly.source") == source.id for c in on_c)
+        assert [x.path for x in dolly.list_checkpoints(source.id, client=host_c)] == [original.path]
+        for c in clones:
+            assert_counts_on(c, before)
+    finally:
+        for c in clones:
+            c.remove(force=True)
+        if here is not None:
+            dolly.remove_checkpoint(here)
+        source.remove(force=True)
+        for x in dolly.list_checkpoints(source.id, client=host_c):
+            dolly.remove_checkpoint(x)
 
 
 def test_an_engine_over_tcp_with_tls(on_host, host_tls):
