@@ -8,6 +8,7 @@ would not make, rebuilt where it edits one Docker does make, its cgroups or its 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import uuid
 
@@ -375,6 +376,9 @@ def test_a_copy_an_agent_sends_is_rebuilt_too(client, host_b, host_b_engine):
         source.remove(force=True)
         if cp is not None:
             dolly.remove_checkpoint(cp)
+            with contextlib.suppress(errors.ContainerNotFound):  # none made here
+                for copy in dolly.list_checkpoints(cp.container_id, client=client):  # kept by the spread
+                    dolly.remove_checkpoint(copy)
 
 
 # --- limits -----------------------------------------------------------------------------------------
