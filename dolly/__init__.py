@@ -7,11 +7,13 @@
 """
 from . import policy, trust
 from ._bundle import export, import_bundle
-from ._checkpoint import Checkpoint, PruneReport, checkpoint, get_checkpoint, list_checkpoints, prune, remove_checkpoint
+from ._checkpoint import Checkpoint
+from ._dump import checkpoint
 from ._host import HostReport, check_host
 from ._migrate import Migration, migrate
 from ._registry import PushReport, pull, push
 from ._restore import clone, restore, resume
+from ._store import PruneReport, get_checkpoint, list_checkpoints, prune, remove_checkpoint
 from .errors import DollyError
 
 __all__ = [

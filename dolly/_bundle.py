@@ -64,8 +64,9 @@ from . import (
     trust,
 )
 from ._archive import tarfile
-from ._checkpoint import METADATA, Checkpoint, engine_of, require, seal
+from ._checkpoint import METADATA, Checkpoint
 from ._engine import Engine
+from ._store import engine_of, require, seal
 from .errors import (
     BundleError,
     BundleExpired,

@@ -41,9 +41,11 @@ from docker.models.containers import Container
 
 from . import _bundle as bundle, _criu as criu, _postcopy as postcopy, ready as _ready
 from ._agent import Agent
-from ._checkpoint import Checkpoint, checkpoint, get_checkpoint, remove_checkpoint
+from ._checkpoint import Checkpoint
+from ._dump import checkpoint
 from ._engine import ContainerRef, Engine, id_of, name_of
 from ._restore import LABEL_CHECKPOINT, LABEL_SOURCE, clone, restore, resume
+from ._store import get_checkpoint, remove_checkpoint
 from .errors import (
     CheckpointFailed,
     ContainerNotFound,

@@ -14,9 +14,11 @@ from cryptography.hazmat.primitives import serialization
 
 from . import _host, _postcopy, policy
 from ._bundle import export_stream, import_relayed
-from ._checkpoint import Checkpoint, checkpoint, get_checkpoint, list_checkpoints, remove_checkpoint
+from ._checkpoint import Checkpoint
+from ._dump import checkpoint
 from ._engine import Engine
 from ._restore import clone, resume
+from ._store import get_checkpoint, list_checkpoints, remove_checkpoint
 from .errors import InvalidArgument
 
 STREAMED = object()

@@ -45,8 +45,9 @@ from typing import IO, Callable, List, Optional, Protocol, Tuple
 import docker
 
 from . import _criu as criu
-from ._checkpoint import Checkpoint, PendingDump, checkpoint_lazy
+from ._checkpoint import Checkpoint
 from ._engine import ContainerRef, Engine
+from ._lazy_dump import PendingDump, checkpoint_lazy
 from .errors import CheckpointFailed, HostNotReady
 
 __all__ = ["PageSource", "PageTarget", "Relay", "open_source", "open_target"]
@@ -275,7 +276,7 @@ def pump(end: End, inp: IO[bytes], out: IO[bytes]) -> None:
 
 def dump_lazily(container: ContainerRef, name: str, *, client: Optional[docker.DockerClient] = None
                 ) -> Tuple[Checkpoint, PendingDump, SourceLink]:
-    """Dump ``container`` lazily on this host (:func:`dolly._checkpoint.checkpoint_lazy`) and
+    """Dump ``container`` lazily on this host (:func:`dolly._lazy_dump.checkpoint_lazy`) and
     connect to its page server, in the dump's own network namespace.
 
     Raises:
@@ -350,7 +351,7 @@ def open_source(engine: Engine, container: ContainerRef, name: str) -> PageSourc
     """Dump ``container`` lazily on ``engine``; returns once its page server listens.
 
     Raises:
-        as :func:`dolly._checkpoint.checkpoint_lazy`.
+        as :func:`dolly._lazy_dump.checkpoint_lazy`.
     """
     _require_64_bit()
     if not engine.files_are_local():
@@ -403,7 +404,7 @@ def _require_64_bit() -> None:
 
 def _remove_quietly(cp: Checkpoint) -> None:
     """A post-copy checkpoint that will not be restored: its images lack the memory."""
-    from ._checkpoint import remove_checkpoint
+    from ._store import remove_checkpoint
 
     with contextlib.suppress(Exception):
         remove_checkpoint(cp)

@@ -47,8 +47,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from . import _criu as criu
-from ._checkpoint import checkpoint, remove_checkpoint
+from ._dump import checkpoint
 from ._engine import RUNTIME, Engine, translate_errors
+from ._store import remove_checkpoint
 from .errors import DollyError, HostNotReady, ImageRewriteError, UnsafeArchive
 
 log = logging.getLogger("dolly")

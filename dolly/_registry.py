@@ -58,8 +58,9 @@ import requests.adapters
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from . import _archive as archive, _bundle as bundle, trust
-from ._checkpoint import Checkpoint, engine_of, remove_checkpoint
+from ._checkpoint import Checkpoint
 from ._engine import Engine
+from ._store import engine_of, remove_checkpoint
 from .errors import (
     BundleError,
     BundleExpired,

@@ -18,8 +18,9 @@ import pytest
 import dolly
 import dolly.testing
 from dolly import ready, trust
-from dolly._checkpoint import LAYER_IMAGE_REPOSITORY, remove_all_of, remove_unused_layer_images
+from dolly._checkpoint import LAYER_IMAGE_REPOSITORY
 from dolly._engine import Engine
+from dolly._store import remove_all_of, remove_unused_layer_images
 from engines import IsolatedEngine, SecondEngine
 from helpers import BUSYBOX, COUNTER, ENGINE_B, ENGINE_B_SUBNET, FILES, PYTHON, RUN_ID, STATEFUL, TEST_LABEL, ask
 

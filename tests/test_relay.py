@@ -403,8 +403,8 @@ def test_a_lazy_dump_s_page_server_is_out_of_reach_of_other_users(client, run):
     """The page server of a post-copy dump listens in a network namespace of its own: a user on
     the host finds nothing to connect to on 127.0.0.1, while Dolly reaches it (and here breaks
     the dump off, so the source runs on with its memory)."""
-    from dolly._checkpoint import checkpoint_lazy
     from dolly._engine import Engine
+    from dolly._lazy_dump import checkpoint_lazy
     from helpers import BUSYBOX
 
     source = run(BUSYBOX, ["sh", "-c", "i=0; while true; do i=$((i+1)); echo $i > /n; sleep 0.1; done"])
@@ -437,7 +437,7 @@ def test_a_lazy_dump_s_page_server_is_out_of_reach_of_other_users(client, run):
             criu.break_off_page_server(criu.lazy_netns_record(Engine.of(client).spool_dir, source.id))
             with contextlib.suppress(CheckpointFailed):
                 pending.wait(60)
-        from dolly._checkpoint import remove_checkpoint
+        from dolly._store import remove_checkpoint
 
         remove_checkpoint(cp)
     source.reload()

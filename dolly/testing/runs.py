@@ -33,9 +33,9 @@ from typing import Callable, Dict, List, Optional, Set
 
 import docker
 
-from .._checkpoint import get_checkpoint, remove_all_of, remove_checkpoint
 from .._engine import Engine
 from .._names import CHECKPOINT_NAME
+from .._store import get_checkpoint, remove_all_of, remove_checkpoint
 from ..errors import CheckpointNotFound, ContainerNotFound, DollyError
 
 RUN_LABEL = "dolly.pytest.run"

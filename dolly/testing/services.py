@@ -23,7 +23,8 @@ from docker.models.containers import Container
 from filelock import FileLock
 
 from .. import _criu as criu, ready as _ready, trust
-from .._checkpoint import Checkpoint, checkpoint
+from .._checkpoint import Checkpoint
+from .._dump import checkpoint
 from .._engine import Engine, id_of
 from .._registry import Reference, pull_annotated, push
 from .._restore import restore, shared_layer
