@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import logging
 import re
 import uuid
 from dataclasses import dataclass
@@ -51,8 +50,7 @@ from ._dump import checkpoint
 from ._engine import RUNTIME, Engine, translate_errors
 from ._store import remove_checkpoint
 from .errors import DollyError, HostNotReady, ImageRewriteError, UnsafeArchive
-
-log = logging.getLogger("dolly")
+from .policy import masked_paths
 
 REFERENCE_IMAGE = "dolly/busybox"
 REFERENCE_LABEL = "dolly.reference"
@@ -245,8 +243,6 @@ def rebuild_mounts(foreign: Sequence[Mapping[str, Any]],
         UnsafeArchive: a mount the reference does not hold, one missing, or mount IDs that are
             not a tree.
     """
-    from .policy import masked_paths  # the list of Docker's masked paths, kept in one place
-
     by_point: Dict[str, Mapping[str, Any]] = {}
     for e in foreign:
         point = e.get("mountpoint")

@@ -31,7 +31,7 @@ from filelock import FileLock
 from . import _criu as criu, _names as names, _rootfs as rootfs, policy
 from ._checkpoint import Checkpoint
 from ._engine import CRIU_LOG_DIR, RUNTIME, ContainerRef, Engine, id_of
-from ._store import engine_of, made_layer_image, record_layer_image, require
+from ._store import engine_of, get_checkpoint, made_layer_image, record_layer_image, require
 from .errors import DollyError, InvalidArgument, NameConflict
 
 log = logging.getLogger("dolly")
@@ -267,8 +267,6 @@ def _same_on(client: docker.DockerClient, cp: Checkpoint) -> Optional[Checkpoint
     name and instant, and either taken there (the original ``cp`` was copied from: it is the
     caller's own) or a copy Dolly's own transfer made there. None when there is none; an
     imported checkpoint that only claims the same identity is never taken for it."""
-    from ._store import get_checkpoint
-
     try:
         found = get_checkpoint(cp.container_id, cp.name, client=client)
     except DollyError:
