@@ -187,7 +187,7 @@ def export(
         trust.EncryptingWriter(encryption_key, io.BytesIO())  # a bad key fails before any work
     engine = engine_of(checkpoint, client)
     if not engine.files_are_local():
-        from . import _remote
+        from ._hosts import remote as _remote
 
         return _remote.export(engine, checkpoint, Path(path), signer=signer, compression=compression,
                               encryption_key=encryption_key, expires_in=expires_in, lineage=lineage,
@@ -566,7 +566,7 @@ def _import(
     engine = Engine.of(client)
     if not engine.files_are_local():
         max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes  # its disk is not here to measure
-        from . import _remote
+        from ._hosts import remote as _remote
 
         return _remote.import_bundle(engine, _source(path), trusted=trusted, allow_unsigned=allow_unsigned,
                                      allow=allowed, image_source=image_source, encryption_key=encryption_key,
@@ -1148,11 +1148,11 @@ def _stream_between(checkpoint: Checkpoint, source: Engine, target: docker.Docke
                                           allow=allow, from_agent=from_agent)
 
     if not source.files_are_local():
-        from . import _remote
-        from ._agent import Agent
+        from ._hosts import remote as _remote
+        from ._hosts.channel import Channel
 
         allow = _remote.allowed_from(source, checkpoint)  # an agent's stream: no more than the source has
-        with Agent.of(source).stream_out("export", container_id=checkpoint.container_id, name=checkpoint.name,
+        with Channel.of(source).stream_out("export", container_id=checkpoint.container_id, name=checkpoint.name,
                                          expires_in_s=3600.0, lineage=None, max_bytes=DEFAULT_MAX_BYTES) as plain:
             return into_target(plain, allow, from_agent=True)
     # A local export, written by a thread into a pipe that the import reads.

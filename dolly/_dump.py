@@ -104,7 +104,7 @@ def checkpoint(
                               f"not {max_layer_bytes!r}")
     engine = Engine.of(client)
     if not engine.files_are_local():  # another host's engine: its agent does the same there
-        from . import _remote
+        from ._hosts import remote as _remote
 
         return _remote.checkpoint(engine, container, name, leave_running=leave_running,
                                   max_layer_bytes=max_layer_bytes)

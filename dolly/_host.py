@@ -69,7 +69,7 @@ def check_host(client: Optional[docker.DockerClient] = None) -> HostReport:
                             f"start dockerd there, or point DOCKER_HOST / -H at one ({make_host})"))
     if engine is not None and not engine.files_are_local():
         # Another host's engine: Dolly's agent checks that host, beside its files.
-        from . import _remote
+        from ._hosts import remote as _remote
 
         try:
             rows = _remote.check_host(engine)

@@ -40,10 +40,10 @@ import docker
 from docker.models.containers import Container
 
 from . import _bundle as bundle, _criu as criu, _postcopy as postcopy, ready as _ready
-from ._agent import Agent
 from ._checkpoint import Checkpoint
 from ._dump import checkpoint
 from ._engine import ContainerRef, Engine, id_of, name_of
+from ._hosts.channel import Channel
 from ._restore import LABEL_CHECKPOINT, LABEL_SOURCE, clone, restore, resume
 from ._store import get_checkpoint, remove_checkpoint
 from .errors import (
@@ -171,7 +171,7 @@ def migrate(
 
     # An engine on another host gets its agent's workers ready before the source freezes: the
     # checkpoint, export, import and restore then skip Python's start (and its CPU).
-    warmed = [Agent.of(e) for e in (source_engine, target_engine) if not e.files_are_local()]
+    warmed = [Channel.of(e) for e in (source_engine, target_engine) if not e.files_are_local()]
     # Two calls each (checkpoint and export; import and restore), and post-copy's page stream.
     waits = [agent.prewarm(3 if post_copy and agent.engine is target_engine else 2) for agent in warmed]
     for wait in waits:

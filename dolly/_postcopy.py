@@ -355,10 +355,10 @@ def open_source(engine: Engine, container: ContainerRef, name: str) -> PageSourc
     """
     _require_64_bit()
     if not engine.files_are_local():
-        from ._agent import Agent
-        from ._remote import checkpoint_from
+        from ._hosts.channel import Channel
+        from ._hosts.remote import checkpoint_from
 
-        duplex = Agent.of(engine).duplex("post_copy_source", container=_ref(container), name=name)
+        duplex = Channel.of(engine).duplex("post_copy_source", container=_ref(container), name=name)
         try:
             cp = checkpoint_from(engine, duplex.control("ready", timeout=600))
             frozen_at = time.perf_counter() - float(duplex.control("frozen_s", timeout=1))
@@ -384,9 +384,9 @@ def open_target(engine: Engine) -> PageTarget:
     """
     _require_64_bit()
     if not engine.files_are_local():
-        from ._agent import Agent
+        from ._hosts.channel import Channel
 
-        duplex = Agent.of(engine).duplex("post_copy_target")
+        duplex = Channel.of(engine).duplex("post_copy_target")
         try:
             return PageTarget(int(duplex.control("relay", timeout=60)), duplex)
         except BaseException:

@@ -167,7 +167,7 @@ def clone(
                              labels=labels, on_create=on_create, max_workers=max_workers, progress=progress)
     engine = Engine.of(client if client is not None else checkpoint.client)
     if not engine.files_are_local():  # another host's engine: its agent clones there
-        from . import _remote
+        from ._hosts import remote as _remote
 
         return _remote.clone(engine, checkpoint, n, name_prefix=name_prefix, labels=labels, max_workers=max_workers,
                              names=_names, on_create=on_create, progress=progress, page_port=_page_port,
@@ -334,7 +334,7 @@ def resume(
         )
     engine = engine_of(checkpoint, client)
     if not engine.files_are_local():
-        from . import _remote
+        from ._hosts import remote as _remote
 
         return _remote.resume(engine, checkpoint, container)
     engine.require_checkpoint_support()

@@ -37,7 +37,7 @@ def list_checkpoints(
     """
     engine = Engine.of(client)
     if not engine.files_are_local():
-        from . import _remote
+        from ._hosts import remote as _remote
 
         return _remote.list_checkpoints(engine, container)
     if container is None:
@@ -70,7 +70,7 @@ def get_checkpoint(
     names.checkpoint_name(name)
     engine = Engine.of(client)
     if not engine.files_are_local():
-        from . import _remote
+        from ._hosts import remote as _remote
 
         return _remote.get_checkpoint(engine, container, name)
     path = _source_folder(engine, container) / name
@@ -90,7 +90,7 @@ def remove_checkpoint(checkpoint: Checkpoint, client: Optional[docker.DockerClie
     require(checkpoint)
     engine = engine_of(checkpoint, client)
     if not engine.files_are_local():
-        from . import _remote
+        from ._hosts import remote as _remote
 
         return _remote.remove_checkpoint(engine, checkpoint)
     path = checkpoint.path

@@ -242,3 +242,7 @@ class MigrationFailed(DollyError):
     def __init__(self, message: str, *, step: str) -> None:
         self.step = step
         super().__init__(message)
+
+
+# What a Dolly error carries besides its message, sent back from Dolly's agent with it.
+CARRIED = ("kept", "log_lines", "log_path", "items", "status_code", "step", "logs")

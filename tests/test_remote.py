@@ -23,7 +23,7 @@ import zstandard
 
 import dolly
 from dolly import errors, trust
-from dolly._agent import (
+from dolly._hosts.agent import (
     AGENT_CAPABILITIES,
     DIGEST_LABEL,
     IMAGE,
@@ -503,7 +503,7 @@ def test_what_an_agent_sends_is_not_imported_with_more_than_its_source_has(on_ho
 def test_the_agent_secret_is_made_once_and_kept_private(tmp_path, monkeypatch):
     """No engine: the secret's folder is 0700 and its file 0600, made once; one that others can
     read is refused, never used (anyone could then make an agent that passes for Dolly's)."""
-    from dolly import _agent
+    from dolly._hosts import agent as _agent
 
     monkeypatch.setattr(_agent, "secret_dir", lambda: tmp_path / "agent")
     first = agent_secret()

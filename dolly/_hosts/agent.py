@@ -3,7 +3,8 @@
 Dolly reaches an engine's host through that engine's API only: no SSH of its own, no shared
 filesystem. When an engine's files are not this process's to see (``Engine.files_are_local``:
 another host, or another mount namespace), Dolly keeps one small container on that engine, the
-agent, and runs its own functions there with ``exec`` (``python -m dolly._agent OP``), where the
+agent, and runs its own functions there with ``exec`` (``python -m dolly._hosts.serve OP``,
+see :mod:`dolly._hosts.channel`), where the
 engine's data root is mounted at its own path and the engine's socket is at hand:
 
     name        dolly-agent-<fingerprint>, labelled dolly.agent=<protocol> and with its digest
@@ -36,32 +37,26 @@ calling process, so no key leaves it (see :mod:`dolly._bundle`).
 """
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import hmac
-import io
 import json
 import logging
 import os
-import queue
 import secrets
-import socket
-import ssl
 import stat
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, cast
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import docker
-from docker.utils.socket import consume_socket_output, demux_adaptor, frames_iter
 
-from . import _retry as retry, errors, policy
-from ._engine import Engine, translate_errors
-from .errors import ContainerNotFound, DollyError, EngineError, HostNotReady
+from .. import _retry as retry, policy
+from .._engine import Engine, translate_errors
+from ..errors import HostNotReady
 
 log = logging.getLogger("dolly")
 
@@ -75,7 +70,6 @@ LABEL = "dolly.agent"
 DIGEST_LABEL = "dolly.agent.digest"
 IMAGE = "dolly/python"
 SOCKET_LABEL = "dolly.socket"
-_CHUNK = 1 << 20
 # What root has on the engine's host, as Dolly does there: files (DAC_*, FOWNER, CHOWN, FSETID),
 # overlay whiteouts (MKNOD) and trusted.* attributes (SYS_ADMIN), other processes (SYS_PTRACE)
 # and what `criu check` looks for. Not CAP_SYS_RESOURCE: some hosts' root lacks it (VMs, CI
@@ -96,8 +90,6 @@ class Agent:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._id: Optional[str] = None
-        self._warm: List[Tuple[str, Any]] = []  # workers waiting for an operation (prewarm)
-        self._lock = threading.Lock()
         self._starting = threading.Lock()
 
     @classmethod
@@ -213,7 +205,7 @@ class Agent:
         exec_id = api.exec_create(found["Id"], [sys.executable, "-I", "-S", "-c", _WHOAMI, found["Id"], DIGEST_LABEL],
                                   stdout=True, stderr=True)["Id"]
         out, err = api.exec_start(exec_id, demux=True)
-        code = _exit_code(api, exec_id)
+        code = exit_code(api, exec_id)
         try:
             seen = json.loads((out or b"").decode().strip().splitlines()[-1])
         except (ValueError, IndexError):
@@ -264,314 +256,18 @@ class Agent:
             raise
         return api.inspect_container(created["Id"])
 
+    def forget(self) -> None:
+        """Look the container up again on next use (the engine lost it: a restart, a removal)."""
+        self._id = None
+
     def remove(self) -> None:
         """Stop and remove the agent (it is started again when needed)."""
         self._id = None
         with contextlib.suppress(docker.errors.NotFound):
             self.engine.api.remove_container(agent_name(), force=True)
 
-    def prewarm(self, n: int = 1) -> Callable[[float], None]:
-        """Start ``n`` workers in the background: execs of the agent that have loaded Dolly and
-        wait for one operation on their stdin, so that the next calls skip Python's start (about
-        0.2 s of CPU each; :func:`dolly.migrate` has them ready before it freezes its container).
-        Returns a function that waits, up to the seconds it is given, until they are ready. A
-        worker left unused ends with this process, or with :meth:`release`."""
-        threads = []
 
-        def start() -> None:
-            try:
-                exec_id = self._exec_create("--serve", None, stdin=True)
-                with translate_errors():
-                    sock = self.engine.api.exec_start(exec_id, socket=True)
-                # Ready once it has loaded Dolly: it says so on stderr.
-                header = _read_exactly(sock, 8)
-                if header is None or header[0] != 2:
-                    raise OSError("no readiness line")
-            except (DollyError, OSError):
-                return
-            with self._lock:
-                self._warm.append((exec_id, sock))
-
-        for _ in range(n):
-            t = threading.Thread(target=start, name="dolly-agent-warm", daemon=True)
-            t.start()
-            threads.append(t)
-
-        def wait(timeout: float) -> None:
-            deadline = time.monotonic() + timeout
-            for t in threads:
-                t.join(max(0.0, deadline - time.monotonic()))
-
-        return wait
-
-    def release(self) -> None:
-        """End the workers :meth:`prewarm` started that were not used."""
-        with self._lock:
-            warm, self._warm = self._warm, []
-        for _, sock in warm:
-            with contextlib.suppress(OSError):
-                sock.close()
-
-    def _open(self, op: str, args: Dict[str, Any], *, stdin: bool) -> Tuple[str, Any]:
-        """An exec of ``op`` and its attached socket: a warm worker when one waits (the operation
-        sent on its stdin as its first line), else a new exec."""
-        while True:
-            with self._lock:
-                if not self._warm:
-                    break
-                exec_id, sock = self._warm.pop()
-            try:
-                with translate_errors():
-                    running = self.engine.api.exec_inspect(exec_id)["Running"]
-                if running:
-                    raw: Any = getattr(sock, "_sock", sock)
-                    raw.sendall(" ".join(_command(op, args)[3:]).encode() + b"\n")
-                    return exec_id, sock
-            except (DollyError, OSError):
-                pass
-            with contextlib.suppress(OSError):
-                sock.close()
-        exec_id = self._exec_create(op, args, stdin=stdin)
-        with translate_errors():
-            return exec_id, self.engine.api.exec_start(exec_id, socket=True)
-
-    def _exec_create(self, op: str, args: Optional[Dict[str, Any]], *, stdin: bool = False, stdout: bool = True,
-                     stderr: bool = True) -> str:
-        """An exec of ``op`` in the agent; once more with a new agent when the engine lost it
-        (a restart, a removal)."""
-        for again in (True, False):
-            try:
-                with translate_errors():
-                    command = _command(op, args) if args is not None else [sys.executable, "-m", "dolly._agent", op]
-                    made = self.engine.api.exec_create(self.container_id(), command, stdin=stdin,
-                                                       stdout=stdout, stderr=stderr)
-                    return str(made["Id"])
-            except (ContainerNotFound, EngineError):
-                if not again:
-                    raise
-                self._id = None
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    # --- calls -----------------------------------------------------------------------------------
-
-    def call(self, op: str, **args: Any) -> Any:
-        """Run ``op`` in the agent and return its JSON result.
-
-        Raises:
-            the Dolly error the operation raised there, as the same class.
-        """
-        api = self.engine.api
-        exec_id, sock = self._open(op, args, stdin=False)
-        try:
-            with translate_errors():
-                out, err = consume_socket_output([demux_adaptor(*f) for f in frames_iter(sock, tty=False)],
-                                                 demux=True)
-        finally:
-            sock.close()
-        return _result(out or b"", err or b"", _exit_code(api, exec_id))
-
-    @contextlib.contextmanager
-    def stream_out(self, op: str, **args: Any) -> Iterator[IO[bytes]]:
-        """Run ``op`` and read its stdout (a bundle) as a stream, as it comes.
-
-        Raises:
-            the Dolly error the operation raised there, in preference to what reading its
-            stream raised (a stream that ended early because the operation failed).
-        """
-        api = self.engine.api
-        exec_id, sock = self._open(op, args, stdin=False)
-        err = bytearray()
-
-        def stdout() -> Iterator[bytes]:
-            for stream, data in frames_iter(sock, tty=False):
-                if stream == 1:
-                    yield data
-                else:
-                    err.extend(data)
-
-        chunks = stdout()
-        try:
-            try:
-                yield io.BufferedReader(_ChunkReader(chunks), _CHUNK)
-            except BaseException:
-                for _ in chunks:
-                    pass
-                code = _exit_code(api, exec_id)
-                if code:
-                    _result(b"", bytes(err), code)  # raises the agent's own error
-                raise
-            for _ in chunks:  # what the reader left (a tar's padding): the exec ends with its output
-                pass
-        finally:
-            sock.close()
-        code = _exit_code(api, exec_id)
-        if code != 0:
-            _result(b"", bytes(err), code)
-
-    def stream_in(self, op: str, produce: Callable[[IO[bytes]], None], **args: Any) -> Any:
-        """Run ``op`` with what ``produce(sink)`` writes (a bundle) on its stdin; returns its JSON
-        result. The agent's output is read as it comes (no deadlock when it writes while reading),
-        and when it stops reading early, its own error is raised, not the broken pipe."""
-        api = self.engine.api
-        exec_id, sock = self._open(op, args, stdin=True)
-        raw: Any = getattr(sock, "_sock", sock)  # the socket itself, under docker-py's wrapper
-        frames: List[Any] = []
-
-        def read() -> None:
-            with contextlib.suppress(OSError, ValueError):  # a connection that breaks ends the output
-                frames.extend(frames_iter(sock, tty=False))
-
-        reader = threading.Thread(target=read, name="dolly-agent-out", daemon=True)
-        reader.start()
-        try:
-            try:
-                produce(cast(IO[bytes], _SocketWriter(raw)))  # a raw stream: written to like a file
-                if not isinstance(raw, ssl.SSLSocket):
-                    # Over TLS a half-close ends the TLS session for reading too; the agent does not
-                    # need the end of its stdin anyway: the tar marks its own end.
-                    raw.shutdown(socket.SHUT_WR)
-            except OSError:
-                reader.join(timeout=30)
-                code = _exit_code(api, exec_id)
-                out, err = consume_socket_output([demux_adaptor(*f) for f in frames], demux=True)
-                if code:
-                    _result(out or b"", err or b"", code)
-                raise
-            reader.join()
-        finally:
-            sock.close()
-        out, err = consume_socket_output([demux_adaptor(*f) for f in frames], demux=True)
-        return _result(out or b"", err or b"", _exit_code(api, exec_id))
-
-
-    def duplex(self, op: str, **args: Any) -> Duplex:
-        """Run ``op`` with a byte stream each way (its stdin and stdout) and its JSON lines on
-        stderr as controls (:meth:`Duplex.control`), for as long as it runs."""
-        exec_id, sock = self._open(op, args, stdin=True)
-        return Duplex(self.engine.api, exec_id, sock)
-
-
-def _read_exactly(sock: Any, n: int) -> Optional[bytes]:
-    """``n`` bytes of an exec's socket: one frame's header and its payload (one byte here)."""
-    raw: Any = getattr(sock, "_sock", sock)
-    data = b""
-    while len(data) < n:
-        chunk = raw.recv(n - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    size = int.from_bytes(data[4:8], "big")
-    while size > 0:
-        chunk = raw.recv(size)
-        if not chunk:
-            return None
-        size -= len(chunk)
-    return data
-
-
-class Duplex:
-    """An agent operation's streams: :meth:`send` to its stdin, :meth:`recv` from its stdout,
-    :meth:`control` for the JSON lines it writes on stderr (an error line raises its error)."""
-
-    def __init__(self, api: Any, exec_id: str, sock: Any) -> None:
-        self._api, self._exec_id, self._sock = api, exec_id, sock
-        self._raw: Any = getattr(sock, "_sock", sock)
-        self._data: queue.Queue[bytes] = queue.Queue()
-        self._controls: List[Dict[str, Any]] = []
-        self._changed = threading.Condition()
-        self._ended = False
-        threading.Thread(target=self._read, name="dolly-agent-duplex", daemon=True).start()
-
-    def _read(self) -> None:
-        err = b""
-        with contextlib.suppress(OSError, ValueError):
-            for stream, data in frames_iter(self._sock, tty=False):
-                if stream == 1:
-                    self._data.put(bytes(data))
-                    continue
-                err += bytes(data)
-                while b"\n" in err:
-                    line, err = err.split(b"\n", 1)
-                    if line.startswith(b"{"):
-                        with contextlib.suppress(ValueError), self._changed:
-                            self._controls.append(json.loads(line))
-                            self._changed.notify_all()
-        self._data.put(b"")
-        with self._changed:
-            self._ended = True
-            self._changed.notify_all()
-
-    def send(self, data: bytes) -> None:
-        with contextlib.suppress(OSError):
-            self._raw.sendall(data)
-
-    def recv(self) -> bytes:
-        data = self._data.get()
-        if not data:
-            self._data.put(b"")  # every later call sees the end too
-        return data
-
-    def control(self, key: str, timeout: float) -> Any:
-        """The value of the first control line holding ``key``, waiting up to ``timeout``.
-
-        Raises:
-            the operation's own error when it failed; HostNotReady when it ended without the
-            line, or did not send it in time.
-        """
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for c in self._controls:
-                    if "error" in c:
-                        _result(b"", json.dumps(c).encode(), 1)
-                    if key in c:
-                        return c[key]
-                left = deadline - time.monotonic()
-                if self._ended or left <= 0:
-                    break
-                self._changed.wait(left)
-        code = _exit_code(self._api, self._exec_id) if self._ended else None
-        raise HostNotReady(f"Dolly's agent sent no {key!r} (exit {code})")
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._raw.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(OSError):
-            self._sock.close()
-
-
-class _ChunkReader(io.RawIOBase):
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        super().__init__()
-        self._chunks, self._buffer = chunks, b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        while not self._buffer:
-            self._buffer = next(self._chunks, b"")
-            if not self._buffer:
-                return 0
-        n = min(len(b), len(self._buffer))
-        b[:n], self._buffer = self._buffer[:n], self._buffer[n:]
-        return n
-
-
-class _SocketWriter(io.RawIOBase):
-    def __init__(self, sock: Any) -> None:
-        super().__init__()
-        self._sock = sock
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        self._sock.sendall(data)
-        return len(data)
-
-
-def _exit_code(api: Any, exec_id: str) -> Optional[int]:
+def exit_code(api: Any, exec_id: str) -> Optional[int]:
     """The exec's exit code, once the engine has seen it end (its output ends a moment before)."""
     try:
         for attempt in retry.exec_end():
@@ -584,39 +280,6 @@ def _exit_code(api: Any, exec_id: str) -> Optional[int]:
     except retry.StillRunning:
         return None
     return None  # pragma: no cover
-
-
-def _command(op: str, args: Dict[str, Any]) -> List[str]:
-    encoded = base64.b64encode(json.dumps(args).encode()).decode()
-    return [sys.executable, "-m", "dolly._agent", op, encoded]
-
-
-def _result(out: bytes, err: bytes, code: Optional[int]) -> Any:
-    stream = err if code != 0 else out
-    lines = [line for line in stream.decode(errors="replace").splitlines() if line.startswith("{")]
-    try:
-        reply = json.loads(lines[-1]) if lines else None
-    except ValueError:
-        reply = None
-    if reply is None:
-        raise HostNotReady(f"Dolly's agent failed (exit {code}): {err.decode(errors='replace')[-2000:]}")
-    if "error" in reply:
-        cls = getattr(errors, str(reply["error"]), DollyError)
-        if not (isinstance(cls, type) and issubclass(cls, DollyError)):
-            cls = DollyError
-        # The same class, with its message and the attributes callers use (``kept`` is a path on
-        # the engine's host), set as they were: the constructors would write the message again.
-        exc = cls.__new__(cls)
-        Exception.__init__(exc, str(reply["message"]))
-        for key, value in (reply.get("attrs") or {}).items():
-            if key in _CARRIED:
-                setattr(exc, key, Path(value) if key in ("kept", "log_path") else value)
-        raise exc
-    return reply["result"]
-
-
-# What a Dolly error carries besides its message (errors.py), sent back from the agent.
-_CARRIED = ("kept", "log_lines", "log_path", "items", "status_code", "step", "logs")
 
 
 def _label(info: Mapping[str, Any], key: str) -> Optional[str]:
@@ -845,42 +508,3 @@ def _socket_advice(engine: Engine, spec: AgentSpec, wrong: str) -> str:
                 "in its daemon.json, and reload or restart it")
     return (f"the engine at {engine.api.base_url} says its socket is {spec.socket} (its {SOCKET_LABEL} "
             f"label), but {wrong}. Dolly does not act there: correct the label in its daemon.json")
-
-
-# --- inside the agent ------------------------------------------------------------------------------
-
-
-def main(argv: List[str]) -> int:
-    """``python -m dolly._agent OP ARGS``: run one operation against the engine beside us."""
-    from . import _operations
-
-    if argv == ["--serve"]:  # a warm worker: the operation comes as the first line of stdin
-        from . import _criu
-
-        _criu.preload()
-        sys.stderr.buffer.write(b"\n")  # ready: one frame on stderr, read by Agent.prewarm
-        sys.stderr.buffer.flush()
-        line = sys.stdin.buffer.readline().split()
-        if len(line) != 2:
-            return 0  # ended unused
-        argv = [part.decode() for part in line]
-    op, args = argv[0], json.loads(base64.b64decode(argv[1]))
-    stdout = sys.stdout.buffer
-    sys.stdout = sys.stderr  # a stray print() must not land in a stream on stdout
-    try:
-        result = _operations.run(op, args, stdin=sys.stdin.buffer, stdout=stdout)
-    except DollyError as e:
-        # On stderr: stdout may already carry part of a bundle. With the attributes callers use.
-        attrs = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(e).items()
-                 if k in _CARRIED and v is not None}
-        print(json.dumps({"error": type(e).__name__, "message": str(e), "attrs": attrs}), file=sys.stderr,
-              flush=True)
-        return 1
-    if result is not _operations.STREAMED:
-        stdout.write(json.dumps({"result": result}).encode() + b"\n")
-        stdout.flush()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -1,5 +1,6 @@
-"""What Dolly's agent runs beside an engine's files (see :mod:`dolly._agent`): the same local
-functions a caller on that host would run, with arguments and results as JSON."""
+"""The agent's entry point: ``python -m dolly._hosts.serve OP ARGS`` runs one operation against the
+engine beside it (see :mod:`dolly._hosts.channel` for the wire, :mod:`dolly._hosts.agent` for the
+container)."""
 from __future__ import annotations
 
 import base64
@@ -7,19 +8,20 @@ import dataclasses
 import json
 import sys
 from datetime import timedelta
-from typing import IO, Any, Dict
+from pathlib import Path
+from typing import IO, Any, Dict, List
 
 import docker
 from cryptography.hazmat.primitives import serialization
 
-from . import _host, _postcopy, policy
-from ._bundle import export_stream, import_relayed
-from ._checkpoint import Checkpoint
-from ._dump import checkpoint
-from ._engine import Engine
-from ._restore import clone, resume
-from ._store import get_checkpoint, list_checkpoints, remove_checkpoint
-from .errors import InvalidArgument
+from .. import _criu as criu, _host, _postcopy, policy
+from .._bundle import export_stream, import_relayed
+from .._checkpoint import Checkpoint
+from .._dump import checkpoint
+from .._engine import Engine
+from .._restore import clone, resume
+from .._store import get_checkpoint, list_checkpoints, remove_checkpoint
+from ..errors import CARRIED, DollyError, InvalidArgument
 
 STREAMED = object()
 
@@ -82,3 +84,36 @@ def run(op: str, args: Dict[str, Any], *, stdin: IO[bytes], stdout: IO[bytes]) -
             _postcopy.serve_target(inp=stdin, out=stdout, control=control)
         return STREAMED
     raise InvalidArgument(f"Dolly's agent knows no operation {op!r}")
+
+
+
+def main(argv: List[str]) -> int:
+    """``python -m dolly._hosts.serve OP ARGS``: run one operation against the engine beside us."""
+    if argv == ["--serve"]:  # a warm worker: the operation comes as the first line of stdin
+        criu.preload()
+        sys.stderr.buffer.write(b"\n")  # ready: one frame on stderr, read by Agent.prewarm
+        sys.stderr.buffer.flush()
+        line = sys.stdin.buffer.readline().split()
+        if len(line) != 2:
+            return 0  # ended unused
+        argv = [part.decode() for part in line]
+    op, args = argv[0], json.loads(base64.b64decode(argv[1]))
+    stdout = sys.stdout.buffer
+    sys.stdout = sys.stderr  # a stray print() must not land in a stream on stdout
+    try:
+        result = run(op, args, stdin=sys.stdin.buffer, stdout=stdout)
+    except DollyError as e:
+        # On stderr: stdout may already carry part of a bundle. With the attributes callers use.
+        attrs = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(e).items()
+                 if k in CARRIED and v is not None}
+        print(json.dumps({"error": type(e).__name__, "message": str(e), "attrs": attrs}), file=sys.stderr,
+              flush=True)
+        return 1
+    if result is not STREAMED:
+        stdout.write(json.dumps({"result": result}).encode() + b"\n")
+        stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

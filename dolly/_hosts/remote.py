@@ -22,13 +22,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from docker.models.containers import Container
 
-from . import _archive as archive, _formats as formats, policy, trust
-from ._agent import Agent
-from ._archive import tarfile
-from ._bundle import check_signature_and_freshness, first_member, parse_manifest, read_signature, write_stream
-from ._checkpoint import Checkpoint
-from ._engine import ContainerRef, Engine, id_of, translate_errors
-from .errors import BundleError
+from .. import _archive as archive, _formats as formats, policy, trust
+from .._archive import tarfile
+from .._bundle import check_signature_and_freshness, first_member, parse_manifest, read_signature, write_stream
+from .._checkpoint import Checkpoint
+from .._engine import ContainerRef, Engine, id_of, translate_errors
+from ..errors import BundleError
+from .channel import Channel
 
 _CHUNK = 1 << 20
 
@@ -43,28 +43,28 @@ def _ref(container: Optional[ContainerRef]) -> Optional[str]:
 
 def checkpoint(engine: Engine, container: ContainerRef, name: str, *, leave_running: bool,
                max_layer_bytes: int) -> Checkpoint:
-    data = Agent.of(engine).call("checkpoint", container=_ref(container), name=name, leave_running=leave_running,
+    data = Channel.of(engine).call("checkpoint", container=_ref(container), name=name, leave_running=leave_running,
                                  max_layer_bytes=max_layer_bytes)
     return checkpoint_from(engine, data)
 
 
 def list_checkpoints(engine: Engine, container: Optional[ContainerRef]) -> List[Checkpoint]:
-    return [checkpoint_from(engine, d) for d in Agent.of(engine).call("list", container=_ref(container))]
+    return [checkpoint_from(engine, d) for d in Channel.of(engine).call("list", container=_ref(container))]
 
 
 def get_checkpoint(engine: Engine, container: ContainerRef, name: str) -> Checkpoint:
-    return checkpoint_from(engine, Agent.of(engine).call("get", container=_ref(container), name=name))
+    return checkpoint_from(engine, Channel.of(engine).call("get", container=_ref(container), name=name))
 
 
 def remove_checkpoint(engine: Engine, cp: Checkpoint) -> None:
-    Agent.of(engine).call("remove", container_id=cp.container_id, name=cp.name)
+    Channel.of(engine).call("remove", container_id=cp.container_id, name=cp.name)
 
 
 def clone(engine: Engine, cp: Checkpoint, n: int, *, name_prefix: Optional[str], labels: Optional[Dict[str, str]],
           max_workers: int, names: Optional[List[str]], on_create: Optional[Callable[[str], None]],
           progress: Optional[Callable[[Container], None]], page_port: Optional[int] = None,
           network: Union[str, Sequence[str], None] = None) -> List[Container]:
-    ids = Agent.of(engine).call("clone", container_id=cp.container_id, name=cp.name, n=n, name_prefix=name_prefix,
+    ids = Channel.of(engine).call("clone", container_id=cp.container_id, name=cp.name, n=n, name_prefix=name_prefix,
                                 labels=labels, max_workers=max_workers, names=names, page_port=page_port,
                                 network=network if isinstance(network, (str, type(None))) else list(network))
     try:
@@ -82,21 +82,21 @@ def clone(engine: Engine, cp: Checkpoint, n: int, *, name_prefix: Optional[str],
 
 
 def resume(engine: Engine, cp: Checkpoint, container: Optional[ContainerRef]) -> Container:
-    return engine.container(Agent.of(engine).call("resume", container_id=cp.container_id, name=cp.name,
+    return engine.container(Channel.of(engine).call("resume", container_id=cp.container_id, name=cp.name,
                                                   container=_ref(container)))
 
 
 def check_host(engine: Engine) -> List[Dict[str, Any]]:
-    return list(Agent.of(engine).call("check_host"))
+    return list(Channel.of(engine).call("check_host"))
 
 
 def export(engine: Engine, cp: Checkpoint, out: Path, *, signer: Optional[Ed25519PrivateKey], compression: str,
            encryption_key: Optional[bytes], expires_in: timedelta, lineage: Optional[str], max_bytes: int) -> Path:
     """The agent's plain, unsigned bundle, signed, compressed and encrypted here as it passes."""
-    from ._bundle import write_bundle
+    from .._bundle import write_bundle
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with Agent.of(engine).stream_out("export", container_id=cp.container_id, name=cp.name,
+    with Channel.of(engine).stream_out("export", container_id=cp.container_id, name=cp.name,
                                      expires_in_s=expires_in.total_seconds(), lineage=lineage,
                                      max_bytes=max_bytes) as plain, \
             tarfile.open(fileobj=plain, mode="r|", tarinfo=archive.BoundedTarInfo) as tar:
@@ -168,7 +168,7 @@ def import_bundle(engine: Engine, source: Union[Path, IO[bytes]], *, trusted: Li
                          compression="none", encryption_key=None)
 
         try:
-            data = Agent.of(engine).stream_in(
+            data = Channel.of(engine).stream_in(
                 "import", produce, transit_key=base64.b64encode(transit_public.public_bytes(
                     serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)).decode(),
                 allow=sorted(allow), max_bytes=max_bytes, signed_by=signer,
