@@ -17,10 +17,11 @@ demo: host
 venv:
 	@test -x $(PY) || { echo "make: $(PY) is missing: run \`make host\` (as root) once to make it" >&2; exit 1; }
 
-## lint: ruff and mypy, as configured in pyproject.toml; no root, no engine
+## lint: ruff, mypy and the import layers (import-linter), as configured in pyproject.toml; no root, no engine
 lint: venv
 	$(PY) -m ruff check dolly tests benchmarks examples
 	$(PY) -m mypy
+	.venv/bin/lint-imports
 
 ## unit: the tests that need no engine (pure logic, formats, policies): seconds, no root
 unit: venv

@@ -35,7 +35,8 @@ from typing import Callable, Dict, List, Optional
 import docker
 
 import dolly
-from dolly._engine import CRIU_LOG_DIR, Engine
+from dolly._criu_log import CRIU_LOG_DIR
+from dolly._engine import Engine
 from dolly.demo import SERVICE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

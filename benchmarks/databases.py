@@ -22,7 +22,7 @@ import docker
 import dolly
 from dolly import _databases as databases, ready
 from dolly._engine import Engine
-from dolly._restore import shared_layer
+from dolly._start import shared_layer
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results" / "databases.json"

@@ -21,11 +21,12 @@ import docker
 
 import dolly
 from dolly import _rootfs as rootfs
-from dolly._engine import CRIU_LOG_DIR, Engine
+from dolly._criu_log import CRIU_LOG_DIR
+from dolly._engine import Engine
 from dolly.demo import SERVICE
 
 # The module, not the function of the same name that `dolly` re-exports.
-_restore = importlib.import_module("dolly._restore")
+_restore = importlib.import_module("dolly._start")
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import docker_ip, fetch  # noqa: E402 - once sys.path holds this folder
 

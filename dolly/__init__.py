@@ -6,14 +6,13 @@
     >>> dolly.migrate("web", other_engine)     # live migration to another Docker Engine
 """
 from . import policy, trust
-from ._bundle import export, import_bundle
+from ._catalog import PruneReport, checkpoint, get_checkpoint, list_checkpoints, prune, remove_checkpoint
 from ._checkpoint import Checkpoint
-from ._dump import checkpoint
-from ._host import HostReport, check_host
-from ._migrate import Migration, migrate
+from ._cloning import clone, restore, resume
+from ._doctor import HostReport, check_host
+from ._migration import Migration, migrate
 from ._registry import PushReport, pull, push
-from ._restore import clone, restore, resume
-from ._store import PruneReport, get_checkpoint, list_checkpoints, prune, remove_checkpoint
+from ._transfer import export, import_bundle
 from .errors import DollyError
 
 __all__ = [

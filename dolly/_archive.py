@@ -216,15 +216,33 @@ def write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, *, s
     src = tar.extractfile(member)
     if src is None:
         raise UnsafeArchive(f"{member.name!r} is not a regular file")
+    write_data(member.name, src, dest, sha256=sha256, size=member.size)
+
+
+def write_data(name: str, src: IO[bytes], dest: Path, *, sha256: Optional[str], size: int) -> None:
+    """Write ``size`` bytes of ``src`` to the new file ``dest`` (0600, never through a symlink),
+    hashing as it goes (``sha256`` None: an archive that lists no digests).
+
+    Raises:
+        DigestMismatch: the data does not hash to ``sha256``, or ends before ``size`` bytes, or
+            goes on after them; ``dest`` is removed.
+    """
     h = hashlib.sha256()
+    left = size
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "wb") as out:
-            for chunk in iter(lambda: src.read(CHUNK), b""):
+            while left > 0:
+                chunk = src.read(min(CHUNK, left))
+                if not chunk:
+                    raise DigestMismatch(f"{name} ends {left} bytes before its size")
                 h.update(chunk)
                 out.write(chunk)
+                left -= len(chunk)
+            if src.read(1):
+                raise DigestMismatch(f"{name} goes on past its size")
         if sha256 is not None and h.hexdigest() != sha256:
-            raise DigestMismatch(f"{member.name} does not match its SHA-256 in the manifest")
+            raise DigestMismatch(f"{name} does not match its SHA-256 in the manifest")
     except BaseException:
         dest.unlink(missing_ok=True)
         raise

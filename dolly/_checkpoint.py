@@ -30,7 +30,6 @@ from typing import Any, Mapping, Optional
 import docker
 
 from . import _names as names
-from ._engine import Engine
 from .errors import CheckpointNotFound
 
 __all__ = ["Checkpoint"]
@@ -57,6 +56,9 @@ class Checkpoint:
         path: the checkpoint's folder on the engine's host.
         client: the engine that holds it (a docker-py client), so that later calls need no
             ``client=``; None for a value made by hand.
+        size: bytes on disk (images and writable layer), measured on the engine's host when
+            the checkpoint was read there (0 for a value made by hand). The value does no I/O:
+            :meth:`load` reads a folder once, and nothing after that touches the disk.
         origin: None for a checkpoint taken on this engine; for one imported from a bundle, where
             it came from (``bundle_id``, ``signer``: the verified key's id or None, ``source``)
             and the restore policy items its importer allowed (``allowed``, see
@@ -75,7 +77,7 @@ class Checkpoint:
     path: Path = field(compare=False)
     origin: Optional[Mapping[str, Any]] = field(default=None, repr=False, compare=False, hash=False)
     client: Optional[docker.DockerClient] = field(default=None, repr=False, compare=False, hash=False)
-    remote_size: Optional[int] = field(default=None, repr=False, compare=False, hash=False)
+    size: int = field(default=0, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         # Both become path parts (the store, the clone's checkpoints folder): checked here, so no
@@ -92,14 +94,6 @@ class Checkpoint:
     def rootfs_diff(self) -> Path:
         """The source's writable layer at the instant of the checkpoint (a tar)."""
         return self.path / ROOTFS_DIFF
-
-    @property
-    def size(self) -> int:
-        """Bytes on disk (images and writable layer). For a checkpoint on another host, as its
-        engine's agent measured it: its path names a folder there, not here."""
-        if self.client is not None and not Engine.of(self.client).files_are_local():
-            return int(self.remote_size or 0)
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
     @property
     def layer_image(self) -> str:
@@ -121,7 +115,9 @@ class Checkpoint:
             CheckpointNotFound: ``path`` holds no complete checkpoint.
         """
         try:
-            return cls.from_metadata(json.loads((Path(path) / METADATA).read_text()), Path(path), client)
+            meta = json.loads((Path(path) / METADATA).read_text())
+            meta["size"] = sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+            return cls.from_metadata(meta, Path(path), client)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointNotFound(f"no usable checkpoint at {path}: {e}") from e
 
@@ -142,7 +138,7 @@ class Checkpoint:
             path=path,
             origin=meta.get("origin"),
             client=client,
-            remote_size=meta.get("size") if isinstance(meta.get("size"), int) else None,
+            size=meta["size"] if type(meta.get("size")) is int else 0,
         )
 
     def _metadata(self) -> dict:

@@ -20,11 +20,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
-import docker
 from docker.models.containers import Container
 from filelock import FileLock
 
-from . import _criu as criu, _names as names, _retry as retry, _rootfs as rootfs
+from . import _criu as criu, _images as criu_images, _retry as retry, _rootfs as rootfs
 from ._checkpoint import METADATA, ROOTFS_DIFF, RUNTIME_EXTRAS, RUNTIME_ROOTFS_DIFF, Checkpoint
 from ._engine import RUNTIME, ContainerRef, Engine, id_of, name_of
 from ._store import _make_private_dir, _write_private
@@ -34,12 +33,11 @@ from .errors import (
     ContainerNotFound,
     ContainerNotRunning,
     DollyError,
-    InvalidArgument,
 )
 
 log = logging.getLogger("dolly")
 
-__all__ = ["checkpoint", "DEFAULT_MAX_LAYER_BYTES"]
+__all__ = ["take", "DEFAULT_MAX_LAYER_BYTES"]
 
 
 # The cap on a checkpoint's writable layer (its allocated bytes: sparse files count what they
@@ -50,64 +48,17 @@ DEFAULT_MAX_LAYER_BYTES = 8 << 30
 # reads and removes before it dumps (scripts/dolly-runc).
 RUNTIME_REQUEST = "dolly-request"
 # The runtime's shell compares in 64-bit arithmetic.
-_MAX_LAYER_LIMIT = 10**18 - 1
+MAX_LAYER_LIMIT = 10**18 - 1
 
 
-def checkpoint(
-    container: ContainerRef,
-    name: Optional[str] = None,
-    *,
-    leave_running: bool = True,
-    max_layer_bytes: int = DEFAULT_MAX_LAYER_BYTES,
-    client: Optional[docker.DockerClient] = None,
-) -> Checkpoint:
-    """Checkpoint a running container: its processes' memory (CRIU) and its writable layer.
-
-    The writable layer is archived (sparse files stay sparse) while the container is frozen, just
-    before CRIU dumps it: by Dolly's runtime, or, for a container under another runtime (runc),
-    by Dolly around the engine's own checkpoint, with the container paused from before the archive
-    to after the dump (slower: the images go through containerd; README, "Runtimes"). A layer
-    over ``max_layer_bytes``, or one the destination's filesystem has no room for, is refused
-    before anything is dumped: the container is left as it was, running, whatever
-    ``leave_running`` says. Checkpoints of one container are taken one at a
-    time.
-
-    Args:
-        container: a docker-py ``Container``, a name or an ID.
-        name: the checkpoint's name (letters, digits, ``_.-``); default ``cp-<UTC time>``.
-        leave_running: keep the container running after the dump (default); ``False`` stops it.
-        max_layer_bytes: refuse a writable layer holding more than this (allocated bytes);
-            default :data:`DEFAULT_MAX_LAYER_BYTES` (8 GiB).
-        client: the engine; default ``docker.from_env()``.
+def take(engine: Engine, container: ContainerRef, name: str, *, leave_running: bool,
+         max_layer_bytes: int) -> Checkpoint:
+    """Checkpoint ``container`` of ``engine``, whose files this process sees, into its store (the
+    steps :func:`dolly.checkpoint` documents; its arguments already checked).
 
     Raises:
-        InvalidArgument: ``name`` is not a valid checkpoint name, or ``max_layer_bytes`` is not a
-            positive int.
-        ContainerNotFound: no such container.
-        ContainerNotRunning: the container is not running, or is paused (for longer than the
-            few seconds Docker takes to notice the end of another checkpoint's pause).
-        CheckpointExists: the container already has a checkpoint of that name.
-        HostNotReady: the engine or CRIU cannot checkpoint (see :func:`dolly.check_host`), or
-            pycriu is missing (with ``leave_running=False``: ``CheckpointFailed`` with ``kept``).
-        CheckpointFailed: CRIU failed (the error carries CRIU's log), or the writable layer was
-            refused (the message gives its size and the cap, or the free space). The container
-            keeps running when ``leave_running`` is set, and after any failure before the dump.
-            When the dump had stopped the container and a later step failed, its images are not
-            deleted: ``kept`` is the checkpoint folder holding them (``"complete": false`` in its
-            dolly.json), from which :func:`dolly.resume` starts the container again.
+        the errors of :func:`dolly.checkpoint`.
     """
-    name = names.checkpoint_name(name) if name is not None else _default_name()
-    if isinstance(max_layer_bytes, bool) or not isinstance(max_layer_bytes, int) or not (
-        0 < max_layer_bytes <= _MAX_LAYER_LIMIT
-    ):
-        raise InvalidArgument(f"max_layer_bytes must be a positive int (at most {_MAX_LAYER_LIMIT}), "
-                              f"not {max_layer_bytes!r}")
-    engine = Engine.of(client)
-    if not engine.files_are_local():  # another host's engine: its agent does the same there
-        from ._hosts import remote as _remote
-
-        return _remote.checkpoint(engine, container, name, leave_running=leave_running,
-                                  max_layer_bytes=max_layer_bytes)
     criu.require_version()
     engine.require_checkpoint_support()
     source = engine.container(container)
@@ -242,7 +193,7 @@ def _checkpoint_locked(
             container_name=name_of(source),
             name=name,
             created_at=created_at,
-            hostname=criu.read_hostname(staging / "criu"),
+            hostname=criu_images.read_hostname(staging / "criu"),
             config=types.MappingProxyType(source.attrs),
             path=final,
             client=engine.client,
@@ -387,13 +338,13 @@ def _resume_if_left_paused(engine: Engine, container_id: str) -> None:
 def _settle_images(staging: Path, *, rescue: bool = False) -> None:
     """Move what the runtime added beside CRIU's images to their places in the checkpoint, have
     the images restore without CRIU's network lock wherever they are restored (Dolly's clones,
-    `docker start --checkpoint`, Podman from an export: see criu.without_network_lock), and
+    `docker start --checkpoint`, Podman from an export: see criu_images.without_network_lock), and
     make every file root-only. A ``rescue`` of images after a failure leaves the inventory as
     CRIU wrote it: nothing that might fail again may stand between the images and the keeping
     of them (a clone's own inventory skips the lock anyway)."""
     images = staging / "criu"
     if not rescue:
-        criu.without_network_lock(images / "inventory.img", images / "inventory.img")
+        criu_images.without_network_lock(images / "inventory.img", images / "inventory.img")
     if (images / RUNTIME_ROOTFS_DIFF).exists():
         os.rename(images / RUNTIME_ROOTFS_DIFF, staging / ROOTFS_DIFF)
     for made, kept in RUNTIME_EXTRAS.items():
@@ -499,7 +450,7 @@ def _keep_images(
                 doomed.append(found)
         _settle_images(staging, rescue=True)
         try:
-            hostname = criu.read_hostname(staging / "criu")
+            hostname = criu_images.read_hostname(staging / "criu")
         except Exception:  # pycriu missing or the image unreadable: the container's own
             hostname = source.attrs["Config"].get("Hostname") or id_of(source)[:12]
         kept_name = name
@@ -579,7 +530,3 @@ def reap_spool(engine: Engine, *, older_than: float = 24 * 3600.0) -> None:
                 entry.unlink(missing_ok=True)
         except OSError:
             pass  # gone meanwhile, or not ours to remove: the next reap tries again
-
-
-def _default_name() -> str:
-    return "cp-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")

@@ -16,26 +16,23 @@ import hashlib
 import io
 import json
 import os
-import re
-import socket
-import struct
 import threading
 import uuid
-import weakref
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, ParamSpec, Sequence, TypeVar, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, ParamSpec, TypeVar, Union
 
 import docker
 import docker.errors
 import requests.exceptions
 from docker.models.containers import Container
 
-from . import _retry as retry
+from . import _names as names, _retry as retry
 from ._archive import tarfile
+from ._criu_log import criu_error, forget_criu_log
+from ._peer import peer_pid, peer_shares_our_files, socket_path_of
 from .errors import (
     CheckpointFailed,
     ContainerNotFound,
-    CriuError,
     DollyError,
     EngineError,
     EngineUnavailable,
@@ -49,13 +46,10 @@ ContainerRef = Union[Container, str]
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
-# Where scripts/dolly-runc copies CRIU's log when CRIU fails (Docker deletes its own copy).
-CRIU_LOG_DIR = Path("/var/log/dolly/criu")
 RUNTIME = "dolly"
 
 _default_client: Optional[docker.DockerClient] = None
 _default_lock = threading.Lock()
-_engines: weakref.WeakKeyDictionary[docker.DockerClient, Engine] = weakref.WeakKeyDictionary()
 
 
 def default_client() -> docker.DockerClient:
@@ -125,44 +119,6 @@ def _explain(e: docker.errors.APIError) -> str:
     return str(e.explanation or e)
 
 
-def criu_log(container_id: str, command: str, *, limit: int = 25) -> tuple[list[str], Optional[Path]]:
-    """The lines of CRIU's log that explain a failure (see :func:`criu_excerpt`), and where the
-    whole log is."""
-    path = CRIU_LOG_DIR / f"{container_id}.{command}.log"
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return [], None
-    return criu_excerpt(lines, limit=limit), path
-
-
-# CRIU's own error lines: "(00.040129) Error (criu/cr-dump.c:389): Can't get rlimit 0: ..." (its
-# log_prefix, then pr_err's "Error (file:line): "); other lines that merely mention an error (a
-# library named libgpg-error.so, say) are not.
-_CRIU_ERROR = re.compile(r"^(\(\s*[\d.]+\)\s+)?\s*(pie: )?(\d+: )?Error \(")
-
-
-def criu_excerpt(lines: Sequence[str], *, limit: int = 25, before: int = 3) -> list[str]:
-    """CRIU's ``Error (...)`` lines with the ``before`` lines ahead of each (what it was doing),
-    at most ``limit`` lines, the last ones; the last ``limit`` lines of the log when it has none."""
-    keep: list[int] = []
-    for i, line in enumerate(lines):
-        if _CRIU_ERROR.match(line):
-            keep.extend(j for j in range(max(0, i - before), i + 1) if not keep or j > keep[-1])
-    return [lines[i] for i in keep][-limit:] if keep else list(lines[-limit:])
-
-
-def forget_criu_log(container_id: str, command: str) -> None:
-    """A log left by an earlier failure of the same container must not be read as this one's."""
-    (CRIU_LOG_DIR / f"{container_id}.{command}.log").unlink(missing_ok=True)
-
-
-def criu_error(cls: type[CriuError], container_id: str, command: str, cause: Exception) -> CriuError:
-    """A :class:`CriuError` of ``cls`` for a failed ``command``, with CRIU's log."""
-    lines, path = criu_log(container_id, command)
-    return cls(f"{command} of container {container_id[:12]} failed: {cause}", log_lines=lines, log_path=path)
-
-
 def _marker(path: Path) -> str:
     """The random marker at ``path``, made (atomically, once) when there is none."""
     try:
@@ -181,39 +137,6 @@ def _marker(path: Path) -> str:
     return path.read_text().strip()
 
 
-def socket_path_of(client: docker.DockerClient) -> Optional[str]:
-    """The path of the unix socket ``client`` talks to its engine over; None over TCP or SSH."""
-    return getattr(getattr(client.api, "_custom_adapter", None), "socket_path", None)
-
-
-def peer_pid(socket_path: str) -> int:
-    """The process at the other end of a unix socket (SO_PEERCRED): for an engine's socket,
-    its dockerd.
-
-    Raises:
-        OSError: no such socket, or nobody answers on it.
-    """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(5)
-        sock.connect(socket_path)
-        pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    return int(pid)
-
-
-def _peer_shares_our_files(socket_path: Optional[str], data_root: str) -> bool:
-    """Whether ``data_root`` here is the very folder that the process at the other end of the
-    socket (the engine's dockerd) calls ``data_root``: the same device and inode, looked up in
-    its own mount namespace through ``/proc/<pid>/root``."""
-    if not socket_path:
-        return False
-    try:
-        pid = peer_pid(socket_path)
-        ours, theirs = os.stat(data_root), os.stat(f"/proc/{pid}/root{data_root}")
-    except OSError:
-        return False
-    return (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino)
-
-
 class Engine:
     """One Docker Engine as Dolly uses it. Get one with :meth:`of`."""
 
@@ -223,15 +146,21 @@ class Engine:
         self._info: Optional[Dict[str, Any]] = None
         self._local: Optional[bool] = None
         self._identity: Optional[tuple[Any, ...]] = None
+        # Names handed out by this process but perhaps not created yet: concurrent clones on this
+        # engine must not pick the same ones (other processes are caught by the engine's 409).
+        self._reserved: set[str] = set()
+        self._reserved_lock = threading.Lock()
 
     @classmethod
     def of(cls, client: Optional[docker.DockerClient] = None) -> Engine:
-        """The :class:`Engine` for ``client`` (default: ``docker.from_env()``), made once."""
+        """The :class:`Engine` for ``client`` (default: ``docker.from_env()``), made once and
+        kept on the client itself: it lives and dies with it."""
         client = client or default_client()
         with _default_lock:
-            engine = _engines.get(client)
+            engine = getattr(client, "_dolly_engine", None)
             if engine is None:
-                engine = _engines[client] = cls(client)
+                engine = cls(client)
+                client._dolly_engine = engine  # type: ignore[attr-defined]
             return engine
 
     # --- facts about the engine ------------------------------------------------------------------
@@ -285,7 +214,7 @@ class Engine:
         dockerd whose data root is another folder under the same name (another mount namespace,
         another host), it is not. Dolly's agent passes the same check beside its engine."""
         if self._local is None:
-            self._local = _peer_shares_our_files(socket_path_of(self.client), str(self.info()["DockerRootDir"]))
+            self._local = peer_shares_our_files(socket_path_of(self.client), str(self.info()["DockerRootDir"]))
         return self._local
 
     def daemon_pid(self) -> Optional[int]:
@@ -362,6 +291,18 @@ class Engine:
     def container_names(self) -> set[str]:
         rows = self._call(self.api.containers, all=True)
         return {n.lstrip("/") for row in rows for n in (row.get("Names") or [])}
+
+    def reserve_names(self, prefix: str, n: int, *, avoid: Iterable[str] = ()) -> list[str]:
+        """The ``n`` free names ``<prefix>-<k>`` with the lowest k's, held for this process until
+        :meth:`release_names` (the engine's 409 catches other processes)."""
+        with self._reserved_lock:
+            picked = names.allocate_names(prefix, n, self.container_names() | self._reserved | set(avoid))
+            self._reserved.update(picked)
+            return picked
+
+    def release_names(self, picked: Iterable[str]) -> None:
+        with self._reserved_lock:
+            self._reserved.difference_update(picked)
 
     def create(self, config: Dict[str, Any], name: str) -> str:
         """Create a container from a raw Engine API config; returns its ID.

@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
-from . import _criu as criu, _names as names, _rootfs as rootfs, policy
+from . import _images as criu_images, _names as names, _rootfs as rootfs, policy
 from ._archive import repack_tmpfs, sha256_file, small_json, tarfile, write_member
 from ._checkpoint import ROOTFS_DIFF, Checkpoint
 from .errors import BundleError, ImageRewriteError, UnsafeArchive, UnsignedBundle
@@ -179,7 +179,7 @@ def make_checkpoint(extracted: Path, folder: Path, store_dir: Path, *, allow_uns
     except ImageRewriteError as e:
         raise UnsafeArchive(f"the archive's CRIU images cannot be made Docker's: {e}") from e
     cp = Checkpoint(container_id=container_id, container_name=container_name, name=name, created_at=created_at,
-                    hostname=criu.read_hostname(folder / "criu"), config=types.MappingProxyType(recorded),
+                    hostname=criu_images.read_hostname(folder / "criu"), config=types.MappingProxyType(recorded),
                     path=final, origin={"format": kind, "not_applied": not_applied})
     return cp, final, image_id, image_name, kind
 
@@ -294,13 +294,14 @@ def docker_images(extracted: Path, images: Path, kind: str, *, max_bytes: int) -
     """
     undo_podman_images(images)
     shm = extracted / "devshm-checkpoint.tar"
-    target = criu.external_tmpfs_inlined(images, "/dev/shm")
+    target = criu_images.external_tmpfs_inlined(images, "/dev/shm")
     if target is not None:
         if shm.exists():
             repack_tmpfs(shm, target, max_bytes=max_bytes)
         else:
             _empty_tmpfs(target)
-    dropped = criu.without_mounts(images, keep=lambda key: key in _DOCKER_MOUNTS or key.startswith("/sys/fs/cgroup/"))
+    dropped = criu_images.without_mounts(
+        images, keep=lambda key: key in _DOCKER_MOUNTS or key.startswith("/sys/fs/cgroup/"))
     return [f"{kind}'s mount at {path}: not in the Docker container" for path in dropped if path in _ENGINE_MOUNTS]
 
 
@@ -308,8 +309,8 @@ def undo_podman_images(images: Path) -> None:
     """Rewrite CRIU's images in place from Podman's set-up (see :func:`podman_members`) to
     Docker's: no external network namespace (runc makes one, Docker's hook sets it up), and the
     root directory's mode as Docker gives it (0755)."""
-    criu.without_external_netns(images)
-    criu.root_mode_rewritten(images, None, mode=DOCKER_ROOT_MODE)
+    criu_images.without_external_netns(images)
+    criu_images.root_mode_rewritten(images, None, mode=DOCKER_ROOT_MODE)
 
 
 def _empty_tmpfs(target: Path) -> None:
@@ -517,9 +518,9 @@ def podman_members(bundle_dir: Path, *, meta: Mapping[str, Any], image_name: str
     images = bundle_dir / IMAGES_FOLDER
     work.mkdir(mode=0o700)
     replaced: Dict[str, Path] = {}
-    criu.root_mode_rewritten(images, work / "files.img", mode=PODMAN_ROOT_MODE)
+    criu_images.root_mode_rewritten(images, work / "files.img", mode=PODMAN_ROOT_MODE)
     replaced["files.img"] = work / "files.img"
-    netns = criu.external_netns_image(images, work / "netns.img", key="extRootNetNS")
+    netns = criu_images.external_netns_image(images, work / "netns.img", key="extRootNetNS")
     if netns is not None:
         replaced[netns] = work / "netns.img"
 

@@ -15,10 +15,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import docker
 from docker.models.containers import Container
 
-from . import _criu as criu
+from . import _criu as criu, _images as criu_images
 from ._checkpoint import METADATA, RUNTIME_ROOTFS_DIFF, Checkpoint
 from ._dump import DEFAULT_MAX_LAYER_BYTES, RUNTIME_REQUEST, _claimed, _settle_images
 from ._engine import RUNTIME, ContainerRef, Engine, id_of, name_of
@@ -70,7 +69,7 @@ class PendingDump:
                 self.engine.set_restart_policy(self.container_id, policy)
 
 
-def checkpoint_lazy(container: ContainerRef, name: str, *, port: int, client: Optional[docker.DockerClient] = None,
+def checkpoint_lazy(engine: Engine, container: ContainerRef, name: str, *, port: int,
                     ready_timeout: float = 600.0) -> Tuple[Checkpoint, PendingDump]:
     """Checkpoint a running container for a post-copy migration: everything but its memory,
     which CRIU's page server keeps serving on 127.0.0.1:``port`` of the engine's host (see
@@ -82,7 +81,6 @@ def checkpoint_lazy(container: ContainerRef, name: str, *, port: int, client: Op
         as :func:`checkpoint` (``leave_running`` False); HostNotReady when the container is not
         under Dolly's runtime (only it can dump lazily).
     """
-    engine = Engine.of(client)
     criu.require_version()
     engine.require_checkpoint_support()
     source = engine.container(container)
@@ -147,7 +145,7 @@ def _checkpoint_lazy_locked(engine: Engine, source: Container, name: str, final:
                                    f"{source.name}: is /usr/local/sbin/dolly-runc current? (run `make host`)")
         _settle_images(staging)
         cp = Checkpoint(container_id=id_of(source), container_name=name_of(source), name=name,
-                        created_at=created_at, hostname=criu.read_hostname(staging / "criu"),
+                        created_at=created_at, hostname=criu_images.read_hostname(staging / "criu"),
                         config=types.MappingProxyType(source.attrs), path=final, client=engine.client)
         _write_private(staging / METADATA, json.dumps(cp._metadata()))
         os.rename(staging, final)

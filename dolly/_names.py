@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Type
+from typing import Any, Iterable, List, Type
 
 from .errors import DollyError, InvalidArgument
 
@@ -98,3 +98,16 @@ def inside(base: Path, *parts: str, error: Type[DollyError] = InvalidArgument) -
     if os.path.commonpath([real_base, real]) != real_base or real == real_base:
         raise error(f"{path} resolves to {real}, outside {base}")
     return path
+
+
+def allocate_names(prefix: str, n: int, taken: Iterable[str]) -> List[str]:
+    """The ``n`` names ``<prefix>-<k>`` with the lowest k >= 1 not in ``taken``."""
+    taken = set(taken)
+    free: List[str] = []
+    k = 1
+    while len(free) < n:
+        candidate = f"{prefix}-{k}"
+        if candidate not in taken:
+            free.append(candidate)
+        k += 1
+    return free

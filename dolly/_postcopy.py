@@ -42,12 +42,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, List, Optional, Protocol, Tuple
 
-import docker
-
 from . import _criu as criu
 from ._checkpoint import Checkpoint
 from ._engine import ContainerRef, Engine
 from ._lazy_dump import PendingDump, checkpoint_lazy
+from ._store import remove
 from .errors import CheckpointFailed, HostNotReady
 
 __all__ = ["PageSource", "PageTarget", "Relay", "open_source", "open_target"]
@@ -274,8 +273,7 @@ def pump(end: End, inp: IO[bytes], out: IO[bytes]) -> None:
     end.close()
 
 
-def dump_lazily(container: ContainerRef, name: str, *, client: Optional[docker.DockerClient] = None
-                ) -> Tuple[Checkpoint, PendingDump, SourceLink]:
+def dump_lazily(engine: Engine, container: ContainerRef, name: str) -> Tuple[Checkpoint, PendingDump, SourceLink]:
     """Dump ``container`` lazily on this host (:func:`dolly._lazy_dump.checkpoint_lazy`) and
     connect to its page server, in the dump's own network namespace.
 
@@ -284,7 +282,7 @@ def dump_lazily(container: ContainerRef, name: str, *, client: Optional[docker.D
         broken off, so the source runs on, and its memory-less checkpoint removed).
     """
     port = criu.PAGE_SERVER_PORT
-    cp, pending = checkpoint_lazy(container, name, port=port, client=client)
+    cp, pending = checkpoint_lazy(engine, container, name, port=port)
     record = criu.lazy_netns_record(pending.engine.spool_dir, pending.container_id)
     try:
         netns = criu.open_lazy_netns(record)
@@ -296,16 +294,16 @@ def dump_lazily(container: ContainerRef, name: str, *, client: Optional[docker.D
         criu.break_off_page_server(record, port)
         with contextlib.suppress(Exception):
             pending.wait(60)
-        _remove_quietly(cp)
+        _remove_quietly(engine, cp)
         raise
 
 
-def serve_source(container: ContainerRef, name: str, *, inp: IO[bytes], out: IO[bytes],
+def serve_source(engine: Engine, container: ContainerRef, name: str, *, inp: IO[bytes], out: IO[bytes],
                  control: Callable[[dict], None], checkpoint_json: Callable[[Checkpoint], dict]) -> None:
     """The agent's side of a post-copy source: dump lazily, say ``ready``, join the page server
     to stdin and stdout, and say how the dump ended (``ended``: True when the target took every
     page and the source ended; else the error's message, and the source runs on)."""
-    cp, pending, link = dump_lazily(container, name)
+    cp, pending, link = dump_lazily(engine, container, name)
     control({"ready": checkpoint_json(cp), "frozen_s": time.perf_counter() - pending.started_at})
     pump(link, inp, out)
     try:
@@ -315,10 +313,10 @@ def serve_source(container: ContainerRef, name: str, *, inp: IO[bytes], out: IO[
         control({"ended": str(e)})
 
 
-def serve_target(*, inp: IO[bytes], out: IO[bytes], control: Callable[[dict], None]) -> None:
+def serve_target(engine: Engine, *, inp: IO[bytes], out: IO[bytes], control: Callable[[dict], None]) -> None:
     """The agent's side of a post-copy target: listen where the lazy-pages daemon's connection
     will come from (say its number, ``relay``), and join it to stdin and stdout."""
-    listener = Listener(Engine.of(docker.from_env()).spool_dir)
+    listener = Listener(engine.spool_dir)
     control({"relay": listener.number})
     pump(listener, inp, out)
 
@@ -348,70 +346,38 @@ class PageTarget:
 
 
 def open_source(engine: Engine, container: ContainerRef, name: str) -> PageSource:
-    """Dump ``container`` lazily on ``engine``; returns once its page server listens.
+    """Dump ``container`` lazily on ``engine``, whose files are here; returns once its page
+    server listens.
 
     Raises:
         as :func:`dolly._lazy_dump.checkpoint_lazy`.
     """
-    _require_64_bit()
-    if not engine.files_are_local():
-        from ._hosts.channel import Channel
-        from ._hosts.remote import checkpoint_from
-
-        duplex = Channel.of(engine).duplex("post_copy_source", container=_ref(container), name=name)
-        try:
-            cp = checkpoint_from(engine, duplex.control("ready", timeout=600))
-            frozen_at = time.perf_counter() - float(duplex.control("frozen_s", timeout=1))
-        except BaseException:
-            duplex.close()
-            raise
-
-        def wait_remote(timeout: float) -> None:
-            ended = duplex.control("ended", timeout=timeout)
-            if ended is not True:
-                raise CheckpointFailed(f"the post-copy dump ended without the target: {ended}")
-
-        return PageSource(cp, duplex, wait_remote, frozen_at)
-    cp, pending, link = dump_lazily(container, name, client=engine.client)
+    require_64_bit()
+    cp, pending, link = dump_lazily(engine, container, name)
     return PageSource(cp, link, pending.wait, pending.started_at)
 
 
 def open_target(engine: Engine) -> PageTarget:
-    """Listen, on ``engine``'s host, for the lazy-pages daemon's connection.
+    """Listen, on ``engine``'s host (here), for the lazy-pages daemon's connection.
 
     Raises:
-        HostNotReady: the agent there did not answer, or the engine's spool is not root's alone.
+        HostNotReady: the engine's spool is not root's alone.
     """
-    _require_64_bit()
-    if not engine.files_are_local():
-        from ._hosts.channel import Channel
-
-        duplex = Channel.of(engine).duplex("post_copy_target")
-        try:
-            return PageTarget(int(duplex.control("relay", timeout=60)), duplex)
-        except BaseException:
-            duplex.close()
-            raise
+    require_64_bit()
     listener = Listener(engine.spool_dir)
     return PageTarget(listener.number, listener)
 
 
-def _require_64_bit() -> None:
+def require_64_bit() -> None:
     """Raises HostNotReady where CRIU's records would not be :data:`RECORD` bytes long."""
     if platform.machine() not in ("x86_64", "aarch64"):
         raise HostNotReady(f"post-copy migration is built for x86_64 and aarch64, not {platform.machine()}")
 
 
-def _remove_quietly(cp: Checkpoint) -> None:
+def _remove_quietly(engine: Engine, cp: Checkpoint) -> None:
     """A post-copy checkpoint that will not be restored: its images lack the memory."""
-    from ._store import remove_checkpoint
-
     with contextlib.suppress(Exception):
-        remove_checkpoint(cp)
-
-
-def _ref(container: ContainerRef) -> str:
-    return str(getattr(container, "id", None) or container)
+        remove(engine, cp)
 
 
 class Relay:

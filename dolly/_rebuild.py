@@ -45,10 +45,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from . import _criu as criu
-from ._dump import checkpoint
+from . import _images as criu_images
+from ._dump import DEFAULT_MAX_LAYER_BYTES, take
 from ._engine import RUNTIME, Engine, translate_errors
-from ._store import remove_checkpoint
+from ._store import remove
 from .errors import DollyError, HostNotReady, ImageRewriteError, UnsafeArchive
 from .policy import masked_paths
 
@@ -108,36 +108,43 @@ def reference_body(config: Mapping[str, Any], *, image: str = REFERENCE_IMAGE) -
     }
 
 
-def make_reference(engine: Engine, config: Mapping[str, Any], *, image_source: Optional[Engine] = None) -> Reference:
-    """Start, checkpoint and remove a reference container for ``config`` on ``engine``.
-
-    Dolly's busybox image is copied from ``image_source`` (an engine of the caller's own) when
-    ``engine`` lacks it.
+def reference_image(engine: Engine, *, image_source: Optional[Engine] = None) -> str:
+    """The ID of Dolly's busybox image on ``engine``, which references are made of: copied from
+    ``image_source`` (an engine of the caller's own), untagged, when ``engine`` lacks it. The
+    caller of an import runs this before the import is staged, on either host.
 
     Raises:
-        HostNotReady: neither engine has Dolly's busybox image (``make host`` builds it).
+        HostNotReady: neither engine has it (``make host`` builds it).
+    """
+    if engine.has_image(REFERENCE_IMAGE):
+        return engine.image_id(REFERENCE_IMAGE)
+    if image_source is None or not image_source.has_image(REFERENCE_IMAGE):
+        raise HostNotReady(f"the engine has no image {REFERENCE_IMAGE}, which Dolly checks imported "
+                           "checkpoints against: run `make host` on its host, or pass image_source=")
+    # By ID, untagged: an import never adds or moves a name on the engine.
+    image = image_source.image_id(REFERENCE_IMAGE)
+    engine.ensure_image(image, None, source=image_source, tag=False)
+    return image
+
+
+def make_reference(engine: Engine, config: Mapping[str, Any], *, image: str) -> Reference:
+    """Start, checkpoint and remove a reference container for ``config`` on ``engine``, made of
+    ``image`` (:func:`reference_image`'s).
+
+    Raises:
         DollyError: the engine refused the configuration or the checkpoint failed.
     """
-    image = REFERENCE_IMAGE
-    if not engine.has_image(REFERENCE_IMAGE):
-        if image_source is None or not image_source.has_image(REFERENCE_IMAGE):
-            raise HostNotReady(f"the engine has no image {REFERENCE_IMAGE}, which Dolly checks imported "
-                               "checkpoints against: run `make host` on its host, or pass image_source=")
-        # By ID, untagged: an import never adds or moves a name on the engine.
-        with translate_errors():
-            image = str(image_source.client.images.get(REFERENCE_IMAGE).id)
-        engine.ensure_image(image, None, source=image_source, tag=False)
     name = f"dolly-reference-{uuid.uuid4().hex[:12]}"
     cid = engine.create(reference_body(config, image=image), name)
     try:
         with translate_errors():
             engine.api.start(cid)
-        cp = checkpoint(cid, "reference", leave_running=False, client=engine.client)
+        cp = take(engine, cid, "reference", leave_running=False, max_layer_bytes=DEFAULT_MAX_LAYER_BYTES)
         try:
             return read_reference(cp.images_dir)
         finally:
             with contextlib.suppress(DollyError):
-                remove_checkpoint(cp, engine.client)
+                remove(engine, cp)
     finally:
         engine.remove(cid, volumes=True)
 
@@ -148,17 +155,17 @@ def read_reference(images: Path) -> Reference:
     Raises:
         ImageRewriteError: images pycriu cannot read.
     """
-    ids = criu.root_task_ids(images)
-    mounts = criu.load_image(images / f"mountpoints-{ids['mnt_ns_id']}.img")["entries"]
-    core_img = criu.load_image(images / f"core-{_root_pid(images)}.img")
+    ids = criu_images.root_task_ids(images)
+    mounts = criu_images.load_image(images / f"mountpoints-{ids['mnt_ns_id']}.img")["entries"]
+    core_img = criu_images.load_image(images / f"core-{_root_pid(images)}.img")
     core = _core_of(core_img)
     tc = core_img["entries"][0].get("tc") or {}
     seccomp_path = images / "seccomp.img"
     return Reference(
-        mounts=mounts, cgroup=criu.load_image(images / "cgroup.img"), cg_set=int(core.get("cg_set", 0)),
+        mounts=mounts, cgroup=criu_images.load_image(images / "cgroup.img"), cg_set=int(core.get("cg_set", 0)),
         new_namespaces=new_namespaces(images), oom_score_adj=int(tc.get("oom_score_adj", 0)),
         rlimits=tc.get("rlimits"),
-        seccomp=criu.load_image(seccomp_path) if seccomp_path.exists() else None,
+        seccomp=criu_images.load_image(seccomp_path) if seccomp_path.exists() else None,
         seccomp_filter=core.get("seccomp_filter") if core.get("seccomp_mode") == "filter" else None,
         seccomp_mode=str(core.get("seccomp_mode", "disabled")))
 
@@ -191,14 +198,14 @@ def rebuild(images: Path, ref: Reference) -> None:
             "the checkpoint's first task would be restored in namespaces other than those Docker makes "
             f"for its configuration (new: {', '.join(sorted(made)) or 'none'}; Docker's: "
             f"{', '.join(sorted(ref.new_namespaces))}): a shared one is the host's. This cannot be allowed")
-    ids = criu.root_task_ids(images)
+    ids = criu_images.root_task_ids(images)
     path = images / f"mountpoints-{ids['mnt_ns_id']}.img"
-    img = criu.load_image(path)
+    img = criu_images.load_image(path)
     img["entries"] = rebuild_mounts(img["entries"], ref.mounts)
-    criu.replace_image(img, path)
+    criu_images.replace_image(img, path)
     cores = sorted(images.glob("core-*.img"))
-    loaded = {p: img for p in cores if not criu.is_zombie((img := criu.load_image(p))["entries"][0])}
-    seccomp = criu.load_image(images / "seccomp.img") if (images / "seccomp.img").exists() else None
+    loaded = {p: img for p in cores if not criu_images.is_zombie((img := criu_images.load_image(p))["entries"][0])}
+    seccomp = criu_images.load_image(images / "seccomp.img") if (images / "seccomp.img").exists() else None
     new_seccomp, chains = rebuild_seccomp(seccomp, [_core_of(img) for img in loaded.values()], ref)
     for p, core_img in loaded.items():
         thread = _core_of(core_img)
@@ -219,12 +226,12 @@ def rebuild(images: Path, ref: Reference) -> None:
             thread.pop("seccomp_filter", None)
         else:
             thread["seccomp_filter"] = index
-        criu.replace_image(core_img, p)
+        criu_images.replace_image(core_img, p)
     if new_seccomp is None:
         (images / "seccomp.img").unlink(missing_ok=True)
     else:
-        criu.replace_image(new_seccomp, images / "seccomp.img")
-    criu.replace_image(dict(ref.cgroup), images / "cgroup.img")
+        criu_images.replace_image(new_seccomp, images / "seccomp.img")
+    criu_images.replace_image(dict(ref.cgroup), images / "cgroup.img")
 
 
 def rebuild_mounts(foreign: Sequence[Mapping[str, Any]],
@@ -382,8 +389,8 @@ def new_namespaces(images: Path) -> frozenset:
         ImageRewriteError: images pycriu cannot read.
     """
     try:
-        root = criu.load_image(images / "inventory.img")["entries"][0]["root_ids"]
-        tasks = [criu.load_image(p)["entries"][0] for p in sorted(images.glob("ids-*.img"))]
+        root = criu_images.load_image(images / "inventory.img")["entries"][0]["root_ids"]
+        tasks = [criu_images.load_image(p)["entries"][0] for p in sorted(images.glob("ids-*.img"))]
     except (KeyError, IndexError, TypeError) as e:
         raise ImageRewriteError(f"the checkpoint has no readable namespace ids ({type(e).__name__})") from e
     made = set()
@@ -419,7 +426,7 @@ def check_files(images: Path) -> None:
     path = images / "files.img"
     if not path.exists():
         return
-    for entry in criu.load_image(path).get("entries") or []:
+    for entry in criu_images.load_image(path).get("entries") or []:
         kind = entry.get("type")
         if kind in REFUSED_FILES:
             raise UnsafeArchive(f"the checkpoint holds a descriptor of kind {kind} (id {entry.get('id')}), which "
@@ -438,9 +445,9 @@ def _check_namespaces(images: Path) -> None:
         UnsafeArchive: a task in a mount, network, user or cgroup namespace of its own, or a
             network namespace image (CRIU would make that namespace, links and all, as root).
     """
-    first = criu.load_image(images / f"ids-{_root_pid(images)}.img")["entries"][0]
+    first = criu_images.load_image(images / f"ids-{_root_pid(images)}.img")["entries"][0]
     for path in sorted(images.glob("ids-*.img")):
-        ids = criu.load_image(path)["entries"][0]
+        ids = criu_images.load_image(path)["entries"][0]
         for key in ("mnt_ns_id", "net_ns_id", "user_ns_id", "cgroup_ns_id"):
             if ids.get(key) != first.get(key):
                 raise UnsafeArchive(f"a task of the checkpoint ({path.name}) is in a {key[:-6]} namespace of its "
@@ -453,7 +460,7 @@ def _check_namespaces(images: Path) -> None:
 
 def _root_pid(images: Path) -> int:
     try:
-        return int(criu.load_image(images / "pstree.img")["entries"][0]["pid"])
+        return int(criu_images.load_image(images / "pstree.img")["entries"][0]["pid"])
     except (KeyError, IndexError, TypeError, ValueError) as e:
         raise ImageRewriteError(f"the checkpoint has no readable process tree ({type(e).__name__})") from e
 

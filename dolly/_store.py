@@ -1,6 +1,7 @@
-"""Dolly's checkpoint store on disk: listing, getting, removing and pruning checkpoints, the
-clones' shared layer images, sealing a new checkpoint folder and root-only writes. The folder's
-layout is in dolly._checkpoint.
+"""Dolly's checkpoint store on an engine's host, as this process sees it: finding and removing
+checkpoints, the clones' shared layer images, sealing a new checkpoint folder and root-only writes.
+The folder's layout is in dolly._checkpoint; the public operations over it (on either host) are
+dolly._catalog's.
 """
 from __future__ import annotations
 
@@ -9,12 +10,9 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Optional
 
-import docker
 from docker.models.containers import Container
 
 from . import _names as names
@@ -22,24 +20,15 @@ from ._checkpoint import LAYER_IMAGE_REPOSITORY, METADATA, Checkpoint
 from ._engine import ContainerRef, Engine, id_of
 from .errors import CheckpointNotFound, ContainerNotFound, DollyError, InvalidArgument
 
-__all__ = ["PruneReport", "list_checkpoints", "get_checkpoint", "remove_checkpoint", "prune"]
 
-
-def list_checkpoints(
-    container: Optional[ContainerRef] = None, client: Optional[docker.DockerClient] = None
-) -> List[Checkpoint]:
-    """The checkpoints of ``container`` (of every container when None), oldest first. The
-    container may have been removed since: its checkpoints are still listed by its name or ID.
+def find_all(engine: Engine, container: Optional[ContainerRef]) -> List[Checkpoint]:
+    """The checkpoints of ``container`` kept on ``engine``'s host (every container's when None),
+    oldest first; a removed container's are found by its name or ID.
 
     Raises:
         ContainerNotFound: no such container, now or in the checkpoints Dolly keeps.
         InvalidArgument: ``container`` names more than one removed container.
     """
-    engine = Engine.of(client)
-    if not engine.files_are_local():
-        from ._hosts import remote as _remote
-
-        return _remote.list_checkpoints(engine, container)
     if container is None:
         folders = sorted(engine.store_dir.iterdir()) if engine.store_dir.is_dir() else []
     else:
@@ -56,43 +45,26 @@ def list_checkpoints(
     return sorted(found, key=lambda cp: cp.created_at)
 
 
-def get_checkpoint(
-    container: ContainerRef, name: str, client: Optional[docker.DockerClient] = None
-) -> Checkpoint:
-    """The checkpoint ``name`` of ``container``.
+def find(engine: Engine, container: ContainerRef, name: str) -> Checkpoint:
+    """The checkpoint ``name`` of ``container`` on ``engine``'s host.
 
     Raises:
-        InvalidArgument: ``name`` is not a valid checkpoint name, or ``container`` names more
-            than one removed container (give its full ID).
-        ContainerNotFound: no such container, now or in the checkpoints Dolly keeps.
+        InvalidArgument, ContainerNotFound: as :func:`find_all`.
         CheckpointNotFound: the container has no checkpoint of that name.
     """
-    names.checkpoint_name(name)
-    engine = Engine.of(client)
-    if not engine.files_are_local():
-        from ._hosts import remote as _remote
-
-        return _remote.get_checkpoint(engine, container, name)
-    path = _source_folder(engine, container) / name
+    path = _source_folder(engine, container) / names.checkpoint_name(name)
     if not (path / METADATA).exists():
         raise CheckpointNotFound(f"no checkpoint named {name!r} for container {_ref_text(container)}")
     return Checkpoint.load(path, engine.client)
 
 
-def remove_checkpoint(checkpoint: Checkpoint, client: Optional[docker.DockerClient] = None) -> None:
-    """Delete a checkpoint's files. Containers restored from it are not affected.
+def remove(engine: Engine, checkpoint: Checkpoint) -> None:
+    """Delete a checkpoint's folder, then its clones' shared layer image unless it is in use.
 
     Raises:
-        InvalidArgument: ``checkpoint`` is not a :class:`Checkpoint`, or its path is not a
-            folder of Dolly's store.
+        InvalidArgument: its path is not a folder of Dolly's store.
         CheckpointNotFound: it was removed already.
     """
-    require(checkpoint)
-    engine = engine_of(checkpoint, client)
-    if not engine.files_are_local():
-        from ._hosts import remote as _remote
-
-        return _remote.remove_checkpoint(engine, checkpoint)
     path = checkpoint.path
     # The folder must be what Dolly's store layout says it is (<store>/<container-id>/<name>), a
     # real folder and no symlink: a Checkpoint made by hand must not aim the removal elsewhere.
@@ -116,109 +88,9 @@ def remove_checkpoint(checkpoint: Checkpoint, client: Optional[docker.DockerClie
     remove_unused_layer_images(engine, only={checkpoint.layer_image})
 
 
-@dataclass(frozen=True)
-class PruneReport:
-    """What :func:`prune` removed (or, with ``dry_run``, would remove).
-
-    Attributes:
-        checkpoints: the checkpoints, oldest first.
-        reclaimed: the bytes they held.
-        dry_run: nothing was removed.
-    """
-
-    checkpoints: Tuple[Checkpoint, ...]
-    reclaimed: int
-    dry_run: bool = False
-
-
-def prune(
-    *,
-    all_containers: bool = False,
-    older_than: Optional[timedelta] = None,
-    labels: Optional[Mapping[str, str]] = None,
-    dry_run: bool = False,
-    client: Optional[docker.DockerClient] = None,
-) -> PruneReport:
-    """Remove the checkpoints nobody needs any more, as ``docker image prune`` removes images.
-
-    By default: the checkpoints taken on this engine of containers that no longer exist.
-    Imported checkpoints (which never had a container here) and those of existing containers
-    are kept unless ``all_containers`` is set. ``older_than`` and ``labels`` narrow either
-    choice. Containers restored from a removed checkpoint are
-    not affected.
-
-    Args:
-        all_containers: every checkpoint, not only those of removed containers.
-        older_than: only checkpoints taken more than this long ago.
-        labels: only checkpoints whose source container carried all these labels (as
-            ``docker ... prune --filter label=KEY=VALUE``).
-        dry_run: remove nothing; report what would go.
-        client: the engine; default ``docker.from_env()``.
-
-    Raises:
-        InvalidArgument: ``older_than`` is not a non-negative ``timedelta``, or ``labels`` not a
-            mapping of strings.
-    """
-    if labels is not None and not (isinstance(labels, Mapping) and all(
-            isinstance(k, str) and isinstance(v, str) for k, v in labels.items())):
-        raise InvalidArgument(f"labels must map strings to strings, not {labels!r}")
-    if older_than is not None and (not isinstance(older_than, timedelta) or older_than < timedelta(0)):
-        raise InvalidArgument(f"older_than must be a non-negative timedelta, not {older_than!r}")
-    engine = Engine.of(client)
-    cutoff = None if older_than is None else datetime.now(UTC) - older_than
-    exists: Dict[str, bool] = {}
-    chosen = []
-    for cp in list_checkpoints(client=engine.client):
-        if cutoff is not None and cp.created_at > cutoff:
-            continue
-        source_labels = (cp.config.get("Config") or {}).get("Labels") or {}
-        if labels and any(source_labels.get(k) != v for k, v in labels.items()):
-            continue
-        if not all_containers:
-            if cp.origin is not None:
-                continue
-            if cp.container_id not in exists:
-                exists[cp.container_id] = engine.has_container(cp.container_id)
-            if exists[cp.container_id]:
-                continue
-        chosen.append(cp)
-    if dry_run:
-        return PruneReport(tuple(chosen), sum(cp.size for cp in chosen), dry_run=True)
-    return remove_pruned(engine, chosen)
-
-
-def remove_pruned(engine: Engine, checkpoints: Sequence[Checkpoint]) -> PruneReport:
-    """Remove these checkpoints (what :func:`prune` chose, or a dry run of it reported), then the
-    clones' shared layer images nothing needs any more.
-    A checkpoint removed meanwhile by another caller is left out of the report."""
-    reclaimed = 0
-    removed = []
-    for cp in checkpoints:
-        size = cp.size
-        try:
-            remove_checkpoint(cp, engine.client)
-        except CheckpointNotFound:  # removed meanwhile by another caller
-            continue
-        reclaimed += size
-        removed.append(cp)
-    remove_unused_layer_images(engine)
-    return PruneReport(tuple(removed), reclaimed)
-
-
 def remove_all_of(engine: Engine, container_id: str) -> None:
     """Remove every checkpoint kept of a container (a full ID: a plain name under the store), and
     their shared layer images that no container uses any more."""
-    if not engine.files_are_local():  # another host's engine: through its agent, one by one
-        try:
-            kept = list_checkpoints(names.container_id(container_id), engine.client)
-        except ContainerNotFound:
-            return
-        for cp in kept:
-            with contextlib.suppress(CheckpointNotFound):
-                remove_checkpoint(cp, engine.client)
-        if kept:
-            remove_unused_layer_images(engine, only={cp.layer_image for cp in kept})
-        return
     folder = engine.store_dir / names.container_id(container_id)
     tags = set()
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
@@ -280,7 +152,7 @@ def remove_unused_layer_images(engine: Engine, *, only: Optional[set[str]] = Non
     tags = [t for t in engine.image_tags(LAYER_IMAGE_REPOSITORY) if only is None or t in only]
     if not tags:
         return
-    kept = list_checkpoints(client=engine.client)
+    kept = find_all(engine, None)
     needed = {cp.layer_image for cp in kept}
     recorded = {cp.image_id for cp in kept}
     for tag in tags:
@@ -294,23 +166,6 @@ def remove_unused_layer_images(engine: Engine, *, only: Optional[set[str]] = Non
                 forget_layer_image(engine, tag)
 
 
-def engine_of(checkpoint: Checkpoint, client: Optional[docker.DockerClient]) -> Engine:
-    """The engine that holds ``checkpoint``: ``client``'s, which must then be that one.
-
-    Raises:
-        InvalidArgument: ``client`` is another engine than the one the checkpoint is on.
-    """
-    if client is None:
-        return Engine.of(checkpoint.client)
-    engine = Engine.of(client)
-    if checkpoint.client is not None and checkpoint.client is not client \
-            and Engine.of(checkpoint.client).identity != engine.identity:
-        raise InvalidArgument(
-            f"checkpoint {checkpoint.name!r} is on another engine than the client given: pass its own "
-            "(checkpoint.client), or copy it there (dolly.clone(..., engines=[client]))")
-    return engine
-
-
 def require(checkpoint: Any) -> Path:
     """The folder of a checkpoint that still exists.
 
@@ -320,8 +175,6 @@ def require(checkpoint: Any) -> Path:
     """
     if not isinstance(checkpoint, Checkpoint):
         raise InvalidArgument(f"expected a dolly.Checkpoint, got {type(checkpoint).__name__}")
-    if checkpoint.client is not None and not Engine.of(checkpoint.client).files_are_local():
-        return checkpoint.path  # on another host: its engine's agent checks it there
     if not (checkpoint.path / METADATA).exists() or not checkpoint.images_dir.is_dir():
         raise CheckpointNotFound(
             f"checkpoint {checkpoint.name!r} of {checkpoint.container_name} no longer exists "

@@ -34,10 +34,10 @@ from rich.table import Table
 
 import dolly
 from dolly import _formats as formats, policy, ready, trust
+from dolly._catalog import remove_pruned
 from dolly._checkpoint import Checkpoint
 from dolly._dump import DEFAULT_MAX_LAYER_BYTES
 from dolly._engine import Engine
-from dolly._store import remove_pruned
 from dolly.errors import CriuError, DollyError, InvalidArgument
 
 out = Console()

@@ -166,7 +166,15 @@ docker_up() { timeout 5 docker version >/dev/null 2>&1; }
 start_dockerd() {
   log "starting dockerd"
   mkdir -p /var/log/dolly
-  setsid nohup dockerd >>/var/log/dolly/dockerd.log 2>&1 </dev/null &
+  # Only stdin, stdout and stderr: a descriptor dockerd inherited (a lock that `make host` ran
+  # under, say) would be held by it, and by containerd, for as long as they run.
+  (
+    for fd in /proc/self/fd/*; do
+      fd=${fd##*/}
+      [ "$fd" -gt 2 ] 2>/dev/null && eval "exec $fd>&-"
+    done
+    exec setsid nohup dockerd >>/var/log/dolly/dockerd.log 2>&1 </dev/null
+  ) &
   for _ in $(seq 1 120); do docker_up && return 0; sleep 0.5; done
   log "dockerd did not answer within 60 s; see /var/log/dolly/dockerd.log"; tail -n 20 /var/log/dolly/dockerd.log >&2; exit 1
 }

@@ -20,7 +20,7 @@ import dolly.testing
 from dolly import ready, trust
 from dolly._checkpoint import LAYER_IMAGE_REPOSITORY
 from dolly._engine import Engine
-from dolly._store import remove_all_of, remove_unused_layer_images
+from dolly._store import remove_all_of, remove_unused_layer_images  # the main engine's files are here
 from engines import IsolatedEngine, SecondEngine
 from helpers import BUSYBOX, COUNTER, ENGINE_B, ENGINE_B_SUBNET, FILES, PYTHON, RUN_ID, STATEFUL, TEST_LABEL, ask
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import dolly
-from dolly import _bundle as bundle, errors, trust
+from dolly import _manifest as bundle, errors, trust
 from dolly._archive import tarfile  # the one Dolly reads with: 3.12's, backported to 3.11
 from bundles import assert_refused, member, rebuild, rootfs_tar
 from helpers import BUSYBOX, FILES, RUN_ID, read_int

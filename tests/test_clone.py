@@ -233,22 +233,22 @@ def test_clones_restore_without_criu_s_network_lock(run, engine):
     default: forks of iptables-restore into the new namespace, about 0.1 s of a restore). Dolly's
     checkpoints name none; a clone of one that names iptables (an imported one) gets its own
     inventory naming none, and the checkpoint's own stays as it is."""
-    from dolly import _criu
-    from dolly._restore import _place_images
+    from dolly import _images as criu_images
+    from dolly._start import _place_images
 
     source = run(BUSYBOX, ["sh", "-c", COUNTER])
     time.sleep(1)
     counted = read_int(source)
     cp = dolly.checkpoint(source, "nolock")
     inventory = cp.images_dir / "inventory.img"
-    assert _lock_method(inventory) == _criu.NETWORK_LOCK_SKIP
+    assert _lock_method(inventory) == criu_images.NETWORK_LOCK_SKIP
 
     _set_lock_method(inventory, 0)  # CRIU's NETWORK_LOCK_IPTABLES, as another host's dump says
     # Where a restore places them: in the spool, on the checkpoint's file system (hard links).
     placed = engine.spool_dir / f"test-{uuid.uuid4().hex}.restore"
     try:
         _place_images(cp, placed, hostname="lockless")
-        assert _lock_method(placed / "inventory.img") == _criu.NETWORK_LOCK_SKIP
+        assert _lock_method(placed / "inventory.img") == criu_images.NETWORK_LOCK_SKIP
         assert _lock_method(inventory) == 0
         assert (placed / "inventory.img").stat().st_ino != inventory.stat().st_ino
     finally:

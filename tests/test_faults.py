@@ -224,7 +224,7 @@ def test_target_engine_disappears_during_migrate(run, client):
         with pytest.raises(errors.MigrationFailed) as info:
             dolly.migrate(source, target.client)
         watcher.join(timeout=10)
-        assert info.value.step in ("import", "restore", "verify")
+        assert info.value.step in ("transfer", "restore", "verify")
         source.reload()
         assert source.status == "running"
         after = ask(source)

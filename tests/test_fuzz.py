@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dolly
-from dolly import _criu as criu, errors, trust
+from dolly import _images as criu_images, errors, trust
 from dolly._archive import tarfile  # the one Dolly reads with: 3.12's, backported to 3.11
 from dolly._engine import Engine
 
@@ -197,7 +197,7 @@ def test_generated_archives(base_bundle, busybox_checkpoint, engine_b, data):
 @FUZZ
 @given(data=st.data())
 def test_mutated_uts_images(busybox_checkpoint, data):
-    original = bytearray(criu.uts_images(busybox_checkpoint.images_dir)[0].read_bytes())
+    original = bytearray(criu_images.uts_images(busybox_checkpoint.images_dir)[0].read_bytes())
     for _ in range(data.draw(st.integers(1, 6))):
         op = data.draw(st.sampled_from(["flip", "cut", "grow"]))
         if op == "flip" and original:
@@ -211,12 +211,12 @@ def test_mutated_uts_images(busybox_checkpoint, data):
         src = Path(tmp) / "utsns-12.img"
         src.write_bytes(bytes(original))
         try:
-            criu.read_hostname(Path(tmp))
+            criu_images.read_hostname(Path(tmp))
         except errors.ImageRewriteError:
             pass
         try:
-            criu.rewrite_hostname(src, Path(tmp) / "out.img", "fuzzed-host")
-            assert criu.hostname_in(Path(tmp) / "out.img") == "fuzzed-host"
+            criu_images.rewrite_hostname(src, Path(tmp) / "out.img", "fuzzed-host")
+            assert criu_images.hostname_in(Path(tmp) / "out.img") == "fuzzed-host"
         except errors.ImageRewriteError:
             pass
         assert sorted(p.name for p in Path(tmp).iterdir()) in (["utsns-12.img"], ["out.img", "utsns-12.img"])

@@ -28,9 +28,9 @@ from test_formats import _nothing_left, kubelet_archive
 from test_pytest_plugin import pytest_run
 
 import dolly
-from dolly import _bundle, _criu, _formats, _names, _registry, errors, testing
+from dolly import _bundle, _criu, _formats, _manifest, _names, _oci, _registry, errors, testing
 from dolly._archive import tarfile
-from dolly._restore import LAYER_IMAGE_MIN
+from dolly._start import LAYER_IMAGE_MIN
 from dolly.errors import InvalidArgument
 from helpers import BUSYBOX, COUNTER
 
@@ -64,14 +64,14 @@ RULES: list[tuple[str, re.Pattern[str], str]] = [
     ("names.IMAGE_ID", _names.IMAGE_ID, "sha256:" + HEX64),
     ("names.LINEAGE", _names.LINEAGE, "web:nightly"),
     ("names.IMAGE_NAME", _names.IMAGE_NAME, "localhost:5000/ci/web:warm"),
-    ("bundle._MEMBER_RE", _bundle._MEMBER_RE, "checkpoint/pages-1.img"),
-    ("bundle._SHA256_RE", _bundle._SHA256_RE, HEX64),
-    ("bundle._KEY_ID_RE", _bundle._KEY_ID_RE, HEX64[:16]),
-    ("bundle._BUNDLE_ID_RE", _bundle._BUNDLE_ID_RE, HEX64[:32]),
-    ("registry._DIGEST_RE", _registry._DIGEST_RE, "sha256:" + HEX64),
-    ("registry._TAG_RE", _registry._TAG_RE, "warm"),
-    ("registry._REPO_RE", _registry._REPO_RE, "ci/web"),
-    ("registry._HOST_RE", _registry._HOST_RE, "localhost:5000"),
+    ("manifest.MEMBER_RE", _manifest.MEMBER_RE, "checkpoint/pages-1.img"),
+    ("manifest.SHA256_RE", _manifest.SHA256_RE, HEX64),
+    ("manifest.KEY_ID_RE", _manifest.KEY_ID_RE, HEX64[:16]),
+    ("manifest.BUNDLE_ID_RE", _manifest.BUNDLE_ID_RE, HEX64[:32]),
+    ("oci.DIGEST_RE", _oci.DIGEST_RE, "sha256:" + HEX64),
+    ("oci._TAG_RE", _oci._TAG_RE, "warm"),
+    ("oci._REPO_RE", _oci._REPO_RE, "ci/web"),
+    ("oci._HOST_RE", _oci._HOST_RE, "localhost:5000"),
     ("formats._MEMBER_RE", _formats._MEMBER_RE, "bind.mounts"),
     ("formats._IMAGE_ID_RE", _formats._IMAGE_ID_RE, HEX64),
     ("formats._DIGEST_RE", _formats._DIGEST_RE, "sha256:" + HEX64),
@@ -215,7 +215,7 @@ def test_a_401_after_the_probe_naming_a_foreign_realm_gets_no_credentials(tmp_pa
         auth = base64.b64encode(b"ci:hunter2").decode()
         (config / "config.json").write_text(json.dumps({"auths": {open_registry.address: {"auth": auth}}}))
         monkeypatch.setenv("DOCKER_CONFIG", str(config))
-        session = _registry._Session(_registry.Reference.parse(f"{open_registry.address}/ci/holes:warm"),
+        session = _oci.Session(_oci.Reference.parse(f"{open_registry.address}/ci/holes:warm"),
                                      ca_file=None, insecure=None)
         assert session.scheme == "http"
     finally:
@@ -235,12 +235,12 @@ def test_a_401_after_the_probe_naming_a_foreign_realm_gets_no_credentials(tmp_pa
 
 def test_a_challenge_with_a_second_realm_is_checked_as_oras_reads_it() -> None:
     """oras takes the last realm= of a challenge: the check reads it the same way."""
-    _registry._check_realm('Bearer realm="http://127.0.0.1:5000/token"', "http", "127.0.0.1:5000", True)
-    _registry._check_realm('Bearer realm="https://auth.example/token"', "https", "reg.example", False)
+    _oci._check_realm('Bearer realm="http://127.0.0.1:5000/token"', "http", "127.0.0.1:5000", True)
+    _oci._check_realm('Bearer realm="https://auth.example/token"', "https", "reg.example", False)
     for challenge in ['Bearer realm="https://auth.example/token",realm="http://evil.example/t"',
                       'Bearer realm="http://127.0.0.1:5001/token"', 'Basic realm="evil.example:80"', "Bearer"]:
         with pytest.raises(errors.RegistryError):
-            _registry._check_realm(challenge, "http", "127.0.0.1:5000", True)
+            _oci._check_realm(challenge, "http", "127.0.0.1:5000", True)
 
 
 # --- 5. A pre-planted image under an imported checkpoint's shared-layer tag ---------------------------
@@ -295,7 +295,7 @@ CACHED_SUITE = '''
 import os
 import dolly.testing
 from dolly import ready
-from dolly._restore import LABEL_SOURCE
+from dolly._start import LABEL_SOURCE
 
 svc = dolly.testing.warm_service(
     image="dolly/busybox",
@@ -411,9 +411,9 @@ def test_a_bundle_declaring_more_than_the_free_space_allows_is_refused_before_wr
     private, public = keys
     allowed = _bundle.default_max_bytes(engine)
     st = os.statvfs(engine.spool_dir)
-    assert allowed <= st.f_bavail * st.f_frsize // 2 and allowed <= _bundle.DEFAULT_MAX_BYTES
+    assert allowed <= st.f_bavail * st.f_frsize // 2 and allowed <= _manifest.DEFAULT_MAX_BYTES
     declared = allowed + (1 << 30)
-    if declared >= _bundle.DEFAULT_MAX_BYTES:
+    if declared >= _manifest.DEFAULT_MAX_BYTES:
         pytest.skip("the data root has more free space than the fixed cap: the fixed cap decides here")
     path = dolly.export(source_cp, tmp_path / "cp.dolly", signer=private, compression="none")
     dolly.remove_checkpoint(source_cp)  # not an import over the engine's own checkpoint

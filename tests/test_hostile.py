@@ -410,7 +410,7 @@ def test_encrypted_bundles_never_meet_the_disk_in_plaintext(source_cp, client, t
     beside = [w for w in written if not w.startswith(spool + "/")]
     assert len(beside) == 1 and Path(beside[0]).parent == tmp_path, written
     assert b"manifest.json" not in out.read_bytes()
-    manifest, written = writes_during(lambda: dolly._bundle.read_manifest(out, encryption_key=key))
+    manifest, written = writes_during(lambda: dolly._manifest.read_manifest(out, encryption_key=key))
     assert manifest["checkpoint"]["name"] == source_cp.name
     assert written == [], "reading the manifest wrote a decrypted copy"
 

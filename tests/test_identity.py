@@ -5,7 +5,7 @@ import docker
 import pytest
 
 import dolly
-import dolly._bundle
+import dolly._manifest
 from dolly._engine import Engine
 from helpers import BUSYBOX, COUNTER, ENGINE_B_URL, RUN_ID, TEST_LABEL, assert_counts_on, read_int
 
@@ -47,4 +47,4 @@ def test_a_checkpoint_knows_its_engine(on_b, client, engine_b, tmp_path):
         client.containers.get(clone.id)
     assert_counts_on(clone, before)
     path = dolly.export(cp, tmp_path / "b.dolly", compression="none")
-    assert dolly._bundle.read_manifest(path)["source"]["engine_id"] == Engine.of(engine_b).info()["ID"]
+    assert dolly._manifest.read_manifest(path)["source"]["engine_id"] == Engine.of(engine_b).info()["ID"]

@@ -24,8 +24,9 @@ import pytest
 import dolly
 from dolly import _rootfs as rootfs, errors
 from dolly._archive import tarfile  # the one Dolly reads with: 3.12's, backported to 3.11
-from dolly._engine import CRIU_LOG_DIR, Engine
-from dolly._restore import clone_config
+from dolly._criu_log import CRIU_LOG_DIR
+from dolly._engine import Engine
+from dolly._start import clone_config
 from helpers import BUSYBOX, COUNTER
 
 checkpoint_module = importlib.import_module("dolly._checkpoint")
@@ -440,7 +441,7 @@ def test_spool_store_and_criu_logs_are_root_only(run, engine, busybox_checkpoint
 
 
 def test_sparse_layer_survives_a_bundle(run, engine, tmp_path):
-    from dolly import _bundle as bundle
+    from dolly import _transfer as bundle
 
     source = counter(run, "truncate -s 64M /tmp/sparse && "
                           "printf MARK | dd of=/tmp/sparse bs=1 seek=1000000 conv=notrunc")

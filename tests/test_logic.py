@@ -8,7 +8,8 @@ import stat
 import pytest
 
 from dolly import _criu as criu
-from dolly._restore import allocate_names, clone_config
+from dolly._names import allocate_names
+from dolly._start import clone_config
 from dolly.errors import HostNotReady, InvalidArgument
 
 SOURCE_ID = "0123456789ab" + "c" * 52
@@ -111,7 +112,7 @@ def test_installed_criu_is_new_enough():
 
 
 def test_the_criu_excerpt_is_criu_s_own_error_lines_and_what_came_before():
-    from dolly._engine import criu_excerpt
+    from dolly._criu_log import criu_excerpt
 
     log = [
         "(00.001000) Version: 4.2.1 (gitid dolly-0)",

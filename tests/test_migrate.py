@@ -46,7 +46,7 @@ def test_migrate_keeps_memory_and_files(stateful, client, engine_b):
     moved = dolly.migrate(stateful, engine_b)
     try:
         assert moved.container.name == name and moved.container.status == "running"
-        assert set(moved.steps) == {"checkpoint", "export", "import", "restore", "verify"}
+        assert set(moved.steps) == {"checkpoint", "transfer", "restore", "verify"}
         after = ask(moved.container)
         assert after["token"] == before["token"]
         assert after["hits"] == before["hits"] + 1, "the in-memory counter did not survive"

@@ -134,9 +134,9 @@ def test_a_mount_docker_makes_is_made_again_from_the_configuration(base, engine_
     hostile = rebuild(base, tmp_path / "bus.dolly", replace={member: edited_image(base, member, edit)})
     cp = _import(hostile, engine_b)
     b_cleanup.append(cp)
-    from dolly import _criu as criu
+    from dolly import _images as criu_images
 
-    stored = criu.load_image(next(cp.images_dir.glob("mountpoints-*.img")))["entries"]
+    stored = criu_images.load_image(next(cp.images_dir.glob("mountpoints-*.img")))["entries"]
     bus = next(e for e in stored if e["mountpoint"] == "/proc/bus")
     assert (bus["root"], bus["flags"]) == (original["root"], original["flags"])
     clone = _clone(cp, engine_b)
@@ -405,12 +405,12 @@ def test_oom_score_and_limits_are_dockers_not_the_checkpoints(base, engine_b, tm
     hostile = rebuild(base, tmp_path / "limits.dolly", replace=replace)
     cp = _import(hostile, engine_b)
     b_cleanup.append(cp)
-    from dolly import _criu as criu
+    from dolly import _images as criu_images
 
     for name, entry in original.items():
-        if criu.is_zombie(entry):
+        if criu_images.is_zombie(entry):
             continue
-        stored = criu.load_image(cp.images_dir / name.removeprefix("checkpoint/"))["entries"][0]["tc"]
+        stored = criu_images.load_image(cp.images_dir / name.removeprefix("checkpoint/"))["entries"][0]["tc"]
         assert stored["oom_score_adj"] == entry["tc"]["oom_score_adj"] != -1000
         assert stored["rlimits"]["rlimits"][7] == entry["tc"]["rlimits"]["rlimits"][7]
 

@@ -410,7 +410,7 @@ def test_a_lazy_dump_s_page_server_is_out_of_reach_of_other_users(client, run):
     source = run(BUSYBOX, ["sh", "-c", "i=0; while true; do i=$((i+1)); echo $i > /n; sleep 0.1; done"])
     time.sleep(0.5)
     before = int(source.exec_run(["cat", "/n"]).output)
-    cp, pending = checkpoint_lazy(source, f"lazy-{uuid.uuid4().hex[:8]}", port=criu.PAGE_SERVER_PORT, client=client)
+    cp, pending = checkpoint_lazy(Engine.of(client), source, f"lazy-{uuid.uuid4().hex[:8]}", port=criu.PAGE_SERVER_PORT)
     try:
         listeners = {pid: _listening_tcp(pid) for pid in _criu_pids()}
         serving = [pid for pid, found in listeners.items() if ("127.0.0.1", criu.PAGE_SERVER_PORT) in found]
@@ -437,7 +437,7 @@ def test_a_lazy_dump_s_page_server_is_out_of_reach_of_other_users(client, run):
             criu.break_off_page_server(criu.lazy_netns_record(Engine.of(client).spool_dir, source.id))
             with contextlib.suppress(CheckpointFailed):
                 pending.wait(60)
-        from dolly._store import remove_checkpoint
+        from dolly._catalog import remove_checkpoint
 
         remove_checkpoint(cp)
     source.reload()

@@ -9,19 +9,21 @@ import json
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, Any, Dict, List
+from typing import IO, Any, Dict, List, Optional
 
 import docker
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from .. import _criu as criu, _host, _postcopy, policy
-from .._bundle import export_stream, import_relayed
+from .. import _archive as archive, _criu as criu, _names as names, _postcopy as postcopy, policy, trust
+from .._archive import tarfile
+from .._bundle import Staged
 from .._checkpoint import Checkpoint
-from .._dump import checkpoint
 from .._engine import Engine
-from .._restore import clone, resume
-from .._store import get_checkpoint, list_checkpoints, remove_checkpoint
-from ..errors import CARRIED, DollyError, InvalidArgument
+from .._manifest import KEY_ID_RE, first_member, parse_manifest, read_signature, tar_members, write_stream
+from .._start import CloneRequest
+from ..errors import CARRIED, BundleError, DollyError, InvalidArgument
+from .local import LocalHost
 
 STREAMED = object()
 
@@ -32,59 +34,104 @@ def checkpoint_json(cp: Checkpoint) -> Dict[str, Any]:
 
 
 def run(op: str, args: Dict[str, Any], *, stdin: IO[bytes], stdout: IO[bytes]) -> Any:
-    """Run one operation against the engine at /var/run/docker.sock (the agent's own engine).
+    """Run one operation of :class:`LocalHost` against the engine at /var/run/docker.sock (the
+    agent's own engine).
 
     Raises:
-        the Dolly errors of the function it runs; InvalidArgument for an unknown operation.
+        the Dolly errors of the method it runs; InvalidArgument for an unknown operation.
     """
-    client = docker.from_env()
-    engine = Engine.of(client)
+    host = LocalHost(Engine.of(docker.from_env()))
     if op == "checkpoint":
-        return checkpoint_json(checkpoint(args["container"], args["name"], leave_running=args["leave_running"],
-                                          max_layer_bytes=args["max_layer_bytes"], client=client))
+        return checkpoint_json(host.checkpoint(args["container"], args["name"], leave_running=args["leave_running"],
+                                               max_layer_bytes=args["max_layer_bytes"]))
     if op == "list":
-        return [checkpoint_json(cp) for cp in list_checkpoints(args.get("container"), client)]
+        return [checkpoint_json(cp) for cp in host.list_checkpoints(args.get("container"))]
     if op == "get":
-        return checkpoint_json(get_checkpoint(args["container"], args["name"], client))
+        return checkpoint_json(host.get_checkpoint(args["container"], args["name"]))
     if op == "remove":
-        remove_checkpoint(get_checkpoint(args["container_id"], args["name"], client))
+        host.remove_checkpoint(host.get_checkpoint(args["container_id"], args["name"]))
+        return None
+    if op == "remove_all_of":
+        host.remove_all_of(args["container_id"])
+        return None
+    if op == "remove_unused_layer_images":
+        host.remove_unused_layer_images()
         return None
     if op == "clone":
-        cp = get_checkpoint(args["container_id"], args["name"], client)
-        made = clone(cp, args["n"], name_prefix=args.get("name_prefix"), labels=args.get("labels"),
-                     max_workers=args["max_workers"], client=client, _names=args.get("names"),
-                     _page_port=args.get("page_port"), network=args.get("network"))
+        cp = host.get_checkpoint(args["container_id"], args["name"])
+        made = host.start_clones(cp, CloneRequest.from_json(args["request"]), on_create=None, progress=None)
         return [c.id for c in made]
     if op == "resume":
-        cp = get_checkpoint(args["container_id"], args["name"], client)
-        return resume(cp, args.get("container"), client=client).id
+        cp = host.get_checkpoint(args["container_id"], args["name"])
+        return host.resume(cp, args.get("container")).id
+    if op == "shared_layer":
+        return host.shared_layer(host.get_checkpoint(args["container_id"], args["name"]))
     if op == "check_host":
-        return [dataclasses.asdict(c) for c in _host.check_host(client).checks]
+        return [dataclasses.asdict(c) for c in host.check()]
     if op == "export":  # straight onto stdout, as it is read: no copy the size of the bundle
-        cp = get_checkpoint(args["container_id"], args["name"], client)
-        export_stream(cp, stdout, engine=engine, expires_in=timedelta(seconds=args["expires_in_s"]),
-                      lineage=args.get("lineage"), max_bytes=args["max_bytes"])
+        cp = host.get_checkpoint(args["container_id"], args["name"])
+        with host.export_members(cp, expires_in=timedelta(seconds=args["expires_in_s"]), lineage=args.get("lineage"),
+                                 max_bytes=args["max_bytes"]) as (manifest, members):
+            write_stream(stdout, manifest, members, signer=None, compression="none", encryption_key=None)
         return STREAMED
-    if op == "import":  # straight from stdin, verified as it is extracted
+    if op == "stage_import":  # straight from stdin, verified as it is extracted
         key = serialization.load_pem_public_key(base64.b64decode(args["transit_key"]))
-        cp = import_relayed(stdin, client=client, transit_key=key,  # type: ignore[arg-type]
-                            signed_by=args["signed_by"], allow=policy.items(args["allow"]),
-                            max_bytes=args["max_bytes"], between_own_engines=bool(args["between_own_engines"]),
-                            rebuild=bool(args.get("rebuild", True)))
-        return checkpoint_json(cp)
+        if not isinstance(key, Ed25519PublicKey):
+            raise InvalidArgument("the transit key is not an Ed25519 key")
+        return _stage_relayed(host, stdin, key, signed_by=args["signed_by"], allow=policy.items(args["allow"]),
+                              max_bytes=args["max_bytes"], between_own_engines=bool(args["between_own_engines"]),
+                              reference=_image_id(args["reference"])).to_json()
+    if op == "commit_import":
+        return checkpoint_json(host.commit_import(Staged.from_json(args["staged"])))
+    if op == "discard_import":
+        host.discard_import(Staged.from_json(args["staged"]))
+        return None
     if op in ("post_copy_source", "post_copy_target"):  # streams both ways; JSON lines on stderr
 
         def control(line: Dict[str, Any]) -> None:
             print(json.dumps(line), file=sys.stderr, flush=True)
 
         if op == "post_copy_source":
-            _postcopy.serve_source(args["container"], args["name"], inp=stdin, out=stdout, control=control,
-                                   checkpoint_json=checkpoint_json)
+            postcopy.serve_source(host.engine, args["container"], args["name"], inp=stdin, out=stdout, control=control,
+                                  checkpoint_json=checkpoint_json)
         else:
-            _postcopy.serve_target(inp=stdin, out=stdout, control=control)
+            postcopy.serve_target(host.engine, inp=stdin, out=stdout, control=control)
         return STREAMED
     raise InvalidArgument(f"Dolly's agent knows no operation {op!r}")
 
+
+def _image_id(value: Any) -> Optional[str]:
+    """Raises:
+        BundleError: neither None nor an image ID.
+    """
+    return None if value is None else names.image_id(value, error=BundleError)
+
+
+def _stage_relayed(host: LocalHost, stream: IO[bytes], transit_key: Ed25519PublicKey, *, signed_by: Any,
+                   allow: Any, max_bytes: Any, between_own_engines: bool,
+                   reference: Optional[str]) -> Staged:
+    """An import its caller verified (see dolly._hosts.remote): the stream is signed by the
+    one-time ``transit_key``; ``signed_by`` is the original signer's key id (or None), which the
+    lineage and ``origin`` record.
+
+    Raises:
+        the errors of :func:`dolly._bundle.stage`; BundleError for a ``signed_by`` that is no key
+        id, or a stream not signed by the transit key; InvalidArgument for a bad ``max_bytes``.
+    """
+    if signed_by is not None and not (isinstance(signed_by, str) and KEY_ID_RE.match(signed_by)):
+        raise BundleError(f"not a key id: {signed_by!r:.40}")
+    if max_bytes is not None and (type(max_bytes) is not int or max_bytes < 1):
+        raise InvalidArgument(f"max_bytes must be a positive int, got {max_bytes!r:.40}")
+    with tarfile.open(fileobj=stream, mode="r|", tarinfo=archive.BoundedTarInfo) as tar:
+        members = iter(tar)
+        manifest_bytes = first_member(tar, members)
+        manifest = parse_manifest(manifest_bytes)
+        signature, first = read_signature(tar, members)
+        if signature is None:
+            raise BundleError("the relayed bundle is not signed by its transit key")
+        trust.verify(manifest_bytes, signature, str(manifest.get("signer")), [transit_key])
+        return host.stage_import(manifest, signed_by, tar_members(tar, first, members), allowed=allow,
+                                 max_bytes=max_bytes, between_own_engines=between_own_engines, reference=reference)
 
 
 def main(argv: List[str]) -> int:

@@ -13,7 +13,7 @@ import docker
 import pytest
 
 from .._engine import id_of
-from .._restore import LABEL_SOURCE
+from .._start import LABEL_SOURCE
 from .services import Plugin, _clones_key, _plugin_key
 
 

@@ -33,9 +33,10 @@ from typing import Callable, Dict, List, Optional, Set
 
 import docker
 
+from .._catalog import get_checkpoint, remove_checkpoint
 from .._engine import Engine
+from .._hosts import host_of
 from .._names import CHECKPOINT_NAME
-from .._store import get_checkpoint, remove_all_of, remove_checkpoint
 from ..errors import CheckpointNotFound, ContainerNotFound, DollyError
 
 RUN_LABEL = "dolly.pytest.run"
@@ -307,7 +308,7 @@ def remove_run(client: docker.DockerClient, run_id: str) -> None:
             engine.remove(row["Id"])
     for cid in recorded - keep:
         # IDs are 64 hex digits (checked as read): a plain name under the store.
-        remove_all_of(engine, cid)
+        host_of(engine).remove_all_of(cid)
     for cid, name in recorded_checkpoints(folder):
         _remove_pulled(engine, cid, name)
     if os.path.lexists(folder):

@@ -23,11 +23,12 @@ from docker.models.containers import Container
 from filelock import FileLock
 
 from .. import _criu as criu, ready as _ready, trust
+from .._catalog import checkpoint
 from .._checkpoint import Checkpoint
-from .._dump import checkpoint
+from .._cloning import restore
 from .._engine import Engine, id_of
+from .._hosts import host_of
 from .._registry import Reference, pull_annotated, push
-from .._restore import restore, shared_layer
 from ..errors import BundleExpired, CheckpointExists, InvalidArgument, RegistryError
 from .runs import (
     OWNER_LABEL,
@@ -285,7 +286,7 @@ class Plugin:
         # Recorded as this run's own checkpoint, that one alone (not its source's whole folder),
         # once it is there: a record made before could name another run's checkpoint.
         record_checkpoint(self.state_dir, cp.container_id, cp.name)
-        shared_layer(Engine.of(self.client), cp)
+        host_of(Engine.of(self.client)).shared_layer(cp)
         self.stats.cache[fixture_name] = {
             "action": "pulled", "reference": ref, "seconds": time.perf_counter() - started,
             "cold_s": _float(notes.get(COLD_ANNOTATION)), "warm_s": _float(notes.get(WARM_ANNOTATION))}
@@ -328,7 +329,7 @@ class Plugin:
             cp = checkpoint(source, "warm", leave_running=False, client=self.client)
             # A large writable layer (a database's files) becomes the clones' shared image layer
             # now, once, rather than in the first test (paid once, so counted with the cold start).
-            shared_layer(Engine.of(self.client), cp)
+            host_of(Engine.of(self.client)).shared_layer(cp)
             return cp, cold, time.perf_counter() - started - cold
         except BaseException:
             _remove(self.client, id_of(source))

@@ -1,6 +1,6 @@
 """Live migration: move a running container to another Docker Engine, memory and files.
 
-    checkpoint (stops the source)  ->  bundle.transfer: a signed bundle imported on the target
+    checkpoint (stops the source)  ->  transfer: its members streamed into the target's host
     (image too)
         ->  restore under the same name  ->  check that it runs  ->  remove the source
 
@@ -39,13 +39,14 @@ from typing import Callable, Dict, List, Optional, Tuple
 import docker
 from docker.models.containers import Container
 
-from . import _bundle as bundle, _criu as criu, _postcopy as postcopy, ready as _ready
+from . import _postcopy as postcopy, ready as _ready
+from ._catalog import checkpoint, get_checkpoint, remove_checkpoint
 from ._checkpoint import Checkpoint
-from ._dump import checkpoint
+from ._cloning import resume, start_on
 from ._engine import ContainerRef, Engine, id_of, name_of
-from ._hosts.channel import Channel
-from ._restore import LABEL_CHECKPOINT, LABEL_SOURCE, clone, restore, resume
-from ._store import get_checkpoint, remove_checkpoint
+from ._hosts import host_of
+from ._start import LABEL_CHECKPOINT, LABEL_SOURCE
+from ._transfer import transfer
 from .errors import (
     CheckpointFailed,
     ContainerNotFound,
@@ -103,7 +104,9 @@ def migrate(
         source_client: its engine; default ``docker.from_env()``.
         ready: a check (:mod:`dolly.ready`) the moved container must pass before the source is
             removed; without one, running is enough.
-        compression: of the bundle on its way (``"none"`` is fastest between engines on one host).
+        compression: ``"zstd"``, ``"gzip"`` or ``"none"``, checked and kept for callers of
+            earlier versions: the checkpoint now streams from the source's host into the
+            target's, member by member, never as a bundle file, so nothing is compressed.
         drop_volumes: move a container that has volume mounts (named or anonymous) although their
             contents do not move: the container on the target gets fresh, empty volumes (named
             ones under the same names, on the target engine; a named volume that already exists
@@ -142,9 +145,8 @@ def migrate(
     """
     source_engine = Engine.of(source_client)
     target_engine = Engine.of(target_client)
-    if source_engine.files_are_local() or target_engine.files_are_local():
-        criu.require_version()  # engines elsewhere are checked by their agents
-        criu.preload()  # not while the source is frozen
+    if compression not in ("zstd", "gzip", "none"):
+        raise InvalidArgument(f"compression must be one of zstd, gzip, none, got {compression!r}")
     source_engine.require_checkpoint_support()
     target_engine.require_checkpoint_support()
     source = source_engine.container(container)
@@ -169,27 +171,26 @@ def migrate(
     if source.name in target_engine.container_names():
         raise NameConflict(f"the target engine already has a container named {source.name!r}")
 
-    # An engine on another host gets its agent's workers ready before the source freezes: the
-    # checkpoint, export, import and restore then skip Python's start (and its CPU).
-    warmed = [Channel.of(e) for e in (source_engine, target_engine) if not e.files_are_local()]
-    # Two calls each (checkpoint and export; import and restore), and post-copy's page stream.
-    waits = [agent.prewarm(3 if post_copy and agent.engine is target_engine else 2) for agent in warmed]
+    # Both hosts ready before the source freezes: CRIU checked and pycriu loaded here for a host
+    # whose files are here; an agent's workers started, so that the checkpoint, export, import
+    # and restore skip Python's start (and its CPU). Two calls each (checkpoint and export;
+    # import and restore), three on the target (its commit), and post-copy's page stream.
+    hosts = [host_of(source_engine), host_of(target_engine)]
+    waits = [hosts[0].prepare(2), hosts[1].prepare(4 if post_copy else 3)]
     for wait in waits:
         wait(10.0)
     try:
         if post_copy:
             return _migrate_post_copy(source_engine, target_engine, source, ready=ready,
-                                      ready_timeout=ready_timeout, compression=compression)
-        return _migrate_pre_copy(source_engine, target_engine, source, ready=ready, ready_timeout=ready_timeout,
-                                 compression=compression)
+                                      ready_timeout=ready_timeout)
+        return _migrate_pre_copy(source_engine, target_engine, source, ready=ready, ready_timeout=ready_timeout)
     finally:
-        for agent in warmed:
-            agent.release()
+        for host in hosts:
+            host.release()
 
 
 def _migrate_pre_copy(source_engine: Engine, target_engine: Engine, source: Container, *,
-                      ready: Optional[Callable[[Container], bool]], ready_timeout: float,
-                      compression: str) -> Migration:
+                      ready: Optional[Callable[[Container], bool]], ready_timeout: float) -> Migration:
     """:func:`migrate` without ``post_copy``: the memory moves with the checkpoint."""
     steps: Dict[str, float] = {}
     step = "checkpoint"
@@ -205,18 +206,16 @@ def _migrate_pre_copy(source_engine: Engine, target_engine: Engine, source: Cont
     target: Optional[Container] = None
     try:
         step = "transfer"
-        moved = bundle.transfer(cp, target_engine.client, source=source_engine.client, compression=compression,
-                                steps=steps)
+        moved = transfer(cp, target_engine.client, source=source_engine.client, steps=steps)
         step = "restore"
         t = time.perf_counter()
-        target = restore(moved, name=source.name, client=target_engine.client)
+        target = start_on(target_engine, moved, 1, chosen=[name_of(source)])[0]
         restored_as = _start_marks(target)
         steps[step] = time.perf_counter() - t
         step = "verify"
         downtime = _verify(target_engine, target, restored_as, ready=ready, ready_timeout=ready_timeout,
                            started=started, steps=steps)
     except BaseException as e:
-        step = _failed_step(step, steps, source_engine, target_engine)
         _roll_back(source_engine, target_engine, source, cp, moved, target, step=step, error=e)
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
@@ -232,16 +231,15 @@ MEMORY_TIMEOUT = 600.0
 
 
 def _migrate_post_copy(source_engine: Engine, target_engine: Engine, source: Container, *,
-                       ready: Optional[Callable[[Container], bool]], ready_timeout: float,
-                       compression: str) -> Migration:
+                       ready: Optional[Callable[[Container], bool]], ready_timeout: float) -> Migration:
     """:func:`migrate` with ``post_copy``: see :mod:`dolly._postcopy`."""
     steps: Dict[str, float] = {}
     step = "checkpoint"
     # Where the daemon will connect on the target's host, made meanwhile (another host's agent
     # takes a moment to start).
-    page_target = postcopy.open_target(target_engine)  # where the daemon will connect, before the freeze
+    page_target = host_of(target_engine).post_copy_target()  # where the daemon will connect, before the freeze
     try:
-        page_source = postcopy.open_source(source_engine, source, _name())
+        page_source = host_of(source_engine).post_copy_source(source, _name())
     except BaseException as e:
         page_target.end.close()
         if isinstance(e, CheckpointFailed):
@@ -263,12 +261,11 @@ def _migrate_post_copy(source_engine: Engine, target_engine: Engine, source: Con
     relay: Optional[postcopy.Relay] = None
     try:
         step = "transfer"
-        moved = bundle.transfer(cp, target_engine.client, source=source_engine.client, compression=compression,
-                                steps=steps)
+        moved = transfer(cp, target_engine.client, source=source_engine.client, steps=steps)
         step = "restore"
         t = time.perf_counter()
         relay = postcopy.Relay(page_source.end, page_target.end)
-        target = clone(moved, 1, client=target_engine.client, _names=[name_of(source)], _page_port=page_target.relay)[0]
+        target = start_on(target_engine, moved, 1, chosen=[name_of(source)], page_port=page_target.relay)[0]
         restored_as = _start_marks(target)
         steps[step] = time.perf_counter() - t
         step = "verify"
@@ -279,7 +276,6 @@ def _migrate_post_copy(source_engine: Engine, target_engine: Engine, source: Con
         steps[step] = time.perf_counter() - t
         _settle(target_engine, target, restored_as, seconds=0)  # and it still runs, every page in
     except BaseException as e:
-        step = _failed_step(step, steps, source_engine, target_engine)
         if relay is None:
             page_target.end.close()
         _roll_back_post_copy(source_engine, target_engine, source, page_source, moved, target, relay, step=step,
@@ -309,12 +305,7 @@ def _roll_back_post_copy(source_engine: Engine, target_engine: Engine, source: C
     target goes, and the page server's transfer is broken off, so that the source's processes,
     frozen with their memory, run on. Raises MigrationFailed (step "roll back") when the source
     does not run again."""
-    doubt = _clear_target(target_engine, source, moved, target)
-    if moved is not None:
-        try:
-            remove_checkpoint(moved)
-        except DollyError as e:
-            log.warning("migrate: could not remove the checkpoint copied to the target: %s", e)
+    doubt = _clear_target_and_copy(target_engine, source, moved, target)
     if relay is not None:
         relay.abort()
     else:
@@ -356,16 +347,6 @@ def _verify(target_engine: Engine, target: Container, restored_as: tuple, *,
     return downtime
 
 
-def _failed_step(step: str, steps: Dict[str, float], source_engine: Engine, target_engine: Engine) -> str:
-    """The step a failure is told at: a transfer between two local engines is timed (and told)
-    as its export and import, each recorded once it ends."""
-    if step != "transfer" or "transfer" in steps:
-        return step
-    if "export" in steps:
-        return "import"
-    return "export" if _both_local(source_engine, target_engine) else "transfer"
-
-
 def _remove_what_moved(source_engine: Engine, source: Container, cp: Checkpoint, moved: Optional[Checkpoint]) -> None:
     """After a move: the source container and both copies of the checkpoint go. The container
     runs on the target by now, so failures are only logged. The source goes without its volumes:
@@ -391,12 +372,7 @@ def _roll_back(source_engine: Engine, target_engine: Engine, source: Container, 
     that cannot be confirmed, the one there may still run: starting the source too would make two
     copies, so it stays stopped with its checkpoint kept. Raises MigrationFailed (step "roll
     back") then, and when starting the source fails."""
-    doubt = _clear_target(target_engine, source, moved, target)
-    if moved is not None:
-        try:
-            remove_checkpoint(moved)
-        except DollyError as e:
-            log.warning("migrate: could not remove the checkpoint copied to the target: %s", e)
+    doubt = _clear_target_and_copy(target_engine, source, moved, target)
     failed = f"migration of {source.name} failed at step '{step}': {error}"
     how = (f"dolly.resume(dolly.get_checkpoint({source.id!r}, {cp.name!r}, client=C), client=C), "
            "C being a client of the source engine")
@@ -420,6 +396,19 @@ def _roll_back(source_engine: Engine, target_engine: Engine, source: Container, 
         remove_checkpoint(cp)
     except DollyError as e:  # pragma: no cover - logged, not raised: the source runs
         log.warning("migrate: could not remove the source checkpoint at %s: %s", cp.path, e)
+
+
+def _clear_target_and_copy(target_engine: Engine, source: Container, moved: Optional[Checkpoint],
+                           target: Optional[Container]) -> Optional[str]:
+    """:func:`_clear_target`, then the checkpoint copied to the target (a failure to remove it is
+    logged: it is a copy, the source keeps its own)."""
+    doubt = _clear_target(target_engine, source, moved, target)
+    if moved is not None:
+        try:
+            remove_checkpoint(moved)
+        except DollyError as e:
+            log.warning("migrate: could not remove the checkpoint copied to the target: %s", e)
+    return doubt
 
 
 def _clear_target(target_engine: Engine, source: Container, moved: Optional[Checkpoint],
@@ -537,7 +526,3 @@ def _running(container: Container) -> bool:
 
 def _name() -> str:
     return "migrate-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-
-
-def _both_local(*engines: Engine) -> bool:
-    return all(e.files_are_local() for e in engines)

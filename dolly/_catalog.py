@@ -1,0 +1,231 @@
+"""Checkpoints as the caller sees them, on any engine: take one, list, get, remove and prune them.
+Each call composes the engine's API and its host (:func:`dolly._hosts.host_of`), whose files hold
+the store (dolly._store).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import docker
+
+from . import _names as names
+from ._checkpoint import Checkpoint
+from ._dump import DEFAULT_MAX_LAYER_BYTES, MAX_LAYER_LIMIT
+from ._engine import ContainerRef, Engine
+from ._hosts import host_of
+from .errors import CheckpointNotFound, InvalidArgument
+
+__all__ = ["PruneReport", "checkpoint", "list_checkpoints", "get_checkpoint", "remove_checkpoint", "prune"]
+
+
+def checkpoint(
+    container: ContainerRef,
+    name: Optional[str] = None,
+    *,
+    leave_running: bool = True,
+    max_layer_bytes: int = DEFAULT_MAX_LAYER_BYTES,
+    client: Optional[docker.DockerClient] = None,
+) -> Checkpoint:
+    """Checkpoint a running container: its processes' memory (CRIU) and its writable layer.
+
+    The writable layer is archived (sparse files stay sparse) while the container is frozen, just
+    before CRIU dumps it: by Dolly's runtime, or, for a container under another runtime (runc),
+    by Dolly around the engine's own checkpoint, with the container paused from before the archive
+    to after the dump (slower: the images go through containerd; README, "Runtimes"). A layer
+    over ``max_layer_bytes``, or one the destination's filesystem has no room for, is refused
+    before anything is dumped: the container is left as it was, running, whatever
+    ``leave_running`` says. Checkpoints of one container are taken one at a
+    time.
+
+    Args:
+        container: a docker-py ``Container``, a name or an ID.
+        name: the checkpoint's name (letters, digits, ``_.-``); default ``cp-<UTC time>``.
+        leave_running: keep the container running after the dump (default); ``False`` stops it.
+        max_layer_bytes: refuse a writable layer holding more than this (allocated bytes);
+            default :data:`DEFAULT_MAX_LAYER_BYTES` (8 GiB).
+        client: the engine; default ``docker.from_env()``.
+
+    Raises:
+        InvalidArgument: ``name`` is not a valid checkpoint name, or ``max_layer_bytes`` is not a
+            positive int.
+        ContainerNotFound: no such container.
+        ContainerNotRunning: the container is not running, or is paused (for longer than the
+            few seconds Docker takes to notice the end of another checkpoint's pause).
+        CheckpointExists: the container already has a checkpoint of that name.
+        HostNotReady: the engine or CRIU cannot checkpoint (see :func:`dolly.check_host`), or
+            pycriu is missing (with ``leave_running=False``: ``CheckpointFailed`` with ``kept``).
+        CheckpointFailed: CRIU failed (the error carries CRIU's log), or the writable layer was
+            refused (the message gives its size and the cap, or the free space). The container
+            keeps running when ``leave_running`` is set, and after any failure before the dump.
+            When the dump had stopped the container and a later step failed, its images are not
+            deleted: ``kept`` is the checkpoint folder holding them (``"complete": false`` in its
+            dolly.json), from which :func:`dolly.resume` starts the container again.
+    """
+    name = names.checkpoint_name(name) if name is not None else "cp-" + datetime.now(UTC).strftime(
+        "%Y%m%dT%H%M%S.%fZ")
+    if isinstance(max_layer_bytes, bool) or not isinstance(max_layer_bytes, int) or not (
+        0 < max_layer_bytes <= MAX_LAYER_LIMIT
+    ):
+        raise InvalidArgument(f"max_layer_bytes must be a positive int (at most {MAX_LAYER_LIMIT}), "
+                              f"not {max_layer_bytes!r}")
+    return host_of(Engine.of(client)).checkpoint(container, name, leave_running=leave_running,
+                                                 max_layer_bytes=max_layer_bytes)
+
+
+def list_checkpoints(
+    container: Optional[ContainerRef] = None, client: Optional[docker.DockerClient] = None
+) -> List[Checkpoint]:
+    """The checkpoints of ``container`` (of every container when None), oldest first. The
+    container may have been removed since: its checkpoints are still listed by its name or ID.
+
+    Raises:
+        ContainerNotFound: no such container, now or in the checkpoints Dolly keeps.
+        InvalidArgument: ``container`` names more than one removed container.
+    """
+    return host_of(Engine.of(client)).list_checkpoints(container)
+
+
+def get_checkpoint(
+    container: ContainerRef, name: str, client: Optional[docker.DockerClient] = None
+) -> Checkpoint:
+    """The checkpoint ``name`` of ``container``.
+
+    Raises:
+        InvalidArgument: ``name`` is not a valid checkpoint name, or ``container`` names more
+            than one removed container (give its full ID).
+        ContainerNotFound: no such container, now or in the checkpoints Dolly keeps.
+        CheckpointNotFound: the container has no checkpoint of that name.
+    """
+    names.checkpoint_name(name)
+    return host_of(Engine.of(client)).get_checkpoint(container, name)
+
+
+def remove_checkpoint(checkpoint: Checkpoint, client: Optional[docker.DockerClient] = None) -> None:
+    """Delete a checkpoint's files. Containers restored from it are not affected.
+
+    Raises:
+        InvalidArgument: ``checkpoint`` is not a :class:`Checkpoint`, or its path is not a
+            folder of Dolly's store.
+        CheckpointNotFound: it was removed already.
+    """
+    require(checkpoint)
+    host_of(engine_of(checkpoint, client)).remove_checkpoint(checkpoint)
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What :func:`prune` removed (or, with ``dry_run``, would remove).
+
+    Attributes:
+        checkpoints: the checkpoints, oldest first.
+        reclaimed: the bytes they held.
+        dry_run: nothing was removed.
+    """
+
+    checkpoints: Tuple[Checkpoint, ...]
+    reclaimed: int
+    dry_run: bool = False
+
+
+def prune(
+    *,
+    all_containers: bool = False,
+    older_than: Optional[timedelta] = None,
+    labels: Optional[Mapping[str, str]] = None,
+    dry_run: bool = False,
+    client: Optional[docker.DockerClient] = None,
+) -> PruneReport:
+    """Remove the checkpoints nobody needs any more, as ``docker image prune`` removes images.
+
+    By default: the checkpoints taken on this engine of containers that no longer exist.
+    Imported checkpoints (which never had a container here) and those of existing containers
+    are kept unless ``all_containers`` is set. ``older_than`` and ``labels`` narrow either
+    choice. Containers restored from a removed checkpoint are
+    not affected.
+
+    Args:
+        all_containers: every checkpoint, not only those of removed containers.
+        older_than: only checkpoints taken more than this long ago.
+        labels: only checkpoints whose source container carried all these labels (as
+            ``docker ... prune --filter label=KEY=VALUE``).
+        dry_run: remove nothing; report what would go.
+        client: the engine; default ``docker.from_env()``.
+
+    Raises:
+        InvalidArgument: ``older_than`` is not a non-negative ``timedelta``, or ``labels`` not a
+            mapping of strings.
+    """
+    if labels is not None and not (isinstance(labels, Mapping) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items())):
+        raise InvalidArgument(f"labels must map strings to strings, not {labels!r}")
+    if older_than is not None and (not isinstance(older_than, timedelta) or older_than < timedelta(0)):
+        raise InvalidArgument(f"older_than must be a non-negative timedelta, not {older_than!r}")
+    engine = Engine.of(client)
+    cutoff = None if older_than is None else datetime.now(UTC) - older_than
+    exists: Dict[str, bool] = {}
+    chosen = []
+    for cp in host_of(engine).list_checkpoints(None):
+        if cutoff is not None and cp.created_at > cutoff:
+            continue
+        source_labels = (cp.config.get("Config") or {}).get("Labels") or {}
+        if labels and any(source_labels.get(k) != v for k, v in labels.items()):
+            continue
+        if not all_containers:
+            if cp.origin is not None:
+                continue
+            if cp.container_id not in exists:
+                exists[cp.container_id] = engine.has_container(cp.container_id)
+            if exists[cp.container_id]:
+                continue
+        chosen.append(cp)
+    if dry_run:
+        return PruneReport(tuple(chosen), sum(cp.size for cp in chosen), dry_run=True)
+    return remove_pruned(engine, chosen)
+
+
+def remove_pruned(engine: Engine, checkpoints: Sequence[Checkpoint]) -> PruneReport:
+    """Remove these checkpoints (what :func:`prune` chose, or a dry run of it reported), then the
+    clones' shared layer images nothing needs any more.
+    A checkpoint removed meanwhile by another caller is left out of the report."""
+    host = host_of(engine)
+    reclaimed = 0
+    removed = []
+    for cp in checkpoints:
+        try:
+            host.remove_checkpoint(cp)
+        except CheckpointNotFound:  # removed meanwhile by another caller
+            continue
+        reclaimed += cp.size
+        removed.append(cp)
+    host.remove_unused_layer_images()
+    return PruneReport(tuple(removed), reclaimed)
+
+
+def engine_of(checkpoint: Checkpoint, client: Optional[docker.DockerClient]) -> Engine:
+    """The engine that holds ``checkpoint``: ``client``'s, which must then be that one.
+
+    Raises:
+        InvalidArgument: ``client`` is another engine than the one the checkpoint is on.
+    """
+    if client is None:
+        return Engine.of(checkpoint.client)
+    engine = Engine.of(client)
+    if checkpoint.client is not None and checkpoint.client is not client \
+            and Engine.of(checkpoint.client).identity != engine.identity:
+        raise InvalidArgument(
+            f"checkpoint {checkpoint.name!r} is on another engine than the client given: pass its own "
+            "(checkpoint.client), or copy it there (dolly.clone(..., engines=[client]))")
+    return engine
+
+
+def require(checkpoint: Any) -> Checkpoint:
+    """``checkpoint``, when it is one.
+
+    Raises:
+        InvalidArgument: ``checkpoint`` is not a :class:`Checkpoint`.
+    """
+    if not isinstance(checkpoint, Checkpoint):
+        raise InvalidArgument(f"expected a dolly.Checkpoint, got {type(checkpoint).__name__}")
+    return checkpoint
