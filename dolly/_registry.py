@@ -86,7 +86,6 @@ OCI_EMPTY_CONFIG = "application/vnd.oci.image.config.v1+json"
 COSIGN_PAYLOAD = "application/vnd.dev.cosign.simplesigning.v1+json"
 COSIGN_SIGNATURE = "dev.cosignproject.cosign/signature"
 MEMBER_ANNOTATION = "io.dolly.member"
-_MAX_SMALL_BLOB = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)

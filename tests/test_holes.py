@@ -28,7 +28,7 @@ from test_formats import _nothing_left, kubelet_archive
 from test_pytest_plugin import pytest_run
 
 import dolly
-from dolly import _bundle, _criu, _formats, _manifest, _names, _oci, _registry, errors, testing
+from dolly import _bundle, _criu, _formats, _manifest, _names, _oci, errors, testing
 from dolly._archive import tarfile
 from dolly._start import LAYER_IMAGE_MIN
 from dolly.errors import InvalidArgument
@@ -94,9 +94,9 @@ def test_no_rule_lets_a_trailing_newline_through_match(rule: re.Pattern[str], va
     "localhost:5000/ci/web@sha256:" + HEX64 + "\n",
 ])
 def test_a_registry_reference_with_a_trailing_newline_is_refused(text: str) -> None:
-    assert _registry.Reference.parse(text.rstrip("\n"))
+    assert _oci.Reference.parse(text.rstrip("\n"))
     with pytest.raises(InvalidArgument):
-        _registry.Reference.parse(text)
+        _oci.Reference.parse(text)
 
 
 def test_the_plugin_state_ignores_a_run_id_or_container_id_with_a_newline(tmp_path: Any) -> None:

@@ -28,7 +28,8 @@ from .._checkpoint import Checkpoint
 from .._cloning import restore
 from .._engine import Engine, id_of
 from .._hosts import host_of
-from .._registry import Reference, pull_annotated, push
+from .._oci import Reference
+from .._registry import pull_annotated, push
 from ..errors import BundleExpired, CheckpointExists, InvalidArgument, RegistryError
 from .runs import (
     OWNER_LABEL,
