@@ -60,7 +60,15 @@ from ._manifest import (
     too_large,
 )
 from ._store import require, seal
-from .errors import BundleError, CheckpointExists, DigestMismatch, ImageRewriteError, RollbackRefused, UnsafeArchive
+from .errors import (
+    BundleError,
+    CheckpointExists,
+    DigestMismatch,
+    HostNotReady,
+    ImageRewriteError,
+    RollbackRefused,
+    UnsafeArchive,
+)
 
 log = logging.getLogger("dolly")
 
@@ -72,16 +80,19 @@ _STAGED = "staged.json"
 class Staged:
     """An import verified and laid out in the engine's spool, not yet in the store (see the
     module's docstring). ``token`` names it there; ``image`` is ``(id, name)`` of the image its
-    clones need, which the caller copies to the engine before :func:`commit`."""
+    clones need, which the caller copies to the engine before :func:`commit`; ``needs_reference``:
+    its images are to be rebuilt at the commit, from a reference the caller makes sure of too
+    (:func:`dolly._rebuild.reference_image`)."""
 
     token: str
     container_id: str
     name: str
     image: Tuple[str, Optional[str]]
+    needs_reference: bool = False
 
     def to_json(self) -> Dict[str, Any]:
         return {"token": self.token, "container_id": self.container_id, "name": self.name,
-                "image": list(self.image)}
+                "image": list(self.image), "needs_reference": self.needs_reference}
 
     @classmethod
     def from_json(cls, data: Any) -> Staged:
@@ -93,7 +104,8 @@ class Staged:
             staged = cls(str(data["token"]), names.container_id(data["container_id"], error=BundleError),
                          names.checkpoint_name(data["name"], error=BundleError),
                          (names.image_id(image[0], error=BundleError),
-                          None if image[1] is None else names.image_name(image[1], error=BundleError)))
+                          None if image[1] is None else names.image_name(image[1], error=BundleError)),
+                         bool(data.get("needs_reference")))
         except (KeyError, TypeError, IndexError) as e:
             raise BundleError(f"not a staged import: {e}") from None
         if not _TOKEN_RE.match(staged.token):
@@ -175,14 +187,12 @@ def bundle_members(checkpoint: Checkpoint, engine: Engine, *, expires_in: timede
 
 
 def stage(engine: Engine, manifest: Dict[str, Any], signer: Optional[str], members: Iterable[Member], *,
-          allowed: FrozenSet[str], max_bytes: Optional[int], between_own_engines: bool,
-          reference: Optional[str]) -> Staged:
+          allowed: FrozenSet[str], max_bytes: Optional[int], between_own_engines: bool, rebuild: bool) -> Staged:
     """Step 1 of an import (see the module's docstring) of a bundle whose ``manifest`` the caller
     parsed and whose signature it verified (``signer``: the verified key's id, or None). A copy
     between the caller's engines (``between_own_engines``) is marked as one, and neither refused
-    for its claims nor recorded in a lineage. ``reference``: the ID of Dolly's busybox image on the
-    engine (:func:`dolly._rebuild.reference_image`, which the caller made sure of), to remake the
-    images that decide privilege from (everything from outside); None: not remade.
+    for its claims nor recorded in a lineage. ``rebuild``: the images that decide privilege are to be
+    remade at the commit (everything from outside: see :func:`commit`).
 
     Raises:
         DigestMismatch, UnsafeArchive: a member that breaks the layout or its manifest entry.
@@ -222,17 +232,17 @@ def stage(engine: Engine, manifest: Dict[str, Any], signer: Optional[str], membe
             # uses it again instead of copying the checkpoint once more.
             origin["copy"] = True
         cp = _make_checkpoint(staging / "in", staging / "cp", manifest, final, origin, max_bytes)
-        _finish_staging(engine, cp, staging, allowed, between_own_engines=between_own_engines, reference=reference,
-                        lineage=None if between_own_engines else (lineage, manifest["created_at"]))
+        needs = _finish_staging(engine, cp, staging, allowed, between_own_engines=between_own_engines, rebuild=rebuild,
+                                lineage=None if between_own_engines else (lineage, manifest["created_at"]))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return staged
+    return dataclasses.replace(staged, needs_reference=needs)
 
 
 def stage_foreign(engine: Engine, tar: tarfile.TarFile, head: tarfile.TarInfo, members: Iterator[tarfile.TarInfo], *,
                   allow_unsigned: bool, allowed: FrozenSet[str], max_bytes: Optional[int], between_own_engines: bool,
-                  signer: Optional[str], reference: Optional[str],
+                  signer: Optional[str], rebuild: bool,
                   verify: Optional[Any] = None) -> Staged:
     """Step 1 of an import of a Podman or kubelet archive (no manifest, no signature: see
     :mod:`dolly._formats`), held to the same rules as a bundle's members. ``signer``: the key id
@@ -262,36 +272,43 @@ def stage_foreign(engine: Engine, tar: tarfile.TarFile, head: tarfile.TarInfo, m
         cp = dataclasses.replace(cp, origin=origin)
         for item in origin["not_applied"]:
             log.warning("import of a %s archive: %s", kind, item)
-        _finish_staging(engine, cp, staging, allowed, between_own_engines=between_own_engines, reference=reference,
-                        lineage=None, sealed=False)
+        needs = _finish_staging(engine, cp, staging, allowed, between_own_engines=between_own_engines,
+                                rebuild=rebuild, lineage=None, sealed=False)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return Staged(token, cp.container_id, cp.name, (image_id, image_name))
+    return Staged(token, cp.container_id, cp.name, (image_id, image_name), needs)
 
 
 def _finish_staging(engine: Engine, cp: Checkpoint, staging: Path, allowed: FrozenSet[str], *,
-                    between_own_engines: bool, reference: Optional[str], lineage: Optional[Tuple[str, str]],
-                    sealed: bool = True) -> None:
-    """What every staged import goes through once laid out: the policy, the claims, the rebuild,
-    then the record :func:`commit` reads (in the root-only spool, written here)."""
+                    between_own_engines: bool, rebuild: bool, lineage: Optional[Tuple[str, str]],
+                    sealed: bool = True) -> bool:
+    """What every staged import goes through once laid out: the policy and the claims, then the
+    record :func:`commit` reads (in the root-only spool, written here). Returns whether the
+    images are to be rebuilt at the commit (:func:`dolly._rebuild.needed`)."""
     if not sealed:
         seal(cp, staging / "cp")
     _check_policy(cp, staging / "cp" / "criu", allowed)
     if not between_own_engines:
         _refuse_claims(engine, cp.container_id)
-    if reference is not None:
-        _rebuild_images(engine, cp, staging / "cp" / "criu", allowed, reference)
-    record = {"final": str(cp.path), "lineage": list(lineage) if lineage else None}
+    needs = rebuild and _rebuild.needed(cp.config, allowed)
+    record = {"final": str(cp.path), "lineage": list(lineage) if lineage else None, "rebuild": needs,
+              "allowed": sorted(allowed)}
     fd = os.open(staging / _STAGED, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(record, f)
+    return needs
 
 
-def commit(engine: Engine, staged: Staged) -> Checkpoint:
-    """Step 3: the staged import into the store, under the lineage lock.
+def commit(engine: Engine, staged: Staged, *, reference: Optional[str]) -> Checkpoint:
+    """Step 3, once the caller copied the image: the images that decide privilege rebuilt, when
+    the staging said so, from a reference container of ``reference`` (the ID of Dolly's busybox
+    image on the engine, :func:`dolly._rebuild.reference_image`), then the staged import into the
+    store, under the lineage lock. The staging is gone afterwards, whatever happened.
 
     Raises:
+        UnsafeArchive: images asking for what the accepted configuration does not make.
+        HostNotReady: a rebuild without a ``reference``.
         CheckpointExists: the checkpoint appeared meanwhile.
         RollbackRefused: a newer bundle of its lineage was imported meanwhile.
         BundleError: no such staged import.
@@ -305,6 +322,12 @@ def commit(engine: Engine, staged: Staged) -> Checkpoint:
         final = Path(record["final"])
         if final != names.inside(engine.store_dir, staged.container_id, staged.name, error=BundleError):
             raise BundleError("the staged import is not the checkpoint it was staged as")
+        if record["rebuild"]:
+            if reference is None:
+                raise HostNotReady(f"the engine has no image {_rebuild.REFERENCE_IMAGE}, which Dolly checks imported "
+                                   "checkpoints against: run `make host` on its host, or pass image_source=")
+            cp = Checkpoint.load(staging / "cp", engine.client)
+            _rebuild_images(engine, cp, staging / "cp" / "criu", frozenset(record["allowed"]), reference)
         lineages = Lineages.of(engine)
         with lineages.lock:
             if record["lineage"]:

@@ -116,7 +116,7 @@ class Checkpoint:
         """
         try:
             meta = json.loads((Path(path) / METADATA).read_text())
-            meta["size"] = sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+            meta["size"] = folder_size(Path(path))
             return cls.from_metadata(meta, Path(path), client)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointNotFound(f"no usable checkpoint at {path}: {e}") from e
@@ -155,3 +155,11 @@ class Checkpoint:
             meta["origin"] = dict(self.origin)
         return meta
 
+
+def folder_size(folder: Path) -> int:
+    """Bytes on disk of a checkpoint's folder (images and writable layer), as its ``size`` says.
+
+    Raises:
+        OSError: the folder cannot be read.
+    """
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

@@ -7,6 +7,7 @@ dolly._checkpoint; the post-copy dump is dolly._lazy_dump's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from docker.models.containers import Container
 from filelock import FileLock
 
 from . import _criu as criu, _images as criu_images, _retry as retry, _rootfs as rootfs
-from ._checkpoint import METADATA, ROOTFS_DIFF, RUNTIME_EXTRAS, RUNTIME_ROOTFS_DIFF, Checkpoint
+from ._checkpoint import METADATA, ROOTFS_DIFF, RUNTIME_EXTRAS, RUNTIME_ROOTFS_DIFF, Checkpoint, folder_size
 from ._engine import RUNTIME, ContainerRef, Engine, id_of, name_of
 from ._store import _make_private_dir, _write_private
 from .errors import (
@@ -203,7 +204,7 @@ def _checkpoint_locked(
             os.rename(staging, final)
         except OSError as e:  # another caller took the same name meanwhile
             raise CheckpointExists(f"container {source.name} already has a checkpoint named {name!r}") from e
-        return cp
+        return dataclasses.replace(cp, size=folder_size(final))
     except BaseException as e:
         if leave_running:
             raise

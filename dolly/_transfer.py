@@ -319,12 +319,11 @@ def _import(path: Union[PathLike, IO[bytes]], *, engine: Engine, trusted: List[E
                 # by one of them gives it, allow_unsigned never stands in (as for a Dolly bundle).
                 if trusted and detached is None:
                     raise UnsignedBundle(_FOREIGN_UNSIGNED)
-                reference = _rebuild.reference_image(engine, image_source=source)
                 check = (lambda: _check_detached(reader, detached)) if reader is not None and detached else None
                 staged = host.stage_foreign(tar, head, members, allow_unsigned=allow_unsigned and not trusted,
                                             allowed=allowed, max_bytes=max_bytes, between_own_engines=False,
                                             signer=detached.signer if detached is not None else None,
-                                            reference=reference, verify=check)
+                                            rebuild=True, verify=check)
             else:
                 if detached is not None:
                     raise InvalidArgument("a Dolly bundle carries its own signature: a detached one is for "
@@ -345,26 +344,27 @@ def _import(path: Union[PathLike, IO[bytes]], *, engine: Engine, trusted: List[E
 def stage(host: Host, manifest: Dict[str, Any], signer: Optional[str], members: Iterable[Member], *,
           allowed: FrozenSet[str], max_bytes: Optional[int], between_own_engines: bool, rebuild: bool,
           image_source: Optional[Engine]) -> Staged:
-    """The first step of every import, on either host: the reference image (Dolly's own busybox)
-    made sure of for a rebuild, then the members staged and checked beside the files.
+    """The first step of every import, on either host: the members staged and checked beside the
+    files (``rebuild``: everything from outside, its images remade at the commit).
 
     Raises:
         the errors of :func:`dolly._bundle.stage`.
     """
-    reference = _rebuild.reference_image(host.engine, image_source=image_source) if rebuild else None
     return host.stage_import(manifest, signer, members, allowed=allowed, max_bytes=max_bytes,
-                             between_own_engines=between_own_engines, reference=reference)
+                             between_own_engines=between_own_engines, rebuild=rebuild)
 
 
 def commit(host: Host, staged: Staged, *, image_source: Optional[Engine]) -> Checkpoint:
     """The rest of every import, on either host, once its members are verified: the image copied
-    (by ID, never tagged: a bundle's name must not take over one of this engine's), then the
-    checkpoint committed to the store; the staged import dropped, and an image loaded for it
-    removed, when either fails.
+    (by ID, never tagged: a bundle's name must not take over one of this engine's), and Dolly's
+    busybox when the images are to be rebuilt (:func:`dolly._rebuild.reference_image`), then the
+    checkpoint committed to the store (rebuilt first); the staged import dropped, and an image
+    loaded for it removed, when either fails.
 
     Raises:
         ImageNotFound: the engine lacks the image and ``image_source`` does not have it.
-        CheckpointExists, RollbackRefused: from the commit.
+        HostNotReady: the images are to be rebuilt and neither engine has Dolly's busybox.
+        UnsafeArchive, CheckpointExists, RollbackRefused: from the commit.
     """
     engine = host.engine
     try:
@@ -373,8 +373,10 @@ def commit(host: Host, staged: Staged, *, image_source: Optional[Engine]) -> Che
         host.discard_import(staged)
         raise
     try:
-        return host.commit_import(staged)
+        reference = _rebuild.reference_image(engine, image_source=image_source) if staged.needs_reference else None
+        return host.commit_import(staged, reference=reference)
     except BaseException:
+        host.discard_import(staged)  # gone already when the commit itself failed
         if loaded:
             engine.remove_image(staged.image[0])
         raise

@@ -564,7 +564,7 @@ def test_a_remote_engines_paths_are_never_taken_for_local_ones(tmp_path):
     """An engine whose data root is another folder under the same name (its own mount namespace,
     as on another host) is told apart by the folder itself, seen through the process at the other
     end of its socket, not by path names."""
-    from dolly._engine import _peer_shares_our_files
+    from dolly._peer import peer_shares_our_files as _peer_shares_our_files
 
     sock, root = tmp_path / "other.sock", tmp_path / "data-root"
     root.mkdir()

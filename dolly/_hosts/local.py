@@ -110,23 +110,23 @@ class LocalHost:
 
     def stage_import(self, manifest: Dict[str, Any], signer: Optional[str], members: Iterable[Member], *,
                      allowed: FrozenSet[str], max_bytes: Optional[int], between_own_engines: bool,
-                     reference: Optional[str]) -> Staged:
+                     rebuild: bool) -> Staged:
         """Raises: the errors of :func:`dolly._bundle.stage`."""
         return bundle.stage(self.engine, manifest, signer, members, allowed=allowed, max_bytes=max_bytes,
-                            between_own_engines=between_own_engines, reference=reference)
+                            between_own_engines=between_own_engines, rebuild=rebuild)
 
     def stage_foreign(self, tar: tarfile.TarFile, head: tarfile.TarInfo, members: Iterator[tarfile.TarInfo], *,
                       allow_unsigned: bool, allowed: FrozenSet[str], max_bytes: Optional[int],
-                      between_own_engines: bool, signer: Optional[str], reference: Optional[str],
+                      between_own_engines: bool, signer: Optional[str], rebuild: bool,
                       verify: Optional[Callable[[], None]]) -> Staged:
         """Raises: the errors of :func:`dolly._bundle.stage_foreign`."""
         return bundle.stage_foreign(self.engine, tar, head, members, allow_unsigned=allow_unsigned, allowed=allowed,
                                     max_bytes=max_bytes, between_own_engines=between_own_engines, signer=signer,
-                                    reference=reference, verify=verify)
+                                    rebuild=rebuild, verify=verify)
 
-    def commit_import(self, staged: Staged) -> Checkpoint:
-        """Raises: CheckpointExists, RollbackRefused, BundleError."""
-        return bundle.commit(self.engine, staged)
+    def commit_import(self, staged: Staged, *, reference: Optional[str]) -> Checkpoint:
+        """Raises: the errors of :func:`dolly._bundle.commit`."""
+        return bundle.commit(self.engine, staged, reference=reference)
 
     def discard_import(self, staged: Staged) -> None:
         bundle.discard(self.engine, staged)

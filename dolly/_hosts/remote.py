@@ -173,7 +173,7 @@ class AgentHost:
 
     def stage_import(self, manifest: Dict[str, Any], signer: Optional[str], members: Iterable[Member], *,
                      allowed: FrozenSet[str], max_bytes: Optional[int], between_own_engines: bool,
-                     reference: Optional[str]) -> Staged:
+                     rebuild: bool) -> Staged:
         """The members streamed to the agent, signed for this one transfer."""
         transit, transit_public = trust.generate_keypair()
 
@@ -185,18 +185,18 @@ class AgentHost:
                                                            serialization.PublicFormat.SubjectPublicKeyInfo)).decode()
         data = self.channel.stream_in("stage_import", produce, transit_key=key, signed_by=signer,
                                       allow=sorted(allowed), max_bytes=max_bytes,
-                                      between_own_engines=between_own_engines, reference=reference)
+                                      between_own_engines=between_own_engines, rebuild=rebuild)
         return Staged.from_json(data)
 
     def stage_foreign(self, tar: tarfile.TarFile, head: tarfile.TarInfo, members: Iterator[tarfile.TarInfo], *,
                       allow_unsigned: bool, allowed: FrozenSet[str], max_bytes: Optional[int],
-                      between_own_engines: bool, signer: Optional[str], reference: Optional[str],
+                      between_own_engines: bool, signer: Optional[str], rebuild: bool,
                       verify: Optional[Callable[[], None]]) -> Staged:
         raise BundleError("not a Dolly bundle: it does not start with manifest.json (a Podman or Kubernetes "
                           "checkpoint archive is imported only into an engine whose files are local, for now)")
 
-    def commit_import(self, staged: Staged) -> Checkpoint:
-        return self._checkpoint(self.channel.call("commit_import", staged=staged.to_json()))
+    def commit_import(self, staged: Staged, *, reference: Optional[str]) -> Checkpoint:
+        return self._checkpoint(self.channel.call("commit_import", staged=staged.to_json(), reference=reference))
 
     def discard_import(self, staged: Staged) -> None:
         with contextlib.suppress(DollyError):

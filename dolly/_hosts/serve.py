@@ -80,9 +80,10 @@ def run(op: str, args: Dict[str, Any], *, stdin: IO[bytes], stdout: IO[bytes]) -
             raise InvalidArgument("the transit key is not an Ed25519 key")
         return _stage_relayed(host, stdin, key, signed_by=args["signed_by"], allow=policy.items(args["allow"]),
                               max_bytes=args["max_bytes"], between_own_engines=bool(args["between_own_engines"]),
-                              reference=_image_id(args["reference"])).to_json()
+                              rebuild=bool(args["rebuild"])).to_json()
     if op == "commit_import":
-        return checkpoint_json(host.commit_import(Staged.from_json(args["staged"])))
+        return checkpoint_json(host.commit_import(Staged.from_json(args["staged"]),
+                                                  reference=_image_id(args.get("reference"))))
     if op == "discard_import":
         host.discard_import(Staged.from_json(args["staged"]))
         return None
@@ -109,7 +110,7 @@ def _image_id(value: Any) -> Optional[str]:
 
 def _stage_relayed(host: LocalHost, stream: IO[bytes], transit_key: Ed25519PublicKey, *, signed_by: Any,
                    allow: Any, max_bytes: Any, between_own_engines: bool,
-                   reference: Optional[str]) -> Staged:
+                   rebuild: bool) -> Staged:
     """An import its caller verified (see dolly._hosts.remote): the stream is signed by the
     one-time ``transit_key``; ``signed_by`` is the original signer's key id (or None), which the
     lineage and ``origin`` record.
@@ -131,7 +132,7 @@ def _stage_relayed(host: LocalHost, stream: IO[bytes], transit_key: Ed25519Publi
             raise BundleError("the relayed bundle is not signed by its transit key")
         trust.verify(manifest_bytes, signature, str(manifest.get("signer")), [transit_key])
         return host.stage_import(manifest, signed_by, tar_members(tar, first, members), allowed=allow,
-                                 max_bytes=max_bytes, between_own_engines=between_own_engines, reference=reference)
+                                 max_bytes=max_bytes, between_own_engines=between_own_engines, rebuild=rebuild)
 
 
 def main(argv: List[str]) -> int:
