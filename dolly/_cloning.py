@@ -7,6 +7,7 @@ started beside the engine's files by its host (:mod:`dolly._start`, through
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import docker
@@ -19,7 +20,7 @@ from ._engine import ContainerRef, Engine, id_of
 from ._hosts import host_of
 from ._start import CloneRequest
 from ._transfer import transfer
-from .errors import DollyError, InvalidArgument
+from .errors import CheckpointNotFound, ContainerNotFound, InvalidArgument
 
 __all__ = ["restore", "clone", "resume", "MAX_WORKERS"]
 
@@ -149,10 +150,12 @@ def start_on(engine: Engine, checkpoint: Checkpoint, n: int, *, name_prefix: Opt
              labels: Optional[Dict[str, str]] = None, on_create: Optional[Callable[[str], None]] = None,
              max_workers: int = MAX_WORKERS, progress: Optional[Callable[[Container], None]] = None,
              network: Union[str, Sequence[str], None] = None, chosen: Optional[List[str]] = None,
-             page_port: Optional[int] = None) -> List[Container]:
+             page_port: Optional[int] = None, same_as: Optional[datetime] = None) -> List[Container]:
     """:func:`clone` on one engine, which holds ``checkpoint``: names chosen here (``chosen``:
     the caller's own, as :func:`restore` and a migration give them), the clones started by the
     engine's host. ``page_port``: a post-copy migration's (see :class:`dolly._start.CloneRequest`).
+    ``same_as``: ``checkpoint`` is another engine's; the clones start from this engine's own copy
+    (see :meth:`dolly._hosts.base.Host.start_clones`).
 
     Raises:
         the errors of :func:`clone`.
@@ -168,7 +171,8 @@ def start_on(engine: Engine, checkpoint: Checkpoint, n: int, *, name_prefix: Opt
     request = CloneRequest(tuple(picked), chosen is not None, prefix, _check_labels(labels), max_workers,
                            tuple(spread) if spread else None, page_port)
     try:
-        return host_of(engine).start_clones(checkpoint, request, on_create=on_create, progress=progress)
+        return host_of(engine).start_clones(checkpoint, request, on_create=on_create, progress=progress,
+                                            same_as=same_as)
     finally:
         if chosen is None:
             engine.release_names(picked)
@@ -194,13 +198,20 @@ def _clone_across(
     counts = [n // len(engines) + (1 if i < n % len(engines) else 0) for i in range(len(engines))]
 
     def on(engine_client: docker.DockerClient, count: int) -> List[Container]:
-        there = cp if _holds(engine_client, cp) else _same_on(engine_client, cp)
-        if there is None:
-            # Kept there: the next spread of this checkpoint over that engine uses it again
-            # (``dolly.prune`` on that engine removes it, its container being elsewhere).
-            there = transfer(cp, engine_client, source=source)
-        return start_on(Engine.of(engine_client), there, count, name_prefix=name_prefix, labels=labels,
-                        on_create=on_create, max_workers=max_workers, progress=progress, chosen=chosen)
+        engine = Engine.of(engine_client)
+        options: Dict[str, Any] = {"name_prefix": name_prefix, "labels": labels, "on_create": on_create,
+                                   "max_workers": max_workers, "progress": progress, "chosen": chosen}
+        if _holds(engine_client, cp):
+            return start_on(engine, cp, count, **options)
+        try:
+            # From the engine's own copy (the original cp came from, or one a spread kept there),
+            # looked up by the host in the same call: one exec for an agent.
+            return start_on(engine, cp, count, same_as=cp.created_at, **options)
+        except (CheckpointNotFound, ContainerNotFound):
+            pass
+        # Kept there: the next spread of this checkpoint over that engine uses it again
+        # (``dolly.prune`` on that engine removes it, its container being elsewhere).
+        return start_on(engine, transfer(cp, engine_client, source=source), count, **options)
 
     jobs = [(c, k) for c, k in zip(engines, counts, strict=True) if k > 0]
     with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="dolly-engine") as pool:
@@ -218,22 +229,6 @@ def _clone_across(
                 Engine.of(c.client).remove(id_of(c))
         raise errors[0]
     return [c for made, _ in outcomes for c in made]
-
-
-def _same_on(client: docker.DockerClient, cp: Checkpoint) -> Optional[Checkpoint]:
-    """The checkpoint ``cp`` is, as ``client``'s engine already holds it: of the same container,
-    name and instant, and either taken there (the original ``cp`` was copied from: it is the
-    caller's own) or a copy Dolly's own transfer made there. None when there is none; an
-    imported checkpoint that only claims the same identity is never taken for it."""
-    try:
-        found = host_of(Engine.of(client)).get_checkpoint(cp.container_id, cp.name)
-    except DollyError:
-        return None
-    if found.created_at != cp.created_at:
-        return None
-    if found.origin is None or found.origin.get("copy") is True:
-        return found
-    return None
 
 
 def _holds(client: docker.DockerClient, cp: Checkpoint) -> bool:

@@ -30,7 +30,7 @@ import docker
 from docker.models.containers import Container
 from filelock import FileLock
 
-from . import _criu as criu, _images as criu_images, _rootfs as rootfs
+from . import _criu as criu, _images as criu_images, _rootfs as rootfs, policy
 from ._checkpoint import Checkpoint
 from ._criu_log import CRIU_LOG_DIR
 from ._engine import RUNTIME, ContainerRef, Engine, id_of
@@ -86,6 +86,10 @@ def start_clones(engine: Engine, checkpoint: Checkpoint, request: CloneRequest, 
         NameConflict: as :func:`dolly.clone`.
     """
     require(checkpoint)
+    if checkpoint.origin is not None:
+        # Checked at import already; again here, because the clone's create body is built from
+        # what the bundle recorded, and this is the last step before the engine sees it.
+        policy.check(checkpoint.config, checkpoint.origin.get("allowed") or ())
     criu.require_version()
     engine.require_checkpoint_support()
     image = engine.image_ref(checkpoint.image_id, checkpoint.config["Config"].get("Image"))

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -56,6 +57,21 @@ def find(engine: Engine, container: ContainerRef, name: str) -> Checkpoint:
     if not (path / METADATA).exists():
         raise CheckpointNotFound(f"no checkpoint named {name!r} for container {_ref_text(container)}")
     return Checkpoint.load(path, engine.client)
+
+
+def find_same(engine: Engine, container_id: str, name: str, created_at: datetime) -> Checkpoint:
+    """``engine``'s own copy of the checkpoint ``name`` of ``container_id`` taken at
+    ``created_at``: the original (taken here) or a copy Dolly's transfer made here. An imported
+    checkpoint that only claims the same identity is never taken for it.
+
+    Raises:
+        CheckpointNotFound, ContainerNotFound: there is none.
+    """
+    found = find(engine, container_id, name)
+    if found.created_at != created_at or not (found.origin is None or found.origin.get("copy") is True):
+        raise CheckpointNotFound(f"this engine holds no copy of checkpoint {name!r} of {container_id[:12]} "
+                                 f"taken at {created_at.isoformat()}")
+    return found
 
 
 def remove(engine: Engine, checkpoint: Checkpoint) -> None:

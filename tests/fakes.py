@@ -820,11 +820,20 @@ class FakeHost:
 
     def start_clones(self, checkpoint: Checkpoint, request: CloneRequest, *,
                      on_create: Optional[Callable[[str], None]],
-                     progress: Optional[Callable[[Container], None]]) -> List[Container]:
+                     progress: Optional[Callable[[Container], None]],
+                     same_as: Optional[datetime] = None) -> List[Container]:
         """The clones ``request`` names, one after another; when any fails, every container of
-        the call goes before the first error is raised. Fault points ``start_clones`` (before
-        any) and ``restore`` (each clone, once created: ``at=k`` fails the k-th)."""
+        the call goes before the first error is raised. With ``same_as``, from this host's own
+        copy (the original or a transfer's copy taken at that instant), as
+        :func:`dolly._store.find_same` finds it. Fault points ``start_clones`` (before any) and
+        ``restore`` (each clone, once created: ``at=k`` fails the k-th)."""
         self._op("start_clones")
+        if same_as is not None:
+            found = self.store.get((checkpoint.container_id, checkpoint.name))
+            if found is None or found.checkpoint.created_at != same_as or not (
+                    found.checkpoint.origin is None or found.checkpoint.origin.get("copy") is True):
+                raise CheckpointNotFound(f"this engine holds no copy of checkpoint {checkpoint.name!r}")
+            checkpoint = found.checkpoint
         stored = self._stored(checkpoint)
         self._fake.require_checkpoint_support()
         image = self._fake.image_ref(checkpoint.image_id, checkpoint.config["Config"].get("Image"))

@@ -15,7 +15,7 @@ copy the image, commit.
 from __future__ import annotations
 
 import contextlib
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Protocol, Tuple
 
 from docker.models.containers import Container
@@ -64,7 +64,13 @@ class Host(Protocol):
     # --- clones -----------------------------------------------------------------------------
     def start_clones(self, checkpoint: Checkpoint, request: CloneRequest, *,
                      on_create: Optional[Callable[[str], None]],
-                     progress: Optional[Callable[[Container], None]]) -> List[Container]: ...
+                     progress: Optional[Callable[[Container], None]],
+                     same_as: Optional[datetime] = None) -> List[Container]:
+        """Start the clones ``request`` names. With ``same_as``, ``checkpoint`` is another
+        engine's: the clones start from this host's own copy of it taken at that instant (the
+        original, or a copy Dolly's transfer made), found in the same call, and
+        CheckpointNotFound or ContainerNotFound say there is none."""
+        ...
 
     def resume(self, checkpoint: Checkpoint, container: Optional[ContainerRef]) -> Container: ...
 

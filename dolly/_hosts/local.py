@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
 
 from docker.models.containers import Container
@@ -88,8 +88,11 @@ class LocalHost:
 
     def start_clones(self, checkpoint: Checkpoint, request: CloneRequest, *,
                      on_create: Optional[Callable[[str], None]],
-                     progress: Optional[Callable[[Container], None]]) -> List[Container]:
+                     progress: Optional[Callable[[Container], None]],
+                     same_as: Optional[datetime] = None) -> List[Container]:
         """Raises: the errors of :func:`dolly.clone`; no clone is left behind."""
+        if same_as is not None:
+            checkpoint = store.find_same(self.engine, checkpoint.container_id, checkpoint.name, same_as)
         return start.start_clones(self.engine, checkpoint, request, on_create=on_create, progress=progress)
 
     def resume(self, checkpoint: Checkpoint, container: Optional[ContainerRef]) -> Container:

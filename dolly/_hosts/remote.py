@@ -17,7 +17,7 @@ import contextlib
 import os
 import tempfile
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
 
@@ -111,10 +111,13 @@ class AgentHost:
 
     def start_clones(self, checkpoint: Checkpoint, request: CloneRequest, *,
                      on_create: Optional[Callable[[str], None]],
-                     progress: Optional[Callable[[Container], None]]) -> List[Container]:
-        """The agent cannot call back: each hook runs once the clones run."""
+                     progress: Optional[Callable[[Container], None]],
+                     same_as: Optional[datetime] = None) -> List[Container]:
+        """The agent cannot call back: each hook runs once the clones run. ``same_as``: looked up
+        there, in the same exec."""
         ids = self.channel.call("clone", container_id=checkpoint.container_id, name=checkpoint.name,
-                                request=request.to_json())
+                                request=request.to_json(),
+                                same_as=same_as.isoformat() if same_as is not None else None)
         try:
             made = [self.engine.container(i) for i in ids]
             for c in made:

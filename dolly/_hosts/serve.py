@@ -7,7 +7,7 @@ import base64
 import dataclasses
 import json
 import sys
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Dict, List, Optional
 
@@ -59,7 +59,9 @@ def run(op: str, args: Dict[str, Any], *, stdin: IO[bytes], stdout: IO[bytes]) -
         return None
     if op == "clone":
         cp = host.get_checkpoint(args["container_id"], args["name"])
-        made = host.start_clones(cp, CloneRequest.from_json(args["request"]), on_create=None, progress=None)
+        same_as = datetime.fromisoformat(args["same_as"]) if args.get("same_as") is not None else None
+        made = host.start_clones(cp, CloneRequest.from_json(args["request"]), on_create=None, progress=None,
+                                 same_as=same_as)
         return [c.id for c in made]
     if op == "resume":
         cp = host.get_checkpoint(args["container_id"], args["name"])
