@@ -13,6 +13,7 @@ from ._doctor import HostReport, check_host
 from ._migration import Migration, migrate
 from ._registry import PushReport, pull, push
 from ._transfer import export, import_bundle
+from ._version import __version__ as __version__
 from .errors import DollyError
 
 __all__ = [
@@ -39,4 +40,3 @@ __all__ = [
     "resume",
     "trust",
 ]
-__version__ = "0.1.0"

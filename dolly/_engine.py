@@ -29,7 +29,7 @@ from docker.models.containers import Container
 from . import _names as names, _retry as retry
 from ._archive import tarfile
 from ._criu_log import criu_error, forget_criu_log
-from ._peer import peer_pid, peer_shares_our_files, socket_path_of
+from ._peer import peer_pid, peer_shares_our_files, socket_path_of, socket_refused
 from .errors import (
     CheckpointFailed,
     ContainerNotFound,
@@ -82,8 +82,12 @@ def translate_errors() -> Iterator[None]:
             raise EngineUnavailable(_explain(e)) from e
         raise EngineError(_explain(e), status_code=e.status_code) from e
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
+        if "PermissionError" in str(e):
+            raise HostNotReady(socket_refused(e)) from e
         raise EngineUnavailable(f"the Docker Engine did not answer: {e}") from e
     except docker.errors.DockerException as e:
+        if "PermissionError" in str(e):
+            raise HostNotReady(socket_refused(e)) from e
         if "Connection" in str(e) or "FileNotFoundError" in str(e):
             raise EngineUnavailable(f"the Docker Engine did not answer: {e}") from e
         raise

@@ -3,8 +3,10 @@ the engine's data root as the very folder this process does: how Dolly tells an 
 are here from one on another host or in another mount namespace."""
 from __future__ import annotations
 
+import grp
 import os
 import socket
+import stat
 import struct
 from typing import Optional
 
@@ -42,3 +44,19 @@ def peer_shares_our_files(socket_path: Optional[str], data_root: str) -> bool:
     except OSError:
         return False
     return (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino)
+
+
+def socket_refused(e: Exception) -> str:
+    """What to say when the engine's unix socket refuses this user (EACCES on connect): which
+    socket, whose, and what access it takes. Not retried: waiting does not change it."""
+    host = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    path = host.removeprefix("unix://")
+    try:
+        st = os.stat(path)
+        group = grp.getgrgid(st.st_gid).gr_name
+        whose = f" ({stat.filemode(st.st_mode)}, owner uid {st.st_uid}, group {group})"
+    except (OSError, KeyError):
+        whose = ""
+    return (f"this user (uid {os.geteuid()}) may not use the Docker Engine's socket {path}{whose}: Dolly, like "
+            "docker's own CLI, needs root or a user in the socket's group (the docker group): `usermod -aG docker "
+            f"USER`, then log in again ({e})")

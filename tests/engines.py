@@ -265,16 +265,24 @@ class IsolatedEngine:
 
     ``images`` are copied into it from ``image_source`` (default: ``docker.from_env()``, the main
     engine) at start, through the API (docker save | docker load).
+
+    With ``hide_checkout``, it is a host prepared without this repository: in its namespace, an
+    empty tmpfs is mounted over this checkout, the virtualenv and the Python installation the
+    virtualenv was made from (:meth:`checkout_paths`), before dockerd starts, so that nothing it
+    runs (Dolly's agent among them) can use them.
     """
 
     def __init__(self, name: str, *, subnet: str, tcp_tls: bool = False,
                  images: Sequence[str] = ("dolly/busybox", "dolly/python"),
-                 image_source: Optional[docker.DockerClient] = None, socket_label: bool = True) -> None:
+                 image_source: Optional[docker.DockerClient] = None, socket_label: bool = True,
+                 hide_checkout: bool = False) -> None:
         """``subnet``: the bridge's address with its prefix length, like ``10.213.111.1/24``.
         ``socket_label``: give the engine its ``dolly.socket`` label; without it, the default
         socket path in its namespace, /var/run/docker.sock, is the *main* engine's (only
-        /run/docker is its own), as on a host whose socket is elsewhere and unlabelled."""
+        /run/docker is its own), as on a host whose socket is elsewhere and unlabelled.
+        ``hide_checkout``: hide :meth:`checkout_paths` from it (see the class)."""
         self.socket_label = socket_label
+        self.hidden: tuple = tuple(self.checkout_paths()) if hide_checkout else ()
         self.name = name
         self.subnet = subnet
         self.tcp_tls = tcp_tls
@@ -316,6 +324,22 @@ class IsolatedEngine:
     def data_root(self) -> Path:
         """Its data root as this process reaches it (dockerd itself calls it /var/lib/docker)."""
         return self.base / "docker"
+
+    @staticmethod
+    def checkout_paths() -> List[str]:
+        """What a host prepared without this repository lacks: the checkout these tests run from,
+        this process's virtualenv and the Python installation it was made from (not when that is
+        a system folder, like Debian's /usr); outermost folders only."""
+        import sys
+
+        found = {str(Path(__file__).resolve().parent.parent), os.path.realpath(sys.prefix),
+                 os.path.realpath(sys.base_prefix)}
+        found -= {"/", "/usr", "/usr/local", "/opt", "/root", "/home"}
+        outer: List[str] = []
+        for p in sorted(found):
+            if not any(p == o or p.startswith(o.rstrip("/") + "/") for o in outer):
+                outer.append(p)
+        return outer
 
     def tls_client(self, *, client_cert: bool = True, **kwargs) -> docker.DockerClient:
         """A client over TCP that verifies the engine's certificate against the test CA and
@@ -364,7 +388,9 @@ class IsolatedEngine:
         script = (
             "awk '$3 == \"overlay\" || $3 == \"nsfs\" || $2 ~ \"^/(var/lib|run)/(docker/|containerd/|dolly-)\""
             " {print $2}' /proc/self/mounts | sort -r | while read -r m; do umount -l \"$m\" 2>/dev/null; done; "
-             "mkdir -p " + " ".join(self.binds.values()) + " && "
+            # A host without this checkout: empty folders where it and its Python are here.
+            + "".join(f"mount -t tmpfs -o size=1m,mode=0755 dolly-hidden {shlex.quote(p)} && " for p in self.hidden)
+            + "mkdir -p " + " ".join(self.binds.values()) + " && "
             + " && ".join(f"mount --bind {shlex.quote(str(src))} {dst}" for src, dst in self.binds.items())
             + " && exec " + " ".join(shlex.quote(a) for a in dockerd)
         )

@@ -23,10 +23,12 @@ import zstandard
 
 import dolly
 from dolly import errors, trust
+from dolly._archive import tarfile
+from dolly._engine import Engine
+from dolly._hosts import agent_image
 from dolly._hosts.agent import (
     AGENT_CAPABILITIES,
     DIGEST_LABEL,
-    IMAGE,
     LABEL,
     NAME as AGENT,
     PROTOCOL,
@@ -35,9 +37,8 @@ from dolly._hosts.agent import (
     agent_name,
     agent_secret,
 )
-from dolly._archive import tarfile
-from dolly._bundle import read_manifest
-from dolly._engine import Engine
+from dolly._hosts.channel import Channel
+from dolly._manifest import read_manifest
 from engines import IsolatedEngine
 from helpers import BUSYBOX, COUNTER, RUN_ID, TEST_LABEL, assert_counts_on, read_int
 
@@ -388,7 +389,7 @@ def test_a_post_copy_target_losing_its_memory_mid_way_brings_the_source_back(war
 
 def _fresh_agent(client: docker.DockerClient) -> Agent:
     """This process's Agent of that engine, made to look its container up again on next use."""
-    agent = Agent.of(Engine.of(client))
+    agent = Channel.of(Engine.of(client)).agent
     agent._id = None
     return agent
 
@@ -409,15 +410,15 @@ def test_an_impostor_under_the_agent_s_name_is_never_used(host_b, tmp_path, labe
     digest = real_attrs["Config"]["Labels"][DIGEST_LABEL]
     host_b.api.remove_container(real, force=True)
     labels = {LABEL: PROTOCOL, **({DIGEST_LABEL: digest} if label != "none" else {})}
-    spec = AgentSpec.of(engine.info(refresh=True), host_b.api.inspect_image(IMAGE))
+    spec = AgentSpec.of(engine.info(refresh=True), host_b.api.inspect_image(agent_image.reference()))
     impostor = host_b.containers.run(
-        IMAGE, ["sleep", "infinity"], detach=True, name=agent_name(), labels=labels,
+        agent_image.reference(), ["sleep", "infinity"], detach=True, name=agent_name(), labels=labels,
         environment=dict(spec.env), cap_add=AGENT_CAPABILITIES, pid_mode="host",
         network_mode="none", runtime="runc", security_opt=list(spec.security_opt),
         volumes=[*spec.binds, f"{tmp_path}:/host-folder"])
     try:
         assert dolly.list_checkpoints(client=host_b) == []
-        used = Agent.of(engine).container_id()
+        used = Channel.of(engine).agent.container_id()
         assert used != impostor.id, "Dolly used the impostor as its agent"
         with pytest.raises(docker.errors.NotFound):
             host_b.containers.get(impostor.id)  # replaced: this engine is the caller's to drive
@@ -440,7 +441,7 @@ def test_an_agent_whose_mounts_no_longer_match_is_replaced(on_host, host_b, host
     agent = _fresh_agent(host_b)
     host_b.api.remove_container(agent.container_id(), force=True)
     agent._id = None
-    spec = AgentSpec.of(engine.info(refresh=True), host_b.api.inspect_image(IMAGE))
+    spec = AgentSpec.of(engine.info(refresh=True), host_b.api.inspect_image(agent_image.reference()))
     old_binds = tuple(b.replace(f"{host_b_engine.socket}:", "/var/run/docker.sock:") for b in spec.binds)
     assert old_binds != spec.binds
     old = agent._start(agent_name(), dataclasses.replace(spec, binds=old_binds, socket="/var/run/docker.sock"),

@@ -1,17 +1,22 @@
 """The agent: Dolly's host-side steps, run beside the files of an engine on another host.
 
 Dolly reaches an engine's host through that engine's API only: no SSH of its own, no shared
-filesystem. When an engine's files are not this process's to see (``Engine.files_are_local``:
+filesystem. When an engine's files are not this process's to see (:mod:`dolly._hosts` decides:
 another host, or another mount namespace), Dolly keeps one small container on that engine, the
-agent, and runs its own functions there with ``exec`` (``python -m dolly._hosts.serve OP``,
-see :mod:`dolly._hosts.channel`), where the
-engine's data root is mounted at its own path and the engine's socket is at hand:
+agent, and runs its own functions there with ``exec`` (``python3 -m dolly._hosts.serve OP``,
+see :mod:`dolly._hosts.channel`), where the engine's data root is mounted at its own path and
+the engine's socket is at hand:
 
     name        dolly-agent-<fingerprint>, labelled dolly.agent=<protocol> and with its digest
                 (below); started on demand, kept warm
-    image       dolly/python (Debian's userland), with Dolly's Python, virtualenv and source
-                mounted read-only from the same paths on that host (``make host`` there puts
-                them there, as here)
+    image       dolly/agent:<version>: dolly/python (Debian 12's userland and python3) with
+                this very Dolly and its dependencies in /opt/dolly/lib, copied from this
+                installation (:mod:`dolly._hosts.agent_image`); put on the engine when it lacks
+                it, copied from an engine of the caller's or made there, through the API.
+                Nothing of the caller's host is mounted: that host needs no checkout, no
+                virtualenv, no Python of its own for Dolly
+    executes    /usr/bin/python3 -m dolly._hosts.serve OP ARGS, the image's Python, one exec
+                per operation
     mounts      the data root (same path), the engine's socket (the engine's label
                 ``dolly.socket``, else /var/run/docker.sock), /var/log/dolly, /run/dolly
     runs as     root with the capabilities file work needs (not privileged), the host's PID
@@ -20,15 +25,19 @@ engine's data root is mounted at its own path and the engine's socket is at hand
 
 The agent is known, not named: anyone who can create containers on the engine can create one
 under its name. Each install has a secret, made once on the calling side (:func:`secret_dir`,
-root-only); the agent carries an HMAC of its whole configuration and engine under that secret
-(``dolly.agent.digest``). Whenever an :class:`Agent` resolves its container it checks, with one
-inspect, the digest and every field that decides what the container can do (image, command,
-environment, binds and mounts, capabilities, privileges, security options, namespaces, runtime),
-against what the engine's labels say now; and, with one exec of the stdlib Python there, that
-the socket the agent mounts reaches the engine that runs it (it finds itself by its full
-container ID). Anything else under the name is removed and replaced, never used; an engine whose
-socket cannot be found (no ``dolly.socket`` label, and the default path is another engine's) is
-refused. A container's configuration cannot change once made, so the ID resolved stays checked.
+private to the user); the agent carries an HMAC of its whole configuration and engine under that
+secret (``dolly.agent.digest``). Its name, ``dolly-agent-<fingerprint>``, is of the protocol, the
+image's version and the secret's key ID: two Dollies (two versions, two users, two machines)
+never share or replace each other's agent. Whenever an :class:`Agent` resolves its container it
+checks, with one inspect, the digest and every field that decides what the container can do
+(image by ID, command, environment, binds and mounts, capabilities, privileges, security options,
+namespaces, runtime), against what the engine's labels say now; and, with one exec of the image's
+Python (``-I -S``: its standard library only), that the socket the agent mounts reaches the
+engine that runs it (it finds itself by its full container ID). An image whose Python does not
+run there (exit 126 or 127) is said to be so, with what to do. Anything else under the name is
+removed and replaced, never used; an engine whose socket cannot be found (no ``dolly.socket``
+label, and the default path is another engine's) is refused. A container's configuration cannot
+change once made, so the ID resolved stays checked.
 
 Results come back as one JSON line on stdout; a Dolly error comes back by its class name and
 message and is raised here as the same class. Bundles travel over the exec's stdout (export) and
@@ -45,7 +54,6 @@ import logging
 import os
 import secrets
 import stat
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -57,10 +65,13 @@ import docker
 from .. import _retry as retry, policy
 from .._engine import Engine, translate_errors
 from ..errors import HostNotReady
+from . import agent_image
+from .agent_image import PYTHON
 
 log = logging.getLogger("dolly")
 
-PROTOCOL = "2"
+# 3: the agent runs its own image (agent_image), nothing of the caller's host mounted.
+PROTOCOL = "3"
 NAME = "dolly-agent"
 LABEL = "dolly.agent"
 # The keyed digest that makes a container Dolly's agent (see AgentSpec.digest). Anyone who can
@@ -68,7 +79,6 @@ LABEL = "dolly.agent"
 # configuration and engine, and copying it onto another container proves nothing more, because
 # that container's configuration is checked against the one the digest covers.
 DIGEST_LABEL = "dolly.agent.digest"
-IMAGE = "dolly/python"
 SOCKET_LABEL = "dolly.socket"
 # What root has on the engine's host, as Dolly does there: files (DAC_*, FOWNER, CHOWN, FSETID),
 # overlay whiteouts (MKNOD) and trusted.* attributes (SYS_ADMIN), other processes (SYS_PTRACE)
@@ -85,31 +95,26 @@ AGENT_CAPABILITIES = ["AUDIT_CONTROL", "AUDIT_READ", "AUDIT_WRITE", "BLOCK_SUSPE
 
 
 class Agent:
-    """The agent of one engine. Get one with :meth:`of`."""
+    """The agent of one engine: its container, made and checked. The engine's
+    :class:`~dolly._hosts.channel.Channel` holds it."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._id: Optional[str] = None
         self._starting = threading.Lock()
 
-    @classmethod
-    def of(cls, engine: Engine) -> Agent:
-        agent = getattr(engine, "_agent", None)
-        if agent is None:
-            agent = engine._agent = cls(engine)  # type: ignore[attr-defined]
-        return agent
-
     # --- the container ---------------------------------------------------------------------------
 
     def container_id(self) -> str:
-        """The running agent's ID, started on demand. Each Dolly (its Python and source paths)
-        has its own agent, ``dolly-agent-<fingerprint>``: two installs never replace each
+        """The running agent's ID, started on demand. Each Dolly (its image's version and its
+        secret) has its own agent, ``dolly-agent-<fingerprint>``: two installs never replace each
         other's; two processes starting it at once share the one the engine made first.
 
         Raises:
-            HostNotReady: the engine lacks the image, the agent does not start, a container under
-                its name is not Dolly's agent and cannot be replaced, the engine's socket cannot
-                be told (see :meth:`_find_or_start`), or this runs inside an agent.
+            HostNotReady: the image cannot be put on the engine (see :func:`agent_image.ensure`),
+                the agent does not start, a container under its name is not Dolly's agent and
+                cannot be replaced, the engine's socket cannot be told (see
+                :meth:`_find_or_start`), or this runs inside an agent.
         """
         if self._id is not None:
             return self._id
@@ -128,9 +133,10 @@ class Agent:
         else make one (see :func:`_verify` for what is checked, and why).
 
         Raises:
-            HostNotReady: no image, an agent that does not start, a container under the agent's
-                name that is not Dolly's and cannot be removed, or an engine whose socket, as
-                the agent mounts it, reaches another engine (set ``dolly.socket``).
+            HostNotReady: no image, an agent that does not start or whose Python does not run, a
+                container under the agent's name that is not Dolly's and cannot be removed, or an
+                engine whose socket, as the agent mounts it, reaches another engine (set
+                ``dolly.socket``).
         """
         api = self.engine.api
         name = agent_name()
@@ -166,18 +172,15 @@ class Agent:
 
     def _spec(self) -> AgentSpec:
         """What this install's agent on this engine must be, from the engine's current labels
-        (read again, so that an agent made before a label changed is seen to differ).
+        (read again, so that an agent made before a label changed is seen to differ), and its
+        image, put on the engine first when it lacks it.
 
         Raises:
-            HostNotReady: the engine lacks the agent's image.
+            HostNotReady: the image is not there and cannot be put there (see
+                :func:`agent_image.ensure`).
         """
-        api = self.engine.api
         info = self.engine.info(refresh=True)
-        try:
-            image = api.inspect_image(IMAGE)
-        except docker.errors.ImageNotFound:
-            raise HostNotReady(f"the engine at {api.base_url} has no image {IMAGE}, which Dolly's agent runs "
-                               "in: run `make host` on that host (or copy the image there)") from None
+        image = agent_image.ensure(self.engine, lock=secret_dir() / "image.lock")
         return AgentSpec.of(info, image)
 
     def _remove_found(self, found: Dict[str, Any], why: str) -> None:
@@ -202,10 +205,16 @@ class Agent:
         the same digest, proves the same engine; the engine ID alone would not (engines sharing
         /etc/docker report the same one). One exec of the stdlib Python, no import of Dolly."""
         api = self.engine.api
-        exec_id = api.exec_create(found["Id"], [sys.executable, "-I", "-S", "-c", _WHOAMI, found["Id"], DIGEST_LABEL],
-                                  stdout=True, stderr=True)["Id"]
+        command = [PYTHON, "-I", "-S", "-c", _WHOAMI, found["Id"], DIGEST_LABEL]
+        exec_id = api.exec_create(found["Id"], command, stdout=True, stderr=True)["Id"]
         out, err = api.exec_start(exec_id, demux=True)
         code = exit_code(api, exec_id)
+        if code in (126, 127):
+            # Not the socket: the image's own Python does not run. Replacing the container would
+            # not help; the image is what to fix.
+            agent = (f"Dolly's agent {found.get('Name', '').lstrip('/')} on {api.base_url} (image "
+                     f"{found.get('Image', '')[:19]})")
+            raise HostNotReady(cannot_exec(agent, code, command, err or b""))
         try:
             seen = json.loads((out or b"").decode().strip().splitlines()[-1])
         except (ValueError, IndexError):
@@ -238,7 +247,8 @@ class Agent:
         try:
             created = api.create_container(
                 spec.image_id, list(spec.command), name=name, host_config=host_config, environment=dict(spec.env),
-                labels={LABEL: PROTOCOL, DIGEST_LABEL: spec.digest(secret)})
+                labels={LABEL: PROTOCOL, DIGEST_LABEL: spec.digest(secret)},
+                use_config_proxy=False)  # not the caller's proxies from ~/.docker: the spec's env only
         except docker.errors.APIError as e:
             if e.status_code != 409:
                 raise
@@ -290,21 +300,20 @@ def _label(info: Mapping[str, Any], key: str) -> Optional[str]:
     return None
 
 
-def _source_root() -> Path:
-    return Path(__file__).resolve().parent.parent
-
-
-def _runtime_paths() -> List[str]:
-    """What the agent needs to run this very Dolly: the Python it runs on, its virtualenv and
-    Dolly's source, at the same paths on the engine's host."""
-    paths = {os.path.realpath(sys.base_prefix), sys.prefix, str(_source_root())}
-    return sorted(p for p in paths if p and p != "/")
+def cannot_exec(agent: str, code: Optional[int], command: List[str], err: bytes) -> str:
+    """What to say when an exec in the agent (``agent`` says which) could not start its command:
+    exit 126, found but not executable; 127, not found."""
+    why = "is not executable there" if code == 126 else "is not there"
+    return (f"{agent} cannot run {' '.join(command[:3])}: {command[0]} {why} (exit {code}). The agent runs its "
+            f"image's own Python ({PYTHON}, Dolly in {agent_image.PREFIX}); remove the image "
+            f"({agent_image.REPOSITORY}:<version>) and the agent's container, and Dolly makes them again. "
+            f"{err.decode(errors='replace')[-500:]}")
 
 
 def _fingerprint(key_id: str) -> str:
-    """Which Dolly an agent runs: its protocol, Python and source paths and the ID of its
-    secret, as a short name part."""
-    return hashlib.sha256(f"{PROTOCOL}:{sys.executable}:{_source_root()}:{key_id}".encode()).hexdigest()[:12]
+    """Which Dolly an agent runs: its protocol, its image's version (Dolly's version and the
+    hash of every file it ships) and the ID of its secret, as a short name part."""
+    return hashlib.sha256(f"{PROTOCOL}:{agent_image.version()}:{key_id}".encode()).hexdigest()[:12]
 
 
 # --- knowing the agent ------------------------------------------------------------------------------
@@ -318,7 +327,15 @@ def secret_dir() -> Path:
     ``/var/lib/dolly/agent``, else this user's ``$XDG_STATE_HOME/dolly/agent``."""
     if os.geteuid() == 0:
         return Path("/var/lib/dolly/agent")
-    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "dolly" / "agent"
+    state = os.environ.get("XDG_STATE_HOME")
+    if not state:
+        try:
+            state = str(Path.home() / ".local" / "state")
+        except (RuntimeError, KeyError):  # no HOME, and no passwd entry for this user
+            raise HostNotReady(f"Dolly keeps the secret it makes its agents with in $XDG_STATE_HOME/dolly/agent "
+                               f"or ~/.local/state/dolly/agent, and this user (uid {os.geteuid()}) has neither: "
+                               "set XDG_STATE_HOME or HOME") from None
+    return Path(state) / "dolly" / "agent"
 
 
 def agent_secret() -> bytes:
@@ -331,7 +348,12 @@ def agent_secret() -> bytes:
             (then the secret is no secret), or the file is damaged.
     """
     folder = secret_dir()
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise HostNotReady(f"Dolly keeps the secret it makes its agents with in {folder}, which this user "
+                           f"(uid {os.geteuid()}) cannot make: {e.strerror}. Set XDG_STATE_HOME (or HOME) to a "
+                           "folder of this user's") from e
     path = folder / SECRET_FILE
     _private(folder, stat.S_ISDIR)
     if not path.exists():
@@ -369,8 +391,8 @@ def _private(path: Path, kind: Callable[[int], bool], st: Optional[os.stat_resul
 
 
 def agent_name() -> str:
-    """The agent's name: each install (protocol, Python, source, secret) has its own, so that two
-    never replace each other's, even two machines driving one engine from the same paths."""
+    """The agent's name: each install (protocol, image version, secret) has its own, so that two
+    never replace each other's, even two machines driving one engine with the same Dolly."""
     key_id = hmac.new(agent_secret(), b"dolly agent name", hashlib.sha256).hexdigest()[:16]
     return f"{NAME}-{_fingerprint(key_id)}"
 
@@ -416,10 +438,10 @@ class AgentSpec:
     def of(cls, info: Mapping[str, Any], image: Mapping[str, Any]) -> AgentSpec:
         root = str(info["DockerRootDir"])
         engine_socket = _label(info, SOCKET_LABEL) or "/var/run/docker.sock"
+        # Nothing of the caller's host: the image holds Dolly (agent_image).
         binds = [f"{root}:{root}", f"{engine_socket}:/var/run/docker.sock", "/var/log/dolly:/var/log/dolly",
                  "/run/dolly:/run/dolly"]
-        binds += [f"{p}:{p}:ro" for p in _runtime_paths()]
-        env = {"DOLLY_AGENT": "1", "PYTHONPATH": str(_source_root()), "PYTHONDONTWRITEBYTECODE": "1"}
+        env = {"DOLLY_AGENT": "1", "PYTHONPATH": agent_image.PREFIX, "PYTHONDONTWRITEBYTECODE": "1"}
         return cls(image_id=str(image["Id"]), command=("sleep", "infinity"), env=tuple(sorted(env.items())),
                    image_env=tuple(sorted(_env((image.get("Config") or {}).get("Env")).items())),
                    binds=tuple(binds), capabilities=tuple(AGENT_CAPABILITIES),

@@ -1,7 +1,8 @@
 """The channel to an engine's agent (:mod:`dolly._hosts.agent`): each operation is one ``exec`` in
-the agent's container, which runs ``python -m dolly._hosts.serve OP ARGS`` there. Arguments go as
-base64 JSON on the command line; the result comes back as one JSON line on stdout, or a Dolly error
-by its class name and message, raised here as the same class. Bundles travel over the exec's stdout
+the agent's container, which runs ``/usr/bin/python3 -m dolly._hosts.serve OP ARGS`` there (the
+Python of the agent's own image, :mod:`dolly._hosts.agent_image`). Arguments go as base64 JSON on
+the command line; the result comes back as one JSON line on stdout, or a Dolly error by its class
+name and message, raised here as the same class. Bundles travel over the exec's stdout
 (:meth:`Channel.stream_out`) and stdin (:meth:`Channel.stream_in`) as plain tar streams;
 post-copy's pages over both at once (:meth:`Channel.duplex`).
 """
@@ -14,7 +15,6 @@ import json
 import queue
 import socket
 import ssl
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,7 +25,8 @@ from docker.utils.socket import consume_socket_output, demux_adaptor, frames_ite
 from .. import errors
 from .._engine import Engine, translate_errors
 from ..errors import ContainerNotFound, DollyError, EngineError, HostNotReady
-from .agent import Agent, exit_code as _exit_code
+from .agent import Agent, cannot_exec, exit_code as _exit_code
+from .agent_image import PYTHON
 
 SERVE = "dolly._hosts.serve"
 _CHUNK = 1 << 20
@@ -38,6 +39,7 @@ class Channel:
         self.agent = agent
         self.engine = agent.engine
         self._warm: List[Tuple[str, Any]] = []  # workers waiting for an operation (prewarm)
+        self._starting = 0  # workers being started
         self._lock = threading.Lock()
 
     @classmethod
@@ -45,7 +47,7 @@ class Channel:
         """The channel to ``engine``'s agent (one per engine object)."""
         channel = getattr(engine, "_channel", None)
         if channel is None:
-            channel = engine._channel = cls(Agent.of(engine))  # type: ignore[attr-defined]
+            channel = engine._channel = cls(Agent(engine))  # type: ignore[attr-defined]
         return channel
 
     def prewarm(self, n: int = 1) -> Callable[[float], None]:
@@ -66,10 +68,15 @@ class Channel:
                 if header is None or header[0] != 2:
                     raise OSError("no readiness line")
             except (DollyError, OSError):
+                with self._lock:
+                    self._starting -= 1
                 return
             with self._lock:
+                self._starting -= 1
                 self._warm.append((exec_id, sock))
 
+        with self._lock:
+            self._starting += n
         for _ in range(n):
             t = threading.Thread(target=start, name="dolly-agent-warm", daemon=True)
             t.start()
@@ -81,6 +88,16 @@ class Channel:
                 t.join(max(0.0, deadline - time.monotonic()))
 
         return wait
+
+    def keep_warm(self) -> None:
+        """Have one worker ready for the next operation, unless one is ready or being started:
+        a spread's next clone there skips Python's start (about 0.25 s) and pycriu's import. An
+        unused worker ends with this process, with :meth:`release`, or after
+        :data:`dolly._hosts.serve.WARM_IDLE_S` idle in the agent."""
+        with self._lock:
+            if self._warm or self._starting:
+                return
+        self.prewarm(1)
 
     def release(self) -> None:
         """End the workers :meth:`prewarm` started that were not used."""
@@ -120,7 +137,7 @@ class Channel:
         for again in (True, False):
             try:
                 with translate_errors():
-                    command = _command(op, args) if args is not None else [sys.executable, "-m", SERVE, op]
+                    command = _command(op, args) if args is not None else [PYTHON, "-m", SERVE, op]
                     made = self.engine.api.exec_create(self.agent.container_id(), command, stdin=stdin,
                                                        stdout=stdout, stderr=stderr)
                     return str(made["Id"])
@@ -351,7 +368,7 @@ class _SocketWriter(io.RawIOBase):
 
 def _command(op: str, args: Dict[str, Any]) -> List[str]:
     encoded = base64.b64encode(json.dumps(args).encode()).decode()
-    return [sys.executable, "-m", SERVE, op, encoded]
+    return [PYTHON, "-m", SERVE, op, encoded]
 
 
 def _result(out: bytes, err: bytes, code: Optional[int]) -> Any:
@@ -362,6 +379,8 @@ def _result(out: bytes, err: bytes, code: Optional[int]) -> Any:
     except ValueError:
         reply = None
     if reply is None:
+        if code in (126, 127):  # the exec did not start: say what did not run, and why
+            raise HostNotReady(cannot_exec("Dolly's agent", code, [PYTHON, "-m", SERVE], err))
         raise HostNotReady(f"Dolly's agent failed (exit {code}): {err.decode(errors='replace')[-2000:]}")
     if "error" in reply:
         cls = getattr(errors, str(reply["error"]), DollyError)

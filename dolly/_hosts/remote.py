@@ -118,6 +118,7 @@ class AgentHost:
         ids = self.channel.call("clone", container_id=checkpoint.container_id, name=checkpoint.name,
                                 request=request.to_json(),
                                 same_as=same_as.isoformat() if same_as is not None else None)
+        self.channel.keep_warm()  # off the critical path: the next clones here start from a warm worker
         try:
             made = [self.engine.container(i) for i in ids]
             for c in made:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import select
 import sys
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -26,6 +27,8 @@ from ..errors import CARRIED, BundleError, DollyError, InvalidArgument
 from .local import LocalHost
 
 STREAMED = object()
+# How long a warm worker (Channel.prewarm) waits for its operation before it ends.
+WARM_IDLE_S = 600.0
 
 
 def checkpoint_json(cp: Checkpoint) -> Dict[str, Any]:
@@ -141,8 +144,10 @@ def main(argv: List[str]) -> int:
     """``python -m dolly._hosts.serve OP ARGS``: run one operation against the engine beside us."""
     if argv == ["--serve"]:  # a warm worker: the operation comes as the first line of stdin
         criu.preload()
-        sys.stderr.buffer.write(b"\n")  # ready: one frame on stderr, read by Agent.prewarm
+        sys.stderr.buffer.write(b"\n")  # ready: one frame on stderr, read by Channel.prewarm
         sys.stderr.buffer.flush()
+        if not select.select([sys.stdin.buffer], [], [], WARM_IDLE_S)[0]:
+            return 0  # unused for that long: ends, and its memory with it
         line = sys.stdin.buffer.readline().split()
         if len(line) != 2:
             return 0  # ended unused
