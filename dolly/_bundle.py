@@ -459,7 +459,29 @@ def _make_checkpoint(extracted: Path, folder: Path, manifest: Dict[str, Any], fi
             formats.undo_podman_images(folder / "criu")
         except ImageRewriteError as e:
             raise UnsafeArchive(f"the bundle's CRIU images cannot be made Docker's again: {e}") from e
-    meta = archive.small_json(extracted / "config.dump")
+    config = recorded_config(archive.small_json(extracted / "config.dump"), manifest)
+    want = manifest["checkpoint"]
+    cp = Checkpoint(
+        container_id=want["container_id"],
+        container_name=want["container_name"],
+        name=want["name"],
+        created_at=datetime.fromisoformat(want["created_at"]),
+        hostname=want["hostname"],
+        config=types.MappingProxyType(config),
+        path=final,
+        origin=origin,
+    )
+    seal(cp, folder)
+    return cp
+
+
+def recorded_config(meta: Any, manifest: Dict[str, Any]) -> Dict[str, Any]:
+    """The source's ``docker inspect`` from a bundle's ``config.dump`` (parsed), held to the
+    manifest: the checkpoint it names, its image.
+
+    Raises:
+        DigestMismatch: config.dump describes another checkpoint, or is no checkpoint's.
+    """
     if isinstance(meta, dict) and "dolly" in meta:  # beside checkpointctl's fields (older bundles: alone)
         meta = meta["dolly"]
     want = manifest["checkpoint"]
@@ -477,18 +499,7 @@ def _make_checkpoint(extracted: Path, folder: Path, manifest: Dict[str, Any], fi
             raise ValueError("its image is not the manifest's")
     except (KeyError, TypeError, ValueError) as e:
         raise DigestMismatch(f"config.dump does not describe the checkpoint the manifest names ({e})") from None
-    cp = Checkpoint(
-        container_id=want["container_id"],
-        container_name=want["container_name"],
-        name=want["name"],
-        created_at=datetime.fromisoformat(want["created_at"]),
-        hostname=want["hostname"],
-        config=types.MappingProxyType(config),
-        path=final,
-        origin=origin,
-    )
-    seal(cp, folder)
-    return cp
+    return config
 
 
 class Lineages:
