@@ -227,5 +227,7 @@ def require(checkpoint: Any) -> Checkpoint:
         InvalidArgument: ``checkpoint`` is not a :class:`Checkpoint`.
     """
     if not isinstance(checkpoint, Checkpoint):
-        raise InvalidArgument(f"expected a dolly.Checkpoint, got {type(checkpoint).__name__}")
+        hint = (f": a checkpoint kept by name is dolly.get_checkpoint({checkpoint!r}, NAME), and "
+                "dolly.list_checkpoints(CONTAINER) lists them" if isinstance(checkpoint, str) else "")
+        raise InvalidArgument(f"expected a dolly.Checkpoint, got {type(checkpoint).__name__}{hint}")
     return checkpoint

@@ -64,7 +64,10 @@ def take(engine: Engine, container: ContainerRef, name: str, *, leave_running: b
     engine.require_checkpoint_support()
     source = engine.container(container)
     if not source.attrs["State"].get("Running"):
-        raise ContainerNotRunning(f"container {source.name} is {source.status}, not running")
+        raise ContainerNotRunning(
+            f"container {source.name} is {source.status}, not running: start it (docker start {source.name}) and "
+            "checkpoint it then; one stopped by a checkpoint (leave_running=False) goes on from that checkpoint "
+            f"with dolly.resume(dolly.get_checkpoint({source.name!r}, NAME))")
     with _claimed(engine, source, name) as (source, final):
         return _checkpoint_locked(engine, source, name, final, leave_running, max_layer_bytes)
 

@@ -180,7 +180,7 @@ def restore_cmd(ctx: Context, container: str, checkpoint: str, name: Optional[st
 @command
 def clone_cmd(ctx: Context, container: str, checkpoint: str, count: int, prefix: Optional[str],
               networks: List[str]) -> None:
-    """Start COUNT new containers from CONTAINER's CHECKPOINT, each with its own identity."""
+    """Start new containers (-n of them, default 1) from CONTAINER's CHECKPOINT, each with its own identity."""
     cp = dolly.get_checkpoint(container, checkpoint, ctx.client)
     columns = [TextColumn("cloning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=err, transient=True, disable=count == 1 or not err.is_terminal) as bar:

@@ -21,6 +21,15 @@ def test_help(sub):
     assert res.returncode == 0 and "Usage: dolly" in res.stdout
 
 
+def test_python_m_dolly_is_the_command():
+    """`python -m dolly` runs the same command as the console script (issue 24)."""
+    res = subprocess.run([sys.executable, "-m", "dolly", "clone", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "Usage: python -m dolly clone [OPTIONS] CONTAINER CHECKPOINT" in res.stdout
+    assert "COUNT" not in res.stdout  # the help names only arguments the command takes
+
+
 @pytest.mark.engine  # the whole host: the engine, CRIU, pycriu
 def test_doctor_passes_on_this_host():
     res = dolly_cmd("doctor")

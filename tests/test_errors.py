@@ -41,8 +41,10 @@ def test_unknown_container(client):
 def test_stopped_and_paused_containers(run, engine):
     stopped = run(BUSYBOX, ["true"])
     stopped.wait(timeout=10)
-    with pytest.raises(errors.ContainerNotRunning):
+    with pytest.raises(errors.ContainerNotRunning) as info:
         dolly.checkpoint(stopped)
+    # What to do about it (issue 24): start it, or resume it from its own checkpoint.
+    assert f"docker start {stopped.name}" in str(info.value) and "dolly.resume(" in str(info.value)
     paused = run(BUSYBOX, ["sh", "-c", COUNTER])
     paused.pause()
     with pytest.raises(errors.ContainerNotRunning):

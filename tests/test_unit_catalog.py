@@ -103,3 +103,12 @@ def test_an_engine_that_does_not_answer_is_an_error_not_an_empty_list(a):
         dolly.prune(all_containers=True, client=a.client)
     a.answer_again()
     assert [cp.name for cp in dolly.list_checkpoints(client=a.client)] == ["cp"]
+
+
+def test_a_container_name_where_a_checkpoint_belongs_is_pointed_to_get_checkpoint(a):
+    """`dolly.clone("web", 2)`: the error says how to get the checkpoint (issue 24)."""
+    a.run(name="web")
+    with pytest.raises(errors.InvalidArgument) as info:
+        dolly.clone("web", 2, client=a.client)  # type: ignore[arg-type]
+    assert "dolly.get_checkpoint('web', NAME)" in str(info.value)
+    assert a.container_names() == {"web"}  # nothing was made
