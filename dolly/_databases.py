@@ -94,7 +94,7 @@ class Recipe:
         redis-py's client.
 
         Raises:
-            HostNotReady: the driver is not installed (``pip install dolly[postgres]`` etc.).
+            HostNotReady: the driver is not installed (``pip install 'dolly-checkpoint[postgres]'`` etc.).
         """
         try:
             if self.kind == "postgres":
@@ -111,7 +111,7 @@ class Recipe:
             return redis.Redis(host=host, port=self.port, password=self.password, socket_timeout=10)
         except ImportError as e:
             raise HostNotReady(f"the {self.kind} driver is not installed ({e}): "
-                               f"pip install 'dolly[{self.kind}]'") from e
+                               f"pip install 'dolly-checkpoint[{self.kind}]'") from e
 
 
 def postgres(*, image: str, user: str, password: str, database: str) -> Recipe:

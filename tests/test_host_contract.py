@@ -286,3 +286,34 @@ def test_a_container_its_checkpoint_stopped_is_resumed_as_itself(side):
     assert (again.id, again.name, again.status) == (c.id, c.name, "running")
     with pytest.raises(errors.InvalidArgument):
         side.host.resume(cp, c.id)  # running now
+
+
+def test_a_clone_from_the_host_s_own_copy_never_takes_an_import_for_it(side):
+    """``start_clones(same_as=)`` (how a spread clones from an engine's own copy): the original
+    taken on that host is used; another instant is not, nor an imported checkpoint that only
+    claims the same container, name and instant (CheckpointNotFound), and nothing is made."""
+    c = side.start()
+    cp = take(side, c)
+
+    def request(tag: str) -> CloneRequest:
+        return CloneRequest((f"contract-{tag}-{uuid.uuid4().hex[:8]}",), True, "contract", {}, 1)
+
+    later = request("later")
+    with pytest.raises(errors.CheckpointNotFound):
+        side.host.start_clones(cp, later, on_create=None, progress=None, same_as=cp.created_at + timedelta(seconds=1))
+    (clone,) = side.host.start_clones(cp, request("own"), on_create=None, progress=None, same_as=cp.created_at)
+    assert (clone.labels[LABEL_SOURCE], clone.labels[LABEL_CHECKPOINT]) == (cp.container_id, cp.name)
+    side.remove(clone)
+    manifest, members = exported(side, cp)
+    side.host.remove_checkpoint(cp)
+    side.remove(c)
+    staged = side.host.stage_import(manifest, None, ((n, s, io.BytesIO(d)) for n, s, d in members),
+                                    allowed=policy.ALL, max_bytes=None, between_own_engines=False, rebuild=False)
+    side.staged.append(staged)
+    imported = side.host.commit_import(staged, reference=None)
+    assert (imported.container_id, imported.name, imported.created_at) == (cp.container_id, cp.name, cp.created_at)
+    assert imported.origin is not None and "copy" not in imported.origin
+    lookalike = request("import")
+    with pytest.raises(errors.CheckpointNotFound):
+        side.host.start_clones(cp, lookalike, on_create=None, progress=None, same_as=cp.created_at)
+    assert side.labelled(LABEL_CHECKPOINT, cp.name) == []

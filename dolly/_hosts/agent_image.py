@@ -45,7 +45,7 @@ import docker
 
 from .._archive import tarfile
 from .._engine import Engine, default_client, translate_errors
-from .._version import __version__
+from .._version import DISTRIBUTION, __version__
 from ..errors import DollyError, HostNotReady
 
 BASE = "dolly/python"
@@ -117,12 +117,12 @@ def _distributions() -> List[importlib.metadata.Distribution]:
         HostNotReady: a requirement whose marker holds here is not installed.
     """
     found: Dict[str, importlib.metadata.Distribution] = {}
-    wanted: List[Tuple[str, bool]] = [(r, True) for r in _requirements(importlib.metadata.requires("dolly"))]
+    wanted: List[Tuple[str, bool]] = [(r, True) for r in _requirements(importlib.metadata.requires(DISTRIBUTION))]
     wanted += [(name, False) for name in _EXTRA]
     while wanted:
         name, required = wanted.pop()
         key = re.sub(r"[-_.]+", "-", name).lower()
-        if key in found or key == "dolly":
+        if key in found or key == DISTRIBUTION:
             continue
         try:
             dist = importlib.metadata.distribution(name)

@@ -46,7 +46,7 @@ class Database:
         (autocommit) or redis-py's client.
 
         Raises:
-            HostNotReady: the driver is not installed (``pip install 'dolly[postgres]'`` etc.).
+            HostNotReady: the driver is not installed (``pip install 'dolly-checkpoint[postgres]'`` etc.).
         """
         return self.recipe.connect(self.host)
 

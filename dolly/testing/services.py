@@ -5,7 +5,6 @@ pytest process, and says in the summary what the clones saved.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 import statistics
@@ -30,6 +29,7 @@ from .._engine import Engine, id_of
 from .._hosts import host_of
 from .._oci import Reference
 from .._registry import pull_annotated, push
+from .._version import __version__
 from ..errors import BundleExpired, CheckpointExists, InvalidArgument, RegistryError
 from .runs import (
     OWNER_LABEL,
@@ -262,7 +262,7 @@ class Plugin:
         """The cache's tag for ``spec``: what made the warm checkpoint."""
         engine = Engine.of(self.client)
         made_by = json.dumps([engine.image_id(spec.image), spec.command, dict(spec.environment),
-                              repr(sorted(spec.run_options.items())), importlib.metadata.version("dolly"),
+                              repr(sorted(spec.run_options.items())), __version__,
                               criu.version(), criu.build()], sort_keys=True, default=str)
         return f"{cache.repository}:warm-{hashlib.sha256(made_by.encode()).hexdigest()[:32]}"
 
