@@ -28,15 +28,24 @@ def criu_log(container_id: str, command: str, *, limit: int = 25) -> tuple[list[
 # library named libgpg-error.so, say) are not.
 _CRIU_ERROR = re.compile(r"^(\(\s*[\d.]+\)\s+)?\s*(pie: )?(\d+: )?Error \(")
 
+# How CRIU says what to do about a failure ("Connected TCP socket, consider using --tcp-established").
+_HINT = "consider using"
+
 
 def criu_excerpt(lines: Sequence[str], *, limit: int = 25, before: int = 3) -> list[str]:
     """CRIU's ``Error (...)`` lines with the ``before`` lines ahead of each (what it was doing),
-    at most ``limit`` lines, the last ones; the last ``limit`` lines of the log when it has none."""
+    at most ``limit`` lines, the last ones; the last ``limit`` lines of the log when it has none.
+    An error line that says what to do (CRIU's "consider using ...") comes first, whatever it
+    follows: it is the one a reader needs (issue 24: it was below an unrelated rlimit line)."""
     keep: list[int] = []
     for i, line in enumerate(lines):
         if _CRIU_ERROR.match(line):
             keep.extend(j for j in range(max(0, i - before), i + 1) if not keep or j > keep[-1])
-    return [lines[i] for i in keep][-limit:] if keep else list(lines[-limit:])
+    if not keep:
+        return list(lines[-limit:])
+    excerpt = [lines[i] for i in keep][-limit:]
+    hints = [line for line in excerpt if _CRIU_ERROR.match(line) and _HINT in line]
+    return hints + [line for line in excerpt if line not in hints]
 
 
 def forget_criu_log(container_id: str, command: str) -> None:

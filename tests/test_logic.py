@@ -130,6 +130,10 @@ def test_the_criu_excerpt_is_criu_s_own_error_lines_and_what_came_before():
     # No error line of CRIU's own: the end of the log, however often it says "error".
     quiet = ["(00.1) error-free line", "(00.2) libgpg-error.so", "(00.3) done"]
     assert criu_excerpt(quiet, limit=2) == quiet[-2:]
+    # The line that says what to do comes first (a server with a client connected, issue 24).
+    tcp = "(00.060000) Error (criu/sk-inet.c:200): inet: Connected TCP socket, consider using --tcp-established option."
+    hinted = [*log[:6], tcp, *log[6:]]
+    assert criu_excerpt(hinted) == [tcp, *[line for line in hinted[2:] if line != tcp]]
 
 
 def overlay_tar(path, members):
