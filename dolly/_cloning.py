@@ -106,8 +106,10 @@ def clone(
         client: the engine; default the one the checkpoint knows (``checkpoint.client``), else
             ``docker.from_env()``.
         engines: spread the clones round-robin over these engines (clients). The checkpoint is
-            copied to each engine that lacks it as a signed bundle, with its image, and that copy
-            is removed again afterwards. The list is in engine order, then name order.
+            copied to each engine that holds no copy of it (its members streamed host to host,
+            with its image) and the copy is kept there, so that the next spread clones from it
+            (``dolly.prune`` on that engine removes it). The list is in engine order, then name
+            order.
         max_workers: how many clones are prepared and started concurrently (per engine).
         progress: called with each clone as soon as it runs (from a worker thread).
         network: the network (a name or ID on the engine) every clone joins instead of the
