@@ -31,7 +31,7 @@ import types
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
+from typing import IO, Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
 
 from filelock import FileLock
 
@@ -356,15 +356,29 @@ def _staging(engine: Engine, token: str) -> Path:
 
 
 def extract(members: Iterable[Member], into: Path, manifest: Dict[str, Any], max_bytes: int) -> None:
-    """Every member after the manifest and signature: of the layout, listed, once each, of its
-    listed size, hashed while written.
+    """Every member after the manifest and signature (held to :func:`checked_members`' rules),
+    hashed while written into the new folder ``into``.
+
+    Raises:
+        DigestMismatch, UnsafeArchive: naming the first member that breaks those rules.
+    """
+    into.mkdir(mode=0o700)
+    (into / "checkpoint").mkdir(mode=0o700)
+    for name, size, data, sha256 in checked_members(members, manifest, max_bytes):
+        dest = names.inside(into, *name.split("/"), error=UnsafeArchive)
+        archive.write_data(name, data, dest, sha256=sha256, size=size)
+
+
+def checked_members(members: Iterable[Member], manifest: Dict[str, Any],
+                    max_bytes: int) -> Iterator[Tuple[str, int, IO[bytes], str]]:
+    """Each member with the SHA-256 its data must hash to, once it is of the bundle layout,
+    listed, not seen before, of its listed size, and within ``max_bytes`` in all; at the end,
+    every listed member seen. The caller hashes the data as it reads it.
 
     Raises:
         DigestMismatch, UnsafeArchive: naming the first member that breaks those rules.
     """
     expected = {m["name"]: m for m in manifest["members"]}
-    into.mkdir(mode=0o700)
-    (into / "checkpoint").mkdir(mode=0o700)
     seen = set()
     total = 0
     for name, size, data in members:
@@ -379,8 +393,7 @@ def extract(members: Iterable[Member], into: Path, manifest: Dict[str, Any], max
             raise DigestMismatch(f"{name} is {size} bytes, the manifest says {want['size']}")
         if total > max_bytes:
             raise UnsafeArchive(too_large(total, max_bytes))
-        dest = names.inside(into, *name.split("/"), error=UnsafeArchive)
-        archive.write_data(name, data, dest, sha256=want["sha256"], size=size)
+        yield name, size, data, want["sha256"]
     missing = set(expected) - seen
     if missing:
         raise DigestMismatch(f"the bundle lacks {', '.join(sorted(missing))}, which its manifest lists")

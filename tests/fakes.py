@@ -69,11 +69,11 @@ from docker.models.containers import Container
 
 from dolly import _names as names, _rebuild, policy
 from dolly._archive import tarfile
-from dolly._bundle import Lineages, Staged, recorded_config
+from dolly._bundle import Lineages, Staged, checked_members, recorded_config
 from dolly._checkpoint import Checkpoint
 from dolly._checks import Check
 from dolly._engine import ContainerRef, Engine
-from dolly._manifest import DEFAULT_MAX_BYTES, FORMAT, MEMBER_RE, Member, lineage_key, source_fields, too_large
+from dolly._manifest import DEFAULT_MAX_BYTES, FORMAT, Member, lineage_key, source_fields, too_large
 from dolly._postcopy import PageSource, PageTarget
 from dolly._start import LABEL_CHECKPOINT, LABEL_OPERATION, LABEL_SOURCE, CloneRequest, clone_config
 from dolly.errors import (
@@ -1001,27 +1001,14 @@ class FakeHost:
 
     @staticmethod
     def _extract(members: Iterable[Member], manifest: Dict[str, Any], limit: int) -> Dict[str, bytes]:
-        expected = {m["name"]: m for m in manifest["members"]}
+        """The members held to the real rules (:func:`dolly._bundle.checked_members`), kept in
+        memory, each hashed as the real host hashes it while it writes."""
         files: Dict[str, bytes] = {}
-        total = 0
-        for name, size, data in members:
-            if not MEMBER_RE.match(name):
-                raise UnsafeArchive(f"the bundle holds {name!r}, which is not part of the bundle layout")
-            want = expected.get(name)
-            if want is None or name in files:
-                raise DigestMismatch(f"the bundle holds {name!r}, which its manifest does not list (once)")
-            total += size
-            if size != want["size"]:
-                raise DigestMismatch(f"{name} is {size} bytes, the manifest says {want['size']}")
-            if total > limit:
-                raise UnsafeArchive(too_large(total, limit))
+        for name, size, data, sha256 in checked_members(members, manifest, limit):
             content = data.read()
-            if len(content) != size or hashlib.sha256(content).hexdigest() != want["sha256"]:
+            if len(content) != size or hashlib.sha256(content).hexdigest() != sha256:
                 raise DigestMismatch(f"{name} does not match its SHA-256 in the manifest")
             files[name] = content
-        missing = set(expected) - set(files)
-        if missing:
-            raise DigestMismatch(f"the bundle lacks {', '.join(sorted(missing))}, which its manifest lists")
         return files
 
     @staticmethod
