@@ -50,11 +50,11 @@ from ._checkpoint import METADATA, Checkpoint
 from ._engine import Engine
 from ._manifest import (
     DEFAULT_MAX_BYTES,
-    FORMAT,
     MEMBER_RE,
     Member,
     entry,
     lineage_key,
+    new_manifest,
     opened,
     source_fields,
     too_large,
@@ -156,30 +156,9 @@ def bundle_members(checkpoint: Checkpoint, engine: Engine, *, expires_in: timede
         ]
         members += [(n, checkpoint.path / n) for n in ("spec.dump", "stats-dump") if (checkpoint.path / n).exists()]
 
-        now = datetime.now(UTC)
-        info = engine.info()
-        manifest = {
-            "format": FORMAT,
-            "bundle_id": uuid.uuid4().hex,
-            "lineage": lineage or checkpoint.container_id,
-            "created_at": now.isoformat(),
-            "expires_at": (now + expires_in).isoformat(),
-            "checkpoint": {
-                "name": checkpoint.name,
-                "container_id": checkpoint.container_id,
-                "container_name": checkpoint.container_name,
-                "created_at": checkpoint.created_at.isoformat(),
-                "hostname": checkpoint.hostname,
-            },
-            "image": {"id": checkpoint.image_id, "name": checkpoint.config["Config"].get("Image")},
-            "source": {"engine_id": info.get("ID"), "host": info.get("Name"),
-                       "docker_version": info.get("ServerVersion")},
-            "criu_version": ".".join(map(str, criu.version() or ())),
-            "kernel": os.uname().release,
-            "compression": "none",
-            "signer": None,
-            "members": [entry(name, p) for name, p in members],
-        }
+        manifest = new_manifest(checkpoint, info=engine.info(), members=[entry(name, p) for name, p in members],
+                                lineage=lineage, expires_in=expires_in,
+                                criu_version=".".join(map(str, criu.version() or ())), kernel=os.uname().release)
         yield manifest, opened(members)
 
 

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import tempfile
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union, cast
@@ -32,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from . import _archive as archive, _criu as criu, _formats as formats, _names as names, trust
 from ._archive import tarfile
+from ._checkpoint import Checkpoint
 from .errors import BundleError, BundleExpired, UnsafeArchive, UnsignedBundle, UntrustedSigner
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -56,6 +58,41 @@ _REQUIRED = ("config.dump", "rootfs-diff.tar", "deleted.files", "checkpoint/inve
 SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
 KEY_ID_RE = re.compile(r"^[0-9a-f]{16}\Z")
 BUNDLE_ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
+
+
+def new_manifest(checkpoint: Checkpoint, *, info: Dict[str, Any], members: List[Dict[str, Any]], lineage: Optional[str],
+                 expires_in: timedelta, criu_version: str, kernel: str) -> Dict[str, Any]:
+    """The manifest of ``checkpoint``'s bundle, its ``members`` entries as :func:`entry` makes
+    them, the source fields from the engine's ``info``; stamped (:func:`stamp`) unsigned and not
+    compressed."""
+    manifest: Dict[str, Any] = {
+        "format": FORMAT,
+        "checkpoint": {
+            "name": checkpoint.name,
+            "container_id": checkpoint.container_id,
+            "container_name": checkpoint.container_name,
+            "created_at": checkpoint.created_at.isoformat(),
+            "hostname": checkpoint.hostname,
+        },
+        "image": {"id": checkpoint.image_id, "name": checkpoint.config["Config"].get("Image")},
+        "source": {"engine_id": info.get("ID"), "host": info.get("Name"), "docker_version": info.get("ServerVersion")},
+        "criu_version": criu_version,
+        "kernel": kernel,
+        "members": members,
+    }
+    return stamp(manifest, lineage=lineage, expires_in=expires_in, compression="none", signer=None)
+
+
+def stamp(manifest: Dict[str, Any], *, lineage: Optional[str], expires_in: timedelta, compression: str,
+          signer: Optional[Ed25519PrivateKey]) -> Dict[str, Any]:
+    """``manifest`` with the fields its writer vouches for: a bundle ID of its own, the lineage
+    (default the source container's ID), this host's clock (made now, fresh for ``expires_in``),
+    the compression and the signer's key id. Returns it, changed in place."""
+    now = datetime.now(UTC)
+    manifest.update(bundle_id=uuid.uuid4().hex, lineage=lineage or manifest["checkpoint"]["container_id"],
+                    created_at=now.isoformat(), expires_at=(now + expires_in).isoformat(), compression=compression,
+                    signer=trust.key_id(signer) if signer is not None else None)
+    return manifest
 
 
 def entry(name: str, path: Path) -> Dict[str, Any]:

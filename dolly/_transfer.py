@@ -17,8 +17,7 @@ import json
 import os
 import tempfile
 import time
-import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any, Dict, FrozenSet, Iterable, List, Optional, Union
 
@@ -43,6 +42,7 @@ from ._manifest import (
     parse_manifest,
     read_signature,
     source_of,
+    stamp,
     tar_members,
     write_bundle,
 )
@@ -136,10 +136,7 @@ def export(
     with host_of(engine).export_members(checkpoint, expires_in=expires_in, lineage=lineage,
                                         max_bytes=max_bytes) as (manifest, members):
         # What the caller's key signs is the caller's: its clock, its lineage, a bundle ID of its own.
-        now = datetime.now(UTC)
-        manifest.update(bundle_id=uuid.uuid4().hex, lineage=lineage or checkpoint.container_id,
-                        created_at=now.isoformat(), expires_at=(now + expires_in).isoformat(), compression=compression,
-                        signer=trust.key_id(signer) if signer is not None else None)
+        stamp(manifest, lineage=lineage, expires_in=expires_in, compression=compression, signer=signer)
         return write_bundle(out, manifest, members, signer=signer, compression=compression,
                             encryption_key=encryption_key)
 

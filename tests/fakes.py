@@ -73,7 +73,7 @@ from dolly._bundle import Lineages, Staged, checked_members, recorded_config
 from dolly._checkpoint import Checkpoint
 from dolly._checks import Check
 from dolly._engine import ContainerRef, Engine
-from dolly._manifest import DEFAULT_MAX_BYTES, FORMAT, Member, lineage_key, source_fields, too_large
+from dolly._manifest import DEFAULT_MAX_BYTES, Member, lineage_key, new_manifest, source_fields, too_large
 from dolly._postcopy import PageSource, PageTarget
 from dolly._start import LABEL_CHECKPOINT, LABEL_OPERATION, LABEL_SOURCE, CloneRequest, clone_config
 from dolly.errors import (
@@ -933,26 +933,10 @@ class FakeHost:
             "rootfsImage": cp.config["Config"].get("Image"), "rootfsImageRef": cp.image_id.removeprefix("sha256:"),
             "runtime": "runc", "checkpointedTime": cp.created_at.isoformat()}).encode()
         members["network.status"] = json.dumps((cp.config.get("NetworkSettings") or {}).get("Networks") or {}).encode()
-        now = datetime.now(UTC)
-        info = self._fake.info()
-        manifest = {
-            "format": FORMAT,
-            "bundle_id": uuid.uuid4().hex,
-            "lineage": lineage or cp.container_id,
-            "created_at": now.isoformat(),
-            "expires_at": (now + expires_in).isoformat(),
-            "checkpoint": {"name": cp.name, "container_id": cp.container_id, "container_name": cp.container_name,
-                           "created_at": cp.created_at.isoformat(), "hostname": cp.hostname},
-            "image": {"id": cp.image_id, "name": cp.config["Config"].get("Image")},
-            "source": {"engine_id": info.get("ID"), "host": info.get("Name"),
-                       "docker_version": info.get("ServerVersion")},
-            "criu_version": "4.2",
-            "kernel": "fake",
-            "compression": "none",
-            "signer": None,
-            "members": [{"name": n, "sha256": hashlib.sha256(d).hexdigest(), "size": len(d)}
-                        for n, d in sorted(members.items())],
-        }
+        manifest = new_manifest(cp, info=self._fake.info(), lineage=lineage, expires_in=expires_in,
+                                criu_version="4.2", kernel="fake",
+                                members=[{"name": n, "sha256": hashlib.sha256(d).hexdigest(), "size": len(d)}
+                                         for n, d in sorted(members.items())])
         yield manifest, ((n, len(d), io.BytesIO(d)) for n, d in sorted(members.items()))
 
     def stage_import(self, manifest: Dict[str, Any], signer: Optional[str], members: Iterable[Member], *,
