@@ -67,16 +67,8 @@ def restore(
     """
     if name is not None:
         names.container_name(name)
-    chosen = [name] if name else None
-    require(checkpoint)
-    if client is not None and checkpoint.client is not None and not _holds(client, checkpoint):
-        if network is not None:
-            raise InvalidArgument("network= is not for a checkpoint restored on another engine than its own")
-        # Another engine than the checkpoint's: it is copied there first (and kept).
-        return _clone_across(checkpoint, 1, [client], home=checkpoint.client, name_prefix=None, labels=labels,
-                             on_create=on_create, max_workers=1, progress=None, chosen=chosen)[0]
-    return start_on(Engine.of(client if client is not None else checkpoint.client), checkpoint, 1, labels=labels,
-                    on_create=on_create, network=network, chosen=chosen)[0]
+    return _place(checkpoint, 1, client=client, engines=None, network=network, name_prefix=None, labels=labels,
+                  on_create=on_create, max_workers=1, progress=None, chosen=[name] if name else None)[0]
 
 
 def clone(
@@ -134,18 +126,36 @@ def clone(
         names.container_name(name_prefix)
     if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
         raise InvalidArgument(f"max_workers must be an int of 1 or more, got {max_workers!r}")
+    return _place(checkpoint, n, client=client, engines=engines, network=network, name_prefix=name_prefix,
+                  labels=labels, on_create=on_create, max_workers=max_workers, progress=progress, chosen=None)
+
+
+def _place(checkpoint: Checkpoint, n: int, *, client: Optional[docker.DockerClient],
+           engines: Optional[Sequence[docker.DockerClient]], network: Union[str, Sequence[str], None],
+           name_prefix: Optional[str], labels: Optional[Dict[str, str]], on_create: Optional[Callable[[str], None]],
+           max_workers: int, progress: Optional[Callable[[Container], None]],
+           chosen: Optional[List[str]]) -> List[Container]:
+    """Where :func:`clone`'s and :func:`restore`'s containers go: on ``engines`` (the checkpoint
+    copied to each that holds none), on ``client``'s engine when that is another than the
+    checkpoint's (copied there first), else on the checkpoint's own engine.
+
+    Raises:
+        the errors of :func:`clone`.
+    """
     spread = _networks(network)
     require(checkpoint)
     if engines is None and client is not None and checkpoint.client is not None and not _holds(client, checkpoint):
         engines = [client]  # another engine than the checkpoint's: it is copied there first
     if engines is not None:
         if spread is not None:
-            raise InvalidArgument("network= is not for clones spread over several engines (each has its own)")
+            raise InvalidArgument("network= is not for clones copied to another engine than the checkpoint's, or "
+                                  "spread over several (each engine has networks of its own)")
         return _clone_across(checkpoint, n, list(engines), home=checkpoint.client or client, name_prefix=name_prefix,
-                             labels=labels, on_create=on_create, max_workers=max_workers, progress=progress)
+                             labels=labels, on_create=on_create, max_workers=max_workers, progress=progress,
+                             chosen=chosen)
     return start_on(Engine.of(client if client is not None else checkpoint.client), checkpoint, n,
                     name_prefix=name_prefix, labels=labels, on_create=on_create, max_workers=max_workers,
-                    progress=progress, network=network)
+                    progress=progress, network=network, chosen=chosen)
 
 
 def start_on(engine: Engine, checkpoint: Checkpoint, n: int, *, name_prefix: Optional[str] = None,
