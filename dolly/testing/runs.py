@@ -188,13 +188,7 @@ def record_container(state_dir: Path, container_id: str) -> None:
     """
     if not _CONTAINER_ID_RE.match(container_id):
         raise ValueError(f"not a full container ID: {container_id!r}")
-    fd = os.open(state_dir / CONTAINERS_FILE,
-                 os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        _write_all(fd, f"{container_id}\n".encode())
-    finally:
-        os.close(fd)  # releases the lock
+    _append_line(state_dir / CONTAINERS_FILE, container_id)
 
 
 def record_checkpoint(state_dir: Path, container_id: str, name: str) -> None:
@@ -207,11 +201,20 @@ def record_checkpoint(state_dir: Path, container_id: str, name: str) -> None:
     """
     if not _CONTAINER_ID_RE.match(container_id) or not CHECKPOINT_NAME.match(name):
         raise ValueError(f"not a checkpoint of Dolly's store: {container_id!r}/{name!r}")
-    fd = os.open(state_dir / CHECKPOINTS_FILE,
-                 os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    _append_line(state_dir / CHECKPOINTS_FILE, f"{container_id}/{name}")
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append ``line`` to a run's record at ``path`` (0600, never through a symlink), under an
+    exclusive lock, so that concurrent workers' lines never interleave.
+
+    Raises:
+        OSError: it cannot be written.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        _write_all(fd, f"{container_id}/{name}\n".encode())
+        _write_all(fd, f"{line}\n".encode())
     finally:
         os.close(fd)  # releases the lock
 
