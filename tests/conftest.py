@@ -14,6 +14,7 @@ from typing import Iterator, List
 
 import docker
 import pytest
+from registries import Registry
 
 import dolly
 import dolly.testing
@@ -21,7 +22,7 @@ from dolly import ready, trust
 from dolly._checkpoint import LAYER_IMAGE_REPOSITORY
 from dolly._engine import Engine
 from dolly._store import remove_all_of, remove_unused_layer_images  # the main engine's files are here
-from engines import IsolatedEngine, SecondEngine
+from engines import IsolatedEngine, SecondEngine, isolated
 from helpers import BUSYBOX, COUNTER, ENGINE_B, ENGINE_B_SUBNET, FILES, PYTHON, RUN_ID, STATEFUL, TEST_LABEL, ask
 
 # The fixtures that start or reach a Docker Engine. A test that asks for one of them, directly or
@@ -218,20 +219,21 @@ HOST_TLS = os.environ.get("DOLLY_TEST_HOST_TLS", "tls")
 HOST_TLS_SUBNET = os.environ.get("DOLLY_TEST_HOST_TLS_SUBNET", "10.213.113.1/24")
 
 
-def _isolated(name: str, subnet: str, **kwargs) -> Iterator[IsolatedEngine]:
-    engine = IsolatedEngine(name, subnet=subnet, **kwargs)
-    engine.start()
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> Iterator[Registry]:
+    """Debian's docker-registry on loopback, for one test module."""
+    reg = Registry(tmp_path_factory.mktemp("registry")).start()
     try:
-        yield engine
+        yield reg
     finally:
-        engine.stop()
+        reg.stop()
 
 
 @pytest.fixture(scope="session")
 def host_b_engine() -> Iterator[IsolatedEngine]:
     """An engine as on another host (its own mount namespace, files, engine ID, bridge), with
     dolly/busybox and dolly/python, experimental mode and Dolly's runtime."""
-    yield from _isolated(HOST_B, HOST_B_SUBNET)
+    yield from isolated(HOST_B, HOST_B_SUBNET)
 
 
 @pytest.fixture(scope="session")
@@ -243,7 +245,7 @@ def host_b(host_b_engine: IsolatedEngine) -> docker.DockerClient:
 @pytest.fixture(scope="session")
 def host_c_engine() -> Iterator[IsolatedEngine]:
     """A third host, like :func:`host_b_engine`."""
-    yield from _isolated(HOST_C, HOST_C_SUBNET)
+    yield from isolated(HOST_C, HOST_C_SUBNET)
 
 
 @pytest.fixture(scope="session")
@@ -255,7 +257,7 @@ def host_c(host_c_engine: IsolatedEngine) -> docker.DockerClient:
 def host_tls_engine() -> Iterator[IsolatedEngine]:
     """A host like :func:`host_b_engine` that also listens on a loopback address over TCP with
     TLS, client certificates required."""
-    yield from _isolated(HOST_TLS, HOST_TLS_SUBNET, tcp_tls=True)
+    yield from isolated(HOST_TLS, HOST_TLS_SUBNET, tcp_tls=True)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import docker
 import docker.tls
@@ -578,3 +578,13 @@ class IsolatedEngine:
             if not left:
                 break
             time.sleep(0.1)
+
+
+def isolated(name: str, subnet: str, **kwargs) -> Iterator[IsolatedEngine]:
+    """An :class:`IsolatedEngine` started for a fixture and stopped after it (``yield from`` it)."""
+    engine = IsolatedEngine(name, subnet=subnet, **kwargs)
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import docker
 import pytest
-from registries import Registry
 
 import dolly
 from dolly import errors, ready, trust
@@ -31,7 +30,7 @@ from dolly._engine import Engine
 from dolly._hosts import agent_image
 from dolly._hosts.agent import LABEL
 from dolly._hosts.channel import Channel
-from engines import IsolatedEngine
+from engines import IsolatedEngine, isolated
 from helpers import BUSYBOX, COUNTER, PYTHON, RUN_ID, STATEFUL, TEST_LABEL, ask, assert_counts_on, read_int
 
 NOBODY = 65534
@@ -78,12 +77,7 @@ def test_any_changed_byte_or_mode_is_another_version(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def bare(client):
     """An engine as on another host that has dolly/busybox only: no dolly/python, no agent image."""
-    engine = IsolatedEngine(f"bare{RUN_ID[:4]}", subnet=BARE_SUBNET, images=(BUSYBOX,))
-    engine.start()
-    try:
-        yield engine
-    finally:
-        engine.stop()
+    yield from isolated(f"bare{RUN_ID[:4]}", BARE_SUBNET, images=(BUSYBOX,))
 
 
 def _without_agent(client: docker.DockerClient, *images: str) -> None:
@@ -190,21 +184,7 @@ def test_an_agent_image_whose_python_does_not_run_is_said_so(client, bare):
 def elsewhere(client):
     """An engine as on another host where this checkout, this virtualenv and the Python it was made
     from are not: empty folders in their place (dolly/busybox and dolly/python are copied in)."""
-    engine = IsolatedEngine(f"nock{RUN_ID[:4]}", subnet=ELSEWHERE_SUBNET, hide_checkout=True)
-    engine.start()
-    try:
-        yield engine
-    finally:
-        engine.stop()
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    reg = Registry(tmp_path_factory.mktemp("registry")).start()
-    try:
-        yield reg
-    finally:
-        reg.stop()
+    yield from isolated(f"nock{RUN_ID[:4]}", ELSEWHERE_SUBNET, hide_checkout=True)
 
 
 def _service(run):

@@ -23,15 +23,6 @@ from helpers import PYTHON, ask, ask_one_clone
 DEMO_SERVICE = Path(dolly.__file__).with_name("demo_service.py")
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    reg = Registry(tmp_path_factory.mktemp("registry")).start()
-    try:
-        yield reg
-    finally:
-        reg.stop()
-
-
 @pytest.fixture
 def repo():
     """A repository of its own for each test."""
