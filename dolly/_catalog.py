@@ -26,6 +26,7 @@ def checkpoint(
     *,
     leave_running: bool = True,
     max_layer_bytes: int = DEFAULT_MAX_LAYER_BYTES,
+    tcp_established: bool = False,
     client: Optional[docker.DockerClient] = None,
 ) -> Checkpoint:
     """Checkpoint a running container: its processes' memory (CRIU) and its writable layer.
@@ -45,11 +46,19 @@ def checkpoint(
         leave_running: keep the container running after the dump (default); ``False`` stops it.
         max_layer_bytes: refuse a writable layer holding more than this (allocated bytes);
             default :data:`DEFAULT_MAX_LAYER_BYTES` (8 GiB).
+        tcp_established: take a container that holds established TCP connections (a server
+            with keep-alive clients, a connection pool): the dump carries them (CRIU's
+            ``--tcp-established``) and, with ``leave_running``, the container keeps serving them
+            after it. Clones and restores of the checkpoint start with them closed (CRIU's
+            ``--tcp-close``: the process reads end-of-file on them), since a clone has an
+            address of its own and the clients stay with the source. Without it, such a
+            container is refused (``CheckpointFailed`` saying so). Needs Dolly's runtime.
+            Recorded as the checkpoint's ``tcp_established``.
         client: the engine; default ``docker.from_env()``.
 
     Raises:
-        InvalidArgument: ``name`` is not a valid checkpoint name, or ``max_layer_bytes`` is not a
-            positive int.
+        InvalidArgument: ``name`` is not a valid checkpoint name, ``max_layer_bytes`` is not a
+            positive int, or ``tcp_established`` not a bool.
         ContainerNotFound: no such container.
         ContainerNotRunning: the container is not running, or is paused (for longer than the
             few seconds Docker takes to notice the end of another checkpoint's pause).
@@ -57,7 +66,9 @@ def checkpoint(
         HostNotReady: the engine or CRIU cannot checkpoint (see :func:`dolly.check_host`), or
             pycriu is missing (with ``leave_running=False``: ``CheckpointFailed`` with ``kept``).
         CheckpointFailed: CRIU failed (the error carries CRIU's log), or the writable layer was
-            refused (the message gives its size and the cap, or the free space). The container
+            refused (the message gives its size and the cap, or the free space), or the container
+            holds established TCP connections and ``tcp_established`` is not set, or is set for a
+            container under another runtime than Dolly's (the message says what to do). The container
             keeps running when ``leave_running`` is set, and after any failure before the dump.
             When the dump had stopped the container and a later step failed, its images are not
             deleted: ``kept`` is the checkpoint folder holding them (``"complete": false`` in its
@@ -70,8 +81,10 @@ def checkpoint(
     ):
         raise InvalidArgument(f"max_layer_bytes must be a positive int (at most {MAX_LAYER_LIMIT}), "
                               f"not {max_layer_bytes!r}")
+    if not isinstance(tcp_established, bool):
+        raise InvalidArgument(f"tcp_established must be True or False, not {tcp_established!r}")
     return host_of(Engine.of(client)).checkpoint(container, name, leave_running=leave_running,
-                                                 max_layer_bytes=max_layer_bytes)
+                                                 max_layer_bytes=max_layer_bytes, tcp_established=tcp_established)
 
 
 def list_checkpoints(

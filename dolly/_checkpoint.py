@@ -63,6 +63,9 @@ class Checkpoint:
             it came from (``bundle_id``, ``signer``: the verified key's id or None, ``source``)
             and the restore policy items its importer allowed (``allowed``, see
             :mod:`dolly.policy`).
+        tcp_established: the dump carries the container's established TCP connections
+            (``dolly.checkpoint(..., tcp_established=True)``). Dolly starts every clone and
+            restore of it with those connections closed: the clone has an address of its own.
 
     Raises:
         InvalidArgument: ``container_id`` or ``name`` breaks Dolly's rules (they become paths).
@@ -78,6 +81,7 @@ class Checkpoint:
     origin: Optional[Mapping[str, Any]] = field(default=None, repr=False, compare=False, hash=False)
     client: Optional[docker.DockerClient] = field(default=None, repr=False, compare=False, hash=False)
     size: int = field(default=0, compare=False, hash=False)
+    tcp_established: bool = field(default=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         # Both become path parts (the store, the clone's checkpoints folder): checked here, so no
@@ -139,6 +143,7 @@ class Checkpoint:
             origin=meta.get("origin"),
             client=client,
             size=meta["size"] if type(meta.get("size")) is int else 0,
+            tcp_established=meta.get("tcp_established") is True,
         )
 
     def _metadata(self) -> dict:
@@ -153,6 +158,8 @@ class Checkpoint:
         }
         if self.origin is not None:
             meta["origin"] = dict(self.origin)
+        if self.tcp_established:  # absent otherwise: the metadata of other checkpoints is unchanged
+            meta["tcp_established"] = True
         return meta
 
 

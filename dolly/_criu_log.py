@@ -48,6 +48,19 @@ def criu_excerpt(lines: Sequence[str], *, limit: int = 25, before: int = 3) -> l
     return hints + [line for line in excerpt if line not in hints]
 
 
+# CRIU's refusal of a socket in a connected state when not asked for --tcp-established
+# (criu/sk-inet.c): "Connected TCP socket, consider using --tcp-established option." at a dump,
+# "Connected TCP socket in image" at a restore.
+_CONNECTED_TCP = "Connected TCP socket"
+
+
+def refuses_tcp_connections(lines: Sequence[str]) -> bool:
+    """Whether CRIU failed because the process holds established TCP connections that it was
+    not asked to dump (or restore): one of CRIU's error lines says so."""
+    return any(_CONNECTED_TCP in line and (_CRIU_ERROR.match(line) is not None or _HINT in line)
+               for line in lines)
+
+
 def forget_criu_log(container_id: str, command: str) -> None:
     """A log left by an earlier failure of the same container must not be read as this one's."""
     (CRIU_LOG_DIR / f"{container_id}.{command}.log").unlink(missing_ok=True)

@@ -79,9 +79,16 @@ def without_network_lock(src: Path, dst: Union[str, Path]) -> None:
     A restore takes its network-lock method from the dump's inventory, not from its own options:
     with iptables (CRIU's default) it locks the new network namespace with iptables-restore at
     the start and unlocks it with four more at the end, about 0.1 s of a restore here, each
-    waiting on an nf_tables commit. The lock guards TCP connections restored mid-flight; a
-    Docker checkpoint carries none (runc is not asked for --tcp-established), and the namespace
-    is a new one that nothing reaches before the restore is done. A new file, as for the UTS image.
+    waiting on an nf_tables commit. The lock guards TCP connections restored mid-flight: a
+    socket rebuilt in repair mode on its old address, which a peer's packet arriving before the
+    restore ends would otherwise meet as no socket, and reset. A checkpoint may carry
+    established connections (``dolly.checkpoint(..., tcp_established=True)``), but Dolly
+    restores them closed (CRIU's --tcp-close, asked for by every start from its spool: see
+    dolly._start's ``_place_images``): a socket made and shut down, never bound to the old
+    address nor put in repair mode, so there is nothing for the lock to guard; and the namespace
+    is a new one that nothing reaches before the restore is done. A restore that kept the
+    connections (runc's --tcp-established, on a container that has the source's address) would
+    need the lock: its inventory must not go through here. A new file, as for the UTS image.
 
     Raises:
         ImageRewriteError: ``src`` is not an inventory image pycriu can read, or ``dst`` cannot

@@ -19,6 +19,15 @@ still run, and starting the source too would make two copies. Then the source st
 checkpoint is kept, and ``MigrationFailed`` (step ``"roll back"``) says where, and how to resume it
 (:func:`dolly.resume`) once the container on the target is known to be gone.
 
+Established TCP connections do not move: the container on the target gets the address its network
+there hands out (each engine has a bridge of its own, and a clone never asks for the source's
+address), so a connection restored there would belong to an address the container no longer has.
+The checkpoint carries them (``tcp_established``), so that a server with keep-alive clients or a
+connection pool can move at all, and the target starts with them closed: its process reads
+end-of-file on them, and the clients, whose peer vanished with the source, reconnect to the
+container's new address. Keeping them would need the address to move too (one network spanning
+both engines, and a restore with CRIU's network lock and --tcp-established): not so today.
+
 Volumes do not move: a checkpoint carries memory and the writable layer, not volume contents. A
 source with volume mounts is refused unless ``drop_volumes=True`` says that the moved container
 may start with fresh, empty volumes; the source's volumes stay on the source engine either way,
@@ -196,7 +205,9 @@ def _migrate_pre_copy(source_engine: Engine, target_engine: Engine, source: Cont
     step = "checkpoint"
     started = time.perf_counter()
     try:
-        cp = checkpoint(source, _name(), leave_running=False, client=source_engine.client)
+        # Its connections too (a server's keep-alive clients): they are restored closed, since the
+        # target's address is another (see migrate's docstring).
+        cp = checkpoint(source, _name(), leave_running=False, tcp_established=True, client=source_engine.client)
     except CheckpointFailed as e:
         state = _resume_after_failed_checkpoint(source_engine, source, e)
         raise MigrationFailed(f"migration of {source.name} failed at step 'checkpoint': {e}; {state}",

@@ -326,8 +326,19 @@ def _place_images(cp: Checkpoint, folder: os.PathLike[str], *, hostname: Optiona
     without CRIU's network lock (see :func:`criu_images.without_network_lock`; Dolly's own checkpoints
     say so already, imported ones may not). With ``hostname`` None (a container resumed as
     itself) every image is linked as is, so that pycriu is not needed: a resume is how images
-    rescued after a failure are started again. The checkpoint's own images stay as they are."""
+    rescued after a failure are started again. The checkpoint's own images stay as they are.
+
+    Beside them goes the runtime's request to restore every TCP connection the images hold
+    closed (scripts/dolly-runc: CRIU's --tcp-close), whatever the checkpoint says: a started
+    container never has the source's address (a clone's is its own; a resumed or migrated one
+    gets what its network hands out), and a connection restored to another address would only
+    be reset by its peer. Without a connection in the images the request changes nothing. No
+    lock is needed for it: a closed socket is never bound nor put in repair mode, so nothing
+    reaches it while the restore runs (see :func:`criu_images.without_network_lock`)."""
     os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(folder, "dolly-request"), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("tcp_connections=close\n")
     uts = set(criu_images.uts_images(cp.images_dir))
     for src in cp.images_dir.iterdir():
         dst = os.path.join(folder, src.name)

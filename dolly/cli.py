@@ -147,12 +147,16 @@ def doctor(ctx: Context) -> None:
 @click.option("--stop", is_flag=True, help="Stop the container after the dump (default: it keeps running).")
 @click.option("--max-layer-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_LAYER_BYTES, show_default=True,
               help="Refuse a writable layer larger than this (allocated bytes).")
+@click.option("--tcp-established", is_flag=True,
+              help="Take a container holding established TCP connections (keep-alive clients, pools): "
+                   "the dump carries them; clones and restores start with them closed.")
 @command
-def checkpoint_cmd(ctx: Context, container: str, name: Optional[str], stop: bool, max_layer_bytes: int) -> None:
+def checkpoint_cmd(ctx: Context, container: str, name: Optional[str], stop: bool, max_layer_bytes: int,
+                   tcp_established: bool) -> None:
     """Checkpoint a running CONTAINER (memory and files) as NAME."""
     with err.status(f"checkpointing {container}"):
         cp = dolly.checkpoint(container, name, leave_running=not stop, max_layer_bytes=max_layer_bytes,
-                              client=ctx.client)
+                              tcp_established=tcp_established, client=ctx.client)
     _print_checkpoints(ctx, [cp])
 
 

@@ -770,7 +770,7 @@ class FakeHost:
     # --- dumps ------------------------------------------------------------------------------------
 
     def checkpoint(self, container: ContainerRef, name: str, *, leave_running: bool,
-                   max_layer_bytes: int) -> Checkpoint:
+                   max_layer_bytes: int, tcp_established: bool = False) -> Checkpoint:
         """Take ``container``'s memory and files. Fault point ``checkpoint`` fails before the
         dump (the container as it was); ``dump`` after it: with ``leave_running=False`` the
         container is then stopped and its images kept as an incomplete checkpoint, and the error
@@ -796,7 +796,7 @@ class FakeHost:
                  "deleted.files": b"[]", "spec.dump": b"{}"}
         cp = Checkpoint(container_id=cid, container_name=str(source.name), name=name, created_at=self.clock(),
                         hostname=hostname, config=types.MappingProxyType(copy.deepcopy(source.attrs)),
-                        path=self._path(cid, name), client=self._fake.client)
+                        path=self._path(cid, name), client=self._fake.client, tcp_established=tcp_established)
         if not leave_running:
             self._fake._stop(cid)
         try:

@@ -72,9 +72,10 @@ class LocalHost:
     # --- dumps ----------------------------------------------------------------------------------
 
     def checkpoint(self, container: ContainerRef, name: str, *, leave_running: bool,
-                   max_layer_bytes: int) -> Checkpoint:
+                   max_layer_bytes: int, tcp_established: bool = False) -> Checkpoint:
         """Raises: the errors of :func:`dolly.checkpoint`."""
-        return dump.take(self.engine, container, name, leave_running=leave_running, max_layer_bytes=max_layer_bytes)
+        return dump.take(self.engine, container, name, leave_running=leave_running, max_layer_bytes=max_layer_bytes,
+                         tcp_established=tcp_established)
 
     def post_copy_source(self, container: ContainerRef, name: str) -> PageSource:
         """Raises: the errors of :func:`dolly._lazy_dump.checkpoint_lazy`."""

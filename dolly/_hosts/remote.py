@@ -76,9 +76,10 @@ class AgentHost:
     # --- dumps ----------------------------------------------------------------------------------
 
     def checkpoint(self, container: ContainerRef, name: str, *, leave_running: bool,
-                   max_layer_bytes: int) -> Checkpoint:
+                   max_layer_bytes: int, tcp_established: bool = False) -> Checkpoint:
         return self._checkpoint(self.channel.call("checkpoint", container=ref_text(container), name=name,
-                                                  leave_running=leave_running, max_layer_bytes=max_layer_bytes))
+                                                  leave_running=leave_running, max_layer_bytes=max_layer_bytes,
+                                                  tcp_established=tcp_established))
 
     def post_copy_source(self, container: ContainerRef, name: str) -> PageSource:
         require_64_bit()

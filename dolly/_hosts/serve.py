@@ -46,7 +46,8 @@ def run(op: str, args: Dict[str, Any], *, stdin: IO[bytes], stdout: IO[bytes]) -
     host = LocalHost(Engine.of(docker.from_env()))
     if op == "checkpoint":
         return checkpoint_json(host.checkpoint(args["container"], args["name"], leave_running=args["leave_running"],
-                                               max_layer_bytes=args["max_layer_bytes"]))
+                                               max_layer_bytes=args["max_layer_bytes"],
+                                               tcp_established=args.get("tcp_established") is True))
     if op == "list":
         return [checkpoint_json(cp) for cp in host.list_checkpoints(args.get("container"))]
     if op == "get":
