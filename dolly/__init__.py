@@ -8,7 +8,7 @@
 from . import policy, trust
 from ._catalog import PruneReport, checkpoint, get_checkpoint, list_checkpoints, prune, remove_checkpoint
 from ._checkpoint import Checkpoint
-from ._cloning import clone, restore, resume
+from ._cloning import clone, reset, restore, resume
 from ._doctor import HostReport, check_host
 from ._migration import Migration, migrate
 from ._registry import PushReport, pull, push
@@ -36,6 +36,7 @@ __all__ = [
     "pull",
     "push",
     "remove_checkpoint",
+    "reset",
     "restore",
     "resume",
     "trust",

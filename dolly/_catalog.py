@@ -15,6 +15,7 @@ from ._checkpoint import Checkpoint
 from ._dump import DEFAULT_MAX_LAYER_BYTES, MAX_LAYER_LIMIT
 from ._engine import ContainerRef, Engine
 from ._hosts import host_of
+from ._start import restored_from
 from .errors import CheckpointNotFound, InvalidArgument
 
 __all__ = ["PruneReport", "checkpoint", "list_checkpoints", "get_checkpoint", "remove_checkpoint", "prune"]
@@ -152,8 +153,9 @@ def prune(
 ) -> PruneReport:
     """Remove the checkpoints nobody needs any more, as ``docker image prune`` removes images.
 
-    By default: the checkpoints taken on this engine of containers that no longer exist.
-    Imported checkpoints (which never had a container here) and those of existing containers
+    By default: the checkpoints taken on this engine of containers that no longer exist, and
+    from which no existing container was restored (a clone, or a container :func:`dolly.reset`
+    put back at it). Imported checkpoints (which never had a container here) and those in use
     are kept unless ``all_containers`` is set. ``older_than`` and ``labels`` narrow either
     choice. Containers restored from a removed checkpoint are
     not affected.
@@ -190,7 +192,7 @@ def prune(
                 continue
             if cp.container_id not in exists:
                 exists[cp.container_id] = engine.has_container(cp.container_id)
-            if exists[cp.container_id]:
+            if exists[cp.container_id] or engine.has_labelled(restored_from(cp)):
                 continue
         chosen.append(cp)
     if dry_run:

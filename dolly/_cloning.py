@@ -6,6 +6,8 @@ started beside the engine's files by its host (:mod:`dolly._start`, through
 """
 from __future__ import annotations
 
+import logging
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -18,11 +20,13 @@ from ._catalog import engine_of, require
 from ._checkpoint import Checkpoint
 from ._engine import ContainerRef, Engine, id_of
 from ._hosts import host_of
-from ._start import CloneRequest
+from ._start import CloneRequest, Identity, restored_from
 from ._transfer import transfer
-from .errors import CheckpointNotFound, ContainerNotFound, InvalidArgument
+from .errors import CheckpointNotFound, ContainerNotFound, EngineError, InvalidArgument, RestoreFailed
 
-__all__ = ["restore", "clone", "resume", "MAX_WORKERS"]
+__all__ = ["restore", "clone", "resume", "reset", "MAX_WORKERS"]
+
+log = logging.getLogger("dolly")
 
 MAX_WORKERS = 8
 
@@ -116,9 +120,8 @@ def clone(
     Raises:
         InvalidArgument: ``n`` is not an int of 1 or more, or ``name_prefix`` is not valid.
         CheckpointNotFound, PolicyRefused, ImageNotFound, HostNotReady, RestoreFailed: as
-            :func:`restore`.
-        If any clone fails, every container this call created is removed before the error is
-        raised; the source and the checkpoint are not touched.
+            :func:`restore`. If any clone fails, every container this call created is removed
+            before the error is raised; the source and the checkpoint are not touched.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InvalidArgument(f"n must be an int of 1 or more, got {n!r}")
@@ -162,12 +165,13 @@ def start_on(engine: Engine, checkpoint: Checkpoint, n: int, *, name_prefix: Opt
              labels: Optional[Dict[str, str]] = None, on_create: Optional[Callable[[str], None]] = None,
              max_workers: int = MAX_WORKERS, progress: Optional[Callable[[Container], None]] = None,
              network: Union[str, Sequence[str], None] = None, chosen: Optional[List[str]] = None,
-             page_port: Optional[int] = None, same_as: Optional[datetime] = None) -> List[Container]:
+             page_port: Optional[int] = None, same_as: Optional[datetime] = None,
+             keep: Optional[Identity] = None) -> List[Container]:
     """:func:`clone` on one engine, which holds ``checkpoint``: names chosen here (``chosen``:
     the caller's own, as :func:`restore` and a migration give them), the clones started by the
     engine's host. ``page_port``: a post-copy migration's (see :class:`dolly._start.CloneRequest`).
     ``same_as``: ``checkpoint`` is another engine's; the clones start from this engine's own copy
-    (see :meth:`dolly._hosts.base.Host.start_clones`).
+    (see :meth:`dolly._hosts.base.Host.start_clones`). ``keep``: a reset's identity (one clone).
 
     Raises:
         the errors of :func:`clone`.
@@ -181,7 +185,7 @@ def start_on(engine: Engine, checkpoint: Checkpoint, n: int, *, name_prefix: Opt
     prefix = name_prefix or f"{checkpoint.container_name}-clone"
     picked = list(chosen) if chosen is not None else engine.reserve_names(prefix, n)
     request = CloneRequest(tuple(picked), chosen is not None, prefix, _check_labels(labels), max_workers,
-                           tuple(spread) if spread else None, page_port)
+                           tuple(spread) if spread else None, page_port, keep)
     try:
         return host_of(engine).start_clones(checkpoint, request, on_create=on_create, progress=progress,
                                             same_as=same_as)
@@ -298,6 +302,73 @@ def resume(
             "ID); dolly.restore makes a new container from an imported one"
         )
     return host_of(engine_of(checkpoint, client)).resume(checkpoint, container)
+
+
+def reset(
+    container: ContainerRef,
+    checkpoint: Checkpoint,
+    *,
+    client: Optional[docker.DockerClient] = None,
+) -> Container:
+    """Put ``container`` back at ``checkpoint``, as itself to whoever talks to it: a container
+    restored from the checkpoint takes its place under its name, hostname, MAC address and
+    published host ports, and its IPv4 address on every network where Docker lets a container
+    ask for one (a user-defined network whose subnet the user set; on the default bridge it gets
+    the next free address, as a restarted container does). A stopped container holds no host
+    ports: its replacement gets new ones, as ``docker start`` would give it. For the snapshot-once,
+    restore-before-each-test pattern: checkpoint a warm container once, reset it before each test.
+
+    It is a new container (a new ID): use the one returned. The container it replaces is stopped
+    first (what it ran since is discarded), then removed, its volumes kept (a named volume is not
+    part of a checkpoint: what the container wrote there stays). Its files are the checkpoint's.
+
+    Args:
+        container: a Container, a name or an ID: the container ``checkpoint`` was taken of, or
+            one restored or reset from it (Dolly labels those).
+        checkpoint: from :func:`dolly.checkpoint` or :func:`dolly.list_checkpoints`, on the
+            container's engine.
+        client: the engine; default the one the checkpoint knows, else ``docker.from_env()``.
+
+    Returns:
+        The running container, restored from the checkpoint.
+
+    Raises:
+        InvalidArgument: ``checkpoint`` is not a Checkpoint, or ``container`` is neither its
+            container nor restored from it.
+        ContainerNotFound: no such container.
+        CheckpointNotFound, PolicyRefused, ImageNotFound, HostNotReady, RestoreFailed: as
+            :func:`restore`. The container is then back under its name, stopped (``docker start``
+            starts it afresh; ``dolly.reset`` may be tried again), and the checkpoint is kept.
+    """
+    require(checkpoint)
+    engine = engine_of(checkpoint, client)
+    old = engine.container(container)
+    labels = old.attrs["Config"].get("Labels") or {}
+    if old.id != checkpoint.container_id and not restored_from(checkpoint).items() <= labels.items():
+        raise InvalidArgument(
+            f"container {old.name} was neither checkpointed as {checkpoint.name!r} nor restored from it: reset puts "
+            "a container back at its own checkpoint; dolly.restore makes a new container from any")
+    old_id, name = id_of(old), str(old.name)
+    identity = Identity.of(old.attrs)
+    engine.rename(old_id, f"{name}-dolly-reset-{uuid.uuid4().hex[:8]}")
+    try:
+        engine.stop(old_id)  # frees its address and host ports for the container that replaces it
+        try:
+            (made,) = start_on(engine, checkpoint, 1, chosen=[name], keep=identity)
+        except (EngineError, RestoreFailed) as e:
+            # Docker says so only when it starts the container: its network inspect shows a subnet
+            # either way.
+            if not identity.addresses or "user configured subnets" not in str(e):
+                raise
+            # A network without a subnet of the user's takes no fixed address: the next free one.
+            log.info("reset of %s: %s takes no fixed address; the container gets a new one", name,
+                     ", ".join(identity.addresses))
+            (made,) = start_on(engine, checkpoint, 1, chosen=[name], keep=identity.without_addresses())
+    except BaseException:
+        engine.rename(old_id, name)
+        raise
+    engine.remove(old_id, volumes=False)
+    return made
 
 
 def _networks(network: Union[str, Sequence[str], None]) -> Optional[List[str]]:

@@ -341,6 +341,20 @@ class Engine:
         # The stubs' restart policy names only "always" and "on-failure"; the engine takes all four.
         self._call(self.api.update_container, container_id, restart_policy=policy)  # type: ignore[arg-type]
 
+    def rename(self, container_id: str, name: str) -> None:
+        """Raises:
+            NameConflict: ``name`` is taken."""
+        try:
+            self._call(self.api.rename, container_id, name)
+        except EngineError as e:
+            if e.status_code == 409:
+                raise NameConflict(f"the container name {name!r} is already taken") from e
+            raise
+
+    def stop(self, container_id: str) -> None:
+        """Stop a container at once (SIGKILL: what it ran is being replaced); a stopped one is left as is."""
+        self._call(self.api.stop, container_id, timeout=0)
+
     def remove(self, container_id: str, *, volumes: bool = True) -> None:
         """Remove a container (force: running or not); a missing one is not an error.
 
@@ -504,6 +518,12 @@ class Engine:
             return True
         except ContainerNotFound:
             return False
+
+    def has_labelled(self, labels: Dict[str, str]) -> bool:
+        """Whether any container, running or not, carries all these labels."""
+        rows = self._call(self.api.containers, all=True, quiet=True,
+                          filters={"label": [f"{k}={v}" for k, v in labels.items()]})
+        return bool(rows)
 
     def upper_dir(self, container: Container) -> Path:
         """The writable layer of ``container`` as the storage driver keeps it.

@@ -22,7 +22,7 @@ import shutil
 import signal
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
@@ -48,12 +48,60 @@ NOT_INHERITED = (LABEL_SOURCE, LABEL_CHECKPOINT, LABEL_OPERATION)
 NOT_INHERITED_PREFIXES = ("dolly.pytest.",)
 
 @dataclass(frozen=True)
+class Identity:
+    """Who a container is on its engine, which :func:`dolly.reset` gives the container that replaces
+    it: its hostname, its MAC address, the host ports it publishes on, and its IPv4 address on each
+    network where a container may ask for one (a user-defined network with a subnet of the user's:
+    Docker refuses fixed addresses elsewhere, the default bridge included)."""
+
+    hostname: str
+    mac_address: str = ""
+    # PortBindings, with the host ports the container was given.
+    ports: Dict[str, List[Dict[str, str]]] = field(default_factory=dict)
+    addresses: Dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, attrs: Dict[str, Any]) -> Identity:
+        """The identity of a container whose ``docker inspect`` is ``attrs``."""
+        settings = attrs.get("NetworkSettings") or {}
+        published = settings.get("Ports") or {}
+        ports: Dict[str, List[Dict[str, str]]] = {}
+        for port, bindings in ((attrs.get("HostConfig") or {}).get("PortBindings") or {}).items():
+            given = [b for b in (published.get(port) or []) if b.get("HostPort")]
+            ports[port] = [{"HostIp": b.get("HostIp") or "",
+                            "HostPort": b.get("HostPort") or (given[0]["HostPort"] if given else "")}
+                           for b in (bindings or [])]
+        mode = (attrs.get("HostConfig") or {}).get("NetworkMode") or "default"
+        shared = mode in ("host", "none") or mode.startswith("container:")
+        addresses = {} if shared else {
+            net: ep["IPAddress"] for net, ep in (settings.get("Networks") or {}).items()
+            if net != "bridge" and ep.get("IPAddress")}
+        return cls(str((attrs.get("Config") or {}).get("Hostname") or ""),
+                   "" if shared else str(settings.get("MacAddress") or ""), ports, addresses)
+
+    def without_addresses(self) -> Identity:
+        return replace(self, addresses={})
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"hostname": self.hostname, "mac_address": self.mac_address, "ports": self.ports,
+                "addresses": self.addresses}
+
+    @classmethod
+    def from_json(cls, data: Dict[str, Any]) -> Identity:
+        return cls(str(data["hostname"]), str(data.get("mac_address") or ""),
+                   {str(p): [{"HostIp": str(b.get("HostIp") or ""), "HostPort": str(b.get("HostPort") or "")}
+                             for b in bindings] for p, bindings in (data.get("ports") or {}).items()},
+                   {str(n): str(a) for n, a in (data.get("addresses") or {}).items()})
+
+
+@dataclass(frozen=True)
 class CloneRequest:
     """What :func:`start_clones` makes: containers ``names`` (``explicit``: the caller's choice,
     so a taken one is an error; else the next free ``<prefix>-<k>`` is taken instead), with
     ``labels`` (the caller's and its operation's) over the checkpoint's, clone k on
     ``networks[k % len(networks)]`` when given, at most ``max_workers`` at once. ``page_port``
-    is post-copy's: the clone's memory comes from the lazy-pages daemon listening there."""
+    is post-copy's: the clone's memory comes from the lazy-pages daemon listening there. ``keep``
+    is a reset's: the one container takes the identity of the container it replaces."""
 
     names: Tuple[str, ...]
     explicit: bool
@@ -62,17 +110,20 @@ class CloneRequest:
     max_workers: int
     networks: Optional[Tuple[str, ...]] = None
     page_port: Optional[int] = None
+    keep: Optional[Identity] = None
 
     def to_json(self) -> Dict[str, Any]:
         return {"names": list(self.names), "explicit": self.explicit, "prefix": self.prefix, "labels": self.labels,
                 "max_workers": self.max_workers, "networks": list(self.networks) if self.networks else None,
-                "page_port": self.page_port}
+                "page_port": self.page_port, "keep": self.keep.to_json() if self.keep else None}
 
     @classmethod
     def from_json(cls, data: Dict[str, Any]) -> CloneRequest:
         networks = data.get("networks")
+        keep = data.get("keep")
         return cls(tuple(data["names"]), bool(data["explicit"]), str(data["prefix"]), dict(data["labels"]),
-                   int(data["max_workers"]), tuple(networks) if networks else None, data.get("page_port"))
+                   int(data["max_workers"]), tuple(networks) if networks else None, data.get("page_port"),
+                   Identity.from_json(keep) if keep else None)
 
 
 def start_clones(engine: Engine, checkpoint: Checkpoint, request: CloneRequest, *,
@@ -98,13 +149,14 @@ def start_clones(engine: Engine, checkpoint: Checkpoint, request: CloneRequest, 
     layer_image = shared_layer(engine, checkpoint)
     # Every container of this call carries its ID, so that a failure can remove them all, even
     # one whose create the engine carried out but never answered (it was restarting, say).
-    labels = {**request.labels, **_labels(checkpoint), LABEL_OPERATION: uuid.uuid4().hex}
+    labels = {**request.labels, **restored_from(checkpoint), LABEL_OPERATION: uuid.uuid4().hex}
     spread = request.networks
     n = len(request.names)
     with ThreadPoolExecutor(max_workers=min(n, request.max_workers), thread_name_prefix="dolly-clone") as pool:
         futures = [pool.submit(_restore_one, engine, checkpoint, layer_image or image, nm, request.explicit,
                                request.prefix, labels, progress, on_create, unpack=layer_image is None,
-                               page_port=request.page_port, network=spread[k % len(spread)] if spread else None)
+                               page_port=request.page_port, network=spread[k % len(spread)] if spread else None,
+                               keep=request.keep)
                    for k, nm in enumerate(request.names)]
         results: List[Tuple[Optional[Container], Optional[BaseException]]] = []
         for f in futures:
@@ -196,9 +248,10 @@ def _restore_one(
     unpack: bool = True,
     page_port: Optional[int] = None,
     network: Optional[str] = None,
+    keep: Optional[Identity] = None,
 ) -> Container:
     config, extra_networks = clone_config(cp.config, image=image, labels=labels, network=network,
-                                          own_networks=_may_join_recorded_networks(cp))
+                                          own_networks=_may_join_recorded_networks(cp), keep=keep)
     # Names the engine refused: taken by another process meanwhile, or still held by a container
     # being removed (the engine lists it no more, but frees its name only once it is gone).
     refused: Set[str] = set()
@@ -350,7 +403,8 @@ def _place_images(cp: Checkpoint, folder: os.PathLike[str], *, hostname: Optiona
             os.link(src, dst)
 
 
-def _labels(cp: Checkpoint) -> Dict[str, str]:
+def restored_from(cp: Checkpoint) -> Dict[str, str]:
+    """The labels of every container restored from ``cp``: its clones, restores and resets."""
     return {LABEL_SOURCE: cp.container_id, LABEL_CHECKPOINT: cp.name}
 
 
@@ -362,7 +416,7 @@ def _may_join_recorded_networks(cp: Checkpoint) -> bool:
 
 def clone_config(
     recorded: Dict[str, Any] | Any, *, image: str, labels: Dict[str, str], network: Optional[str] = None,
-    own_networks: bool = True,
+    own_networks: bool = True, keep: Optional[Identity] = None,
 ) -> Tuple[Dict[str, Any], Dict[str, Dict[str, Any]]]:
     """The Engine API create body for a clone of a container whose ``docker inspect`` is
     ``recorded``, and the endpoint configs of the networks to connect after create (the API
@@ -375,8 +429,27 @@ def clone_config(
     imported checkpoint whose importer did not allow ``networks``), the default bridge alone
     (or ``network``), under no alias, link or driver option of the recording's: the network
     mode is rebuilt, not read, but for the host's or another container's namespace, which the
-    restore policy decides on (``host-namespaces``).
+    restore policy decides on (``host-namespaces``). With ``keep`` (a reset), the hostname, MAC
+    address, host ports and addresses are that identity's instead of new ones.
     """
+    config, endpoints = _new_identity_config(recorded, image=image, labels=labels, network=network,
+                                             own_networks=own_networks)
+    if keep is not None:
+        config["Hostname"] = keep.hostname
+        if keep.mac_address:
+            config["MacAddress"] = keep.mac_address
+        config["HostConfig"]["PortBindings"] = {port: [dict(b) for b in bindings]
+                                                for port, bindings in keep.ports.items()}
+        for net, endpoint in [*config["NetworkingConfig"]["EndpointsConfig"].items(), *endpoints.items()]:
+            if net in keep.addresses:
+                endpoint["IPAMConfig"] = {"IPv4Address": keep.addresses[net]}
+    return config, endpoints
+
+
+def _new_identity_config(
+    recorded: Dict[str, Any] | Any, *, image: str, labels: Dict[str, str], network: Optional[str],
+    own_networks: bool,
+) -> Tuple[Dict[str, Any], Dict[str, Dict[str, Any]]]:
     config = {k: v for k, v in recorded["Config"].items() if k not in ("Hostname", "MacAddress")}
     config["Image"] = image
     inherited = {k: v for k, v in (config.get("Labels") or {}).items()

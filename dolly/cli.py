@@ -174,6 +174,20 @@ def restore_cmd(ctx: Context, container: str, checkpoint: str, name: Optional[st
     _print_containers(ctx, [c])
 
 
+@cli.command("reset")
+@click.argument("container")
+@click.argument("checkpoint")
+@click.option("--of", "source", help="Whose checkpoint it is, when CONTAINER was restored from another's "
+                                     "(default CONTAINER's own).")
+@command
+def reset_cmd(ctx: Context, container: str, checkpoint: str, source: Optional[str]) -> None:
+    """Put CONTAINER back at CHECKPOINT: same name, hostname, host ports and, where the network allows, address."""
+    cp = dolly.get_checkpoint(source or container, checkpoint, ctx.client)
+    with err.status(f"resetting {container}"):
+        c = dolly.reset(container, cp, client=ctx.client)
+    _print_containers(ctx, [c])
+
+
 @cli.command("clone")
 @click.argument("container")
 @click.argument("checkpoint")

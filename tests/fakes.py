@@ -507,7 +507,7 @@ class FakeEngine(Engine):
                 "Id": cid, "Name": "/" + name, "Created": _timestamp(), "Image": image, "RestartCount": 0,
                 "Config": {**{k: copy.deepcopy(v) for k, v in config.items()
                               if k not in ("HostConfig", "NetworkingConfig")},
-                           "Hostname": cid[:12], "Labels": dict(config.get("Labels") or {})},
+                           "Hostname": config.get("Hostname") or cid[:12], "Labels": dict(config.get("Labels") or {})},
                 "HostConfig": host_config,
                 "State": {"Status": "created", "Running": False, "Paused": False, "Restarting": False, "ExitCode": 0,
                           "StartedAt": "0001-01-01T00:00:00Z", "FinishedAt": "0001-01-01T00:00:00Z", "Pid": 0},
@@ -537,6 +537,21 @@ class FakeEngine(Engine):
         self._answer("engine.set_restart_policy")
         with self._lock:
             self._record(container_id).attrs["HostConfig"]["RestartPolicy"] = dict(policy)
+
+    def rename(self, container_id: str, name: str) -> None:
+        self._answer("engine.rename")
+        names.container_name(name)
+        with self._lock:
+            record = self._record(container_id)
+            if any(r.attrs["Name"].lstrip("/") == name for r in self.records.values() if r is not record):
+                raise NameConflict(f"the container name {name!r} is already taken")
+            record.attrs["Name"] = "/" + name
+
+    def stop(self, container_id: str) -> None:
+        """As the engine's stop: the processes end, their memory with them."""
+        self._answer("engine.stop")
+        if self._record(container_id).attrs["State"]["Running"]:
+            self._stop(container_id)
 
     def remove(self, container_id: str, *, volumes: bool = True) -> None:
         self._answer("engine.remove")
@@ -601,6 +616,12 @@ class FakeEngine(Engine):
             if image is None or any(r.attrs["Image"] == image for r in self.records.values()):
                 return
             del self.images[image]
+
+    def has_labelled(self, labels: Dict[str, str]) -> bool:
+        self._answer("engine.has_labelled")
+        with self._lock:
+            return any(all((r.attrs["Config"].get("Labels") or {}).get(k) == v for k, v in labels.items())
+                       for r in self.records.values())
 
     def has_container(self, container_id: str) -> bool:
         self._answer("engine.has_container")
@@ -862,7 +883,7 @@ class FakeHost:
                      own_networks: bool, network: Optional[str], on_create: Optional[Callable[[str], None]],
                      progress: Optional[Callable[[Container], None]]) -> Container:
         config, extra = clone_config(stored.checkpoint.config, image=image, labels=labels, network=network,
-                                     own_networks=own_networks)
+                                     own_networks=own_networks, keep=request.keep)
         refused: Set[str] = set()
         for _ in range(20):
             try:

@@ -29,7 +29,7 @@ from dolly._hosts import Host, host_of
 from dolly._hosts.local import LocalHost
 from dolly._hosts.remote import AgentHost
 from dolly._manifest import DEFAULT_MAX_BYTES, parse_manifest
-from dolly._start import LABEL_CHECKPOINT, LABEL_SOURCE, CloneRequest
+from dolly._start import LABEL_CHECKPOINT, LABEL_SOURCE, CloneRequest, Identity
 from helpers import BUSYBOX, RUN_ID, TEST_LABEL
 
 LOOP = "i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done"
@@ -191,6 +191,18 @@ def test_clones_with_explicit_names_are_labelled_with_their_checkpoint(side):
         assert (labels[LABEL_SOURCE], labels[LABEL_CHECKPOINT], labels["extra"]) == (c.id, "contract", "yes")
         assert labels[CONTRACT] == c.labels[CONTRACT]  # the source's own labels are inherited
     assert sorted(side.labelled(LABEL_SOURCE, str(c.id))) == sorted(x.id for x in made)
+
+
+def test_a_clone_given_an_identity_to_keep_takes_it(side):
+    c = side.start()
+    cp = take(side, c)
+    name = f"contract-{uuid.uuid4().hex[:8]}"
+    keep = Identity(f"kept-{uuid.uuid4().hex[:6]}")
+    (made,) = side.host.start_clones(cp, CloneRequest((name,), True, name, {}, 1, keep=keep),
+                                     on_create=None, progress=None)
+    assert made.name == name and made.attrs["Config"]["Hostname"] == keep.hostname
+    if side.kind != "fake":  # the kernel's hostname too: the UTS image was written with it
+        assert made.exec_run(["hostname"]).output.decode().strip() == keep.hostname
 
 
 def test_a_taken_explicit_name_is_a_conflict_and_leaves_no_clone(side):

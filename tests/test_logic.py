@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import stat
 
@@ -9,7 +10,7 @@ import pytest
 
 from dolly import _criu as criu
 from dolly._names import allocate_names
-from dolly._start import clone_config
+from dolly._start import Identity, clone_config
 from dolly.errors import HostNotReady, InvalidArgument
 
 SOURCE_ID = "0123456789ab" + "c" * 52
@@ -188,3 +189,37 @@ def test_what_an_image_layer_cannot_say_is_refused_so_the_layer_is_unpacked(tmp_
     overlay_tar(src, [(".", "dir", {}, b""), member])
     with pytest.raises(InvalidArgument):
         rootfs.to_image_layer(src, io.BytesIO(), max_bytes=1 << 20)
+
+
+def test_a_reset_keeps_the_identity_the_container_had():
+    attrs = {
+        "Config": {"Hostname": "db-host"},
+        "HostConfig": {"NetworkMode": "shop",
+                       "PortBindings": {"5432/tcp": [{"HostIp": "", "HostPort": ""}],
+                                        "80/tcp": [{"HostIp": "127.0.0.1", "HostPort": "8080"}]}},
+        "NetworkSettings": {"MacAddress": "02:42:0a:00:00:05",
+                            "Ports": {"5432/tcp": [{"HostIp": "0.0.0.0", "HostPort": "49153"}],
+                                      "80/tcp": [{"HostIp": "127.0.0.1", "HostPort": "8080"}]},
+                            "Networks": {"shop": {"IPAddress": "10.0.0.5"}, "bridge": {"IPAddress": "172.17.0.9"}}},
+    }
+    keep = Identity.of(attrs)
+    assert keep == Identity("db-host", "02:42:0a:00:00:05",
+                            {"5432/tcp": [{"HostIp": "", "HostPort": "49153"}],
+                             "80/tcp": [{"HostIp": "127.0.0.1", "HostPort": "8080"}]},
+                            {"shop": "10.0.0.5"})  # the default bridge takes no fixed address
+    assert Identity.from_json(json.loads(json.dumps(keep.to_json()))) == keep
+    rec = recorded(NetworkMode="shop")
+    rec["NetworkSettings"]["Networks"] = {"shop": {"Aliases": None}, "bridge": {"Aliases": None}}
+    config, extra = clone_config(rec, image="web", labels={}, keep=keep)
+    assert config["Hostname"] == "db-host" and config["MacAddress"] == "02:42:0a:00:00:05"
+    assert config["HostConfig"]["PortBindings"] == keep.ports
+    assert config["NetworkingConfig"]["EndpointsConfig"]["shop"]["IPAMConfig"] == {"IPv4Address": "10.0.0.5"}
+    assert "IPAMConfig" not in extra["bridge"]
+    plain, _ = clone_config(rec, image="web", labels={})
+    assert "Hostname" not in plain and "IPAMConfig" not in plain["NetworkingConfig"]["EndpointsConfig"]["shop"]
+
+
+def test_a_container_in_another_s_network_namespace_keeps_no_address():
+    keep = Identity.of({"Config": {"Hostname": "h"}, "HostConfig": {"NetworkMode": "container:abc"},
+                        "NetworkSettings": {"MacAddress": "02:42:00:00:00:01", "Networks": {}}})
+    assert (keep.mac_address, keep.addresses, keep.ports) == ("", {}, {})

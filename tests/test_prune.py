@@ -50,27 +50,28 @@ def test_prune_removes_the_checkpoints_of_removed_containers_only(ours, keys, tm
     sizes = {(cp.container_id, cp.name): cp.size for cp in gone_cps}
     gone.remove(force=True)
 
+    # g2 is in use while its clone exists: only g1 goes.
     seen = dolly.prune(dry_run=True, labels=labels)
-    assert names(seen.checkpoints) == names(gone_cps) and seen.dry_run
-    assert seen.reclaimed == sum(sizes.values())
+    assert names(seen.checkpoints) == names(gone_cps[:1]) and seen.dry_run
+    assert seen.reclaimed == sizes[(gone.id, "g1")]
     assert names(dolly.list_checkpoints()) >= names(gone_cps)  # a dry run removes nothing
 
     done = dolly.prune(labels=labels)
-    assert names(done.checkpoints) == names(gone_cps) and not done.dry_run
-    assert done.reclaimed == sum(sizes.values())
-    assert not any(cp.path.exists() for cp in gone_cps)
+    assert names(done.checkpoints) == names(gone_cps[:1]) and not done.dry_run
+    assert done.reclaimed == sizes[(gone.id, "g1")]
+    assert not gone_cps[0].path.exists() and gone_cps[1].path.exists()
     left = names(cp for cp in dolly.list_checkpoints()
                  if cp.config["Config"]["Labels"].get(PRUNE_LABEL) == labels[PRUNE_LABEL])
-    assert left == names([live_cp, imported])
-    # A clone made from a pruned checkpoint runs on.
-    time.sleep(0.3)
-    assert read_int(clone) > at
+    assert left == names([gone_cps[1], live_cp, imported])
 
+    # Asked for every checkpoint, the clone's goes too, and the clone runs on without it.
     everything = dolly.prune(all_containers=True, labels=labels)
-    assert names(everything.checkpoints) == names([live_cp, imported])
-    assert not live_cp.path.exists() and not imported.path.exists()
+    assert names(everything.checkpoints) == names([gone_cps[1], live_cp, imported])
+    assert not live_cp.path.exists() and not imported.path.exists() and not gone_cps[1].path.exists()
     live.reload()
     assert live.status == "running"
+    time.sleep(0.3)
+    assert read_int(clone) > at
 
 
 def test_prune_older_than_keeps_the_younger_checkpoints(ours):

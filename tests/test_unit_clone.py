@@ -230,3 +230,37 @@ def test_a_copy_that_fails_takes_the_clones_made_elsewhere_with_it(a, b, web, cp
     assert a.faults.calls["restore"] == 2  # a's clones were made, then removed
     assert clones_on(a, web) == [] and b.container_names() == set()
     assert b.host.checkpoints == [] and b.host.staged == {}
+
+
+def test_reset_puts_the_container_back_at_the_checkpoint_under_its_name_and_hostname(a, web, cp):
+    hostname = web.attrs["Config"]["Hostname"]
+    a.files_of(web)["/greeting"] = "changed since"
+    back = dolly.reset(web, cp)
+    assert back.id != web.id and not a.has_container(str(web.id))
+    assert back.name == "web" and back.attrs["Config"]["Hostname"] == hostname
+    assert a.memory_of(back) == STATE and a.files_of(back) == FILES  # the checkpoint's, not what ran since
+    assert (back.labels[LABEL_SOURCE], back.labels[LABEL_CHECKPOINT]) == (web.id, "warm")
+    assert a.container_names() == {"web"}
+    # A reset container is reset again from the same checkpoint.
+    a.memory_of(back)["count"] = 7
+    again = dolly.reset(back, cp)
+    assert again.name == "web" and a.memory_of(again) == STATE and a.container_names() == {"web"}
+
+
+def test_a_failed_reset_puts_the_container_back_under_its_name_stopped(a, web, cp):
+    a.faults.inject("restore", errors.RestoreFailed("CRIU failed"), at=1)
+    with pytest.raises(errors.RestoreFailed):
+        dolly.reset(web, cp)
+    kept = a.container(str(web.id))
+    assert kept.name == "web" and kept.attrs["State"]["Running"] is False
+    assert a.container_names() == {"web"} and clones_on(a, web) == []
+    assert dolly.list_checkpoints(web, client=a.client) == [cp]
+    assert a.memory_of(dolly.reset(web, cp)) == STATE  # the checkpoint still resets it
+
+
+def test_reset_refuses_a_container_of_another_checkpoint_and_leaves_it_running(a, web, cp):
+    other = a.run(name="other", memory={"count": 5})
+    with pytest.raises(errors.InvalidArgument, match="neither checkpointed"):
+        dolly.reset(other, cp)
+    kept = a.container("other")
+    assert kept.id == other.id and kept.attrs["State"]["Running"] and a.memory_of(kept) == {"count": 5}

@@ -130,3 +130,21 @@ def test_bad_arguments_remove_nothing(a, store, kwargs):
     with pytest.raises(errors.InvalidArgument):
         dolly.prune(client=a.client, **kwargs)
     assert left(a) == ["old", "kept", "imported", "recent"] and a.faults.calls["remove_checkpoint"] == 0
+
+
+def test_a_checkpoint_a_container_was_restored_from_is_in_use(a, store):
+    (clone,) = dolly.clone(store["old"], 1)
+    assert names_in(dolly.prune(client=a.client)) == ["recent"]  # "old" has a clone
+    assert left(a) == ["old", "kept", "imported"]
+    a.remove(str(clone.id))
+    assert names_in(dolly.prune(client=a.client)) == ["old"]
+
+
+def test_a_reset_source_keeps_its_checkpoint_in_use(a):
+    web = a.run(name="web", memory={"n": 1})
+    cp = dolly.checkpoint(web, "warm", client=a.client)
+    back = dolly.reset(web, cp)  # the source is gone; the container that replaced it is restored from cp
+    assert not a.has_container(str(web.id))
+    assert names_in(dolly.prune(client=a.client)) == [] and left(a) == ["warm"]
+    a.remove(str(back.id))
+    assert names_in(dolly.prune(client=a.client)) == ["warm"]
