@@ -15,7 +15,7 @@ from ._checkpoint import Checkpoint
 from ._dump import DEFAULT_MAX_LAYER_BYTES, MAX_LAYER_LIMIT
 from ._engine import ContainerRef, Engine
 from ._hosts import host_of
-from ._start import restored_from
+from ._start import LABEL_CHECKPOINT, LABEL_SOURCE, restored_from
 from .errors import CheckpointNotFound, InvalidArgument
 
 __all__ = ["PruneReport", "checkpoint", "list_checkpoints", "get_checkpoint", "remove_checkpoint", "prune"]
@@ -104,7 +104,9 @@ def list_checkpoints(
 def get_checkpoint(
     container: ContainerRef, name: str, client: Optional[docker.DockerClient] = None
 ) -> Checkpoint:
-    """The checkpoint ``name`` of ``container``.
+    """The checkpoint ``name`` of ``container``: taken of it, or the one it was restored from
+    (a container :func:`dolly.reset` put back at checkpoint ``name`` of its source, say, finds
+    that checkpoint under its own name).
 
     Raises:
         InvalidArgument: ``name`` is not a valid checkpoint name, or ``container`` names more
@@ -113,7 +115,14 @@ def get_checkpoint(
         CheckpointNotFound: the container has no checkpoint of that name.
     """
     names.checkpoint_name(name)
-    return host_of(Engine.of(client)).get_checkpoint(container, name)
+    engine = Engine.of(client)
+    try:
+        return host_of(engine).get_checkpoint(container, name)
+    except CheckpointNotFound:
+        labels = engine.container(container).labels
+        if labels.get(LABEL_CHECKPOINT) != name or not labels.get(LABEL_SOURCE):
+            raise
+    return host_of(engine).get_checkpoint(labels[LABEL_SOURCE], name)
 
 
 def remove_checkpoint(checkpoint: Checkpoint, client: Optional[docker.DockerClient] = None) -> None:

@@ -177,12 +177,11 @@ def restore_cmd(ctx: Context, container: str, checkpoint: str, name: Optional[st
 @cli.command("reset")
 @click.argument("container")
 @click.argument("checkpoint")
-@click.option("--of", "source", help="Whose checkpoint it is, when CONTAINER was restored from another's "
-                                     "(default CONTAINER's own).")
 @command
-def reset_cmd(ctx: Context, container: str, checkpoint: str, source: Optional[str]) -> None:
-    """Put CONTAINER back at CHECKPOINT: same name, hostname, host ports and, where the network allows, address."""
-    cp = dolly.get_checkpoint(source or container, checkpoint, ctx.client)
+def reset_cmd(ctx: Context, container: str, checkpoint: str) -> None:
+    """Put CONTAINER back at CHECKPOINT (its own, or the one it was restored from): same name, hostname,
+    host ports and, where the network allows, address."""
+    cp = dolly.get_checkpoint(container, checkpoint, ctx.client)
     with err.status(f"resetting {container}"):
         c = dolly.reset(container, cp, client=ctx.client)
     _print_containers(ctx, [c])
