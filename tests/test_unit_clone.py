@@ -241,6 +241,10 @@ def test_reset_puts_the_container_back_at_the_checkpoint_under_its_name_and_host
     assert a.memory_of(back) == STATE and a.files_of(back) == FILES  # the checkpoint's, not what ran since
     assert (back.labels[LABEL_SOURCE], back.labels[LABEL_CHECKPOINT]) == (web.id, "warm")
     assert a.container_names() == {"web"}
+    # Its checkpoint is found under the name the user knows, though the container is a new one.
+    assert dolly.get_checkpoint("web", "warm", client=a.client) == cp
+    with pytest.raises(errors.CheckpointNotFound):
+        dolly.get_checkpoint("web", "other", client=a.client)
     # A reset container is reset again from the same checkpoint.
     a.memory_of(back)["count"] = 7
     again = dolly.reset(back, cp)
