@@ -3,7 +3,7 @@ PY := .venv/bin/python
 # pytest exits 5 when it selects nothing: PYTEST_ARGS named tests of the other kind only.
 NONE_SELECTED_OK := || [ $$? -eq 5 ]
 
-.PHONY: host venv lint unit demo test bench soak
+.PHONY: host venv lint unit demo test bench soak docs
 
 ## host: install and start what Dolly needs (Docker Engine, CRIU 4.2, pycriu, images); idempotent
 host:
@@ -27,8 +27,12 @@ lint: venv
 unit: venv
 	$(PY) -m pytest -m "not engine" -q $(PYTEST_ARGS) $(NONE_SELECTED_OK)
 
-## test: lint, the unit tests, then the tests against the real engine and CRIU (marked engine)
-test: host lint unit
+## docs: the site (mkdocs.yml, docs/) into build/site, --strict (a broken link or anchor fails); its examples: tests/test_docs.py
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
+
+## test: lint, the unit tests, the docs, then the tests against the real engine and CRIU (marked engine)
+test: host lint unit docs
 	$(PY) -m pytest -m engine $(PYTEST_ARGS) $(NONE_SELECTED_OK)
 
 ## bench: Dolly against Podman, then density (benchmarks/README.md); BENCH_ARGS to narrow it

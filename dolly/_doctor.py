@@ -44,7 +44,7 @@ def check_host(client: Optional[docker.DockerClient] = None) -> HostReport:
 
     Raises:
         Nothing for what it finds: an unreachable engine, a missing CRIU, an agent that does not
-        answer are failing lines of the report.
+            answer are failing lines of the report.
     """
     try:
         engine = Engine.of(client)

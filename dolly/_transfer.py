@@ -261,8 +261,8 @@ def import_bundle(
             anything leaves the private staging folder. Then ``allow_unsigned`` is not needed.
 
     Raises:
-        UnsignedBundle, UntrustedSigner, SignatureInvalid, DigestMismatch, BundleExpired,
-        RollbackRefused, DecryptionFailed, UnsafeArchive: each refusal; nothing of the bundle is
+        BundleError: each refusal, as one of UnsignedBundle, UntrustedSigner, SignatureInvalid,
+            DigestMismatch, BundleExpired, RollbackRefused, DecryptionFailed, UnsafeArchive; nothing of the bundle is
             left anywhere (it was only ever written into a private staging folder).
         PolicyRefused: the bundle's container asks for policy items not in ``allow``, or its
             process images give more than its configuration (capabilities, no seccomp filter,

@@ -34,13 +34,67 @@ log() { printf 'host: %s\n' "$*" >&2; }
 export PATH=$PATH:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export DEBIAN_FRONTEND=noninteractive
 
-# --- 1. packages ---------------------------------------------------------------------------------
 PACKAGES=(docker.io runc containerd iptables iproute2 busybox-static mmdebstrap zstd xz-utils
   build-essential patch pkgconf libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev
   libnl-3-dev libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler uuid-dev
   python3-protobuf python3-venv
   skopeo podman  # read checkpoint OCI images; restore Dolly's Podman archives (the tests use both)
   docker-registry)  # distribution 2.8: the registry the tests push checkpoints to, started by them on loopback
+criu_ok() {
+  local v
+  v=$(criu --version 2>/dev/null | awk '/^Version:/{print $2}') || return 1
+  [ "$v" = "$CRIU_VERSION" ] || return 1
+  criu --version | grep -qx "GitID: $CRIU_BUILD" || return 1
+  criu check >/dev/null 2>&1
+}
+
+# Prints "yes" when daemon.json lacks what Dolly needs; with "write", also writes it.
+daemon_json_update() {
+  python3 - "$DAEMON_JSON" "$RUNTIME_BIN" "$1" "$2" <<'EOF'
+import json, os, sys
+path, runtime, default, write = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4] == "write"
+cfg = json.load(open(path)) if os.path.exists(path) and os.path.getsize(path) else {}
+want = dict(cfg)
+want["experimental"] = True
+want["runtimes"] = {**cfg.get("runtimes", {}), "dolly": {"path": runtime}}
+if default:
+    want["default-runtime"] = "dolly"
+elif cfg.get("default-runtime") == "dolly":  # ours, from an earlier run: back to the engine's own
+    del want["default-runtime"]
+if want != cfg:
+    if write:
+        with open(path + ".tmp", "w") as f:
+            json.dump(want, f, indent=2)
+        os.replace(path + ".tmp", path)
+    print("yes")
+EOF
+}
+
+# Before anything changes, say what will: this script changes the host (make demo and make test run it).
+DEFAULT_RUNTIME=${DOLLY_DEFAULT_RUNTIME:-1}
+case "$DEFAULT_RUNTIME" in 0|1) ;; *) log "DOLLY_DEFAULT_RUNTIME must be 0 or 1"; exit 1 ;; esac
+plan=()
+want_pkgs=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || want_pkgs+=("$p")
+done
+[ ${#want_pkgs[@]} -eq 0 ] || plan+=("install Debian packages: ${want_pkgs[*]}")
+criu_ok || plan+=("build CRIU $CRIU_VERSION from Debian's source (in $CACHE) and install it as /usr/sbin/criu")
+cmp -s "$here/scripts/dolly-runc" "$RUNTIME_BIN" || plan+=("install Dolly's runtime as $RUNTIME_BIN")
+if [ -n "$(daemon_json_update "$DEFAULT_RUNTIME" check 2>/dev/null || true)" ]; then
+  if [ "$DEFAULT_RUNTIME" = 1 ]; then
+    plan+=("write $DAEMON_JSON: experimental mode, the dolly runtime as the default runtime of every container (DOLLY_DEFAULT_RUNTIME=0: registered only); restart dockerd")
+  else
+    plan+=("write $DAEMON_JSON: experimental mode, the dolly runtime registered (not the default); restart dockerd")
+  fi
+fi
+[ -x "$VENV/bin/python" ] || plan+=("make the virtual environment $VENV")
+if [ ${#plan[@]} -gt 0 ]; then
+  log "this will change the host (how to undo it: docs/getting-started.md, Install):"
+  for item in "${plan[@]}"; do log "  - $item"; done
+fi
+
+# --- 1. packages ---------------------------------------------------------------------------------
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -55,14 +109,6 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # --- 2. CRIU -------------------------------------------------------------------------------------
-criu_ok() {
-  local v
-  v=$(criu --version 2>/dev/null | awk '/^Version:/{print $2}') || return 1
-  [ "$v" = "$CRIU_VERSION" ] || return 1
-  criu --version | grep -qx "GitID: $CRIU_BUILD" || return 1
-  criu check >/dev/null 2>&1
-}
-
 fetch_criu_source() {
   # The orig tarball of Debian's unstable criu package, pinned by its hash; the mirror is the one
   # this machine's apt already uses, so no host is named here. apt runs on state of its own under
@@ -141,26 +187,7 @@ mkdir -p /usr/local/lib/dolly
 
 # --- 4. dockerd ----------------------------------------------------------------------------------
 mkdir -p /etc/docker
-DEFAULT_RUNTIME=${DOLLY_DEFAULT_RUNTIME:-1}
-case "$DEFAULT_RUNTIME" in 0|1) ;; *) log "DOLLY_DEFAULT_RUNTIME must be 0 or 1"; exit 1 ;; esac
-changed=$(python3 - "$DAEMON_JSON" "$RUNTIME_BIN" "$DEFAULT_RUNTIME" <<'EOF'
-import json, os, sys
-path, runtime, default = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-cfg = json.load(open(path)) if os.path.exists(path) and os.path.getsize(path) else {}
-want = dict(cfg)
-want["experimental"] = True
-want["runtimes"] = {**cfg.get("runtimes", {}), "dolly": {"path": runtime}}
-if default:
-    want["default-runtime"] = "dolly"
-elif cfg.get("default-runtime") == "dolly":  # ours, from an earlier run: back to the engine's own
-    del want["default-runtime"]
-if want != cfg:
-    with open(path + ".tmp", "w") as f:
-        json.dump(want, f, indent=2)
-    os.replace(path + ".tmp", path)
-    print("yes")
-EOF
-)
+changed=$(daemon_json_update "$DEFAULT_RUNTIME" write)
 
 docker_up() { timeout 5 docker version >/dev/null 2>&1; }
 start_dockerd() {
