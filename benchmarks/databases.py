@@ -8,6 +8,11 @@ once. Writes
 benchmarks/results/databases.json.
 
     .venv/bin/python benchmarks/databases.py [--repeats 5] [--kinds postgres,mariadb,redis]
+
+With --isolation, what a test waits for its own fresh database instead, each way side by side on
+the same fixture and the same checkpoint (see isolation()); writes results/isolation.json:
+
+    .venv/bin/python benchmarks/databases.py --isolation [--tests 15] [--body 0,0.3]
 """
 from __future__ import annotations
 
@@ -50,13 +55,171 @@ def first_answer(recipe, container) -> float:
     return time.perf_counter() - t
 
 
+def stats(xs) -> dict:
+    """Median, p90 and n of seconds."""
+    xs = sorted(xs)
+    return {"median": round(statistics.median(xs), 3), "p90": round(xs[min(len(xs) - 1, int(0.9 * len(xs)))], 3),
+            "n": len(xs)}
+
+
+def loaded_source(client, kind):
+    """A server with tests/fixtures/<kind> loaded and no connection open, ready for a checkpoint."""
+    recipe = RECIPES[kind]
+    source = client.containers.run(recipe.image, detach=True, environment=dict(recipe.environment),
+                                   labels={"dolly.bench": "databases"})
+    ready.wait(source, recipe.accepting(), timeout=120, interval=0.05)
+    databases.load(recipe, source, databases.fixture_items(ROOT / "tests" / "fixtures" / kind, recipe))
+    databases.wait_without_connections(source)
+    return source
+
+
+def a_test(recipe, container, body: float) -> float:
+    """A test: the first query, a write, then ``body`` seconds of its own work; returns the
+    seconds until the first query answered."""
+    t = time.perf_counter()
+    conn = recipe.connect(ready.ip_address(container))
+    QUERY[recipe.kind](conn)
+    first = time.perf_counter() - t
+    if recipe.kind == "postgres":
+        conn.execute("DELETE FROM items WHERE id <= 10")
+        conn.commit()
+    elif recipe.kind == "mariadb":
+        conn.cursor().execute("DELETE FROM items WHERE id <= 10")
+    else:
+        conn.set("written", "by a test")
+    conn.close()
+    time.sleep(body)
+    return first
+
+
+def isolation(client, tests: int, bodies) -> dict:
+    """Per test: what it waits for before its first query answers ("setup": its database made,
+    the connection, the first query), what it waits for after ("teardown"), and the whole suite
+    of ``tests`` such tests with ``body`` seconds of work each (two cores shared by all of it).
+
+    Postgres (100,000 rows): (a) the template reset testcontainers users do, in a plain server:
+    DROP DATABASE, CREATE DATABASE ... TEMPLATE, first query; (b) Dolly's clone per test; (c) the
+    fixture's mechanism now, dolly._databases.TemplateServer in a clone of the warm server:
+    CREATE DATABASE from the never-connected template, first query, and after the test every
+    session ended, the database dropped, the server's shared state compared. MariaDB and Redis: a
+    clone per test made when the test asks and removed after it (before), and the fixture's pool
+    (dolly.testing.pools.ClonePool, one clone made ahead, removal in the background)."""
+    out: dict = {}
+
+    def suite(name, setup, teardown, body):
+        waits, afters = [], []
+        t0 = time.perf_counter()
+        for _ in range(tests):
+            t = time.perf_counter()
+            kind_recipe, container = setup()
+            waits.append(time.perf_counter() - t + a_test(kind_recipe, container, body))
+            t = time.perf_counter()
+            teardown(container)
+            afters.append(time.perf_counter() - t)
+        total = time.perf_counter() - t0
+        row = {"setup_to_first_answer": stats(waits), "teardown": stats(afters), "suite_s": round(total, 3),
+               "tests": tests, "body_s": body}
+        out.setdefault(name, []).append(row)
+        print(f"{name:>34} body {body:.1f} s: setup+first query {row['setup_to_first_answer']}, "
+              f"teardown {row['teardown']}, suite of {tests} {total:.2f} s")
+
+    for body in bodies:
+        postgres_suites(client, suite, body)
+    for kind in ("mariadb", "redis"):
+        pool_suites(client, suite, kind, bodies, out)
+    return out
+
+
+def answering(recipe, c):
+    ready.wait(c, ready.tcp(recipe.port), timeout=30, interval=0.01)
+    return c
+
+
+def postgres_suites(client, suite, body: float) -> None:
+    from psycopg import connect
+
+    pg = RECIPES["postgres"]
+    # (a) the template reset in a plain server, as testcontainers users write it.
+    plain = loaded_source(client, "postgres")
+    try:
+        admin = connect(pg.url(ready.ip_address(plain)).rsplit("/", 1)[0] + "/postgres", autocommit=True)
+        admin.execute("ALTER DATABASE test RENAME TO tpl")
+
+        def reset_setup():
+            admin.execute("DROP DATABASE IF EXISTS test WITH (FORCE)")
+            admin.execute("CREATE DATABASE test TEMPLATE tpl")
+            return pg, plain
+
+        suite("postgres template reset", reset_setup, lambda c: None, body)
+        admin.close()
+    finally:
+        plain.remove(force=True)
+    source = loaded_source(client, "postgres")
+    cp = dolly.checkpoint(source, "bench")
+    try:
+        shared_layer(Engine.of(client), cp)
+        # (b) Dolly's clone per test, removed after it.
+        suite("postgres dolly clone per test", lambda: (pg, answering(pg, dolly.restore(cp))),
+              lambda c: c.remove(force=True), body)
+        # (c) the fixtures' mechanism: a database per test from a template in a clone.
+        server = answering(pg, dolly.restore(cp))
+        templates = databases.TemplateServer(pg, ready.ip_address(server))
+        replaced = []
+
+        def template_setup():
+            templates.fresh()
+            return pg, server
+
+        suite("postgres template server (now)", template_setup,
+              lambda c: replaced.append(not templates.reset()), body)
+        if any(replaced):
+            print(f"  the server would have been replaced after {sum(replaced)} test(s)")
+        templates.close()
+        server.remove(force=True)
+    finally:
+        dolly.remove_checkpoint(cp)
+        source.remove(force=True)
+
+
+def pool_suites(client, suite, kind: str, bodies, out: dict) -> None:
+    from dolly.testing.pools import ClonePool
+
+    recipe = RECIPES[kind]
+    source = loaded_source(client, kind)
+    cp = dolly.checkpoint(source, "bench")
+    try:
+        shared_layer(Engine.of(client), cp)
+        for body in bodies:
+            suite(f"{kind} clone per test (before)", lambda: (recipe, answering(recipe, dolly.restore(cp))),
+                  lambda c: c.remove(force=True), body)
+            bg = docker.from_env()  # the pool's thread has a client of its own, as in the plugin
+            pool = ClonePool(lambda bg=bg: dolly.restore(cp, client=bg), lambda c: c.remove(force=True), ahead=1)
+            try:
+                suite(f"{kind} clone pool, 1 ahead (now)", lambda pool=pool: (recipe, answering(recipe, pool.take())),
+                      pool.give_back, body)
+            finally:
+                t = time.perf_counter()
+                pool.close()
+                out.setdefault(f"{kind} pool close_s", []).append(round(time.perf_counter() - t, 3))
+    finally:
+        dolly.remove_checkpoint(cp)
+        source.remove(force=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--isolation", action="store_true", help="a fresh database per test, each way")
+    parser.add_argument("--tests", type=int, default=15, help="with --isolation: tests per suite")
+    parser.add_argument("--body", default="0,0.3", help="with --isolation: seconds of each test's own work")
     parser.add_argument("--kinds", default="postgres,mariadb,redis", help="which servers, comma-separated")
     parser.add_argument("--next-clones", type=int, default=3, help="clones per checkpoint after its first")
     args = parser.parse_args()
     client = docker.from_env()
+    if args.isolation:
+        result = isolation(client, args.tests, [float(b) for b in args.body.split(",")])
+        (RESULTS.parent / "isolation.json").write_text(json.dumps(result, indent=2))
+        return 0
     out: dict = {"repeats": args.repeats}
     for kind in args.kinds.split(","):
         recipe = RECIPES[kind]

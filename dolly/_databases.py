@@ -218,3 +218,103 @@ def _copy_in(container: Container, path: Path, inside: str) -> None:
     if not container.put_archive("/", buf.getvalue()):
         raise DollyError(f"could not copy {path} into container {container.name}")
 
+
+
+# --- Postgres: a fresh database per test from a template, in one server ------------------------------
+
+# What a test could change in a server that outlives the database it was given: roles and their
+# memberships and settings, the other databases (the template's flags among them), tablespaces,
+# replication slots, prepared transactions, ALTER SYSTEM's file, and the objects of the maintenance
+# database the template server's own connection uses. Taken once the server is set up; after each
+# test a different answer means the server is replaced, not repaired.
+_PG_SERVER_STATE = """
+SELECT md5(string_agg(x, E'\\n' ORDER BY x)) FROM (
+    SELECT 'role ' || a::text FROM pg_authid a
+    UNION ALL SELECT 'member ' || m::text FROM pg_auth_members m
+    UNION ALL SELECT 'setting ' || s::text FROM pg_db_role_setting s
+    UNION ALL SELECT concat_ws(' ', 'database', oid, datname, datdba, datistemplate, datallowconn,
+                               datconnlimit, datacl, pg_database_size(oid))
+        FROM pg_database WHERE datname <> %(test)s
+    UNION ALL SELECT 'tablespace ' || t::text FROM pg_tablespace t
+    UNION ALL SELECT 'slot ' || slot_name FROM pg_replication_slots
+    UNION ALL SELECT 'prepared ' || gid FROM pg_prepared_xacts
+    UNION ALL SELECT 'auto.conf ' || coalesce(pg_read_file('postgresql.auto.conf', 0, 1048576, true), '')
+    UNION ALL SELECT 'object ' || c.oid || ' ' || c.relname FROM pg_class c WHERE c.oid >= 16384
+    UNION ALL SELECT 'function ' || p.oid FROM pg_proc p WHERE p.oid >= 16384
+) AS state(x)
+"""
+
+
+class TemplateServer:
+    """A Postgres server (a clone of the warm one) that hands out its loaded database afresh, test
+    after test: the loaded database is renamed to a template nobody may connect to, and each test
+    gets ``CREATE DATABASE <name> TEMPLATE <template>`` under the original name (so the URL is the
+    one the fixture was configured with), dropped after it with every connection and prepared
+    transaction of the test's.
+
+    The template is never connected to: a database made from it is a copy of the files at the
+    checkpoint (its rows, sequences and statistics), without any other test's writes.
+    """
+
+    def __init__(self, recipe: Recipe, host: str) -> None:
+        if recipe.kind != "postgres":
+            raise InvalidArgument(f"a template server is for Postgres, not {recipe.kind}")
+        self.recipe, self.host = recipe, host
+        self.name = str(recipe.database)
+        self.template = f"{self.name}_dolly_template"
+        self._admin = self._connect("postgres")
+        self._admin.execute(f"ALTER DATABASE {_ident(self.name)} RENAME TO {_ident(self.template)}")
+        self._admin.execute(f"ALTER DATABASE {_ident(self.template)} WITH ALLOW_CONNECTIONS false IS_TEMPLATE true")
+        self._state = self.state()
+
+    def _connect(self, database: str) -> Any:
+        import psycopg
+
+        return psycopg.connect(host=self.host, port=self.recipe.port, user=self.recipe.user,
+                               password=self.recipe.password, dbname=database, autocommit=True, connect_timeout=10)
+
+    def state(self) -> str:
+        """A digest of what the server keeps outside the tests' database (see _PG_SERVER_STATE)."""
+        row = self._admin.execute(_PG_SERVER_STATE, {"test": self.name}).fetchone()
+        return str(row[0])
+
+    def fresh(self) -> None:
+        """Make the test's database from the template."""
+        self._admin.execute(f"CREATE DATABASE {_ident(self.name)} TEMPLATE {_ident(self.template)}")
+
+    def reset(self) -> bool:
+        """Drop the test's database with whatever the test left (connections, prepared
+        transactions); True when the server is as it was set up, False when it must be replaced
+        (the test changed what outlives its database, or stopped the server, or locked Dolly out)."""
+        try:
+            admin = self._admin
+            if admin.closed or admin.broken:
+                admin = self._admin = self._connect("postgres")
+            # Every other client's session ends here: its locks, temporary tables, advisory locks,
+            # LISTENs and settings with it.
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")
+            for gid, database in admin.execute("SELECT gid, database FROM pg_prepared_xacts").fetchall():
+                if database == "postgres":
+                    admin.execute(f"ROLLBACK PREPARED {_literal(gid)}")
+                    continue
+                with self._connect(database) as there:  # it must be ended in its own database
+                    there.execute(f"ROLLBACK PREPARED {_literal(gid)}")
+            admin.execute(f"DROP DATABASE IF EXISTS {_ident(self.name)} WITH (FORCE)")
+            return self.state() == self._state
+        except Exception:  # whatever the test did to the server, a new one is the answer
+            return False
+
+    def close(self) -> None:
+        try:
+            self._admin.close()
+        except Exception:  # the server may be gone with its container
+            pass
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"

@@ -70,13 +70,16 @@ def _engine_state(client: docker.DockerClient, engine: Engine, plugin_run: str) 
     mine = {"label": f"{dolly.testing.RUN_LABEL}={plugin_run}"}
     plugins = {c["Id"] for c in client.api.containers(all=True, filters=mine)}
     return {
-        "containers": sorted(c.id for c in client.containers.list(all=True) if c.id not in plugins),
+        # The low-level list: containers.list() inspects each one, and fails when the plugin's
+        # clone pools remove a used clone meanwhile.
+        "containers": sorted(c["Id"] for c in client.api.containers(all=True) if c["Id"] not in plugins),
         "networks": sorted(n.id for n in client.networks.list()),
         "checkpoints": sorted(str(p.relative_to(store)) for p in store.glob("*/*")
                               if p.parent.name not in plugins) if store.is_dir() else [],
         "layer images": sorted(set(engine.image_tags(LAYER_IMAGE_REPOSITORY)) - _layer_images_of(engine, plugins)),
         "docker checkpoint folders": sorted(
             str(p) for p in (engine.root_dir / "containers").glob("*/checkpoints/*")
+            if p.parent.parent.name not in plugins  # a clone the plugin's pools are restoring
         ),
     }
 

@@ -226,5 +226,8 @@ def test_database_fixtures_under_xdist_share_one_warm_server_and_no_writes(clien
         mine = [r for r in rows if r[0] == kind]
         assert len(mine) == 3
         assert len({r[1] for r in mine}) == 1, f"{kind} was warmed more than once"
-        assert len({r[2] for r in mine}) == 3, f"two {kind} tests shared a clone"
+        if kind == "pg":  # a database per test, in one server per worker (2 workers)
+            assert len({r[2] for r in mine}) <= 2, "a worker's pg tests had more than one server"
+        else:
+            assert len({r[2] for r in mine}) == 3, f"two {kind} tests shared a clone"
     assert run_containers(client) == []

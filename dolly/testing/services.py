@@ -31,6 +31,7 @@ from .._oci import Reference
 from .._registry import pull_annotated, push
 from .._version import __version__
 from ..errors import BundleExpired, CheckpointExists, InvalidArgument, RegistryError
+from .pools import ClonePool
 from .runs import (
     OWNER_LABEL,
     RUN_LABEL,
@@ -62,11 +63,14 @@ class ServiceSpec:
     # Run once the service is ready, before the checkpoint (a database's fixtures).
     prepare: Optional[Callable[[Container], None]] = None
     cache: Optional[Cache] = None
+    # What else the warm checkpoint depends on, beyond the container's own settings (a digest of a
+    # Django project's migrations): part of the key and of the cache's tag when given.
+    extra_key: str = ""
 
     def key(self, fixture_name: str) -> str:
         """Stable across processes, so xdist workers agree on which checkpoint is whose."""
-        text = json.dumps([self.image, self.command, dict(self.environment), repr(sorted(self.run_options.items()))],
-                          sort_keys=True, default=str)
+        made_of = [self.image, self.command, dict(self.environment), repr(sorted(self.run_options.items()))]
+        text = json.dumps(made_of + ([self.extra_key] if self.extra_key else []), sort_keys=True, default=str)
         return f"{fixture_name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
@@ -157,8 +161,9 @@ def warm_service(
     return _clone_fixture(spec, lambda clone: clone)
 
 
-def _clone_fixture(spec: ServiceSpec, value: Callable[[Container], Any]) -> Any:
-    """A fixture giving each test ``value(clone)`` for its own clone of the warm ``spec``."""
+def _clone_fixture(spec: ServiceSpec, value: Callable[[Container], Any], *, ahead: int = 0) -> Any:
+    """A fixture giving each test ``value(clone)`` for its own clone of the warm ``spec``; with
+    ``ahead``, that many clones are made ahead in the background (see :mod:`.pools`)."""
 
     @pytest.fixture
     def fixture(request: pytest.FixtureRequest) -> Iterator[Any]:
@@ -167,12 +172,16 @@ def _clone_fixture(spec: ServiceSpec, value: Callable[[Container], Any]) -> Any:
         if name is None:  # pytest names a fixture's own request; typed optional for the others
             raise RuntimeError("a Dolly fixture was requested without a fixture name")
         cp = plugin.warm_checkpoint(spec, name)
-        clone = plugin.clone(cp, name)
+        pool = plugin.clone_pool(cp, name, ahead) if ahead > 0 else None
+        clone = plugin.clone(cp, name) if pool is None else plugin.take_clone(pool, name)
         request.node.stash.setdefault(_clones_key, []).append(clone)
         try:
             yield value(clone)
         finally:
-            plugin.discard(clone)
+            if pool is None:
+                plugin.discard(clone)
+            else:
+                pool.give_back(clone)
 
     return fixture
 
@@ -211,6 +220,9 @@ class Plugin:
         self._reaped = False
         # Fixtures whose cached checkpoint another run on this engine holds: warmed here, not pushed.
         self._pull_taken: Set[str] = set()
+        # What this process keeps for the run's tests (clone pools, per-worker servers), closed
+        # at its end, by key.
+        self._kept: Dict[str, Any] = {}
 
     @property
     def client(self) -> docker.DockerClient:
@@ -263,7 +275,8 @@ class Plugin:
         engine = Engine.of(self.client)
         made_by = json.dumps([engine.image_id(spec.image), spec.command, dict(spec.environment),
                               repr(sorted(spec.run_options.items())), __version__,
-                              criu.version(), criu.build()], sort_keys=True, default=str)
+                              criu.version(), criu.build()] + ([spec.extra_key] if spec.extra_key else []),
+                             sort_keys=True, default=str)
         return f"{cache.repository}:warm-{hashlib.sha256(made_by.encode()).hexdigest()[:32]}"
 
     def _pull(self, spec: ServiceSpec, cache: Cache, fixture_name: str) -> Optional[Checkpoint]:
@@ -350,10 +363,38 @@ class Plugin:
     def discard(self, container: Container) -> None:
         _remove(self.client, id_of(container))
 
+    def kept(self, key: str, make: Callable[[], Any]) -> Any:
+        """The object this process keeps under ``key`` (made by ``make`` the first time), closed
+        (its ``close()``) when the process's session ends."""
+        if key not in self._kept:
+            self._kept[key] = make()
+        return self._kept[key]
+
+    def clone_pool(self, cp: Checkpoint, fixture_name: str, ahead: int) -> ClonePool:
+        """This process's pool of clones of ``cp``; its threads have docker clients of their own."""
+
+        def make_pool() -> ClonePool:
+            maker, remover = docker.from_env(), docker.from_env()
+            return ClonePool(lambda: restore(cp, labels=self.labels, on_create=self.record, client=maker),
+                             lambda c: _remove(remover, id_of(c)), ahead=ahead)
+
+        pool: ClonePool = self.kept(f"pool {fixture_name} {cp.path}", make_pool)
+        return pool
+
+    def take_clone(self, pool: ClonePool, fixture_name: str) -> Container:
+        """A clone from ``pool``; the stats count what the test waited for it."""
+        started = time.perf_counter()
+        c = pool.take()
+        self.stats.clone_s.setdefault(fixture_name, []).append(time.perf_counter() - started)
+        return c
+
     # --- the end of the run ----------------------------------------------------------------------
 
     def finish(self) -> None:
         """Remove what this run made. Under xdist only the controller does it, after the workers."""
+        for kept in reversed(list(self._kept.values())):
+            kept.close()  # each process's own pools and servers: their threads stop here
+        self._kept.clear()
         if self.is_worker:
             self.config.workeroutput["dolly_stats"] = {  # type: ignore[attr-defined]
                 "cold_s": self.stats.cold_s, "warm_s": self.stats.warm_s, "clone_s": self.stats.clone_s,
