@@ -4,6 +4,7 @@ the store (dolly._store).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -11,7 +12,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import docker
 
 from . import _names as names
-from ._checkpoint import Checkpoint
+from ._checkpoint import Checkpoint, User
 from ._dump import DEFAULT_MAX_LAYER_BYTES, MAX_LAYER_LIMIT
 from ._engine import ContainerRef, Engine
 from ._hosts import host_of
@@ -85,7 +86,8 @@ def checkpoint(
     if not isinstance(tcp_established, bool):
         raise InvalidArgument(f"tcp_established must be True or False, not {tcp_established!r}")
     return host_of(Engine.of(client)).checkpoint(container, name, leave_running=leave_running,
-                                                 max_layer_bytes=max_layer_bytes, tcp_established=tcp_established)
+                                                 max_layer_bytes=max_layer_bytes, tcp_established=tcp_established,
+                                                 made_by=User.current())
 
 
 def list_checkpoints(
@@ -145,11 +147,14 @@ class PruneReport:
         checkpoints: the checkpoints, oldest first.
         reclaimed: the bytes they held.
         dry_run: nothing was removed.
+        others: how many checkpoints that would have gone were kept because another user took
+            them (or a Dolly that recorded no one); ``all_users`` takes them too.
     """
 
     checkpoints: Tuple[Checkpoint, ...]
     reclaimed: int
     dry_run: bool = False
+    others: int = 0
 
 
 def prune(
@@ -158,6 +163,7 @@ def prune(
     older_than: Optional[timedelta] = None,
     labels: Optional[Mapping[str, str]] = None,
     dry_run: bool = False,
+    all_users: bool = False,
     client: Optional[docker.DockerClient] = None,
 ) -> PruneReport:
     """Remove the checkpoints nobody needs any more, as ``docker image prune`` removes images.
@@ -166,8 +172,13 @@ def prune(
     from which no existing container was restored (a clone, or a container :func:`dolly.reset`
     put back at it). Imported checkpoints (which never had a container here) and those in use
     are kept unless ``all_containers`` is set. ``older_than`` and ``labels`` narrow either
-    choice. Containers restored from a removed checkpoint are
-    not affected.
+    choice. Containers restored from a removed checkpoint are not affected.
+
+    Only the caller's own: a checkpoint records who took it (:attr:`Checkpoint.made_by`: the
+    uid and login name of the process that called :func:`dolly.checkpoint`, for root under sudo
+    the user who ran sudo), and one that records another user, or none (taken by an older Dolly),
+    is kept unless ``all_users`` is set; the report counts them (``others``). Imported
+    checkpoints record no user: ``all_containers`` takes them whoever imported them.
 
     Args:
         all_containers: every checkpoint, not only those of removed containers.
@@ -175,6 +186,7 @@ def prune(
         labels: only checkpoints whose source container carried all these labels (as
             ``docker ... prune --filter label=KEY=VALUE``).
         dry_run: remove nothing; report what would go.
+        all_users: other users' checkpoints too (on an engine only you use, the same as without).
         client: the engine; default ``docker.from_env()``.
 
     Raises:
@@ -190,6 +202,7 @@ def prune(
     cutoff = None if older_than is None else datetime.now(UTC) - older_than
     exists: Dict[str, bool] = {}
     chosen = []
+    me, others = User.current(), 0
     for cp in host_of(engine).list_checkpoints(None):
         if cutoff is not None and cp.created_at > cutoff:
             continue
@@ -203,10 +216,13 @@ def prune(
                 exists[cp.container_id] = engine.has_container(cp.container_id)
             if exists[cp.container_id] or engine.has_labelled(restored_from(cp)):
                 continue
+        if not all_users and cp.origin is None and cp.made_by != me:
+            others += 1
+            continue
         chosen.append(cp)
     if dry_run:
-        return PruneReport(tuple(chosen), sum(cp.size for cp in chosen), dry_run=True)
-    return remove_pruned(engine, chosen)
+        return PruneReport(tuple(chosen), sum(cp.size for cp in chosen), dry_run=True, others=others)
+    return dataclasses.replace(remove_pruned(engine, chosen), others=others)
 
 
 def remove_pruned(engine: Engine, checkpoints: Sequence[Checkpoint]) -> PruneReport:

@@ -19,8 +19,10 @@ dolly._store's.
 """
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
+import os
 import types
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,7 +34,7 @@ import docker
 from . import _names as names
 from .errors import CheckpointNotFound
 
-__all__ = ["Checkpoint"]
+__all__ = ["Checkpoint", "User"]
 
 METADATA = "dolly.json"
 LAYER_IMAGE_REPOSITORY = "dolly/checkpoint-layer"
@@ -40,6 +42,37 @@ ROOTFS_DIFF = "rootfs-diff.tar"
 # What scripts/dolly-runc writes into the image folder at checkpoint time, and where it goes.
 RUNTIME_ROOTFS_DIFF = "dolly-rootfs-diff.tar"
 RUNTIME_EXTRAS = {"dolly-spec.dump": "spec.dump", "dolly-stats-dump": "stats-dump"}
+
+
+@dataclass(frozen=True)
+class User:
+    """Who asked Dolly for a checkpoint: the calling process's uid and login name (for root under
+    sudo, the user who ran sudo). It tells the users of one engine apart, so that ``dolly.prune``
+    removes only a user's own checkpoints; it is their word, not a permission: whoever reaches the
+    engine's socket is root on its host."""
+
+    uid: int
+    name: str
+
+    @classmethod
+    def current(cls) -> User:
+        uid = os.getuid()
+        name = os.environ.get("SUDO_USER") if uid == 0 else None
+        try:
+            name = name or getpass.getuser()
+        except (KeyError, OSError):  # no passwd entry (a container's arbitrary uid)
+            name = name or str(uid)
+        return cls(uid, name)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Optional[User]:
+        """The user ``data`` names; None for anything else (a checkpoint that recorded none)."""
+        if isinstance(data, Mapping) and type(data.get("uid")) is int and isinstance(data.get("name"), str):
+            return cls(data["uid"], data["name"][:256])
+        return None
+
+    def to_json(self) -> dict:
+        return {"uid": self.uid, "name": self.name}
 
 
 @dataclass(frozen=True)
@@ -66,6 +99,8 @@ class Checkpoint:
         tcp_established: the dump carries the container's established TCP connections
             (``dolly.checkpoint(..., tcp_established=True)``). Dolly starts every clone and
             restore of it with those connections closed: the clone has an address of its own.
+        made_by: the :class:`User` who took it (None for a checkpoint of an older Dolly, or
+            imported): ``dolly.prune`` removes only its caller's own.
 
     Raises:
         InvalidArgument: ``container_id`` or ``name`` breaks Dolly's rules (they become paths).
@@ -82,6 +117,7 @@ class Checkpoint:
     client: Optional[docker.DockerClient] = field(default=None, repr=False, compare=False, hash=False)
     size: int = field(default=0, compare=False, hash=False)
     tcp_established: bool = field(default=False, compare=False, hash=False)
+    made_by: Optional[User] = field(default=None, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         # Both become path parts (the store, the clone's checkpoints folder): checked here, so no
@@ -144,6 +180,7 @@ class Checkpoint:
             client=client,
             size=meta["size"] if type(meta.get("size")) is int else 0,
             tcp_established=meta.get("tcp_established") is True,
+            made_by=User.from_json(meta.get("made_by")),
         )
 
     def _metadata(self) -> dict:
@@ -160,6 +197,8 @@ class Checkpoint:
             meta["origin"] = dict(self.origin)
         if self.tcp_established:  # absent otherwise: the metadata of other checkpoints is unchanged
             meta["tcp_established"] = True
+        if self.made_by is not None:
+            meta["made_by"] = self.made_by.to_json()
         return meta
 
 

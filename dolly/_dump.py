@@ -25,7 +25,7 @@ from docker.models.containers import Container
 from filelock import FileLock
 
 from . import _criu as criu, _criu_log as criu_log, _images as criu_images, _retry as retry, _rootfs as rootfs
-from ._checkpoint import METADATA, ROOTFS_DIFF, RUNTIME_EXTRAS, RUNTIME_ROOTFS_DIFF, Checkpoint, folder_size
+from ._checkpoint import METADATA, ROOTFS_DIFF, RUNTIME_EXTRAS, RUNTIME_ROOTFS_DIFF, Checkpoint, User, folder_size
 from ._engine import RUNTIME, ContainerRef, Engine, id_of, name_of
 from ._store import _make_private_dir, _write_private
 from .errors import (
@@ -53,7 +53,7 @@ MAX_LAYER_LIMIT = 10**18 - 1
 
 
 def take(engine: Engine, container: ContainerRef, name: str, *, leave_running: bool,
-         max_layer_bytes: int, tcp_established: bool = False) -> Checkpoint:
+         max_layer_bytes: int, tcp_established: bool = False, made_by: Optional[User] = None) -> Checkpoint:
     """Checkpoint ``container`` of ``engine``, whose files this process sees, into its store (the
     steps :func:`dolly.checkpoint` documents; its arguments already checked).
 
@@ -69,7 +69,8 @@ def take(engine: Engine, container: ContainerRef, name: str, *, leave_running: b
             "checkpoint it then; one stopped by a checkpoint (leave_running=False) goes on from that checkpoint "
             f"with dolly.resume(dolly.get_checkpoint({source.name!r}, NAME))")
     with _claimed(engine, source, name) as (source, final):
-        return _checkpoint_locked(engine, source, name, final, leave_running, max_layer_bytes, tcp_established)
+        return _checkpoint_locked(engine, source, name, final, leave_running, max_layer_bytes, tcp_established,
+                                  made_by)
 
 
 @contextlib.contextmanager
@@ -132,7 +133,7 @@ def _running(engine: Engine, container_id: str, *, settle: float = 5.0) -> Conta
 
 def _checkpoint_locked(
     engine: Engine, source: Container, name: str, final: Path, leave_running: bool, max_layer_bytes: int,
-    tcp_established: bool = False,
+    tcp_established: bool = False, made_by: Optional[User] = None,
 ) -> Checkpoint:
     folder = final.parent
     # Docker refuses a custom checkpoint folder: it writes into the container's own, under a name
@@ -207,6 +208,7 @@ def _checkpoint_locked(
             path=final,
             client=engine.client,
             tcp_established=tcp_established,
+            made_by=made_by,
         )
         _write_private(staging / METADATA, json.dumps(cp._metadata()))
         try:

@@ -237,10 +237,11 @@ def rm_cmd(ctx: Context, container: str, checkpoints: List[str]) -> None:
 @click.option("--label", "label_args", multiple=True, metavar="KEY=VALUE",
               help="Only checkpoints of containers that carried this label (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Remove nothing; list what would go.")
+@click.option("--all-users", is_flag=True, help="Other users' checkpoints too (by default only those you took).")
 @click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
 @command
 def prune_cmd(ctx: Context, all_containers: bool, older_than: Optional[str], label_args: List[str], dry_run: bool,
-              force: bool) -> None:
+              all_users: bool, force: bool) -> None:
     """Remove checkpoints of removed containers (with --all: every checkpoint)."""
     age = _duration(older_than) if older_than is not None else None
     if any("=" not in a for a in label_args):
@@ -248,16 +249,17 @@ def prune_cmd(ctx: Context, all_containers: bool, older_than: Optional[str], lab
     labels = dict(a.split("=", 1) for a in label_args) or None
     if force or dry_run:
         _print_prune(ctx, dolly.prune(all_containers=all_containers, older_than=age, labels=labels, dry_run=dry_run,
-                                      client=ctx.client))
+                                      all_users=all_users, client=ctx.client))
         return
     found = dolly.prune(all_containers=all_containers, older_than=age, labels=labels, dry_run=True,
-                        client=ctx.client)
+                        all_users=all_users, client=ctx.client)
     if found.checkpoints:
         what = "every checkpoint" if all_containers else "the checkpoints of removed containers"
         click.confirm(f"This removes {what}{f' older than {older_than}' if age else ''}: "
                       f"{len(found.checkpoints)}, {found.reclaimed / 2**20:.1f} MiB. Continue?", abort=True, err=True)
     # Exactly what was confirmed: not what a second look would find.
-    _print_prune(ctx, remove_pruned(Engine.of(ctx.client), found.checkpoints))
+    _print_prune(ctx, dataclasses.replace(remove_pruned(Engine.of(ctx.client), found.checkpoints),
+                                          others=found.others))
 
 
 def _duration(text: str) -> timedelta:
@@ -276,7 +278,7 @@ def _duration(text: str) -> timedelta:
 
 def _print_prune(ctx: Context, report: dolly.PruneReport) -> None:
     if ctx.as_json:
-        _print_json({"dry_run": report.dry_run, "reclaimed_bytes": report.reclaimed,
+        _print_json({"dry_run": report.dry_run, "reclaimed_bytes": report.reclaimed, "others_kept": report.others,
                      "checkpoints": [_checkpoint_dict(cp, size=False) for cp in report.checkpoints]})
         return
     verb = "would remove" if report.dry_run else "removed"
@@ -284,6 +286,9 @@ def _print_prune(ctx: Context, report: dolly.PruneReport) -> None:
         out.print(f"{verb} {cp.container_name} {cp.name}", highlight=False)
     out.print(f"{'Would reclaim' if report.dry_run else 'Reclaimed'} {report.reclaimed / 2**20:.1f} MiB "
               f"({len(report.checkpoints)} checkpoints)", highlight=False)
+    if report.others:
+        out.print(f"Kept {report.others} checkpoint(s) another user took (or an older Dolly that recorded no one): "
+                  "--all-users takes them too", highlight=False)
 
 
 def _working(text: str) -> Progress:

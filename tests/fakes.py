@@ -70,7 +70,7 @@ from docker.models.containers import Container
 from dolly import _names as names, _rebuild, policy
 from dolly._archive import tarfile
 from dolly._bundle import Lineages, Staged, checked_members, recorded_config
-from dolly._checkpoint import Checkpoint
+from dolly._checkpoint import Checkpoint, User
 from dolly._checks import Check
 from dolly._engine import ContainerRef, Engine
 from dolly._manifest import DEFAULT_MAX_BYTES, Member, lineage_key, new_manifest, source_fields, too_large
@@ -791,7 +791,8 @@ class FakeHost:
     # --- dumps ------------------------------------------------------------------------------------
 
     def checkpoint(self, container: ContainerRef, name: str, *, leave_running: bool,
-                   max_layer_bytes: int, tcp_established: bool = False) -> Checkpoint:
+                   max_layer_bytes: int, tcp_established: bool = False,
+                   made_by: Optional[User] = None) -> Checkpoint:
         """Take ``container``'s memory and files. Fault point ``checkpoint`` fails before the
         dump (the container as it was); ``dump`` after it: with ``leave_running=False`` the
         container is then stopped and its images kept as an incomplete checkpoint, and the error
@@ -817,7 +818,8 @@ class FakeHost:
                  "deleted.files": b"[]", "spec.dump": b"{}"}
         cp = Checkpoint(container_id=cid, container_name=str(source.name), name=name, created_at=self.clock(),
                         hostname=hostname, config=types.MappingProxyType(copy.deepcopy(source.attrs)),
-                        path=self._path(cid, name), client=self._fake.client, tcp_established=tcp_established)
+                        path=self._path(cid, name), client=self._fake.client, tcp_established=tcp_established,
+                        made_by=made_by)
         if not leave_running:
             self._fake._stop(cid)
         try:

@@ -19,6 +19,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import docker
@@ -187,8 +188,8 @@ def elsewhere(client):
     yield from isolated(f"nock{RUN_ID[:4]}", ELSEWHERE_SUBNET, hide_checkout=True)
 
 
-def _service(run):
-    source = run(PYTHON, ["python3", "-c", STATEFUL])
+def _service(run, **labels: str):
+    source = run(PYTHON, ["python3", "-c", STATEFUL], labels=labels)
     ready.wait(source, ready.http(8000), timeout=60)
     for _ in range(3):
         before = ask(source)
@@ -299,7 +300,8 @@ def test_a_user_in_the_socket_s_group_checkpoints_and_clones_through_the_agent(c
     """Not root, so the engine's files are not this user's to see: Dolly drives the main engine
     through an agent of that user's own (its own secret, hence its own name)."""
     socket_gid = os.stat("/var/run/docker.sock").st_gid
-    source, before = _service(run)
+    mine = {"dolly-test.prune-owner": uuid.uuid4().hex}
+    source, before = _service(run, **mine)
     done = _as_nobody(nobody_home, _CHECKPOINT_AND_CLONE, source.id, groups=(socket_gid,))
     out = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
     try:
@@ -309,6 +311,13 @@ def test_a_user_in_the_socket_s_group_checkpoints_and_clones_through_the_agent(c
         _assert_continues(clone, before)
         agent = client.api.inspect_container(out["agent"])
         _assert_runs_its_own_image(agent, Engine.of(client).image_id(agent_image.reference()))
+        # The checkpoint records who took it, though the agent (root) wrote it; root's prune,
+        # asked for every checkpoint of this source, keeps it unless asked for all users too.
+        cp = dolly.get_checkpoint(source.id, "by-nobody")
+        assert cp.made_by is not None and cp.made_by.uid == NOBODY
+        kept = dolly.prune(all_containers=True, labels=mine, dry_run=True)
+        assert kept.checkpoints == () and kept.others == 1
+        assert cp in dolly.prune(all_containers=True, labels=mine, dry_run=True, all_users=True).checkpoints
     finally:
         for c in client.containers.list(all=True, filters={"label": LABEL}):
             if out is not None and c.name == out["agent"]:

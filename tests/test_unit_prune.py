@@ -14,6 +14,7 @@ from fakes import FakeEngine
 
 import dolly
 from dolly import errors, trust
+from dolly._checkpoint import User
 
 NOW = datetime.now(UTC)
 
@@ -148,3 +149,22 @@ def test_a_reset_source_keeps_its_checkpoint_in_use(a):
     assert names_in(dolly.prune(client=a.client)) == [] and left(a) == ["warm"]
     a.remove(str(back.id))
     assert names_in(dolly.prune(client=a.client)) == ["warm"]
+
+
+def test_only_the_caller_s_own_checkpoints_go_unless_all_users(a):
+    alice, nobody = User(1001, "alice"), None
+    for name, maker in (("alice", alice), ("old", nobody)):
+        c = a.run(name=name, memory={"n": 1})
+        a.host.checkpoint(c, "cp", leave_running=True, max_layer_bytes=1 << 30, made_by=maker)
+        a.remove(str(c.id))
+    mine = a.run(name="mine", memory={"n": 2})
+    cp = dolly.checkpoint(mine, "cp", client=a.client)
+    assert cp.made_by == User.current()
+    a.remove(str(mine.id))
+    report = dolly.prune(client=a.client)
+    assert names_in(report) == ["cp"] and [c.container_name for c in report.checkpoints] == ["mine"]
+    assert report.others == 2
+    assert sorted(c.container_name for c in dolly.list_checkpoints(client=a.client)) == ["alice", "old"]
+    everyone = dolly.prune(client=a.client, all_users=True)
+    assert sorted(c.container_name for c in everyone.checkpoints) == ["alice", "old"] and everyone.others == 0
+    assert left(a) == []

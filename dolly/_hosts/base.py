@@ -22,7 +22,7 @@ from docker.models.containers import Container
 
 from .._archive import tarfile
 from .._bundle import Lineages, Staged
-from .._checkpoint import Checkpoint
+from .._checkpoint import Checkpoint, User
 from .._checks import Check
 from .._engine import ContainerRef, Engine
 from .._manifest import Member
@@ -55,7 +55,8 @@ class Host(Protocol):
 
     # --- dumps ------------------------------------------------------------------------------
     def checkpoint(self, container: ContainerRef, name: str, *, leave_running: bool,
-                   max_layer_bytes: int, tcp_established: bool = False) -> Checkpoint: ...
+                   max_layer_bytes: int, tcp_established: bool = False,
+                   made_by: Optional[User] = None) -> Checkpoint: ...
 
     def post_copy_source(self, container: ContainerRef, name: str) -> PageSource: ...
 

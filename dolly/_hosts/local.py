@@ -25,7 +25,7 @@ from .. import (
 )
 from .._archive import tarfile
 from .._bundle import Lineages, Staged
-from .._checkpoint import Checkpoint
+from .._checkpoint import Checkpoint, User
 from .._checks import Check
 from .._engine import ContainerRef, Engine
 from .._manifest import Member
@@ -72,10 +72,11 @@ class LocalHost:
     # --- dumps ----------------------------------------------------------------------------------
 
     def checkpoint(self, container: ContainerRef, name: str, *, leave_running: bool,
-                   max_layer_bytes: int, tcp_established: bool = False) -> Checkpoint:
+                   max_layer_bytes: int, tcp_established: bool = False,
+                   made_by: Optional[User] = None) -> Checkpoint:
         """Raises: the errors of :func:`dolly.checkpoint`."""
         return dump.take(self.engine, container, name, leave_running=leave_running, max_layer_bytes=max_layer_bytes,
-                         tcp_established=tcp_established)
+                         tcp_established=tcp_established, made_by=made_by)
 
     def post_copy_source(self, container: ContainerRef, name: str) -> PageSource:
         """Raises: the errors of :func:`dolly._lazy_dump.checkpoint_lazy`."""

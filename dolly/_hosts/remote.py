@@ -27,7 +27,7 @@ from docker.models.containers import Container
 from .. import _archive as archive, trust
 from .._archive import tarfile
 from .._bundle import Lineages, Staged
-from .._checkpoint import Checkpoint
+from .._checkpoint import Checkpoint, User
 from .._checks import Check
 from .._engine import ContainerRef, Engine, id_of
 from .._manifest import Hashing, Member, first_member, parse_manifest, tar_members, write_stream
@@ -76,10 +76,12 @@ class AgentHost:
     # --- dumps ----------------------------------------------------------------------------------
 
     def checkpoint(self, container: ContainerRef, name: str, *, leave_running: bool,
-                   max_layer_bytes: int, tcp_established: bool = False) -> Checkpoint:
+                   max_layer_bytes: int, tcp_established: bool = False,
+                   made_by: Optional[User] = None) -> Checkpoint:
         return self._checkpoint(self.channel.call("checkpoint", container=ref_text(container), name=name,
                                                   leave_running=leave_running, max_layer_bytes=max_layer_bytes,
-                                                  tcp_established=tcp_established))
+                                                  tcp_established=tcp_established,
+                                                  made_by=made_by.to_json() if made_by else None))
 
     def post_copy_source(self, container: ContainerRef, name: str) -> PageSource:
         require_64_bit()

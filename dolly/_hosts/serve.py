@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from .. import _archive as archive, _criu as criu, _names as names, _postcopy as postcopy, policy, trust
 from .._archive import tarfile
 from .._bundle import Staged
-from .._checkpoint import Checkpoint
+from .._checkpoint import Checkpoint, User
 from .._engine import Engine
 from .._manifest import KEY_ID_RE, first_member, parse_manifest, read_signature, tar_members, write_stream
 from .._start import CloneRequest
@@ -47,7 +47,8 @@ def run(op: str, args: Dict[str, Any], *, stdin: IO[bytes], stdout: IO[bytes]) -
     if op == "checkpoint":
         return checkpoint_json(host.checkpoint(args["container"], args["name"], leave_running=args["leave_running"],
                                                max_layer_bytes=args["max_layer_bytes"],
-                                               tcp_established=args.get("tcp_established") is True))
+                                               tcp_established=args.get("tcp_established") is True,
+                                               made_by=User.from_json(args.get("made_by"))))
     if op == "list":
         return [checkpoint_json(cp) for cp in host.list_checkpoints(args.get("container"))]
     if op == "get":
