@@ -9,18 +9,27 @@ user-defined networks of at most 1,000 containers each (a Linux bridge takes at 
 After each batch the rate, the host's CPU time spent (all processes: Dolly, dockerd, containerd,
 its shims, runc, CRIU) and MemAvailable are recorded; then the host's CPU use while all the clones
 idle. At the end every clone is asked for the page on its own IP, and the answers are checked
-against the source's. The host's neighbour table is raised for the run and put back after.
+against the source's: a clone that does not answer is asked again (up to three rounds, a pause
+between them), and those that never answer are counted by reason (its container or process gone,
+no neighbour entry for its address, refused, timed out, a wrong page), so the run's figures are
+written whatever happens to some clones. The host's neighbour table is raised for the run and put
+back after.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import errno
 import ipaddress
 import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -121,8 +130,14 @@ def _run(client: docker.DockerClient, clones: int, *, batch: int, workers: int, 
         while len(made) < clones:
             k = min(batch, (on_bridge if len(made) < on_bridge else clones) - len(made))
             t, c = time.perf_counter(), host_cpu_seconds()
-            made += dolly.clone(cp, k, network=["bridge"] if len(made) < on_bridge else [n.name for n in nets],
-                                max_workers=workers, name_prefix=f"dolly-density-{tag}-b{len(batches)}")
+            try:
+                made += dolly.clone(cp, k, network=["bridge"] if len(made) < on_bridge else [n.name for n in nets],
+                                    max_workers=workers, name_prefix=f"dolly-density-{tag}-b{len(batches)}")
+            except dolly.DollyError as e:  # the batch left nothing (clone's promise): count what runs
+                result["stopped_by"] = f"{type(e).__name__}: {str(e)[:500]}"
+                print(f"  batch {len(batches)} failed, stopping at {len(made)} clones: {result['stopped_by']}",
+                      flush=True)
+                break
             batches.append({"clones": k, "seconds": round(time.perf_counter() - t, 3),
                             "cpu_s": round(host_cpu_seconds() - c, 2), "alive": len(made)})
             if on_batch is not None:
@@ -135,22 +150,24 @@ def _run(client: docker.DockerClient, clones: int, *, batch: int, workers: int, 
         c, t = host_cpu_seconds(), time.perf_counter()
         time.sleep(5)
         idle = (host_cpu_seconds() - c) / (time.perf_counter() - t)
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            pages = list(pool.map(lambda c: fetch(ip_of(c)), made))
-        right = sum(1 for p in pages if p == expected)
+        answers = ask_all(made, expected)
+        right = sum(1 for a in answers.values() if a == "answered")
+        unanswered = {name: why for name, why in answers.items() if why != "answered"}
         rates = [b["clones"] / b["seconds"] for b in batches]
         first_n = max(1, 100 // batch)
         thousand = _first(batches, 1000)
         result.update({
-            "clones": clones, "answered_with_the_source_page": right,
+            "clones": len(made), "asked_for": clones, "answered_with_the_source_page": right,
+            "unanswered_by_reason": dict(collections.Counter(unanswered.values())),
+            "unanswered_examples": dict(list(unanswered.items())[:20]),
             "distinct_ips": len({ip_of(c) for c in made}), "networks": len(nets),
-            "seconds": round(took, 1), "per_second": round(clones / took, 2),
+            "seconds": round(took, 1), "per_second": round(len(made) / took, 2),
             "first_1000_per_second": thousand,
             "first_100_per_second": round(statistics.fmean(rates[:first_n]), 2),
             "last_100_per_second_of_1000": _last_100_rate(batches, 1000),
             "last_100_per_second": round(statistics.fmean(rates[-first_n:]), 2),
-            "host_memory_per_clone_mb": round(mem / clones, 2),
-            "host_cpu_s_per_clone": round(cpu / clones, 3),
+            "host_memory_per_clone_mb": round(mem / max(1, len(made)), 2),
+            "host_cpu_s_per_clone": round(cpu / max(1, len(made)), 3),
             "host_cpu_s_per_clone_first_1000": _cpu_per_clone(batches, 1000),
             "idle_host_cpu_per_s": round(idle, 2),
             "on_default_bridge": on_bridge,
@@ -165,6 +182,62 @@ def _run(client: docker.DockerClient, clones: int, *, batch: int, workers: int, 
         for net in nets:
             _remove_network(net)
     return result
+
+
+ROUNDS = 3
+
+
+def ask_all(containers, expected: bytes) -> dict:
+    """Every clone's name -> "answered", or why it did not after ROUNDS rounds of asking."""
+    why: dict = {c.name: "not asked" for c in containers}
+    waiting = list(containers)
+    for round_ in range(ROUNDS):
+        if round_:
+            time.sleep(2)  # a neighbour entry that failed is tried again after a moment
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            outcomes = list(pool.map(lambda c: _ask(c, expected), waiting))
+        for c, outcome in zip(waiting, outcomes, strict=True):
+            why[c.name] = outcome
+        waiting = [c for c, outcome in zip(waiting, outcomes, strict=True) if outcome != "answered"]
+        if not waiting:
+            break
+    for c in waiting:
+        why[c.name] = _diagnose(c, why[c.name])
+    return why
+
+
+def _ask(container, expected: bytes) -> str:
+    try:
+        page = fetch(ip_of(container))
+    except urllib.error.URLError as e:
+        reason = e.reason
+        if isinstance(reason, OSError) and reason.errno == errno.EHOSTUNREACH:
+            return "no route to host"
+        if isinstance(reason, OSError) and reason.errno == errno.ECONNREFUSED:
+            return "refused"
+        if isinstance(reason, (socket.timeout, TimeoutError)):
+            return "timed out"
+        return f"error: {reason}"
+    except (OSError, ValueError) as e:
+        return f"error: {type(e).__name__}"
+    return "answered" if page == expected else "a wrong page"
+
+
+def _diagnose(container, last: str) -> str:
+    """The reason a clone never answered: its container or httpd gone first, then its address."""
+    try:
+        container.reload()
+    except docker.errors.NotFound:
+        return "container gone"
+    if not container.attrs["State"].get("Running"):
+        return f"container exited ({container.attrs['State'].get('ExitCode')})"
+    top = container.top(ps_args="-o comm") if last != "a wrong page" else None
+    if top is not None and not any("httpd" in " ".join(p) for p in top.get("Processes") or []):
+        return "httpd gone"
+    if last == "no route to host":
+        neigh = subprocess.run(["ip", "neigh", "show", ip_of(container)], capture_output=True, text=True).stdout
+        return f"no route to host (neighbour: {neigh.split()[-1] if neigh.split() else 'none'})"
+    return last
 
 
 def _wait_page(ip: str) -> bytes:
