@@ -29,8 +29,10 @@
     │   └── PolicyRefused        its container asks for host access the restore policy does not
     │                            allow (privileged, host mounts, devices, ...); .items names them
     ├── RegistryError            an OCI registry could not be reached or refused; carries .status
-    └── MigrationFailed          a step of migrate failed; .step names it, the source runs again
-                                 (but at "roll back": the target's state is unknown, see message)
+    ├── MigrationFailed          a step of migrate failed; .step names it, the source runs again
+    │                            (but at "roll back": the target's state is unknown, see message)
+    └── SchemaMigrationFailed    a project's database migration failed while a warm database was
+                                 made (dolly.testing.django); .migration names it
 
 Each leaves the world as it found it: the source container running, the checkpoint usable, and
 no container half-made by Dolly left behind.
@@ -69,6 +71,7 @@ __all__ = [
     "PolicyRefused",
     "RegistryError",
     "MigrationFailed",
+    "SchemaMigrationFailed",
 ]
 
 
@@ -241,6 +244,17 @@ class MigrationFailed(DollyError):
 
     def __init__(self, message: str, *, step: str) -> None:
         self.step = step
+        super().__init__(message)
+
+
+class SchemaMigrationFailed(DollyError):
+    """A project's database migrations failed while its warm database was made, before any
+    checkpoint (:mod:`dolly.testing.django`). ``migration`` names the one that failed
+    (``"app_label.0003_name"``), or is None when the failure came after the migrations (a
+    ``post_migrate`` handler); the server it ran on is removed."""
+
+    def __init__(self, message: str, *, migration: Optional[str] = None) -> None:
+        self.migration = migration
         super().__init__(message)
 
 

@@ -25,6 +25,9 @@ from dolly._store import remove_all_of, remove_unused_layer_images  # the main e
 from engines import IsolatedEngine, SecondEngine, isolated
 from helpers import BUSYBOX, COUNTER, ENGINE_B, ENGINE_B_SUBNET, FILES, PYTHON, RUN_ID, STATEFUL, TEST_LABEL, ask
 
+# A Django project with tests of its own, run in a subprocess by tests/test_django.py.
+collect_ignore = ["fixtures/django_shop"]
+
 # The fixtures that start or reach a Docker Engine. A test that asks for one of them, directly or
 # through the fixtures it asks for, is marked `engine`; the others are `make unit`: no engine, no
 # root. A test that reaches an engine some other way is marked by hand.
