@@ -26,9 +26,11 @@ Registered with pytest through the ``pytest11`` entry point, so installing Dolly
 
 One module per concern: :mod:`dolly.testing.services` (warm services, their registry cache, and
 the :class:`~dolly.testing.services.Plugin` that warms and clones them in each pytest process),
-:mod:`dolly.testing.databases` (the database fixtures), :mod:`dolly.testing.runs` (a run's state
-folder, its owner, and the reaper of dead runs) and :mod:`dolly.testing.plugin` (the pytest hooks:
-the module the entry point names). This package re-exports their public API.
+:mod:`dolly.testing.databases` (the database fixtures), :mod:`dolly.testing.pools` (clones made
+ahead in the background), :mod:`dolly.testing.django` (pytest-django's ``django_db_setup`` on a
+warm, migrated Postgres; import it from there: it needs Django), :mod:`dolly.testing.runs` (a run's
+state folder, its owner, and the reaper of dead runs) and :mod:`dolly.testing.plugin` (the pytest
+hooks: the module the entry point names). This package re-exports their public API.
 """
 from __future__ import annotations
 
