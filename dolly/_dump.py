@@ -24,7 +24,13 @@ from typing import Dict, Iterator, List, Optional, Tuple
 from docker.models.containers import Container
 from filelock import FileLock
 
-from . import _criu as criu, _criu_log as criu_log, _images as criu_images, _retry as retry, _rootfs as rootfs
+from . import (
+    _connections as connections,
+    _criu as criu,
+    _images as criu_images,
+    _retry as retry,
+    _rootfs as rootfs,
+)
 from ._checkpoint import METADATA, ROOTFS_DIFF, RUNTIME_EXTRAS, RUNTIME_ROOTFS_DIFF, Checkpoint, User, folder_size
 from ._engine import RUNTIME, ContainerRef, Engine, id_of, name_of
 from ._store import _make_private_dir, _write_private
@@ -176,7 +182,7 @@ def _checkpoint_locked(
             refused = _refusal(e, source, engine)
             if refused is None:
                 runtime = None if own_runtime else str(source.attrs["HostConfig"].get("Runtime") or "runc")
-                refused = tcp_refusal(e, name_of(source), _open_connections(source), runtime=runtime)
+                refused = connections.refusal(e, name_of(source), connections.open_in(source), runtime=runtime)
             if refused is not None:
                 raise refused from e
             raise
@@ -405,64 +411,6 @@ def _refused(reason: str, fields: Dict[str, int], source: Container, where: Path
         f"{_bytes_text(avail)} ({avail} bytes) free. Free space there (or remove old "
         f"checkpoints with dolly.remove_checkpoint). {untouched}"
     )
-
-
-def tcp_refusal(error: CheckpointFailed, container_name: str, connections: Optional[int], *,
-                runtime: Optional[str] = None) -> Optional[CheckpointFailed]:
-    """Dolly's words for CRIU's refusal of a container holding established TCP connections,
-    ``connections`` of them open now (None: not known), with CRIU's own lines after; None when
-    ``error`` is another failure. ``runtime``: the container's when it is not Dolly's, which
-    alone can ask CRIU for them (Docker's API cannot); Docker deletes CRIU's log of such a
-    dump, so connections open after it failed stand for CRIU's line. CRIU refuses while it
-    collects what to dump, before anything is written: the container runs on, whatever
-    ``leave_running`` said."""
-    lines = list(error.log_lines or ())
-    if not criu_log.refuses_tcp_connections([str(error), *lines]) and not (runtime is not None and connections):
-        return None
-    count = f" ({connections})" if connections else ""
-    untouched = "Nothing was dumped: the container is untouched and keeps running."
-    if runtime is not None:
-        fix = (f"Only Dolly's runtime can dump them, and the container runs under {runtime!r}: create it "
-               f"with --runtime {RUNTIME} and pass tcp_established=True (CLI: --tcp-established), or "
-               "checkpoint it once its clients have disconnected.")
-    else:
-        fix = ("Pass tcp_established=True (CLI: --tcp-established): the dump then carries them and the "
-               "container keeps serving them, while clones and restores start with them closed (a clone "
-               "has an address of its own, and the clients stay with the source).")
-    return CheckpointFailed(
-        f"container {container_name} was not checkpointed: it has established TCP connections{count}, "
-        f"which a checkpoint carries only when asked. {fix} {untouched}",
-        log_lines=lines, log_path=error.log_path)
-
-
-# The TCP states in which CRIU calls a socket connected (criu/sk-inet.c, can_dump_inet_sk),
-# as /proc/net/tcp writes them: ESTABLISHED, SYN_SENT, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT,
-# LAST_ACK, CLOSING.
-_CONNECTED_STATES = {"01", "02", "04", "05", "08", "09", "0B"}
-
-
-def connected_sockets(proc_net_tcp: str) -> int:
-    """How many sockets of a ``/proc/<pid>/net/tcp`` (or ``tcp6``) text a process holds in a
-    state CRIU calls connected. A TIME_WAIT or half-open entry (inode 0) is the kernel's alone:
-    no process holds it, and CRIU never sees it."""
-    n = 0
-    for line in proc_net_tcp.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) > 9 and fields[3] in _CONNECTED_STATES and fields[9] != "0":
-            n += 1
-    return n
-
-
-def _open_connections(source: Container) -> Optional[int]:
-    """The connected TCP sockets of ``source``'s network namespace now (None: not readable)."""
-    pid = source.attrs["State"].get("Pid")
-    if not pid:
-        return None
-    try:
-        return sum(connected_sockets(Path(f"/proc/{pid}/net/{table}").read_text())
-                   for table in ("tcp", "tcp6"))
-    except OSError:
-        return None
 
 
 def _bytes_text(n: int) -> str:

@@ -119,6 +119,16 @@ def _split_tag(name: str) -> tuple[str, Optional[str]]:
     return name, None
 
 
+@contextlib.contextmanager
+def _taken_name_is_a_conflict(name: str) -> Iterator[None]:
+    try:
+        yield
+    except EngineError as e:
+        if e.status_code == 409:
+            raise NameConflict(f"the container name {name!r} is already taken") from e
+        raise
+
+
 def _explain(e: docker.errors.APIError) -> str:
     return str(e.explanation or e)
 
@@ -314,13 +324,9 @@ class Engine:
         Raises:
             NameConflict: ``name`` is taken.
         """
-        try:
+        with _taken_name_is_a_conflict(name):
             made: Dict[str, Any] = self._call(self.api.create_container_from_config, config, name)
-            return str(made["Id"])
-        except EngineError as e:
-            if e.status_code == 409:
-                raise NameConflict(f"the container name {name!r} is already taken") from e
-            raise
+        return str(made["Id"])
 
     def connect(self, container_id: str, network: str, endpoint: Dict[str, Any]) -> None:
         def call() -> None:
@@ -344,12 +350,8 @@ class Engine:
     def rename(self, container_id: str, name: str) -> None:
         """Raises:
             NameConflict: ``name`` is taken."""
-        try:
+        with _taken_name_is_a_conflict(name):
             self._call(self.api.rename, container_id, name)
-        except EngineError as e:
-            if e.status_code == 409:
-                raise NameConflict(f"the container name {name!r} is already taken") from e
-            raise
 
     def stop(self, container_id: str) -> None:
         """Stop a container at once (SIGKILL: what it ran is being replaced); a stopped one is left as is."""

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import dolly
 from dolly import errors, ready
-from dolly._dump import connected_sockets, tcp_refusal
+from dolly._connections import connected_sockets, refusal as tcp_refusal
 from dolly.cli import cli
 from helpers import PYTHON
 
