@@ -39,6 +39,8 @@ def restore(
     on_create: Optional[Callable[[str], None]] = None,
     network: Optional[str] = None,
     client: Optional[docker.DockerClient] = None,
+    share_memory: bool = False,
+    lazy: bool = False,
 ) -> Container:
     """Start a new container from ``checkpoint``: the process continues where it was.
 
@@ -53,6 +55,10 @@ def restore(
             :func:`clone`).
         client: the engine; default the one the checkpoint knows (``checkpoint.client``), else
             ``docker.from_env()``.
+        share_memory: the new container's pages identical to those of other containers restored
+            with ``share_memory`` are shared with them (as :func:`clone`).
+        lazy: the new container starts before its memory is in, which arrives as it touches it
+            (as :func:`clone`).
 
     Returns:
         The running container, with its own name, hostname, IP and MAC, labelled with its source
@@ -60,19 +66,24 @@ def restore(
         (``container.ports``).
 
     Raises:
-        InvalidArgument: ``checkpoint`` is not a Checkpoint, or ``name`` is not a valid name.
+        InvalidArgument: ``checkpoint`` is not a Checkpoint, ``name`` is not a valid name, or
+            ``share_memory`` or ``lazy`` is not a bool.
         CheckpointNotFound: the checkpoint's files are gone.
         PolicyRefused: the checkpoint was imported and its configuration asks for more than its
             importer allowed (see :mod:`dolly.policy`).
         NameConflict: ``name`` is taken.
         ImageNotFound: the engine lacks the source's image.
-        HostNotReady: the engine or CRIU cannot restore (see :func:`dolly.check_host`).
+        HostNotReady: the engine or CRIU cannot restore (see :func:`dolly.check_host`), or
+            ``share_memory`` was asked for and the kernel's KSM is missing or not running.
         RestoreFailed: CRIU failed; carries CRIU's log. No container is left behind.
     """
     if name is not None:
         names.container_name(name)
+    _check_share_memory(share_memory)
+    _check_lazy(lazy)
     return _place(checkpoint, 1, client=client, engines=None, network=network, name_prefix=None, labels=labels,
-                  on_create=on_create, max_workers=1, progress=None, chosen=[name] if name else None)[0]
+                  on_create=on_create, max_workers=1, progress=None, chosen=[name] if name else None,
+                  share_memory=share_memory, lazy=lazy)[0]
 
 
 def clone(
@@ -87,6 +98,8 @@ def clone(
     max_workers: int = MAX_WORKERS,
     progress: Optional[Callable[[Container], None]] = None,
     network: Union[str, Sequence[str], None] = None,
+    share_memory: bool = False,
+    lazy: bool = False,
 ) -> List[Container]:
     """Restore ``checkpoint`` into ``n`` new containers at once, each with its own identity.
 
@@ -113,12 +126,29 @@ def clone(
             ``network[k % len(network)]``): a Linux bridge takes at most 1,023 containers, so
             thousands of clones need several networks. Each clone gets a new address there. Not
             for a source with ``--network host``, ``none`` or ``container:...``.
+        share_memory: the clones' memory pages that are identical (those they have not written
+            since the checkpoint) are held once, shared by every container restored with
+            ``share_memory`` on this host, rather than once per clone: the kernel's samepage
+            merging (KSM) scans their processes, and theirs only, in the background, so the
+            sharing grows over seconds after the clones start. A write to a shared page gives
+            the writer its own copy again. Processes that share pages can tell, by timing a
+            write, whether another of them holds a page of the same content: ask for it only
+            for clones that may see each other's memory (clones of one checkpoint). Needs KSM
+            running (``make host`` turns it on; README, "Shared memory").
+        lazy: each clone starts before its memory is in: CRIU restores everything but the
+            memory, and a lazy-pages daemon of the clone's own (CRIU's, through userfaultfd)
+            serves the pages from the checkpoint's images on this host, first those the clone
+            touches, then the rest in the background, and ends once every page is in. A clone
+            holding much memory starts in the time of its working set. Should the daemon end
+            before every page is in, the clone is killed (it never runs on memory that did not
+            arrive): its container exits.
 
     Returns:
         The running clones, in name order.
 
     Raises:
-        InvalidArgument: ``n`` is not an int of 1 or more, or ``name_prefix`` is not valid.
+        InvalidArgument: ``n`` is not an int of 1 or more, ``name_prefix`` is not valid, or
+            ``share_memory`` or ``lazy`` is not a bool.
         CheckpointNotFound, PolicyRefused, ImageNotFound, HostNotReady, RestoreFailed: as
             :func:`restore`. If any clone fails, every container this call created is removed
             before the error is raised; the source and the checkpoint are not touched.
@@ -129,15 +159,18 @@ def clone(
         names.container_name(name_prefix)
     if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
         raise InvalidArgument(f"max_workers must be an int of 1 or more, got {max_workers!r}")
+    _check_share_memory(share_memory)
+    _check_lazy(lazy)
     return _place(checkpoint, n, client=client, engines=engines, network=network, name_prefix=name_prefix,
-                  labels=labels, on_create=on_create, max_workers=max_workers, progress=progress, chosen=None)
+                  labels=labels, on_create=on_create, max_workers=max_workers, progress=progress, chosen=None,
+                  share_memory=share_memory, lazy=lazy)
 
 
 def _place(checkpoint: Checkpoint, n: int, *, client: Optional[docker.DockerClient],
            engines: Optional[Sequence[docker.DockerClient]], network: Union[str, Sequence[str], None],
            name_prefix: Optional[str], labels: Optional[Dict[str, str]], on_create: Optional[Callable[[str], None]],
            max_workers: int, progress: Optional[Callable[[Container], None]],
-           chosen: Optional[List[str]]) -> List[Container]:
+           chosen: Optional[List[str]], share_memory: bool = False, lazy: bool = False) -> List[Container]:
     """Where :func:`clone`'s and :func:`restore`'s containers go: on ``engines`` (the checkpoint
     copied to each that holds none), on ``client``'s engine when that is another than the
     checkpoint's (copied there first), else on the checkpoint's own engine.
@@ -155,10 +188,10 @@ def _place(checkpoint: Checkpoint, n: int, *, client: Optional[docker.DockerClie
                                   "spread over several (each engine has networks of its own)")
         return _clone_across(checkpoint, n, list(engines), home=checkpoint.client or client, name_prefix=name_prefix,
                              labels=labels, on_create=on_create, max_workers=max_workers, progress=progress,
-                             chosen=chosen)
+                             chosen=chosen, share_memory=share_memory, lazy=lazy)
     return start_on(Engine.of(client if client is not None else checkpoint.client), checkpoint, n,
                     name_prefix=name_prefix, labels=labels, on_create=on_create, max_workers=max_workers,
-                    progress=progress, network=network, chosen=chosen)
+                    progress=progress, network=network, chosen=chosen, share_memory=share_memory, lazy=lazy)
 
 
 def start_on(engine: Engine, checkpoint: Checkpoint, n: int, *, name_prefix: Optional[str] = None,
@@ -166,12 +199,13 @@ def start_on(engine: Engine, checkpoint: Checkpoint, n: int, *, name_prefix: Opt
              max_workers: int = MAX_WORKERS, progress: Optional[Callable[[Container], None]] = None,
              network: Union[str, Sequence[str], None] = None, chosen: Optional[List[str]] = None,
              page_port: Optional[int] = None, same_as: Optional[datetime] = None,
-             keep: Optional[Identity] = None) -> List[Container]:
+             keep: Optional[Identity] = None, share_memory: bool = False, lazy: bool = False) -> List[Container]:
     """:func:`clone` on one engine, which holds ``checkpoint``: names chosen here (``chosen``:
     the caller's own, as :func:`restore` and a migration give them), the clones started by the
     engine's host. ``page_port``: a post-copy migration's (see :class:`dolly._start.CloneRequest`).
     ``same_as``: ``checkpoint`` is another engine's; the clones start from this engine's own copy
     (see :meth:`dolly._hosts.base.Host.start_clones`). ``keep``: a reset's identity (one clone).
+    ``share_memory``, ``lazy``: as :func:`clone`'s.
 
     Raises:
         the errors of :func:`clone`.
@@ -185,7 +219,7 @@ def start_on(engine: Engine, checkpoint: Checkpoint, n: int, *, name_prefix: Opt
     prefix = name_prefix or f"{checkpoint.container_name}-clone"
     picked = list(chosen) if chosen is not None else engine.reserve_names(prefix, n)
     request = CloneRequest(tuple(picked), chosen is not None, prefix, _check_labels(labels), max_workers,
-                           tuple(spread) if spread else None, page_port, keep)
+                           tuple(spread) if spread else None, page_port, keep, share_memory, lazy)
     try:
         return host_of(engine).start_clones(checkpoint, request, on_create=on_create, progress=progress,
                                             same_as=same_as)
@@ -206,6 +240,8 @@ def _clone_across(
     max_workers: int,
     progress: Optional[Callable[[Container], None]],
     chosen: Optional[List[str]] = None,
+    share_memory: bool = False,
+    lazy: bool = False,
 ) -> List[Container]:
     if not engines:
         raise InvalidArgument("engines must name at least one engine")
@@ -216,7 +252,8 @@ def _clone_across(
     def on(engine_client: docker.DockerClient, count: int) -> List[Container]:
         engine = Engine.of(engine_client)
         options: Dict[str, Any] = {"name_prefix": name_prefix, "labels": labels, "on_create": on_create,
-                                   "max_workers": max_workers, "progress": progress, "chosen": chosen}
+                                   "max_workers": max_workers, "progress": progress, "chosen": chosen,
+                                   "share_memory": share_memory, "lazy": lazy}
         if _holds(engine_client, cp):
             return start_on(engine, cp, count, **options)
         try:
@@ -383,6 +420,16 @@ def _networks(network: Union[str, Sequence[str], None]) -> Optional[List[str]]:
     if not spread or not all(isinstance(n, str) and n and len(n) <= 255 for n in spread):
         raise InvalidArgument(f"network must be a network's name or a non-empty list of them, got {network!r:.100}")
     return spread
+
+
+def _check_share_memory(share_memory: Any) -> None:
+    if not isinstance(share_memory, bool):
+        raise InvalidArgument(f"share_memory must be True or False, got {share_memory!r:.100}")
+
+
+def _check_lazy(lazy: Any) -> None:
+    if not isinstance(lazy, bool):
+        raise InvalidArgument(f"lazy must be True or False, got {lazy!r:.100}")
 
 
 def _check_labels(labels: Any) -> Dict[str, str]:

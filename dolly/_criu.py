@@ -11,6 +11,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -264,6 +265,61 @@ def start_lazy_pages(images: Path, *, relay: int, log: Path, timeout: float = 10
             raise HostNotReady(f"CRIU's lazy-pages daemon did not start: {text[-1500:]}")
         time.sleep(0.005)
     return daemon
+
+
+def start_local_lazy_pages(images: Path, *, log: Path, timeout: float = 10.0) -> subprocess.Popen:
+    """Start CRIU's lazy-pages daemon for a lazy clone restored from ``images`` (its restore folder
+    in the engine's spool), serving the pages from the images there, through its keeper
+    (dolly/_lazy_keeper.py, which says what it guarantees): it ends once every page is in, and
+    then removes ``images``. Returns the keeper once the daemon's socket is there (then
+    scripts/dolly-runc restores with --lazy-pages); the caller then hands it the clone's process
+    (:func:`keep_lazy_pages`) or stops it (:func:`stop_lazy_pages`). Its errors go to ``log``.
+
+    Raises:
+        HostNotReady: CRIU is missing, or the daemon ended or made no socket within ``timeout``
+            (its log's errors in the message).
+    """
+    command = criu_command()
+    if command is None:
+        raise HostNotReady("CRIU is not installed (run `make host`)")
+    log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    keeper = subprocess.Popen([sys.executable, "-I", "-S", str(Path(__file__).with_name("_lazy_keeper.py")),
+                               str(images), str(log), *command],
+                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not (images / LAZY_PAGES_SOCKET).is_socket():
+        if keeper.poll() is not None or time.monotonic() > deadline:
+            stop_lazy_pages(keeper)
+            text = log.read_text(errors="replace") if log.is_file() else "(no log)"
+            raise HostNotReady(f"CRIU's lazy-pages daemon did not start: {text[-1500:]}")
+        time.sleep(0.002)
+    return keeper
+
+
+def keep_lazy_pages(keeper: subprocess.Popen, pid: int) -> None:
+    """Hand a lazy clone's first process (``pid``, in this host's PID namespace) to its keeper,
+    which then runs on by itself: it kills that clone if the daemon ends before every page is in.
+
+    Raises:
+        OSError: the keeper is gone (the daemon with it: the clone cannot have its memory).
+    """
+    if keeper.stdin is None:
+        raise OSError("the lazy-pages keeper has no stdin")
+    try:
+        keeper.stdin.write(f"{pid} {_start_time(pid)}\n".encode())
+    finally:
+        keeper.stdin.close()
+
+
+def stop_lazy_pages(keeper: subprocess.Popen) -> None:
+    """End a lazy clone's keeper and its daemon at once (the clone did not start)."""
+    with contextlib.suppress(OSError):
+        os.killpg(keeper.pid, signal.SIGKILL)  # the keeper's session: the daemon, nsenter's fork too
+    keeper.wait()
+    if keeper.stdin is not None:
+        with contextlib.suppress(OSError):
+            keeper.stdin.close()
 
 
 def break_off_page_server(netns_record: Path, port: int = PAGE_SERVER_PORT) -> None:

@@ -35,7 +35,7 @@ from ._checkpoint import Checkpoint
 from ._criu_log import CRIU_LOG_DIR
 from ._engine import RUNTIME, ContainerRef, Engine, id_of
 from ._store import made_layer_image, record_layer_image, require
-from .errors import DollyError, InvalidArgument, NameConflict
+from .errors import DollyError, HostNotReady, InvalidArgument, NameConflict
 
 log = logging.getLogger("dolly")
 
@@ -46,6 +46,8 @@ LABEL_OPERATION = "dolly.operation"
 # an operation's ID): a clone is not that container, so it never inherits them.
 NOT_INHERITED = (LABEL_SOURCE, LABEL_CHECKPOINT, LABEL_OPERATION)
 NOT_INHERITED_PREFIXES = ("dolly.pytest.",)
+# Whether the kernel's samepage merging runs (0 off, 1 on, 2 off and every page unmerged).
+KSM_RUN = "/sys/kernel/mm/ksm/run"
 
 @dataclass(frozen=True)
 class Identity:
@@ -101,7 +103,11 @@ class CloneRequest:
     ``labels`` (the caller's and its operation's) over the checkpoint's, clone k on
     ``networks[k % len(networks)]`` when given, at most ``max_workers`` at once. ``page_port``
     is post-copy's: the clone's memory comes from the lazy-pages daemon listening there. ``keep``
-    is a reset's: the one container takes the identity of the container it replaces."""
+    is a reset's: the one container takes the identity of the container it replaces.
+    ``share_memory``: the clones' processes have the kernel merge their identical pages (KSM;
+    see :func:`dolly.clone`).
+    ``lazy``: each clone's memory comes, as it touches it, from a lazy-pages daemon of its own
+    serving the checkpoint's images (see :func:`dolly.clone`)."""
 
     names: Tuple[str, ...]
     explicit: bool
@@ -111,11 +117,14 @@ class CloneRequest:
     networks: Optional[Tuple[str, ...]] = None
     page_port: Optional[int] = None
     keep: Optional[Identity] = None
+    share_memory: bool = False
+    lazy: bool = False
 
     def to_json(self) -> Dict[str, Any]:
         return {"names": list(self.names), "explicit": self.explicit, "prefix": self.prefix, "labels": self.labels,
                 "max_workers": self.max_workers, "networks": list(self.networks) if self.networks else None,
-                "page_port": self.page_port, "keep": self.keep.to_json() if self.keep else None}
+                "page_port": self.page_port, "keep": self.keep.to_json() if self.keep else None,
+                "share_memory": self.share_memory, "lazy": self.lazy}
 
     @classmethod
     def from_json(cls, data: Dict[str, Any]) -> CloneRequest:
@@ -123,7 +132,8 @@ class CloneRequest:
         keep = data.get("keep")
         return cls(tuple(data["names"]), bool(data["explicit"]), str(data["prefix"]), dict(data["labels"]),
                    int(data["max_workers"]), tuple(networks) if networks else None, data.get("page_port"),
-                   Identity.from_json(keep) if keep else None)
+                   Identity.from_json(keep) if keep else None, bool(data.get("share_memory")),
+                   bool(data.get("lazy")))
 
 
 def start_clones(engine: Engine, checkpoint: Checkpoint, request: CloneRequest, *,
@@ -143,6 +153,8 @@ def start_clones(engine: Engine, checkpoint: Checkpoint, request: CloneRequest, 
         policy.check(checkpoint.config, checkpoint.origin.get("allowed") or ())
     criu.require_version()
     engine.require_checkpoint_support()
+    if request.share_memory:
+        require_ksm()
     image = engine.image_ref(checkpoint.image_id, checkpoint.config["Config"].get("Image"))
     # A large writable layer is made an image layer once, shared by every clone (overlayfs copies
     # a file up only when a clone writes it), rather than unpacked into each clone's own.
@@ -156,7 +168,7 @@ def start_clones(engine: Engine, checkpoint: Checkpoint, request: CloneRequest, 
         futures = [pool.submit(_restore_one, engine, checkpoint, layer_image or image, nm, request.explicit,
                                request.prefix, labels, progress, on_create, unpack=layer_image is None,
                                page_port=request.page_port, network=spread[k % len(spread)] if spread else None,
-                               keep=request.keep)
+                               keep=request.keep, share_memory=request.share_memory, lazy=request.lazy)
                    for k, nm in enumerate(request.names)]
         results: List[Tuple[Optional[Container], Optional[BaseException]]] = []
         for f in futures:
@@ -249,6 +261,8 @@ def _restore_one(
     page_port: Optional[int] = None,
     network: Optional[str] = None,
     keep: Optional[Identity] = None,
+    share_memory: bool = False,
+    lazy: bool = False,
 ) -> Container:
     config, extra_networks = clone_config(cp.config, image=image, labels=labels, network=network,
                                           own_networks=_may_join_recorded_networks(cp), keep=keep)
@@ -276,7 +290,8 @@ def _restore_one(
         created = engine.container(cid)
         if unpack:
             rootfs.apply_diff(cp.rootfs_diff, engine.upper_dir(created))
-        _start_from(engine, cp, cid, hostname=created.attrs["Config"]["Hostname"], page_port=page_port)
+        _start_from(engine, cp, cid, hostname=created.attrs["Config"]["Hostname"], page_port=page_port,
+                    share_memory=share_memory, lazy=lazy)
         container = engine.container(cid)
         if progress is not None:
             progress(container)
@@ -338,7 +353,7 @@ def shared_layer(engine: Engine, cp: Checkpoint) -> Optional[str]:
 
 
 def _start_from(engine: Engine, cp: Checkpoint, container_id: str, *, hostname: Optional[str],
-                page_port: Optional[int] = None) -> None:
+                page_port: Optional[int] = None, share_memory: bool = False, lazy: bool = False) -> None:
     """Start a created (or stopped) container from ``cp`` with ``hostname`` in the kernel (None:
     the hostname CRIU recorded, for a container resumed as itself).
 
@@ -347,17 +362,24 @@ def _start_from(engine: Engine, cp: Checkpoint, container_id: str, *, hostname: 
     every start, holds only the file naming that folder, in a Docker checkpoint of a name made
     for this start alone: that folder may hold the user's own ``docker checkpoint``s, of any
     name (``cp.name`` too), and only the one made here is removed.
+
+    With ``lazy``, CRIU restores without the memory, which a lazy-pages daemon on the images
+    folder serves as the processes touch it (:func:`dolly._criu.start_local_lazy_pages`): the
+    folder then stays until every page is in, and the daemon's keeper removes it.
     """
     images = engine.spool_dir / f"{container_id}.restore"
     docker_name = f"dolly-{uuid.uuid4().hex}"
     folder = engine.checkpoints_dir(container_id) / docker_name
     shutil.rmtree(images, ignore_errors=True)
+    kept = False
     try:
-        _place_images(cp, images, hostname=hostname)
+        _place_images(cp, images, hostname=hostname, share_memory=share_memory)
         os.makedirs(folder, mode=0o700)
         with open(os.path.join(folder, "dolly-images"), "w") as f:
             f.write(str(images))
-        daemon = None
+        daemon = keeper = None
+        if lazy and page_port is None:
+            keeper = criu.start_local_lazy_pages(images, log=CRIU_LOG_DIR / f"{container_id}.lazy-pages.log")
         if page_port is not None:
             daemon = criu.start_lazy_pages(images, relay=page_port, log=CRIU_LOG_DIR / f"{container_id}.lazy-pages.log")
         try:
@@ -367,13 +389,23 @@ def _start_from(engine: Engine, cp: Checkpoint, container_id: str, *, hostname: 
                 with contextlib.suppress(OSError):
                     os.killpg(daemon.pid, signal.SIGKILL)
                 daemon.wait()
+            if keeper is not None:
+                criu.stop_lazy_pages(keeper)
             raise
+        if keeper is not None:
+            try:
+                criu.keep_lazy_pages(keeper, int(engine.container(container_id).attrs["State"].get("Pid") or 0))
+            except BaseException:
+                criu.stop_lazy_pages(keeper)
+                raise
+            kept = True  # the images are the keeper's now: they go once every page is in
     finally:
-        for done in (images, folder):
+        for done in ((folder,) if kept else (images, folder)):
             shutil.rmtree(done, ignore_errors=True)
 
 
-def _place_images(cp: Checkpoint, folder: os.PathLike[str], *, hostname: Optional[str]) -> None:
+def _place_images(cp: Checkpoint, folder: os.PathLike[str], *, hostname: Optional[str],
+                  share_memory: bool = False) -> None:
     """The checkpoint's images as hard links in ``folder`` (no data copied), except two new
     files: the UTS image, rewritten with ``hostname``, and the inventory, rewritten to restore
     without CRIU's network lock (see :func:`criu_images.without_network_lock`; Dolly's own checkpoints
@@ -387,11 +419,16 @@ def _place_images(cp: Checkpoint, folder: os.PathLike[str], *, hostname: Optiona
     gets what its network hands out), and a connection restored to another address would only
     be reset by its peer. Without a connection in the images the request changes nothing. No
     lock is needed for it: a closed socket is never bound nor put in repair mode, so nothing
-    reaches it while the restore runs (see :func:`criu_images.without_network_lock`)."""
+    reaches it while the restore runs (see :func:`criu_images.without_network_lock`).
+
+    With ``share_memory``, a second request: the restored processes' pages are merged by KSM
+    (scripts/dolly-runc: runc, CRIU and the tree CRIU restores run with PR_SET_MEMORY_MERGE)."""
     os.makedirs(folder, mode=0o700, exist_ok=True)
     fd = os.open(os.path.join(folder, "dolly-request"), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write("tcp_connections=close\n")
+        if share_memory:
+            f.write("memory_merge=1\n")
     uts = set(criu_images.uts_images(cp.images_dir))
     for src in cp.images_dir.iterdir():
         dst = os.path.join(folder, src.name)
@@ -401,6 +438,23 @@ def _place_images(cp: Checkpoint, folder: os.PathLike[str], *, hostname: Optiona
             criu_images.without_network_lock(src, dst)
         else:
             os.link(src, dst)
+
+
+def require_ksm() -> None:
+    """That this host's kernel merges the pages of processes that ask (KSM running).
+
+    Raises:
+        HostNotReady: the kernel has no KSM, or it is not running; says how to turn it on.
+    """
+    try:
+        with open(KSM_RUN) as f:
+            state = f.read().strip()
+    except OSError as e:
+        raise HostNotReady(f"share_memory needs the kernel's KSM (Linux 6.4 or newer, CONFIG_KSM), "
+                           f"and this host has none ({KSM_RUN}: {e.strerror}); clone without share_memory") from None
+    if state != "1":
+        raise HostNotReady(f"share_memory needs KSM running, and {KSM_RUN} says {state!r}: `make host` turns it "
+                           f"on (or `echo 1 > {KSM_RUN}` as root); or clone without share_memory")
 
 
 def restored_from(cp: Checkpoint) -> Dict[str, str]:
