@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from . import _images as criu_images, _names as names, _rootfs as rootfs, policy
-from ._archive import repack_tmpfs, sha256_file, small_json, tarfile, write_member
+from ._archive import GZIP_MAGIC, repack_tmpfs, sha256_file, small_json, tarfile, write_member
 from ._checkpoint import ROOTFS_DIFF, Checkpoint
 from .errors import BundleError, ImageRewriteError, UnsafeArchive, UnsignedBundle
 
@@ -507,7 +507,8 @@ def podman_members(bundle_dir: Path, *, meta: Mapping[str, Any], image_name: str
 
     - ``checkpoint/``: CRIU's images with two changes for Podman's set-up: the root directory's
       mode as Podman gives it, and the network namespace marked external (runc then joins the
-      namespace Podman's network made instead of CRIU making an empty one);
+      namespace Podman's network made instead of CRIU making an empty one); and each tmpfs's
+      files gzipped, as any CRIU restores them;
     - ``spec.dump`` without Docker's hooks (they call dockerd), naming :data:`PODMAN_CRIU_CONFIG`;
     - ``config.dump``: Podman's fields beside checkpointctl's and Dolly's (Podman ignores the
       others); ``rootfs-diff.tar``, ``deleted.files``, ``stats-dump``. Not ``network.status``:
@@ -523,6 +524,17 @@ def podman_members(bundle_dir: Path, *, meta: Mapping[str, Any], image_name: str
     netns = criu_images.external_netns_image(images, work / "netns.img", key="extRootNetNS")
     if netns is not None:
         replaced[netns] = work / "netns.img"
+    # Dolly's CRIU dumps a tmpfs's files as a plain tar (scripts/criu-patches/0005): every other
+    # CRIU unpacks only a gzipped one.
+    for image in sorted(images.glob("tmpfs-*.img")):
+        with open(image, "rb") as raw:
+            if raw.read(2) == GZIP_MAGIC:
+                continue
+            raw.seek(0)
+            with open(work / image.name, "xb") as sink, \
+                    gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=1) as packed:
+                shutil.copyfileobj(raw, packed, 1 << 20)
+        replaced[image.name] = work / image.name
 
     spec = small_json(bundle_dir / "spec.dump")
     spec.pop("hooks", None)
