@@ -16,7 +16,7 @@ from ._checkpoint import Checkpoint, User
 from ._dump import DEFAULT_MAX_LAYER_BYTES, MAX_LAYER_LIMIT
 from ._engine import ContainerRef, Engine
 from ._hosts import host_of
-from ._start import LABEL_CHECKPOINT, LABEL_SOURCE, restored_from
+from ._start import restored_from
 from .errors import CheckpointNotFound, InvalidArgument
 
 __all__ = ["PruneReport", "checkpoint", "list_checkpoints", "get_checkpoint", "remove_checkpoint", "prune"]
@@ -106,9 +106,10 @@ def list_checkpoints(
 def get_checkpoint(
     container: ContainerRef, name: str, client: Optional[docker.DockerClient] = None
 ) -> Checkpoint:
-    """The checkpoint ``name`` of ``container``: taken of it, or the one it was restored from
-    (a container :func:`dolly.reset` put back at checkpoint ``name`` of its source, say, finds
-    that checkpoint under its own name).
+    """The checkpoint ``name`` of ``container``. When the container named so now is another one
+    (:func:`dolly.reset` replaced it, or it was removed and its name taken again) and holds no
+    such checkpoint, the one a removed container of that name took (recorded by Dolly when it
+    took it; never what a container's labels claim, which anyone who builds an image can set).
 
     Raises:
         InvalidArgument: ``name`` is not a valid checkpoint name, or ``container`` names more
@@ -118,13 +119,21 @@ def get_checkpoint(
     """
     names.checkpoint_name(name)
     engine = Engine.of(client)
+    host = host_of(engine)
     try:
-        return host_of(engine).get_checkpoint(container, name)
+        return host.get_checkpoint(container, name)
     except CheckpointNotFound:
-        labels = engine.container(container).labels
-        if labels.get(LABEL_CHECKPOINT) != name or not labels.get(LABEL_SOURCE):
+        if not isinstance(container, str):
             raise
-    return host_of(engine).get_checkpoint(labels[LABEL_SOURCE], name)
+        taken = [cp for cp in host.list_checkpoints(None) if cp.origin is None and cp.name == name
+                 and cp.container_name == container.lstrip("/") and not engine.has_container(cp.container_id)]
+        if len(taken) > 1:
+            raise InvalidArgument(
+                f"{len(taken)} removed containers once named {container!r} have a checkpoint {name!r} "
+                f"({', '.join(cp.container_id[:12] for cp in taken)}): give the removed container's ID") from None
+        if not taken:
+            raise
+        return taken[0]
 
 
 def remove_checkpoint(checkpoint: Checkpoint, client: Optional[docker.DockerClient] = None) -> None:

@@ -15,14 +15,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import docker
 from docker.models.containers import Container
 
-from . import _names as names, policy
+from . import _names as names, _retry as retry, policy
 from ._catalog import engine_of, require
 from ._checkpoint import Checkpoint
 from ._engine import ContainerRef, Engine, id_of
 from ._hosts import host_of
 from ._start import CloneRequest, Identity, restored_from
 from ._transfer import transfer
-from .errors import CheckpointNotFound, ContainerNotFound, EngineError, InvalidArgument, RestoreFailed
+from .errors import CheckpointNotFound, ContainerNotFound, DollyError, EngineError, InvalidArgument, RestoreFailed
 
 __all__ = ["restore", "clone", "resume", "reset", "MAX_WORKERS"]
 
@@ -129,12 +129,13 @@ def clone(
         share_memory: the clones' memory pages that are identical (those they have not written
             since the checkpoint) are held once, shared by every container restored with
             ``share_memory`` on this host, rather than once per clone: the kernel's samepage
-            merging (KSM) scans their processes, and theirs only, in the background, so the
-            sharing grows over seconds after the clones start. A write to a shared page gives
-            the writer its own copy again. Processes that share pages can tell, by timing a
-            write, whether another of them holds a page of the same content: ask for it only
-            for clones that may see each other's memory (clones of one checkpoint). Needs KSM
-            running (``make host`` turns it on; README, "Shared memory").
+            merging (KSM) scans their processes in the background, so the sharing grows over
+            seconds after the clones start. A write to a shared page gives the writer its own
+            copy again. Processes that share pages can tell, by timing a write, whether another
+            of them holds a page of the same content; Dolly asks for these clones only, but any
+            process on the host may ask for itself while KSM runs: use it for clones that may
+            see each other's memory, on a host whose tenants trust one another. Needs KSM
+            running (``make host`` turns it on; docs/clones.md, "Shared memory").
         lazy: each clone starts before its memory is in: CRIU restores everything but the
             memory, and a lazy-pages daemon of the clone's own (CRIU's, through userfaultfd)
             serves the pages from the checkpoint's images on this host, first those the clone
@@ -402,9 +403,19 @@ def reset(
                      ", ".join(identity.addresses))
             (made,) = start_on(engine, checkpoint, 1, chosen=[name], keep=identity.without_addresses())
     except BaseException:
-        engine.rename(old_id, name)
+        try:
+            for attempt in retry.name_freed():
+                with attempt:
+                    engine.rename(old_id, name)
+        except DollyError as e:  # the reset's own error is the one to raise; this one is said
+            log.error("reset of %s failed, and the container could not get its name back (%s): it is "
+                      "stopped, named %s", name, e, engine.container(old_id).name)
         raise
-    engine.remove(old_id, volumes=False)
+    try:
+        engine.remove(old_id, volumes=False)
+    except DollyError as e:  # the reset is done: the new container runs under the name
+        log.warning("reset of %s: the container it replaced (%s, stopped) could not be removed: %s", name,
+                    old_id[:12], e)
     return made
 
 

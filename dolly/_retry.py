@@ -18,7 +18,7 @@ from tenacity import (
     wait_random,
 )
 
-from .errors import DollyError, EngineUnavailable
+from .errors import DollyError, EngineUnavailable, NameConflict
 
 log = logging.getLogger("dolly")
 
@@ -84,5 +84,16 @@ def exec_end() -> Retrying:
         retry=retry_if_exception_type(StillRunning),
         stop=stop_after_delay(30),
         wait=wait_exponential(multiplier=0.01, max=0.5),
+        reraise=True,
+    )
+
+
+def name_freed() -> Retrying:
+    """For giving a container its name back: the engine frees a removed container's name only once
+    it is gone, a moment after the removal returns (NameConflict meanwhile), up to 10 s."""
+    return Retrying(
+        retry=retry_if_exception_type(NameConflict),
+        stop=stop_after_delay(10),
+        wait=wait_exponential(multiplier=0.05, max=1),
         reraise=True,
     )

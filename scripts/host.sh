@@ -14,8 +14,8 @@
 #  5. The project's virtual environment .venv, with pycriu from the same CRIU source.
 #  6. The local images the demo and the tests use (no registry is reachable).
 #  7. The kernel's samepage merging (KSM) running, for clones made with share_memory=True. It
-#     scans only the processes that asked for it (those clones: scripts/dolly-runc), so it costs
-#     nothing while there are none. DOLLY_KSM=0 leaves KSM as it is. Undo: `echo 0 >
+#     scans only the processes that asked for it (those clones: scripts/dolly-runc; any process may
+#     ask for itself, docs/clones.md says what that means), so it costs nothing while there are none. DOLLY_KSM=0 leaves KSM as it is. Undo: `echo 0 >
 #     /sys/kernel/mm/ksm/run` (2 also unmerges every shared page); the scan rate goes back to the
 #     kernel's defaults with pages_to_scan 100, sleep_millisecs 20 (or a reboot).
 set -euo pipefail

@@ -4,6 +4,7 @@ that whoever talks to it keeps talking to it; and the way back when it fails."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import time
 import uuid
 
@@ -11,7 +12,7 @@ import pytest
 
 import dolly
 from dolly import errors
-from helpers import PYTHON, RUN_ID, STATEFUL, TEST_LABEL, get_json, kernel_hostname
+from helpers import BUSYBOX, PYTHON, RUN_ID, STATEFUL, TEST_LABEL, get_json, kernel_hostname
 
 pytestmark = pytest.mark.engine
 
@@ -152,3 +153,30 @@ def test_reset_on_a_network_without_a_subnet_of_the_user_s(run, client):
             dolly.remove_checkpoint(cp)
     finally:
         net.remove()
+
+
+def test_labels_never_lead_a_lookup_to_another_container_s_checkpoint(run, client):
+    """Image labels become container labels: an image carrying Dolly's restore labels must not make
+    ``get_checkpoint(web, "warm")`` (what ``dolly restore/clone/reset web warm`` call) answer with
+    another container's checkpoint. After a reset, the name finds its checkpoint through what Dolly
+    recorded at the checkpoint (the removed container's name), never through labels."""
+    victim = run(BUSYBOX, ["sleep", "600"], name=f"dolly-test-db-{uuid.uuid4().hex[:8]}")
+    cp = dolly.checkpoint(victim, "warm")
+    tag = f"dolly-test-labelled:{uuid.uuid4().hex[:8]}"
+    dockerfile = f"FROM {BUSYBOX}\nLABEL dolly.source={victim.id} dolly.checkpoint=warm\n"
+    client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, labels={TEST_LABEL: RUN_ID}, rm=True)
+    try:
+        web = run(tag, ["sleep", "600"], name=f"dolly-test-web-{uuid.uuid4().hex[:8]}")
+        with pytest.raises(errors.CheckpointNotFound):
+            dolly.get_checkpoint(web.name, "warm")
+        with pytest.raises(errors.CheckpointNotFound):
+            dolly.get_checkpoint(web, "warm")
+        # The victim's own name still finds it, and so does its name once a reset replaced it.
+        assert dolly.get_checkpoint(victim.name, "warm") == cp
+        back = dolly.reset(victim, cp)
+        assert dolly.get_checkpoint(back.name, "warm") == cp
+    finally:
+        for c in client.containers.list(all=True, filters={"ancestor": tag}):
+            c.remove(force=True)
+        client.images.remove(tag, force=True)
+        dolly.remove_checkpoint(cp)
