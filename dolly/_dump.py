@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import stat
+import subprocess
 import time
 import types
 import uuid
@@ -169,6 +170,7 @@ def _checkpoint_locked(
             engine.set_restart_policy(id_of(source), {"Name": "no", "MaximumRetryCount": 0})
         try:
             if not own_runtime:
+                _collect_content_garbage(engine, id_of(source))
                 staging.mkdir(mode=0o700)
                 # A marker beside the container's lock: if this process dies while the container is
                 # paused, the next checkpoint of it (under the same lock) resumes it.
@@ -284,21 +286,59 @@ def _take_files_paused(engine: Engine, source: Container, staging: Path, max_lay
         _write_private(staging / "spec.dump", spec)
 
 
-def _runtime_spec(engine: Engine, container_id: str, *, limit: int = 1 << 20) -> Optional[str]:
-    """The OCI spec (config.json) in the bundle of the container's runtime shim, or None when it
-    cannot be found for certain. The shim is the parent of the container's first process (its pid
-    as the engine says it now, with the container paused) and its working folder is the bundle,
-    which is named after the container: anything else (a pid reused by another process, say) is
-    not taken. The file is opened without following a link or blocking, and must be a regular
-    file of JSON under ``limit`` bytes."""
+def _shim(engine: Engine, container_id: str) -> Optional[int]:
+    """The pid of the container's runtime shim, or None when it cannot be found for certain. The
+    shim is the parent of the container's first process (its pid as the engine says it now) and
+    its working folder is the bundle, which is named after the container: anything else (a pid
+    reused by another process, say) is not taken."""
     try:
         pid = int(engine.container(container_id).attrs["State"].get("Pid") or 0)
         if pid <= 0:
             return None
         with open(f"/proc/{pid}/stat") as f:
             shim = int(f.read().rsplit(")", 1)[1].split()[1])
-        bundle = os.readlink(f"/proc/{shim}/cwd")
-        if os.path.basename(bundle) != container_id:
+        if os.path.basename(os.readlink(f"/proc/{shim}/cwd")) != container_id:
+            return None
+        return shim
+    except (OSError, ValueError, IndexError, DollyError):
+        return None
+
+
+def _collect_content_garbage(engine: Engine, container_id: str) -> None:
+    """Have the engine's containerd collect its garbage now, before a checkpoint of a container
+    under another runtime (Dolly's runtime does the same itself: scripts/dolly-runc).
+
+    containerd (before 2.0) stores each checkpoint's OCI spec as a blob of its content store and
+    fails the checkpoint when it holds that blob already ("content sha256:...: already exists";
+    containerd#8401). The blob is the container's spec, the same for every checkpoint of it, and
+    the previous checkpoint's copy stays, unreferenced, until containerd's next collection: moments
+    later on a containerd that has run for long, seconds later on one started lately. A lease's
+    synchronous delete collects at once. containerd's address and namespace are on the command line
+    of the container's shim; without them, or without ``ctr``, nothing is done."""
+    shim = _shim(engine, container_id)
+    ctr = shutil.which("ctr")
+    if shim is None or ctr is None:
+        return
+    try:
+        args = Path(f"/proc/{shim}/cmdline").read_bytes().decode().split("\0")
+        leases = [ctr, "--address", args[args.index("-address") + 1], "-n", args[args.index("-namespace") + 1],
+                  "leases"]
+        made = subprocess.run([*leases, "create", "-x", "1m"], capture_output=True, text=True, check=True,
+                              timeout=30)
+        subprocess.run([*leases, "delete", "--sync", made.stdout.split()[0]], capture_output=True, check=True,
+                       timeout=30)
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError) as e:
+        log.debug("containerd's garbage was not collected before the checkpoint of %s: %s", container_id, e)
+
+
+def _runtime_spec(engine: Engine, container_id: str, *, limit: int = 1 << 20) -> Optional[str]:
+    """The OCI spec (config.json) in the bundle of the container's runtime shim (:func:`_shim`,
+    with the container paused), or None when it cannot be found for certain. The file is opened
+    without following a link or blocking, and must be a regular file of JSON under ``limit``
+    bytes."""
+    try:
+        shim = _shim(engine, container_id)
+        if shim is None:
             return None
         fd = os.open(f"/proc/{shim}/cwd/config.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         with os.fdopen(fd, "rb") as f:
