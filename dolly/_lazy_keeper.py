@@ -39,6 +39,9 @@ _SYS_PIDFD_GETFD = 438
 
 def main(argv: List[str]) -> int:
     images, log, command = argv[1], argv[2], argv[3:]
+    # The folder's identity: a later restore of the same container (a resume) makes its folder
+    # anew under the same name, which must not go with this clone's.
+    made = os.stat(images)
     daemon = subprocess.Popen([*command, "lazy-pages", "--images-dir", images, "--work-dir", images,
                                "--log-file", log, "-v1"],
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -55,7 +58,10 @@ def main(argv: List[str]) -> int:
         if not succeeded:
             # Before the copies go: a touch waiting on a page now never gets zeros.
             if clone is not None:
-                signal.pidfd_send_signal(clone, signal.SIGKILL)
+                try:
+                    signal.pidfd_send_signal(clone, signal.SIGKILL)
+                except ProcessLookupError:  # the clone was gone already (removed meanwhile)
+                    pass
             _note(log, f"dolly: the lazy-pages daemon ended (status {status}) before every page of the "
                        f"clone had arrived: the clone (process {line[0]}) was killed")
         return 0 if succeeded else 1
@@ -65,7 +71,12 @@ def main(argv: List[str]) -> int:
             daemon.wait()
         for fd in held:
             os.close(fd)
-        shutil.rmtree(images, ignore_errors=True)
+        try:
+            now = os.stat(images)
+        except OSError:
+            now = None
+        if now is not None and (now.st_dev, now.st_ino) == (made.st_dev, made.st_ino):
+            shutil.rmtree(images, ignore_errors=True)
         if succeeded:
             try:
                 os.unlink(log)
