@@ -35,13 +35,15 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
 import docker
 
 import dolly
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from density import neighbour_table
+
 from bench import LABEL, PY_IMAGE, SERVICE, docker_ip, fetch, state_of, stats, wait_state
 
 HERE = Path(__file__).resolve().parent
@@ -50,7 +52,6 @@ MB = 2**20
 PAGE = 4096
 PER_NETWORK = 1000
 W128_ENV = {"STATE_MB": "128", "RANDOM_STATE": "1"}
-NEIGH = Path("/proc/sys/net/ipv4/neigh/default")
 
 
 def ksm(name: str) -> int:
@@ -145,22 +146,6 @@ def answering(clones, expected: object, *, rounds: int = 3) -> int:
 def remove(containers) -> None:
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(lambda c: c.remove(force=True), containers))
-
-
-@contextlib.contextmanager
-def neighbour_table(entries: int) -> Iterator[None]:
-    """The host's neighbour table raised to ``entries`` for the run, and put back (the kernel's
-    default hard limit, 1,024, would leave the later clones unreachable from the host)."""
-    names = ("gc_thresh1", "gc_thresh2", "gc_thresh3")
-    before = {n: (NEIGH / n).read_text() for n in names}
-    try:
-        if int(before["gc_thresh3"]) < entries:
-            for n, v in zip(names, (entries // 4, entries // 2, entries), strict=True):
-                (NEIGH / n).write_text(str(v))
-        yield
-    finally:
-        for n in reversed(names):
-            (NEIGH / n).write_text(before[n])
 
 
 def per_clone_round(cp, n: int, expected: object, share: bool) -> dict:
