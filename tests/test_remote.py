@@ -517,3 +517,88 @@ def test_the_agent_secret_is_made_once_and_kept_private(tmp_path, monkeypatch):
         agent_secret()
     path.unlink()
     assert agent_secret() != first and agent_name() != name  # a new secret: a new agent
+
+
+# --- an agent that stops reading what is streamed to it --------------------------------------------
+# The engine keeps an exec's connection open while its copy of the exec's stdin is blocked (it holds
+# the stdin fifo open itself): an agent that stops reading early must not leave the caller writing
+# into it for ever. Several MiB that do not compress: more than every buffer on the way holds.
+BIG_FILE = "head -c 8388608 /dev/urandom > /big; " + COUNTER
+
+
+def _within(seconds: float, call):
+    """``call()``'s result, or its exception raised here; a failure, not a hung run, when it has not
+    returned after ``seconds`` (its thread is left blocked: a daemon, it ends with the run)."""
+    box: dict = {}
+
+    def go() -> None:
+        try:
+            box["result"] = call()
+        except BaseException as e:  # handed to the test's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=go, name="dolly-test-within", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"still blocked after {seconds} s (writing into an agent that stopped reading?)")
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _agent_processes(client) -> list:
+    """The commands running in the engine's agent (if it has one yet) besides its own ``sleep``."""
+    return [p[-1] for agent in client.containers.list(filters={"label": LABEL})
+            for p in agent.top()["Processes"] if "sleep infinity" not in p[-1]]
+
+
+def _idle_agent(client) -> None:
+    """The agent of ``client``'s engine with no exec running: the channel's warm workers ended
+    (again while any is still starting: a clone has one started in the background)."""
+    deadline = time.monotonic() + 30
+    while _agent_processes(client) and time.monotonic() < deadline:
+        Channel.of(Engine.of(client)).release()
+        time.sleep(0.1)
+    assert _agent_processes(client) == []
+
+
+def _nothing_staged(client, engine: IsolatedEngine) -> None:
+    """No import staged in the isolated engine's spool (seen through its data root), nor in this
+    process's engine's, and nothing left running in its agent."""
+    assert not [p.name for p in (engine.data_root / "dolly" / "spool").glob("import-*")]
+    assert not [p.name for p in Engine.of(client).spool_dir.glob("import-*")]
+    assert _agent_processes(engine.client) == []
+
+
+def test_an_import_the_agent_refuses_early_ends_with_its_error(client, run, host_b, host_b_engine, tmp_path,
+                                                               keys, registry):
+    """An import, then a pull, of a checkpoint the isolated engine already holds: the agent refuses
+    it after the manifest, while the caller has megabytes left to send. CheckpointExists comes
+    back (it used to block for ever in the socket's sendall), and nothing is staged anywhere."""
+    private, public = keys
+    source = run(BUSYBOX, ["sh", "-c", BIG_FILE])
+    time.sleep(1)
+    cp = dolly.checkpoint(source, "held")
+    path = dolly.export(cp, tmp_path / "held.dolly", signer=private)
+    assert path.stat().st_size > 8 << 20
+    reference = f"{registry.address}/dolly-test/held-{RUN_ID}:v1"
+    dolly.push(cp, reference, signer=private)
+    held = dolly.import_bundle(path, client=host_b, trusted_keys=[public])
+    try:
+        _idle_agent(host_b)
+        with pytest.raises(errors.CheckpointExists, match="held"):
+            _within(60, lambda: dolly.import_bundle(path, client=host_b, trusted_keys=[public]))
+        _nothing_staged(client, host_b_engine)
+        with pytest.raises(errors.CheckpointExists, match="held"):
+            _within(60, lambda: dolly.pull(reference, client=host_b, trusted_keys=[public]))
+        _nothing_staged(client, host_b_engine)
+        assert dolly.list_checkpoints(source.id, host_b) == [held]
+        # The one it holds is as it was: it still clones, with the file it carried.
+        (clone,) = dolly.clone(held, 1)
+        try:
+            assert clone.exec_run(["sh", "-c", "wc -c < /big"]).output.strip() == b"8388608"
+        finally:
+            clone.remove(force=True)
+    finally:
+        dolly.remove_checkpoint(held)

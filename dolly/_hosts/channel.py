@@ -30,6 +30,10 @@ from .agent_image import PYTHON
 
 SERVE = "dolly._hosts.serve"
 _CHUNK = 1 << 20
+# A write into an agent that takes no bytes for this long asks the engine whether the agent still
+# runs; an agent that ended has this long for the rest of its output to arrive (see _Exchange).
+_STALL_S = 0.5
+_GRACE_S = 2.0
 
 
 class Channel:
@@ -104,8 +108,7 @@ class Channel:
         with self._lock:
             warm, self._warm = self._warm, []
         for _, sock in warm:
-            with contextlib.suppress(OSError):
-                sock.close()
+            _hang_up(sock)
 
     def _open(self, op: str, args: Dict[str, Any], *, stdin: bool) -> Tuple[str, Any]:
         """An exec of ``op`` and its attached socket: a warm worker when one waits (the operation
@@ -206,44 +209,62 @@ class Channel:
     def stream_in(self, op: str, produce: Callable[[IO[bytes]], None], **args: Any) -> Any:
         """Run ``op`` with what ``produce(sink)`` writes (a bundle) on its stdin; returns its JSON
         result. The agent's output is read as it comes (no deadlock when it writes while reading),
-        and when it stops reading early, its own error is raised, not the broken pipe."""
+        and when it stops reading early, its own error is raised, promptly, not the broken pipe
+        (see :class:`_Exchange`).
+
+        Raises:
+            the Dolly error the operation raised there, as the same class, in preference to what
+            writing its stdin raised; HostNotReady when it ended without one.
+        """
         api = self.engine.api
         exec_id, sock = self._open(op, args, stdin=True)
         raw: Any = getattr(sock, "_sock", sock)  # the socket itself, under docker-py's wrapper
-        frames: List[Any] = []
-
-        def read() -> None:
-            with contextlib.suppress(OSError, ValueError):  # a connection that breaks ends the output
-                frames.extend(frames_iter(sock, tty=False))
-
-        reader = threading.Thread(target=read, name="dolly-agent-out", daemon=True)
-        reader.start()
+        exchange = _Exchange(api, exec_id, sock)
         try:
             try:
-                produce(cast(IO[bytes], _SocketWriter(raw)))  # a raw stream: written to like a file
+                produce(cast(IO[bytes], _SocketWriter(raw, exchange)))  # a raw stream: written to like a file
                 if not isinstance(raw, ssl.SSLSocket):
                     # Over TLS a half-close ends the TLS session for reading too; the agent does not
                     # need the end of its stdin anyway: the tar marks its own end.
                     raw.shutdown(socket.SHUT_WR)
             except OSError:
-                reader.join(timeout=30)
+                exchange.join(timeout=30)
                 code = _exit_code(api, exec_id)
-                out, err = consume_socket_output([demux_adaptor(*f) for f in frames], demux=True)
+                out, err = consume_socket_output([demux_adaptor(*f) for f in exchange.frames], demux=True)
                 if code:
                     _result(out or b"", err or b"", code)
                 raise
-            reader.join()
+            exchange.join()
         finally:
-            sock.close()
-        out, err = consume_socket_output([demux_adaptor(*f) for f in frames], demux=True)
+            exchange.stop()
+            _hang_up(sock)  # an agent still reading (the producer failed) sees its stdin end
+        out, err = consume_socket_output([demux_adaptor(*f) for f in exchange.frames], demux=True)
         return _result(out or b"", err or b"", _exit_code(api, exec_id))
-
 
     def duplex(self, op: str, **args: Any) -> Duplex:
         """Run ``op`` with a byte stream each way (its stdin and stdout) and its JSON lines on
         stderr as controls (:meth:`Duplex.control`), for as long as it runs."""
         exec_id, sock = self._open(op, args, stdin=True)
         return Duplex(self.engine.api, exec_id, sock)
+
+
+def _shut(raw: Any) -> None:
+    """Shut ``raw`` both ways (it wakes a thread blocked on it) and leave its closing to its owner.
+    socket.socket's own shutdown: an SSLSocket's drops its TLS state under the other thread."""
+    with contextlib.suppress(OSError):
+        if isinstance(raw, socket.socket):
+            socket.socket.shutdown(raw, socket.SHUT_RDWR)
+        else:
+            raw.shutdown(socket.SHUT_RDWR)
+
+
+def _hang_up(sock: Any) -> None:
+    """End an exec's connection. Closing docker-py's wrapper alone does not: the socket under it
+    stays open as long as its HTTP response is referenced, and so the exec's stdin (a warm worker
+    waits on it, :meth:`Channel.release`)."""
+    _shut(getattr(sock, "_sock", sock))
+    with contextlib.suppress(OSError):
+        sock.close()
 
 
 def _read_exactly(sock: Any, n: int) -> Optional[bytes]:
@@ -353,16 +374,86 @@ class _ChunkReader(io.RawIOBase):
         return n
 
 
+class _Exchange:
+    """An exec's connection that this process writes (the agent's stdin) while a thread of its own
+    reads the agent's output frames, and that ends once the agent has.
+
+    The engine does not end it then: it holds the exec's stdin fifo open itself, so once the agent
+    stops reading (it failed early: CheckpointExists, a digest, the policy) the fifo fills, the
+    engine stops reading the connection, and a write into it blocks for ever, the agent long gone.
+    So the connection is cut here (shut down, which wakes a blocked write with EPIPE and the reader
+    with its end) when the agent's error line arrives, its last word (:func:`dolly._hosts.serve.main`),
+    or, when it died without one, once the engine says the exec ended and its output had
+    :data:`_GRACE_S` to arrive. That is asked only while the connection takes no bytes."""
+
+    def __init__(self, api: Any, exec_id: str, sock: Any) -> None:
+        self._api, self._exec_id, self._sock = api, exec_id, sock
+        self._raw: Any = getattr(sock, "_sock", sock)
+        self.frames: List[Any] = []
+        self.written = 0  # bytes the writer handed to the connection: its progress
+        self._ended = threading.Event()  # the reader saw the connection's end
+        self._stopped = threading.Event()
+        self._reader = threading.Thread(target=self._read, name="dolly-agent-out", daemon=True)
+        self._watcher = threading.Thread(target=self._watch, name="dolly-agent-watch", daemon=True)
+        self._reader.start()
+        self._watcher.start()
+
+    def _read(self) -> None:
+        err = b""
+        try:
+            with contextlib.suppress(OSError, ValueError):  # a connection that breaks ends the output
+                for frame in frames_iter(self._sock, tty=False):
+                    self.frames.append(frame)
+                    if frame[0] != 2:
+                        continue
+                    err += bytes(frame[1])
+                    *lines, err = err.split(b"\n")
+                    if any(line.startswith(b'{"error"') for line in lines):
+                        self._cut()  # it reads no more, and writes no more after this line
+        finally:
+            self._ended.set()
+
+    def _watch(self) -> None:
+        seen, ended_at = -1, None
+        while not self._stopped.wait(_STALL_S) and not self._ended.is_set():
+            if ended_at is not None:
+                if time.monotonic() - ended_at >= _GRACE_S:
+                    self._cut()
+                    return
+            elif self.written == seen and not self._running():
+                ended_at = time.monotonic()
+            seen = self.written
+
+    def _running(self) -> bool:
+        try:
+            with translate_errors():
+                return bool(self._api.exec_inspect(self._exec_id)["Running"])
+        except DollyError:
+            return True  # the engine does not answer: its connection ends with it
+
+    def _cut(self) -> None:
+        _shut(self._raw)
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        """Until the agent's output ended (or was cut, the agent having ended), or ``timeout``."""
+        self._reader.join(timeout)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
 class _SocketWriter(io.RawIOBase):
-    def __init__(self, sock: Any) -> None:
+    def __init__(self, sock: Any, exchange: Optional[_Exchange] = None) -> None:
         super().__init__()
-        self._sock = sock
+        self._sock, self._exchange = sock, exchange
 
     def writable(self) -> bool:
         return True
 
     def write(self, data: Any) -> int:
         self._sock.sendall(data)
+        if self._exchange is not None:
+            self._exchange.written += len(data)
         return len(data)
 
 
