@@ -1,8 +1,14 @@
-"""Lazy clones against plain ones: `dolly.clone(cp, 1)` and `dolly.clone(cp, 1, lazy=True)` of the
-W128 and W1G workloads (benchmarks/bench.py's), clone to first correct answer, the two modes
-alternated in each round from one checkpoint. For a lazy clone also: until every page is in (its
-restore folder gone), and CRIU's own restore time (its statistics, kept while
-/var/log/dolly/criu/.keep exists). Medians and p90s (bench.py's `stats`).
+"""Lazy clones against plain ones: `dolly.clone(cp, 1)`, `dolly.clone(cp, 1, lazy=True)` without a
+working set and `dolly.clone(cp, 1, lazy=True)` with the working set its first lazy clone recorded,
+of the W128 and W1G workloads (benchmarks/bench.py's), clone to first correct answer, the three
+modes in a rotated order in each round, from one checkpoint. The first lazy clone of the checkpoint
+records its working set (timed apart, as "recording"); then a "lazy" clone runs with an empty
+working set in place of it (nothing prefetched, nothing recorded: the lazy clone as it was before
+working sets) and a "working set" clone with the recorded one. For lazy clones also: until every
+page is in (the restore folder gone), and CRIU's own restore time and the pages its restore wrote
+(its statistics, kept while /var/log/dolly/criu/.keep exists), the time from the call's return to
+the answer, and the working-set step of the call (reading the record, rewriting the clone's
+pagemaps). Medians and p90s (bench.py's `stats`).
 
     flock /tmp/dolly-tests.lock .venv/bin/python benchmarks/lazy.py [--repeats 7] [--workloads W128,W1G]
 
@@ -12,23 +18,64 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import docker
+import pycriu.images
 
 import dolly
+import dolly._start
+from dolly import _working_set as working_set
 from dolly._criu_log import CRIU_LOG_DIR
 from dolly._engine import Engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import RESULTS, WORKLOADS, DollyRunner, all_answer, docker_ip, stats
 
+MODES = ("plain", "lazy", "ws")
 
-def clone_once(runner: DollyRunner, engine: Engine, cp, expected: object, lazy: bool, raw: Dict[str, list]) -> None:
-    mode = "lazy" if lazy else "plain"
+
+def restored_pages(clone) -> Optional[int]:
+    path = CRIU_LOG_DIR / f"{clone.id}.stats-restore"
+    if not path.exists():
+        return None
+    with open(path, "rb") as f:
+        return int(pycriu.images.load(f)["entries"][0]["restore"]["pages_restored"])
+
+
+def put_record(cp, text: str) -> None:
+    """The checkpoint's working set, replaced by ``text`` (written beside it, renamed over it)."""
+    path = working_set.path_of(cp.path)
+    tmp = path.with_name(f".bench-{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+prefetch_s: List[float] = []
+
+
+def _timed_prefetch(cp, folder):
+    """dolly._start's working-set step, timed (the clones start in this process: a local engine)."""
+    t = time.perf_counter()
+    try:
+        return _prefetch(cp, folder)
+    finally:
+        prefetch_s.append(time.perf_counter() - t)
+
+
+_prefetch = dolly._start._prefetch_working_set
+dolly._start._prefetch_working_set = _timed_prefetch
+
+
+def clone_once(runner: DollyRunner, engine: Engine, cp, expected: object, mode: str, raw: Dict[str, list]) -> None:
+    lazy = mode != "plain"
+    prefetch_s.clear()
     t = time.perf_counter()
     (clone,) = dolly.clone(cp, 1, lazy=lazy)
     returned = time.perf_counter() - t
@@ -37,14 +84,20 @@ def clone_once(runner: DollyRunner, engine: Engine, cp, expected: object, lazy: 
     try:
         raw.setdefault(f"{mode}_clone_s", []).append(answered)
         raw.setdefault(f"{mode}_call_s", []).append(returned)
+        raw.setdefault(f"{mode}_answer_after_call_s", []).append(answered - returned)
+        if prefetch_s:
+            raw.setdefault(f"{mode}_prefetch_s", []).append(prefetch_s.pop())
         criu_s = runner.criu_restore_s([clone])
         if criu_s is not None:
             raw.setdefault(f"{mode}_criu_restore_s", []).append(criu_s)
+        pages = restored_pages(clone)
+        if pages is not None:
+            raw.setdefault(f"{mode}_criu_pages_restored", []).append(pages)
         if lazy:
             folder = engine.spool_dir / f"{clone.id}.restore"
             while folder.exists():
                 time.sleep(0.005)
-            raw.setdefault("lazy_all_pages_in_s", []).append(time.perf_counter() - t)
+            raw.setdefault(f"{mode}_all_pages_in_s", []).append(time.perf_counter() - t)
     finally:
         runner.remove([clone])
 
@@ -70,16 +123,31 @@ def main(argv: Optional[List[str]] = None) -> int:
             try:
                 cp = dolly.checkpoint(source, f"lazy-bench-{name.lower()}")
                 try:
+                    # The first lazy clone records the working set.
+                    clone_once(runner, engine, cp, state, "recording", raw)
+                    record = working_set.path_of(cp.path).read_text()
+                    doc = json.loads(record)
+                    ws_pages = sum(n for runs in doc["processes"].values() for _, n in runs)
+                    ws_runs = sum(len(runs) for runs in doc["processes"].values())
+                    empty = json.dumps({**doc, "processes": {}})
                     for i in range(args.repeats):
-                        for lazy in ((False, True) if i % 2 == 0 else (True, False)):
-                            clone_once(runner, engine, cp, state, lazy, raw)
+                        for mode in MODES[i % 3:] + MODES[:i % 3]:
+                            if mode != "plain":
+                                put_record(cp, record if mode == "ws" else empty)
+                            clone_once(runner, engine, cp, state, mode, raw)
                 finally:
                     dolly.remove_checkpoint(cp)
             finally:
                 runner.remove([source])
             results[name] = {k: stats(v) for k, v in raw.items()}
+            mib = round(ws_pages * working_set.PAGE_SIZE / 2**20, 1)
+            results[name]["working_set"] = {"pages": ws_pages, "mib": mib, "runs": ws_runs}
+            print(f"{name:<5} working set: {ws_pages} pages in {ws_runs} runs", flush=True)
             for k, v in results[name].items():
-                print(f"{name:<5} {k:<24} median {v['median']:.3f} s  p90 {v['p90']:.3f} s  n={v['n']}", flush=True)
+                if k != "working_set":
+                    unit = "" if k.endswith("pages_restored") else " s"
+                    print(f"{name:<5} {k:<30} median {v['median']:.3f}{unit}  p90 {v['p90']:.3f}{unit}  n={v['n']}",
+                          flush=True)
     finally:
         if not kept_before:
             keep.unlink(missing_ok=True)

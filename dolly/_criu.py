@@ -267,13 +267,16 @@ def start_lazy_pages(images: Path, *, relay: int, log: Path, timeout: float = 10
     return daemon
 
 
-def start_local_lazy_pages(images: Path, *, log: Path, timeout: float = 10.0) -> subprocess.Popen:
+def start_local_lazy_pages(images: Path, *, log: Path, record: Optional[Tuple[Path, str]] = None,
+                           timeout: float = 10.0) -> subprocess.Popen:
     """Start CRIU's lazy-pages daemon for a lazy clone restored from ``images`` (its restore folder
     in the engine's spool), serving the pages from the images there, through its keeper
     (dolly/_lazy_keeper.py, which says what it guarantees): it ends once every page is in, and
     then removes ``images``. Returns the keeper once the daemon's socket is there (then
     scripts/dolly-runc restores with --lazy-pages); the caller then hands it the clone's process
     (:func:`keep_lazy_pages`) or stops it (:func:`stop_lazy_pages`). Its errors go to ``log``.
+    With ``record`` (a file and the binding of the images, see dolly._working_set), the keeper
+    also writes the clone's working set there once every page is in.
 
     Raises:
         HostNotReady: CRIU is missing, or the daemon ended or made no socket within ``timeout``
@@ -283,8 +286,9 @@ def start_local_lazy_pages(images: Path, *, log: Path, timeout: float = 10.0) ->
     if command is None:
         raise HostNotReady("CRIU is not installed (run `make host`)")
     log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    recording = ["--record", str(record[0]), record[1]] if record is not None else []
     keeper = subprocess.Popen([sys.executable, "-I", "-S", str(Path(__file__).with_name("_lazy_keeper.py")),
-                               str(images), str(log), *command],
+                               *recording, str(images), str(log), *command],
                               stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     deadline = time.monotonic() + timeout

@@ -3,7 +3,7 @@
 starts in milliseconds, not in the time importing Dolly takes), in a session of its own, so that
 it outlives the call that started the clone.
 
-    python -I -S _lazy_keeper.py <images folder> <log> <criu command...>
+    python -I -S _lazy_keeper.py [--record <file> <binding>] <images folder> <log> <criu command...>
 
 It runs CRIU's lazy-pages daemon on the clone's restore folder in the engine's spool, which
 serves the pages from the checkpoint's own images there (no page server: criu/uffd.c reads the
@@ -21,29 +21,60 @@ once the clone has started (nothing: the start failed). Then:
   memory that did not arrive;
 - in every case it removes the restore folder (the images' hard links), and, after success,
   the daemon's log.
+
+With ``--record`` (a checkpoint's first lazy clone, see dolly._working_set) it also records the
+clone's working set: the daemon then logs at CRIU's debug level, where uffd.c writes a line for
+every page fault (``<pid>-<uffd>: #PF at 0x<address>``) and pagemap.c one for every read of the
+images (``pr<pid>-<n> Read <address> <pages> pages``), the background transfer's too. A fault's
+read is the line right after it (the daemon is single-threaded and logs nothing between); a fault
+followed by anything else was served otherwise (a page already on its way, or a zero page for an
+address no image holds) and is not recorded. The address recorded is the read's, the one in the
+images (a region the clone moved with mremap is read from where it was). After success, the first
+MAX_PAGES pages faulted, in at most MAX_RANGES runs, go to ``<file>`` (JSON, root-only, written
+beside it and renamed over it; nothing is written when its folder is gone: the checkpoint was
+removed), with ``<binding>``, the digest of the images they were recorded from.
 """
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 # Linux's pidfd_getfd; the same number on every architecture (the unified syscall table).
 _SYS_PIDFD_GETFD = 438
 
+# What a working set holds at most: the pages a clone faulted in first (256 MiB), in runs of
+# contiguous pages (each run splits a pagemap entry in up to three, and the daemon walks the
+# pagemap from its start on every fault: more runs make every later fault slower).
+MAX_PAGES = 65536
+MAX_RANGES = 4096
+WORKING_SET_FORMAT = 1
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+# The daemon's log lines (CRIU 4.2's uffd.c and pagemap.c): "(00.221284) uffd: 1-8: #PF at
+# 0x7f9cd4a79000" and "(00.221293) pr1-1 Read 7f9cd4a79000 1 pages" (timestamp, uffd.c's prefix).
+_FAULT = re.compile(rb"^\([\d.]+\) (?:uffd: )?(\d+)-\d+: #PF at 0x([0-9a-f]+)$")
+_READ = re.compile(rb"^\([\d.]+\) (?:uffd: )?pr(\d+)-\d+ Read ([0-9a-f]+) (\d+) pages$")
+
 
 def main(argv: List[str]) -> int:
+    record: Optional[Tuple[str, str]] = None
+    if argv[1] == "--record":
+        record = (argv[2], argv[3])
+        argv = [argv[0], *argv[4:]]
     images, log, command = argv[1], argv[2], argv[3:]
     # The folder's identity: a later restore of the same container (a resume) makes its folder
     # anew under the same name, which must not go with this clone's.
     made = os.stat(images)
     daemon = subprocess.Popen([*command, "lazy-pages", "--images-dir", images, "--work-dir", images,
-                               "--log-file", log, "-v1"],
+                               "--log-file", log, "-v4" if record else "-v1"],
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     held: List[int] = []
     succeeded = False
@@ -64,6 +95,8 @@ def main(argv: List[str]) -> int:
                     pass
             _note(log, f"dolly: the lazy-pages daemon ended (status {status}) before every page of the "
                        f"clone had arrived: the clone (process {line[0]}) was killed")
+        if succeeded and record is not None:
+            _record_working_set(log, *record)
         return 0 if succeeded else 1
     finally:
         if daemon.poll() is None:
@@ -154,6 +187,82 @@ def _take_uffds(daemon_pid: int) -> List[int]:
     finally:
         os.close(pidfd)
     return taken
+
+
+def faulted_pages(lines) -> Dict[int, List[int]]:
+    """The pages (addresses in the images) that the daemon read because the clone faulted on
+    them, per process (its ID in the images), in the order they were faulted in, each once,
+    from the daemon's debug log ``lines`` (bytes, one line each); MAX_PAGES at most in all."""
+    pages: Dict[int, Dict[int, None]] = {}
+    count = 0
+    fault: Optional[int] = None  # the process whose fault the previous line was
+    for line in lines:
+        line = line.rstrip(b"\n")
+        m = _READ.match(line)
+        if m is not None and fault is not None and int(m.group(1)) == fault and m.group(3) == b"1":
+            seen = pages.setdefault(fault, {})
+            address = int(m.group(2), 16)
+            if address not in seen:
+                seen[address] = None
+                count += 1
+                if count >= MAX_PAGES:
+                    break
+        m = _FAULT.match(line)
+        fault = int(m.group(1)) if m is not None else None
+    return {pid: list(seen) for pid, seen in pages.items()}
+
+
+def runs(pages: Dict[int, List[int]]) -> Dict[int, List[List[int]]]:
+    """``pages`` as runs of contiguous pages per process, ``[address, pages]`` in address order,
+    MAX_RANGES in all at most: when there are more, the pages faulted last are left out."""
+    def of(taken: Dict[int, List[int]]) -> Dict[int, List[List[int]]]:
+        out: Dict[int, List[List[int]]] = {}
+        for pid, addresses in taken.items():
+            merged: List[List[int]] = []
+            for a in sorted(addresses):
+                if merged and merged[-1][0] + merged[-1][1] * PAGE_SIZE == a:
+                    merged[-1][1] += 1
+                else:
+                    merged.append([a, 1])
+            out[pid] = merged
+        return out
+
+    keep = 1.0
+    while True:
+        taken = {pid: addresses[:int(len(addresses) * keep)] for pid, addresses in pages.items()}
+        found = of(taken)
+        if sum(len(r) for r in found.values()) <= MAX_RANGES:
+            return {pid: r for pid, r in found.items() if r}
+        keep /= 2
+
+
+def _record_working_set(log: str, path: str, binding: str) -> None:
+    """Write the working set the daemon's log shows to ``path``; a failure only loses the record
+    (the next lazy clone records again)."""
+    try:
+        with open(log, "rb") as f:
+            pages = faulted_pages(f)
+    except OSError:
+        return
+    text = json.dumps({"format": WORKING_SET_FORMAT, "binding": binding, "page_size": PAGE_SIZE,
+                       "processes": {str(pid): r for pid, r in runs(pages).items()}})
+    folder = os.path.dirname(path)
+    tmp = os.path.join(folder, f".working-set-{os.getpid()}-{time.monotonic_ns()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError:  # the checkpoint was removed meanwhile
+        return
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
 
 
 def _note(log: str, text: str) -> None:

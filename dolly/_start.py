@@ -24,13 +24,14 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import docker
 from docker.models.containers import Container
 from filelock import FileLock
 
-from . import _criu as criu, _images as criu_images, _rootfs as rootfs, policy
+from . import _criu as criu, _images as criu_images, _rootfs as rootfs, _working_set as working_set, policy
 from ._checkpoint import Checkpoint
 from ._criu_log import CRIU_LOG_DIR
 from ._engine import RUNTIME, ContainerRef, Engine, id_of
@@ -379,7 +380,8 @@ def _start_from(engine: Engine, cp: Checkpoint, container_id: str, *, hostname: 
             f.write(str(images))
         daemon = keeper = None
         if lazy and page_port is None:
-            keeper = criu.start_local_lazy_pages(images, log=CRIU_LOG_DIR / f"{container_id}.lazy-pages.log")
+            keeper = criu.start_local_lazy_pages(images, log=CRIU_LOG_DIR / f"{container_id}.lazy-pages.log",
+                                                 record=_prefetch_working_set(cp, images))
         if page_port is not None:
             daemon = criu.start_lazy_pages(images, relay=page_port, log=CRIU_LOG_DIR / f"{container_id}.lazy-pages.log")
         try:
@@ -402,6 +404,27 @@ def _start_from(engine: Engine, cp: Checkpoint, container_id: str, *, hostname: 
     finally:
         for done in ((folder,) if kept else (images, folder)):
             shutil.rmtree(done, ignore_errors=True)
+
+
+def _prefetch_working_set(cp: Checkpoint, folder: Path) -> Optional[Tuple[Path, str]]:
+    """For a lazy start from ``cp``'s images placed in ``folder``: have the working set recorded at
+    ``cp``'s first lazy clone restored eagerly (``folder``'s own pagemaps rewritten, see
+    dolly._working_set), and None; or, when there is no usable one, where and with what binding
+    the keeper is to record it. A working set that does not fit the images is ignored, with a log
+    line, and recorded again."""
+    record = working_set.path_of(cp.path)
+    bound = working_set.binding(cp.images_dir)
+    runs = working_set.load(record, bound)
+    if runs is None:
+        return record, bound
+    try:
+        working_set.apply(runs, cp.images_dir, folder)
+    except (working_set.Mismatch, OSError) as e:
+        # Any pagemap already replaced is still right: it only has more pages arrive first.
+        log.warning("ignoring the working set of checkpoint %s (%s): %s; this clone records it again",
+                    cp.name, record, e)
+        return record, bound
+    return None
 
 
 def _place_images(cp: Checkpoint, folder: os.PathLike[str], *, hostname: Optional[str],
