@@ -374,7 +374,8 @@ def _start_from(engine: Engine, cp: Checkpoint, container_id: str, *, hostname: 
     shutil.rmtree(images, ignore_errors=True)
     kept = False
     try:
-        _place_images(cp, images, hostname=hostname, share_memory=share_memory)
+        _place_images(cp, images, hostname=hostname, share_memory=share_memory,
+                      hook_beside=not lazy and page_port is None and _memory_bytes(cp) >= HOOK_BESIDE_BYTES)
         os.makedirs(folder, mode=0o700)
         with open(os.path.join(folder, "dolly-images"), "w") as f:
             f.write(str(images))
@@ -427,8 +428,19 @@ def _prefetch_working_set(cp: Checkpoint, folder: Path) -> Optional[Tuple[Path, 
     return None
 
 
+# From how much memory CRIU restores a clone's memory while Docker's network hook runs (see
+# _place_images): the hook takes some 0.1 s and CRIU about 0.45 s a GiB, and setting it aside costs
+# some 0.015 s and 0.03 CPU-s (benchmarks/hook.py). Lazy restores write too little memory to gain.
+HOOK_BESIDE_BYTES = 32 << 20
+
+
+def _memory_bytes(cp: Checkpoint) -> int:
+    """The bytes of memory pages in ``cp``'s images."""
+    return sum(p.stat().st_size for p in cp.images_dir.glob("pages-*.img"))
+
+
 def _place_images(cp: Checkpoint, folder: os.PathLike[str], *, hostname: Optional[str],
-                  share_memory: bool = False) -> None:
+                  share_memory: bool = False, hook_beside: bool = False) -> None:
     """The checkpoint's images as hard links in ``folder`` (no data copied), except two new
     files: the UTS image, rewritten with ``hostname``, and the inventory, rewritten to restore
     without CRIU's network lock (see :func:`criu_images.without_network_lock`; Dolly's own checkpoints
@@ -445,13 +457,18 @@ def _place_images(cp: Checkpoint, folder: os.PathLike[str], *, hostname: Optiona
     reaches it while the restore runs (see :func:`criu_images.without_network_lock`).
 
     With ``share_memory``, a second request: the restored processes' pages are merged by KSM
-    (scripts/dolly-runc: runc, CRIU and the tree CRIU restores run with PR_SET_MEMORY_MERGE)."""
+    (scripts/dolly-runc: runc, CRIU and the tree CRIU restores run with PR_SET_MEMORY_MERGE).
+
+    With ``hook_beside``, a third: Docker's network hook runs while CRIU restores the memory,
+    rather than before (scripts/dolly-runc; CRIU lets no restored process run before it ends)."""
     os.makedirs(folder, mode=0o700, exist_ok=True)
     fd = os.open(os.path.join(folder, "dolly-request"), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write("tcp_connections=close\n")
         if share_memory:
             f.write("memory_merge=1\n")
+        if hook_beside:
+            f.write("network_hook=beside\n")
     uts = set(criu_images.uts_images(cp.images_dir))
     for src in cp.images_dir.iterdir():
         dst = os.path.join(folder, src.name)
