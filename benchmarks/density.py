@@ -34,7 +34,7 @@ import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import List
+from typing import Callable, List
 
 import docker
 
@@ -67,8 +67,8 @@ def ip_of(container) -> str:
     return next(n["IPAddress"] for n in nets.values() if n.get("IPAddress"))
 
 
-def fetch(ip: str) -> bytes:
-    with urllib.request.urlopen(f"http://{ip}/", timeout=10) as resp:
+def fetch(ip: str, port: int = 80) -> bytes:
+    with urllib.request.urlopen(f"http://{ip}:{port}/", timeout=10) as resp:
         return resp.read()
 
 
@@ -187,28 +187,31 @@ def _run(client: docker.DockerClient, clones: int, *, batch: int, workers: int, 
 ROUNDS = 3
 
 
-def ask_all(containers, expected: bytes) -> dict:
-    """Every clone's name -> "answered", or why it did not after ROUNDS rounds of asking."""
+def ask_all(containers, expected: object, *, port: int = 80, state: Callable[[bytes], object] = bytes,
+            process: str = "httpd") -> dict:
+    """Every clone's name -> "answered", or why it did not after ROUNDS rounds of asking: its page
+    on ``port``, as ``state`` reads it, compared with ``expected``; ``process`` is the server's
+    command name, looked for in a clone that does not answer."""
     why: dict = {c.name: "not asked" for c in containers}
     waiting = list(containers)
     for round_ in range(ROUNDS):
         if round_:
             time.sleep(2)  # a neighbour entry that failed is tried again after a moment
         with ThreadPoolExecutor(max_workers=16) as pool:
-            outcomes = list(pool.map(lambda c: _ask(c, expected), waiting))
+            outcomes = list(pool.map(lambda c: _ask(c, expected, port, state), waiting))
         for c, outcome in zip(waiting, outcomes, strict=True):
             why[c.name] = outcome
         waiting = [c for c, outcome in zip(waiting, outcomes, strict=True) if outcome != "answered"]
         if not waiting:
             break
     for c in waiting:
-        why[c.name] = _diagnose(c, why[c.name])
+        why[c.name] = _diagnose(c, why[c.name], process)
     return why
 
 
-def _ask(container, expected: bytes) -> str:
+def _ask(container, expected: object, port: int = 80, state: Callable[[bytes], object] = bytes) -> str:
     try:
-        page = fetch(ip_of(container))
+        page = fetch(ip_of(container), port)
     except urllib.error.URLError as e:
         reason = e.reason
         if isinstance(reason, OSError) and reason.errno == errno.EHOSTUNREACH:
@@ -220,11 +223,11 @@ def _ask(container, expected: bytes) -> str:
         return f"error: {reason}"
     except (OSError, ValueError) as e:
         return f"error: {type(e).__name__}"
-    return "answered" if page == expected else "a wrong page"
+    return "answered" if state(page) == expected else "a wrong page"
 
 
-def _diagnose(container, last: str) -> str:
-    """The reason a clone never answered: its container or httpd gone first, then its address."""
+def _diagnose(container, last: str, process: str = "httpd") -> str:
+    """The reason a clone never answered: its container or server gone first, then its address."""
     try:
         container.reload()
     except docker.errors.NotFound:
@@ -232,8 +235,8 @@ def _diagnose(container, last: str) -> str:
     if not container.attrs["State"].get("Running"):
         return f"container exited ({container.attrs['State'].get('ExitCode')})"
     top = container.top(ps_args="-o comm") if last != "a wrong page" else None
-    if top is not None and not any("httpd" in " ".join(p) for p in top.get("Processes") or []):
-        return "httpd gone"
+    if top is not None and not any(process in " ".join(p) for p in top.get("Processes") or []):
+        return f"{process} gone"
     if last == "no route to host":
         neigh = subprocess.run(["ip", "neigh", "show", ip_of(container)], capture_output=True, text=True).stdout
         return f"no route to host (neighbour: {neigh.split()[-1] if neigh.split() else 'none'})"
