@@ -3,14 +3,20 @@ PY := .venv/bin/python
 # pytest exits 5 when it selects nothing: PYTEST_ARGS named tests of the other kind only.
 NONE_SELECTED_OK := || [ $$? -eq 5 ]
 
-.PHONY: host venv lint unit demo test bench soak docs
+.PHONY: host host-base venv lint unit demo test bench soak docs
 
 ## host: install and start what Dolly needs (Docker Engine, CRIU 4.2, pycriu, images); idempotent
 host:
 	@scripts/host.sh
 
+# The host without the database images (scripts/images.sh): all the demo and the benchmark use.
+host-base:
+	@DOLLY_IMAGES=base scripts/host.sh
+
 ## demo: start a warm Python HTTP service, checkpoint it, clone it into 3 replicas
-demo: host
+# (its host: no database images, and Dolly without the test extra in the venv)
+demo:
+	@DOLLY_IMAGES=base DOLLY_VENV=plain scripts/host.sh
 	@$(PY) -m dolly.demo
 
 ## venv: only checks that the project's virtual environment exists (`make host` makes it)
@@ -36,7 +42,7 @@ test: host lint unit docs
 	$(PY) -m pytest -m engine $(PYTEST_ARGS) $(NONE_SELECTED_OK)
 
 ## bench: Dolly against Podman, then density (benchmarks/README.md); BENCH_ARGS to narrow it
-bench: host
+bench: host-base
 	@scripts/bench-setup.sh
 	@$(PY) benchmarks/bench.py $(BENCH_ARGS)
 

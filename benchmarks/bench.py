@@ -10,6 +10,15 @@ default zstd export; **podman-none** the same with `--compress=none`, Podman's f
 (only with --peers docker) is `docker checkpoint create`, the folder copied into a new container
 by hand, `docker start --checkpoint`.
 
+Dolly's clone modes (``lazy=True``, ``share_memory=True``) are columns of their own,
+**dolly-lazy** and **dolly-share**: in each of Dolly's rounds, clones of the same checkpoint as
+plain Dolly's, the modes in a rotated order.
+
+By default the workloads and peers that issue 25's goals name: W128 and W1G, Podman
+``--compress none``; ``--workloads busybox,W128,warm10,W1G --peers podman,podman-none`` is the
+full set. Before each tool's checkpoint the host's dirty pages are written out (``sync``, not
+timed), so that no tool's checkpoint pays for the writeback of another tool's files.
+
 Then density (benchmarks/density.py): --density busybox httpd clones alive at once, each answering
 on its own IP.
 
@@ -62,18 +71,25 @@ class Workload:
     # Per peer, the clone counts measured (the slow ones skip the large N); absent: the peer skips
     # the workload.
     peers: Dict[str, List[int]] = field(default_factory=dict)
+    # Per Dolly clone mode (MODES), the clone counts measured from plain Dolly's checkpoint.
+    modes: Dict[str, List[int]] = field(default_factory=dict)
+
+
+# Dolly's clone modes, as columns of their own: name -> dolly.clone's keyword arguments.
+MODES: Dict[str, Dict[str, bool]] = {"dolly-lazy": {"lazy": True}, "dolly-share": {"share_memory": True}}
 
 
 WORKLOADS = {
     "busybox": Workload("busybox", BB_IMAGE, ["sh", "-c", BUSYBOX_HTTP],
                         peers={"podman": [1, 4], "podman-none": [1, 4, 16]}),
     "W128": Workload("W128", PY_IMAGE, ["python3", "-c", SERVICE], {"STATE_MB": "128", "RANDOM_STATE": "1"},
-                     peers={"podman": [1, 4], "podman-none": [1, 4, 16], "docker": [1]}),
+                     [1, 16], peers={"podman": [1, 4], "podman-none": [1], "docker": [1]},
+                     modes={"dolly-lazy": [1, 16], "dolly-share": [1, 16]}),
     "warm10": Workload("warm10", PY_IMAGE, ["python3", "-c", SERVICE], {"STATE_MB": "32", "WARMUP_S": "10"},
                        [1, 4], peers={"podman": [1, 4], "podman-none": [1, 4]}),
     # Podman's zstd export of 1 GB takes about 28 s a round (checkpoint, then restore): left out.
     "W1G": Workload("W1G", PY_IMAGE, ["python3", "-c", SERVICE], {"STATE_MB": "1024", "RANDOM_STATE": "1"},
-                    [1], peers={"podman-none": [1]}),
+                    [1], peers={"podman-none": [1]}, modes={"dolly-lazy": [1]}),
 }
 
 
@@ -150,9 +166,9 @@ class DollyRunner:
         cp = dolly.checkpoint(source, f"bench-{uuid.uuid4().hex[:6]}")
         return time.perf_counter() - t, cp
 
-    def clone(self, cp, n: int, expected: object) -> tuple:
+    def clone(self, cp, n: int, expected: object, **mode: bool) -> tuple:
         t = time.perf_counter()
-        clones = dolly.clone(cp, n)
+        clones = dolly.clone(cp, n, **mode)
         all_answer([lambda c=c: docker_ip(c) for c in clones], expected)
         return time.perf_counter() - t, clones
 
@@ -319,7 +335,9 @@ def side_by_side(w: Workload, runners: list, repeats: int, results: dict) -> Non
     """Each tool's source started once; then `repeats` rounds, the tools' order rotated each round."""
     rows = results.setdefault(w.name, {})
     tools = [r for r in runners if r.name == "dolly" or r.name in w.peers]
+    modes = [m for m in w.modes if any(r.name == "dolly" for r in tools)]
     raw: Dict[str, Dict[str, list]] = {r.name: {} for r in tools}
+    raw.update({m: {} for m in modes})
     sources: Dict[str, tuple] = {}
     try:
         for r in tools:
@@ -330,11 +348,11 @@ def side_by_side(w: Workload, runners: list, repeats: int, results: dict) -> Non
             except (subprocess.CalledProcessError, docker.errors.DockerException, TimeoutError) as e:
                 _failed(rows, w, r, e)
         for i in range(repeats):
-            order = tools[i % len(tools):] + tools[:i % len(tools)]
+            order = _rotated(tools, i)
             for r in order:
                 if r.name in sources and "failed" not in rows.get(r.name, {}):
                     try:
-                        _round(r, w, *sources[r.name], raw[r.name])
+                        _round(r, w, *sources[r.name], raw, _rotated(modes, i))
                     except (subprocess.CalledProcessError, dolly.DollyError, docker.errors.DockerException,
                             TimeoutError, KeyError, ValueError) as e:
                         _failed(rows, w, r, e)
@@ -342,27 +360,42 @@ def side_by_side(w: Workload, runners: list, repeats: int, results: dict) -> Non
         for r in tools:
             if r.name in sources:
                 r.remove([sources[r.name][0]])
-    for r in tools:
-        row = rows.setdefault(r.name, {})
-        row.update({k: stats(v) for k, v in raw[r.name].items()})
-        print(f"  {w.name:<8} {r.name:<12} " + "  ".join(
+    for name in [r.name for r in tools] + modes:
+        row = rows.setdefault(name, {})
+        row.update({k: stats(v) for k, v in raw[name].items()})
+        print(f"  {w.name:<8} {name:<12} " + "  ".join(
             f"{k}={v['median'] if isinstance(v, dict) else v}" for k, v in row.items()), flush=True)
 
 
-def _round(r, w: Workload, source, state, raw: Dict[str, list]) -> None:
+def _rotated(xs: list, i: int) -> list:
+    return xs[i % len(xs):] + xs[:i % len(xs)] if xs else xs
+
+
+def _round(r, w: Workload, source, state, raw: Dict[str, Dict[str, list]], modes: List[str]) -> None:
+    """One tool's round: a checkpoint, then its clones; Dolly's also those of its modes (``modes``,
+    in that order) from the same checkpoint, each mode recorded under its own name."""
+    os.sync()  # the other tools' writes flushed before this one's timed checkpoint
     took, cp = r.checkpoint(source)
-    raw.setdefault("checkpoint_s", []).append(took)
+    raw[r.name].setdefault("checkpoint_s", []).append(took)
+    runs = [(r.name, n, {}) for n in (w.clone_ns if r.name == "dolly" else w.peers[r.name])]
+    if r.name == "dolly":
+        runs += [(m, n, MODES[m]) for m in modes for n in w.modes[m]]
     try:
-        for n in (w.clone_ns if r.name == "dolly" else w.peers[r.name]):
-            took, made = r.clone(cp, n, state)
-            raw.setdefault(f"clone{n}_s", []).append(took)
+        for name, n, mode in runs:
+            cpu = density.host_cpu_seconds()
+            took, made = r.clone(cp, n, state, **mode)
+            into = raw[name]
+            into.setdefault(f"clone{n}_s", []).append(took)
+            # The host's CPU time (every process) per clone: N clones at once on two cores are
+            # CPU-bound when this times N over the cores comes near the wall time.
+            into.setdefault(f"clone{n}_host_cpu_s_per_clone", []).append((density.host_cpu_seconds() - cpu) / n)
             try:
                 if n == 1 and hasattr(r, "criu_restore_s"):
                     criu_s = r.criu_restore_s(made)
                     if criu_s is not None:
-                        raw.setdefault("criu_restore_s", []).append(criu_s)
-                if n == max(w.clone_ns) and hasattr(r, "memory_mb"):
-                    raw.setdefault("memory_per_clone_mb", []).append(r.memory_mb(made))
+                        into.setdefault("criu_restore_s", []).append(criu_s)
+                if n == max(w.clone_ns) and not mode and hasattr(r, "memory_mb"):
+                    into.setdefault("memory_per_clone_mb", []).append(r.memory_mb(made))
             finally:
                 r.remove(made)
     finally:
@@ -399,10 +432,11 @@ def table(results: dict) -> str:
             lines.append(f"{wname:<9}{tool:<13}" + "".join(f"{c:>21}" for c in cells))
             if row.get("failed"):
                 lines.append(f"{'':<9}{tool:<13}failed: {row['failed']}")
-        d, none = tools.get("dolly", {}), tools.get("podman-none", {})
-        if _med(d, "clone1_s") and _med(none, "clone1_s"):
-            ratio = _med(d, "clone1_s") / _med(none, "clone1_s")
-            lines.append(f"{'':<9}{'ratio':<13}dolly clone 1 / podman-none {ratio:.2f}")
+        none = tools.get("podman-none", {})
+        for tool in ("dolly", *MODES):
+            if _med(tools.get(tool, {}), "clone1_s") and _med(none, "clone1_s"):
+                ratio = _med(tools[tool], "clone1_s") / _med(none, "clone1_s")
+                lines.append(f"{'':<9}{'ratio':<13}{tool} clone 1 / podman-none {ratio:.2f}")
     lines.append("(median / p90, seconds; memory in MB; cold start: one run)")
     if "density" in results:
         lines.append("density: " + json.dumps({k: v for k, v in results["density"].items() if k != "batches"}))
@@ -422,13 +456,15 @@ def chart(results: dict, path: Path) -> None:
         return
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.8), squeeze=False)
     keys = ["checkpoint_s", "clone1_s", "criu_restore_s", "clone4_s", "clone16_s"]
-    tools = ["dolly", "podman", "podman-none", "docker"]
+    tools = ["dolly", *MODES, "podman", "podman-none", "docker"]
+    width = 0.8 / len(tools)
     for ax, w in zip(axes[0], names, strict=False):  # the density panel is last
         for i, tool in enumerate(tools):
             row = results[w].get(tool, {})
             vals = [_med(row, k) or 0 for k in keys]
-            ax.bar([x + i * 0.2 for x in range(len(keys))], vals, 0.2, label=tool)
-        ax.set_xticks([x + 0.3 for x in range(len(keys))], ["ckpt", "clone 1", "CRIU", "clone 4", "clone 16"])
+            ax.bar([x + i * width for x in range(len(keys))], vals, width, label=tool)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(keys))],
+                      ["ckpt", "clone 1", "CRIU", "clone 4", "clone 16"])
         ax.set_title(w)
         ax.set_ylabel("seconds (median)")
     axes[0][0].legend(fontsize=8)
@@ -453,8 +489,8 @@ def write(results: dict, out: Path) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--workloads", default="busybox,W128,warm10,W1G")
-    ap.add_argument("--peers", default="podman,podman-none", help="also: docker")
+    ap.add_argument("--workloads", default="W128,W1G", help="of busybox,W128,warm10,W1G")
+    ap.add_argument("--peers", default="podman-none", help="of podman,podman-none,docker")
     ap.add_argument("--density", type=int, default=2300, help="busybox clones alive at once (0: skip)")
     ap.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     args = ap.parse_args(argv)
@@ -471,7 +507,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     runners += [DockerByHand(client)] if "docker" in peers else []
     results: dict = {"machine": {"cores": os.cpu_count(), "kernel": os.uname().release,
                                  "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                 "repeats": args.repeats}}
+                                 "repeats": args.repeats, "sync_before_checkpoint": True}}
     started = time.monotonic()
     keep = CRIU_LOG_DIR / ".keep"  # dolly-runc keeps CRIU's restore statistics meanwhile
     CRIU_LOG_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)

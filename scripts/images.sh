@@ -7,31 +7,44 @@
 #                  fixtures, with the entrypoints in scripts/images/ (they read the environment
 #                  as the official images do)
 # No registry is reachable from these machines, so images are imported from local root folders.
+#
+#   scripts/images.sh [all|base|databases]   (default: $DOLLY_IMAGES, else all)
+# base is the first two, all that `make demo` and `make bench` use; databases the other three,
+# most of the build on a fresh machine (Debian's servers), which only the engine tests,
+# dolly.testing's database fixtures and benchmarks/{databases,django}.py need. `make host` and
+# `make test` build all.
 set -euo pipefail
 have() { docker image inspect "$1" >/dev/null 2>&1; }
+which=${1:-${DOLLY_IMAGES:-all}}
+case "$which" in
+  all|base|databases) ;;
+  *) echo "images: unknown set '$which' (all, base or databases)" >&2; exit 2 ;;
+esac
 
-if ! have dolly/busybox:latest; then
-  echo "images: building dolly/busybox" >&2
-  root=$(mktemp -d)
-  mkdir -p "$root"/{bin,etc,tmp,proc,sys,dev,root,var/tmp}
-  cp /bin/busybox "$root/bin/busybox"
-  for app in $("$root/bin/busybox" --list); do
-    [ "$app" = busybox ] || ln -s busybox "$root/bin/$app"
-  done
-  echo 'root:x:0:0:root:/root:/bin/sh' >"$root/etc/passwd"
-  echo 'root:x:0:' >"$root/etc/group"
-  chmod 1777 "$root/tmp" "$root/var/tmp"
-  tar -C "$root" -c . | docker import -c 'ENV PATH=/bin' -c 'CMD ["/bin/sh"]' - dolly/busybox:latest >/dev/null
-  rm -rf "$root"
-fi
+base_images() {
+  if ! have dolly/busybox:latest; then
+    echo "images: building dolly/busybox" >&2
+    root=$(mktemp -d)
+    mkdir -p "$root"/{bin,etc,tmp,proc,sys,dev,root,var/tmp}
+    cp /bin/busybox "$root/bin/busybox"
+    for app in $("$root/bin/busybox" --list); do
+      [ "$app" = busybox ] || ln -s busybox "$root/bin/$app"
+    done
+    echo 'root:x:0:0:root:/root:/bin/sh' >"$root/etc/passwd"
+    echo 'root:x:0:' >"$root/etc/group"
+    chmod 1777 "$root/tmp" "$root/var/tmp"
+    tar -C "$root" -c . | docker import -c 'ENV PATH=/bin' -c 'CMD ["/bin/sh"]' - dolly/busybox:latest >/dev/null
+    rm -rf "$root"
+  fi
 
-if ! have dolly/python:latest; then
-  echo "images: building dolly/python" >&2
-  tmp=$(mktemp -d)
-  mmdebstrap --quiet --variant=essential --include=python3 bookworm "$tmp/rootfs.tar" >/dev/null
-  docker import -c 'ENV PATH=/usr/local/bin:/usr/bin:/bin' -c 'CMD ["python3"]' "$tmp/rootfs.tar" dolly/python:latest >/dev/null
-  rm -rf "$tmp"
-fi
+  if ! have dolly/python:latest; then
+    echo "images: building dolly/python" >&2
+    tmp=$(mktemp -d)
+    mmdebstrap --quiet --variant=essential --include=python3 bookworm "$tmp/rootfs.tar" >/dev/null
+    docker import -c 'ENV PATH=/usr/local/bin:/usr/bin:/bin' -c 'CMD ["python3"]' "$tmp/rootfs.tar" dolly/python:latest >/dev/null
+    rm -rf "$tmp"
+  fi
+}
 
 # A Debian 12 root with PACKAGES and the entrypoint scripts/images/<name>-entrypoint, imported as
 # TAG; documentation, manuals and translations left out. Rebuilt when the entrypoint changes (its
@@ -60,6 +73,21 @@ database_image() {
   # The image this one replaces, unless a container still uses it.
   [ -z "$old" ] || docker rmi "$old" >/dev/null 2>&1 || true
 }
-database_image dolly/postgres:15 postgres postgresql-15,postgresql-client-15 5432
-database_image dolly/mariadb:10.11 mariadb mariadb-server,mariadb-client 3306
-database_image dolly/redis:7 redis redis-server,redis-tools 6379
+# The three at once: each is mostly waiting on the mirror and dpkg, not on the CPU.
+database_images() {
+  local pids=() pid failed=0
+  database_image dolly/postgres:15 postgres postgresql-15,postgresql-client-15 5432 &
+  pids+=($!)
+  database_image dolly/mariadb:10.11 mariadb mariadb-server,mariadb-client 3306 &
+  pids+=($!)
+  database_image dolly/redis:7 redis redis-server,redis-tools 6379 &
+  pids+=($!)
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  return "$failed"
+}
+
+case "$which" in
+  base) base_images ;;
+  databases) database_images ;;
+  all) base_images; database_images ;;
+esac
