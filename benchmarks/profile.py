@@ -70,7 +70,8 @@ def main() -> int:
             rootfs.apply_diff(cp.rootfs_diff, engine.upper_dir(created))
             t2 = time.perf_counter()
             images = engine.spool_dir / f"{cid}.restore"
-            _restore._place_images(cp, images, hostname=created.attrs["Config"]["Hostname"])
+            _restore._place_images(cp, images, hostname=created.attrs["Config"]["Hostname"],
+                                   hook_beside=_restore._memory_bytes(cp) >= _restore.HOOK_BESIDE_BYTES)
             folder = engine.checkpoints_dir(cid) / cp.name
             folder.mkdir(parents=True)
             (folder / "dolly-images").write_text(str(images))
