@@ -166,12 +166,15 @@ def bundle_members(checkpoint: Checkpoint, engine: Engine, *, expires_in: timede
 
 
 def stage(engine: Engine, manifest: Dict[str, Any], signer: Optional[str], members: Iterable[Member], *,
-          allowed: FrozenSet[str], max_bytes: Optional[int], between_own_engines: bool, rebuild: bool) -> Staged:
+          allowed: FrozenSet[str], max_bytes: Optional[int], between_own_engines: bool, rebuild: bool,
+          token: Optional[str] = None) -> Staged:
     """Step 1 of an import (see the module's docstring) of a bundle whose ``manifest`` the caller
     parsed and whose signature it verified (``signer``: the verified key's id, or None). A copy
     between the caller's engines (``between_own_engines``) is marked as one, and neither refused
     for its claims nor recorded in a lineage. ``rebuild``: the images that decide privilege are to be
-    remade at the commit (everything from outside: see :func:`commit`).
+    remade at the commit (everything from outside: see :func:`commit`). ``token``: the staging's
+    name, when the caller chose it (an agent's caller, which discards it should the agent die
+    mid-way: see :meth:`dolly._hosts.remote.AgentHost.stage_import`); else a new one.
 
     Raises:
         DigestMismatch, UnsafeArchive: a member that breaks the layout or its manifest entry.
@@ -193,7 +196,7 @@ def stage(engine: Engine, manifest: Dict[str, Any], signer: Optional[str], membe
         raise CheckpointExists(f"this engine already has checkpoint {meta['name']!r} of {meta['container_name']}")
     if (declared := sum(m["size"] for m in manifest["members"])) > max_bytes:  # before a byte is written
         raise UnsafeArchive(too_large(declared, max_bytes))
-    staged = Staged(uuid.uuid4().hex, meta["container_id"], meta["name"],
+    staged = Staged(token or uuid.uuid4().hex, meta["container_id"], meta["name"],
                     (manifest["image"]["id"], manifest["image"]["name"]))
     staging = _staging(engine, staged.token)
     staging.mkdir(mode=0o700)

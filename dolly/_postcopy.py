@@ -47,7 +47,7 @@ from ._checkpoint import Checkpoint
 from ._engine import ContainerRef, Engine
 from ._lazy_dump import PendingDump, checkpoint_lazy
 from ._store import remove
-from .errors import CheckpointFailed, HostNotReady
+from .errors import CheckpointFailed, DollyError, HostNotReady
 
 __all__ = ["PageSource", "PageTarget", "Relay", "open_source", "open_target"]
 
@@ -95,7 +95,7 @@ class Records:
 class End(Protocol):
     """One side of the relay: bytes each way."""
 
-    def send(self, data: bytes) -> None: ...
+    def send(self, data: bytes) -> None: ...  # raises OSError, ValueError or a DollyError once it ended
 
     def recv(self) -> bytes: ...  # b"" once it ended
 
@@ -403,7 +403,7 @@ class Relay:
     def _up(self) -> None:
         try:
             self._pass_up()
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, DollyError) as e:  # an agent's end that went raises its error
             self._break(f"{type(e).__name__}: {e}")
 
     def _pass_up(self) -> None:
@@ -430,13 +430,20 @@ class Relay:
                 self.source.send(b"".join(batch))
 
     def _down(self) -> None:
+        target_gone = False
         while True:
             data = self.source.recv()
             if not data:
                 self._break("the page server's end went before the commit")
                 break
             self.bytes_down += len(data)
-            self.target.send(data)
+            if target_gone:
+                continue  # the source is still read to its end: commit or abort decides
+            try:
+                self.target.send(data)
+            except (OSError, ValueError, DollyError) as e:
+                self._break(f"the daemon's end went: {type(e).__name__}: {e}")
+                target_gone = True
         self.target.close()
 
     def wait_for_pages(self, timeout: float) -> None:

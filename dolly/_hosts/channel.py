@@ -166,7 +166,7 @@ class Channel:
                                                  demux=True)
         finally:
             sock.close()
-        return _result(out or b"", err or b"", _exit_code(api, exec_id))
+        return _result(out or b"", err or b"", _exit_code_or_none(api, exec_id))
 
     @contextlib.contextmanager
     def stream_out(self, op: str, **args: Any) -> Iterator[IO[bytes]]:
@@ -194,7 +194,7 @@ class Channel:
             except BaseException:
                 for _ in chunks:
                     pass
-                code = _exit_code(api, exec_id)
+                code = _exit_code_or_none(api, exec_id)
                 if code:
                     _result(b"", bytes(err), code)  # raises the agent's own error
                 raise
@@ -202,7 +202,7 @@ class Channel:
                 pass
         finally:
             sock.close()
-        code = _exit_code(api, exec_id)
+        code = _exit_code_or_none(api, exec_id)
         if code != 0:
             _result(b"", bytes(err), code)
 
@@ -227,19 +227,16 @@ class Channel:
                     # Over TLS a half-close ends the TLS session for reading too; the agent does not
                     # need the end of its stdin anyway: the tar marks its own end.
                     raw.shutdown(socket.SHUT_WR)
-            except OSError:
+            except OSError:  # the connection was cut: the agent ended (see _Exchange), or it broke
                 exchange.join(timeout=30)
-                code = _exit_code(api, exec_id)
-                out, err = consume_socket_output([demux_adaptor(*f) for f in exchange.frames], demux=True)
-                if code:
-                    _result(out or b"", err or b"", code)
-                raise
-            exchange.join()
+            else:
+                exchange.join()
         finally:
             exchange.stop()
             _hang_up(sock)  # an agent still reading (the producer failed) sees its stdin end
-        out, err = consume_socket_output([demux_adaptor(*f) for f in exchange.frames], demux=True)
-        return _result(out or b"", err or b"", _exit_code(api, exec_id))
+        # Its own error when it wrote one, else how it ended; a result despite a write cut short is
+        # the agent's to give (it had read all it needed: a tar's padding may be left).
+        return _result(bytes(exchange.out), bytes(exchange.err), _exit_code_or_none(api, exec_id))
 
     def duplex(self, op: str, **args: Any) -> Duplex:
         """Run ``op`` with a byte stream each way (its stdin and stdout) and its JSON lines on
@@ -285,77 +282,6 @@ def _read_exactly(sock: Any, n: int) -> Optional[bytes]:
     return data
 
 
-class Duplex:
-    """An agent operation's streams: :meth:`send` to its stdin, :meth:`recv` from its stdout,
-    :meth:`control` for the JSON lines it writes on stderr (an error line raises its error)."""
-
-    def __init__(self, api: Any, exec_id: str, sock: Any) -> None:
-        self._api, self._exec_id, self._sock = api, exec_id, sock
-        self._raw: Any = getattr(sock, "_sock", sock)
-        self._data: queue.Queue[bytes] = queue.Queue()
-        self._controls: List[Dict[str, Any]] = []
-        self._changed = threading.Condition()
-        self._ended = False
-        threading.Thread(target=self._read, name="dolly-agent-duplex", daemon=True).start()
-
-    def _read(self) -> None:
-        err = b""
-        with contextlib.suppress(OSError, ValueError):
-            for stream, data in frames_iter(self._sock, tty=False):
-                if stream == 1:
-                    self._data.put(bytes(data))
-                    continue
-                err += bytes(data)
-                while b"\n" in err:
-                    line, err = err.split(b"\n", 1)
-                    if line.startswith(b"{"):
-                        with contextlib.suppress(ValueError), self._changed:
-                            self._controls.append(json.loads(line))
-                            self._changed.notify_all()
-        self._data.put(b"")
-        with self._changed:
-            self._ended = True
-            self._changed.notify_all()
-
-    def send(self, data: bytes) -> None:
-        with contextlib.suppress(OSError):
-            self._raw.sendall(data)
-
-    def recv(self) -> bytes:
-        data = self._data.get()
-        if not data:
-            self._data.put(b"")  # every later call sees the end too
-        return data
-
-    def control(self, key: str, timeout: float) -> Any:
-        """The value of the first control line holding ``key``, waiting up to ``timeout``.
-
-        Raises:
-            the operation's own error when it failed; HostNotReady when it ended without the
-            line, or did not send it in time.
-        """
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for c in self._controls:
-                    if "error" in c:
-                        _result(b"", json.dumps(c).encode(), 1)
-                    if key in c:
-                        return c[key]
-                left = deadline - time.monotonic()
-                if self._ended or left <= 0:
-                    break
-                self._changed.wait(left)
-        code = _exit_code(self._api, self._exec_id) if self._ended else None
-        raise HostNotReady(f"Dolly's agent sent no {key!r} (exit {code})")
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._raw.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(OSError):
-            self._sock.close()
-
-
 class _ChunkReader(io.RawIOBase):
     def __init__(self, chunks: Iterator[bytes]) -> None:
         super().__init__()
@@ -376,42 +302,58 @@ class _ChunkReader(io.RawIOBase):
 
 class _Exchange:
     """An exec's connection that this process writes (the agent's stdin) while a thread of its own
-    reads the agent's output frames, and that ends once the agent has.
+    reads the agent's output frames, cut as soon as the agent has ended.
 
-    The engine does not end it then: it holds the exec's stdin fifo open itself, so once the agent
-    stops reading (it failed early: CheckpointExists, a digest, the policy) the fifo fills, the
-    engine stops reading the connection, and a write into it blocks for ever, the agent long gone.
-    So the connection is cut here (shut down, which wakes a blocked write with EPIPE and the reader
-    with its end) when the agent's error line arrives, its last word (:func:`dolly._hosts.serve.main`),
-    or, when it died without one, once the engine says the exec ended and its output had
-    :data:`_GRACE_S` to arrive. That is asked only while the connection takes no bytes."""
+    The engine does not end it then (Docker 20.10, checked with an agent killed mid-import): it
+    copies the connection into the exec's stdin fifo, which it holds open itself, so once the agent
+    stops reading (it failed early: CheckpointExists, a digest, the policy; or it died) the fifo
+    fills, that copy blocks, and the engine reads the connection no more, for ever. The agent's end
+    ends the other way only: its output, at once, or 2 s after it when a child of the agent still
+    held it; but when the agent's container stops, the engine forgets the exec (ExecInspect: 404)
+    and ends neither way. So a write into it would block for ever, the agent long gone. The
+    connection is cut here (shut down, which wakes a blocked write with EPIPE) when the agent's
+    error line arrives, its last word (:func:`dolly._hosts.serve.main`); when its output ends; and
+    once the engine says the exec ended, or knows it no more, and its output had :data:`_GRACE_S`
+    to end. The engine is asked only while the connection takes no bytes (:meth:`_stalled`)."""
 
     def __init__(self, api: Any, exec_id: str, sock: Any) -> None:
         self._api, self._exec_id, self._sock = api, exec_id, sock
         self._raw: Any = getattr(sock, "_sock", sock)
-        self.frames: List[Any] = []
+        self.out, self.err = bytearray(), bytearray()
         self.written = 0  # bytes the writer handed to the connection: its progress
         self._ended = threading.Event()  # the reader saw the connection's end
         self._stopped = threading.Event()
         self._reader = threading.Thread(target=self._read, name="dolly-agent-out", daemon=True)
-        self._watcher = threading.Thread(target=self._watch, name="dolly-agent-watch", daemon=True)
         self._reader.start()
-        self._watcher.start()
+        threading.Thread(target=self._watch, name="dolly-agent-watch", daemon=True).start()
 
     def _read(self) -> None:
-        err = b""
+        pending = b""
         try:
             with contextlib.suppress(OSError, ValueError):  # a connection that breaks ends the output
-                for frame in frames_iter(self._sock, tty=False):
-                    self.frames.append(frame)
-                    if frame[0] != 2:
+                for stream, data in frames_iter(self._sock, tty=False):
+                    if stream == 1:
+                        self._stdout(bytes(data))
                         continue
-                    err += bytes(frame[1])
-                    *lines, err = err.split(b"\n")
-                    if any(line.startswith(b'{"error"') for line in lines):
-                        self._cut()  # it reads no more, and writes no more after this line
+                    self.err += data
+                    *lines, pending = (pending + bytes(data)).split(b"\n")
+                    for line in lines:
+                        self._line(line)
         finally:
+            self._cut()  # the agent ended: it reads no more either
             self._ended.set()
+            self._finish()
+
+    def _stdout(self, data: bytes) -> None:
+        self.out += data
+
+    def _line(self, line: bytes) -> None:
+        """One whole line of the agent's stderr."""
+        if line.startswith(b'{"error"'):
+            self._cut()  # it reads no more, and writes no more after this line
+
+    def _finish(self) -> None:
+        """The output ended."""
 
     def _watch(self) -> None:
         seen, ended_at = -1, None
@@ -420,14 +362,20 @@ class _Exchange:
                 if time.monotonic() - ended_at >= _GRACE_S:
                     self._cut()
                     return
-            elif self.written == seen and not self._running():
+            elif self._stalled(seen) and not self._running():
                 ended_at = time.monotonic()
             seen = self.written
+
+    def _stalled(self, seen: int) -> bool:
+        """Whether the connection took no bytes since the writer had written ``seen``."""
+        return self.written == seen
 
     def _running(self) -> bool:
         try:
             with translate_errors():
                 return bool(self._api.exec_inspect(self._exec_id)["Running"])
+        except ContainerNotFound:
+            return False  # the engine forgot it: its container stopped, or was removed
         except DollyError:
             return True  # the engine does not answer: its connection ends with it
 
@@ -440,6 +388,98 @@ class _Exchange:
 
     def stop(self) -> None:
         self._stopped.set()
+
+
+class Duplex(_Exchange):
+    """An agent operation's streams: :meth:`send` to its stdin, :meth:`recv` from its stdout,
+    :meth:`control` for the JSON lines it writes on stderr (an error line raises its error). Cut
+    once the operation ends or fails (see :class:`_Exchange`): a send then raises, never blocks."""
+
+    def __init__(self, api: Any, exec_id: str, sock: Any) -> None:
+        self._data: queue.Queue[bytes] = queue.Queue()
+        self._controls: List[Dict[str, Any]] = []
+        self._changed = threading.Condition()
+        self._closed = False
+        self._sending = 0  # sends under way: idle between them is the exchange's normal state
+        super().__init__(api, exec_id, sock)
+
+    def _stdout(self, data: bytes) -> None:
+        self._data.put(data)
+
+    def _line(self, line: bytes) -> None:
+        super()._line(line)
+        if line.startswith(b"{"):
+            with contextlib.suppress(ValueError), self._changed:
+                self._controls.append(json.loads(line))
+                self._changed.notify_all()
+
+    def _finish(self) -> None:
+        self._data.put(b"")
+        with self._changed:
+            self._changed.notify_all()
+
+    def _stalled(self, seen: int) -> bool:
+        return self._sending > 0 and super()._stalled(seen)
+
+    def send(self, data: bytes) -> None:
+        """Raises:
+            the operation's own error when it failed; HostNotReady when it had ended (killed, its
+            container stopped, or done: it reads no more), or this side closed it.
+        """
+        if not self._ended.is_set() and not self._closed:
+            self._sending += 1
+            try:
+                self._raw.sendall(data)
+                self.written += len(data)
+                return
+            except OSError as e:  # cut: the operation ended (or closed, or the connection broke)
+                raise self._failure() from e
+            finally:
+                self._sending -= 1
+        raise self._failure()
+
+    def _failure(self) -> DollyError:
+        if self._closed:
+            return HostNotReady("the exchange with Dolly's agent was closed on this side")
+        self.join(10)  # a cut connection ends its reader at once
+        return _ended_early(bytes(self.err), _exit_code_or_none(self._api, self._exec_id) if self._ended.is_set()
+                            else None)
+
+    def recv(self) -> bytes:
+        data = self._data.get()
+        if not data:
+            self._data.put(b"")  # every later call sees the end too
+        return data
+
+    def control(self, key: str, timeout: float) -> Any:
+        """The value of the first control line holding ``key``, waiting up to ``timeout``.
+
+        Raises:
+            the operation's own error when it failed; HostNotReady when it ended without the
+            line, or did not send it in time.
+        """
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for c in self._controls:
+                    if "error" in c:
+                        raise _error_of(c)
+                    if key in c:
+                        return c[key]
+                left = deadline - time.monotonic()
+                if self._ended.is_set() or left <= 0:
+                    break
+                self._changed.wait(left)
+        code = _exit_code_or_none(self._api, self._exec_id) if self._ended.is_set() else None
+        raise HostNotReady(f"Dolly's agent sent no {key!r} (exit {code})")
+
+    def close(self) -> None:
+        self._closed = True
+        self.stop()
+        with contextlib.suppress(OSError):
+            self._raw.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self._sock.close()
 
 
 class _SocketWriter(io.RawIOBase):
@@ -462,29 +502,67 @@ def _command(op: str, args: Dict[str, Any]) -> List[str]:
     return [PYTHON, "-m", SERVE, op, encoded]
 
 
-def _result(out: bytes, err: bytes, code: Optional[int]) -> Any:
-    stream = err if code != 0 else out
+def _reply(stream: bytes) -> Optional[Dict[str, Any]]:
+    """The last JSON line of ``stream``, the operation's answer, if it wrote one."""
     lines = [line for line in stream.decode(errors="replace").splitlines() if line.startswith("{")]
     try:
         reply = json.loads(lines[-1]) if lines else None
     except ValueError:
-        reply = None
-    if reply is None:
-        if code in (126, 127):  # the exec did not start: say what did not run, and why
-            raise HostNotReady(cannot_exec("Dolly's agent", code, [PYTHON, "-m", SERVE], err))
-        raise HostNotReady(f"Dolly's agent failed (exit {code}): {err.decode(errors='replace')[-2000:]}")
-    if "error" in reply:
-        cls = getattr(errors, str(reply["error"]), DollyError)
-        if not (isinstance(cls, type) and issubclass(cls, DollyError)):
-            cls = DollyError
-        # The same class, with its message and the attributes callers use (``kept`` is a path on
-        # the engine's host), set as they were: the constructors would write the message again.
-        exc = cls.__new__(cls)
-        Exception.__init__(exc, str(reply["message"]))
-        for key, value in (reply.get("attrs") or {}).items():
-            if key in errors.CARRIED:
-                setattr(exc, key, Path(value) if key in ("kept", "log_path") else value)
-        raise exc
-    return reply["result"]
+        return None
+    return reply if isinstance(reply, dict) else None
 
 
+def _result(out: bytes, err: bytes, code: Optional[int]) -> Any:
+    """The operation's result (its JSON line on stdout, written last, once it succeeded).
+
+    Raises:
+        what :func:`_ended_early` says it stands for, when it did not succeed.
+    """
+    reply = _reply(out) if code in (0, None) else None  # None: the engine no longer knows the exec
+    if reply is not None and "result" in reply:
+        return reply["result"]
+    raise _ended_early(err, code)
+
+
+def _ended_early(err: bytes, code: Optional[int]) -> DollyError:
+    """What an operation that ended before it answered stands for: its own error when it wrote one
+    (its last word on stderr), else how it ended."""
+    reply = _reply(err)
+    if reply is not None and "error" in reply:
+        return _error_of(reply)
+    if code in (126, 127):  # the exec did not start: say what did not run, and why
+        return HostNotReady(cannot_exec("Dolly's agent", code, [PYTHON, "-m", SERVE], err))
+    said = err.decode(errors="replace")[-2000:]
+    tail = f": {said}" if said.strip() else ""
+    if code is None or code > 128:  # killed (128 + the signal), or gone with its container
+        how = (f"killed by signal {code - 128}, exit {code}" if code is not None
+               else "its exit is unknown: its container stopped, or was removed")
+        return HostNotReady(f"Dolly's agent ended before it answered ({how}): its process was killed or its "
+                            "container stopped on the engine's host. Run "
+                            f"the operation again (Dolly starts the agent again if it has to){tail}")
+    if code == 0:
+        return HostNotReady(f"Dolly's agent's operation has ended (exit 0): it reads and answers no more{tail}")
+    return HostNotReady(f"Dolly's agent failed (exit {code}): {said}")
+
+
+def _error_of(reply: Dict[str, Any]) -> DollyError:
+    """The Dolly error an agent's error line names: the same class, with its message and the
+    attributes callers use (``kept`` is a path on the engine's host), set as they were: the
+    constructors would write the message again."""
+    cls = getattr(errors, str(reply["error"]), DollyError)
+    if not (isinstance(cls, type) and issubclass(cls, DollyError)):
+        cls = DollyError
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, str(reply.get("message")))
+    for key, value in (reply.get("attrs") or {}).items():
+        if key in errors.CARRIED:
+            setattr(exc, key, Path(value) if key in ("kept", "log_path") else value)
+    return exc
+
+
+def _exit_code_or_none(api: Any, exec_id: str) -> Optional[int]:
+    """The exec's exit code; None when the engine cannot tell (the agent's container is gone)."""
+    try:
+        return _exit_code(api, exec_id)
+    except DollyError:
+        return None

@@ -17,6 +17,7 @@ import contextlib
 import os
 import tempfile
 import time
+import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
@@ -181,8 +182,15 @@ class AgentHost:
     def stage_import(self, manifest: Dict[str, Any], signer: Optional[str], members: Iterable[Member], *,
                      allowed: FrozenSet[str], max_bytes: Optional[int], between_own_engines: bool,
                      rebuild: bool) -> Staged:
-        """The members streamed to the agent, signed for this one transfer."""
+        """The members streamed to the agent, signed for this one transfer, into a staging named
+        here: an agent that ends mid-way without a word (killed, its container stopped) cannot
+        remove what it staged, so its staging is discarded from here (another exec in the agent, or
+        in a new one when its container stopped), as after any failure (an agent that failed with
+        its own error has removed it already)."""
         transit, transit_public = trust.generate_keypair()
+        meta = manifest["checkpoint"]
+        staging = Staged(uuid.uuid4().hex, meta["container_id"], meta["name"],
+                         (manifest["image"]["id"], manifest["image"]["name"]))
 
         def produce(sink: IO[bytes]) -> None:
             write_stream(sink, dict(manifest, signer=trust.key_id(transit)), members, signer=transit,
@@ -190,9 +198,14 @@ class AgentHost:
 
         key = base64.b64encode(transit_public.public_bytes(serialization.Encoding.PEM,
                                                            serialization.PublicFormat.SubjectPublicKeyInfo)).decode()
-        data = self.channel.stream_in("stage_import", produce, transit_key=key, signed_by=signer,
-                                      allow=sorted(allowed), max_bytes=max_bytes,
-                                      between_own_engines=between_own_engines, rebuild=rebuild)
+        try:
+            data = self.channel.stream_in("stage_import", produce, transit_key=key, signed_by=signer,
+                                          allow=sorted(allowed), max_bytes=max_bytes,
+                                          between_own_engines=between_own_engines, rebuild=rebuild,
+                                          token=staging.token)
+        except BaseException:
+            self.discard_import(staging)
+            raise
         return Staged.from_json(data)
 
     def stage_foreign(self, tar: tarfile.TarFile, head: tarfile.TarInfo, members: Iterator[tarfile.TarInfo], *,

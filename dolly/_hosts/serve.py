@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .. import _archive as archive, _criu as criu, _names as names, _postcopy as postcopy, policy, trust
 from .._archive import tarfile
-from .._bundle import Staged
+from .._bundle import Staged, stage
 from .._checkpoint import Checkpoint, User
 from .._engine import Engine
 from .._manifest import KEY_ID_RE, first_member, parse_manifest, read_signature, tar_members, write_stream
@@ -87,7 +87,7 @@ def run(op: str, args: Dict[str, Any], *, stdin: IO[bytes], stdout: IO[bytes]) -
             raise InvalidArgument("the transit key is not an Ed25519 key")
         return _stage_relayed(host, stdin, key, signed_by=args["signed_by"], allow=policy.items(args["allow"]),
                               max_bytes=args["max_bytes"], between_own_engines=bool(args["between_own_engines"]),
-                              rebuild=bool(args["rebuild"])).to_json()
+                              rebuild=bool(args["rebuild"]), token=args.get("token")).to_json()
     if op == "commit_import":
         return checkpoint_json(host.commit_import(Staged.from_json(args["staged"]),
                                                   reference=_image_id(args.get("reference"))))
@@ -117,17 +117,21 @@ def _image_id(value: Any) -> Optional[str]:
 
 def _stage_relayed(host: LocalHost, stream: IO[bytes], transit_key: Ed25519PublicKey, *, signed_by: Any,
                    allow: Any, max_bytes: Any, between_own_engines: bool,
-                   rebuild: bool) -> Staged:
+                   rebuild: bool, token: Any = None) -> Staged:
     """An import its caller verified (see dolly._hosts.remote): the stream is signed by the
     one-time ``transit_key``; ``signed_by`` is the original signer's key id (or None), which the
-    lineage and ``origin`` record.
+    lineage and ``origin`` record. ``token``: the staging's name, chosen by the caller, which
+    discards it should this process die mid-way (killed, its container stopped).
 
     Raises:
         the errors of :func:`dolly._bundle.stage`; BundleError for a ``signed_by`` that is no key
-        id, or a stream not signed by the transit key; InvalidArgument for a bad ``max_bytes``.
+        id, a ``token`` that is no staging's, or a stream not signed by the transit key;
+        InvalidArgument for a bad ``max_bytes``.
     """
     if signed_by is not None and not (isinstance(signed_by, str) and KEY_ID_RE.match(signed_by)):
         raise BundleError(f"not a key id: {signed_by!r:.40}")
+    if token is not None and not isinstance(token, str):
+        raise BundleError(f"not a staged import's token: {token!r:.40}")
     if max_bytes is not None and (type(max_bytes) is not int or max_bytes < 1):
         raise InvalidArgument(f"max_bytes must be a positive int, got {max_bytes!r:.40}")
     with tarfile.open(fileobj=stream, mode="r|", tarinfo=archive.BoundedTarInfo) as tar:
@@ -138,8 +142,9 @@ def _stage_relayed(host: LocalHost, stream: IO[bytes], transit_key: Ed25519Publi
         if signature is None:
             raise BundleError("the relayed bundle is not signed by its transit key")
         trust.verify(manifest_bytes, signature, str(manifest.get("signer")), [transit_key])
-        return host.stage_import(manifest, signed_by, tar_members(tar, first, members), allowed=allow,
-                                 max_bytes=max_bytes, between_own_engines=between_own_engines, rebuild=rebuild)
+        # LocalHost.stage_import's call, with the caller's token.
+        return stage(host.engine, manifest, signed_by, tar_members(tar, first, members), allowed=allow,
+                     max_bytes=max_bytes, between_own_engines=between_own_engines, rebuild=rebuild, token=token)
 
 
 def main(argv: List[str]) -> int:
