@@ -312,6 +312,41 @@ class TemplateServer:
             pass
 
 
+
+@dataclass
+class ServerClone:
+    """One pytest process's Postgres server for a fixture: a clone of the warm one, the
+    :class:`TemplateServer` on it, and how the clone goes (``discard``: the test plugin's, which
+    recorded it). What dolly.testing's database fixtures and its Django plugin keep per process."""
+
+    container: Container
+    templates: TemplateServer
+    discard: Callable[[Container], None]
+
+    @classmethod
+    def on(cls, container: Container, recipe: Recipe, discard: Callable[[Container], None], *,
+           timeout: float = 30.0) -> ServerClone:
+        """The template server on ``container`` once it accepts connections; the clone discarded
+        when it does not.
+
+        Raises:
+            NotReady: the server did not accept connections within ``timeout``; and the errors
+                of :class:`TemplateServer`.
+        """
+        try:
+            _ready.wait(container, _ready.tcp(recipe.port), timeout=timeout)
+            return cls(container, TemplateServer(recipe, _ready.ip_address(container)), discard)
+        except BaseException:
+            discard(container)
+            raise
+
+    def close(self) -> None:
+        """The server's connection closed, and its clone discarded."""
+        try:
+            self.templates.close()
+        finally:
+            self.discard(self.container)
+
 def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional
 
 import pytest
 from docker.models.containers import Container
 
 from .. import _databases, ready as _ready
 from .._checkpoint import Checkpoint
-from .._databases import FixtureSource, Recipe, TemplateServer
+from .._databases import FixtureSource, Recipe, ServerClone
 from ..errors import InvalidArgument
 from .services import Plugin, ServiceSpec, _clone_fixture, _clones_key, _plugin_key
 
@@ -229,41 +229,32 @@ class _WorkerServer:
 
     def __init__(self, plugin: Plugin, cp: Checkpoint, fixture_name: str, recipe: Recipe) -> None:
         self.plugin, self.cp, self.fixture_name, self.recipe = plugin, cp, fixture_name, recipe
-        self.container: Optional[Container] = None
-        self.templates: Optional[TemplateServer] = None
+        self.server: Optional[ServerClone] = None
         self.replaced = 0  # servers replaced after a test changed one
 
     def fresh(self) -> Database:
         started = time.perf_counter()
-        if self.templates is None or self.container is None:
-            self.container, self.templates = self._start()
-        self.templates.fresh()
+        if self.server is None:
+            self.server = self._start()
+        self.server.templates.fresh()
         # What the test waited for: its database (and, for a process's first test, the server).
         self.plugin.stats.clone_s.setdefault(self.fixture_name, []).append(time.perf_counter() - started)
-        host = self.templates.host
-        return Database(self.container, self.recipe.url(host), host, self.recipe.port, self.recipe.user,
+        host = self.server.templates.host
+        return Database(self.server.container, self.recipe.url(host), host, self.recipe.port, self.recipe.user,
                         self.recipe.password, self.recipe.database, self.recipe)
 
-    def _start(self) -> Tuple[Container, TemplateServer]:
+    def _start(self) -> ServerClone:
         container = self.plugin.clone(self.cp, self.fixture_name)
         # The clone's time is counted with the test that waits for it, in fresh().
         self.plugin.stats.clone_s[self.fixture_name].pop()
-        try:
-            _ready.wait(container, _ready.tcp(self.recipe.port), timeout=30)
-            return container, TemplateServer(self.recipe, _ready.ip_address(container))
-        except BaseException:
-            self.plugin.discard(container)
-            raise
+        return ServerClone.on(container, self.recipe, self.plugin.discard)
 
     def reset(self) -> None:
-        if self.templates is not None and not self.templates.reset():
+        if self.server is not None and not self.server.templates.reset():
             self.replaced += 1
             self.close()
 
     def close(self) -> None:
-        if self.templates is not None:
-            self.templates.close()
-            self.templates = None
-        if self.container is not None:
-            self.plugin.discard(self.container)
-            self.container = None
+        if self.server is not None:
+            self.server.close()
+            self.server = None

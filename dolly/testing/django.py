@@ -45,7 +45,7 @@ from docker.models.containers import Container
 
 from .. import _databases, ready as _ready
 from .._checkpoint import Checkpoint
-from .._databases import Recipe, TemplateServer
+from .._databases import Recipe, ServerClone
 from ..errors import InvalidArgument, SchemaMigrationFailed
 from .services import Cache, Plugin, ServiceSpec, _plugin_key
 
@@ -154,8 +154,7 @@ class _ServedDatabase:
         self.alias = aliases[0]
         self.aliases = aliases
         self._saved = saved  # the aliases' own settings, put back at the end
-        self.container: Optional[Container] = None
-        self.templates: Optional[TemplateServer] = None
+        self.server: Optional[ServerClone] = None
 
     @classmethod
     def start(cls, plugin: Plugin, options: _Options, fixture_name: str) -> _ServedDatabase:
@@ -185,38 +184,29 @@ class _ServedDatabase:
 
     def _serve(self) -> None:
         """This process's server, if it has none, and the alias's database made from the template."""
-        if self.templates is None:
+        if self.server is None:
             container = self.plugin.clone(self.cp, self.fixture_name)
             # One clone per process, not one per test, which the plugin's summary would count:
             # left out of it.
             times = self.plugin.stats.clone_s.pop(self.fixture_name, [])
             if times[:-1]:
                 self.plugin.stats.clone_s[self.fixture_name] = times[:-1]
-            try:
-                _ready.wait(container, _ready.tcp(self.recipe.port), timeout=30)
-                self.templates = TemplateServer(self.recipe, _ready.ip_address(container))
-            except BaseException:
-                self.plugin.discard(container)
-                raise
-            self.container = container
-        self.templates.fresh()
-        _point(self.aliases, self.recipe, self.templates.host)
+            self.server = ServerClone.on(container, self.recipe, self.plugin.discard)
+        self.server.templates.fresh()
+        _point(self.aliases, self.recipe, self.server.templates.host)
 
     def reset(self) -> None:
         """The migrated state again, after a transactional test: the alias's database dropped with
         every session the test left, and made again from the template."""
         _close(self.aliases)
-        if self.templates is not None and not self.templates.reset():
+        if self.server is not None and not self.server.templates.reset():
             self._drop_server()
         self._serve()
 
     def _drop_server(self) -> None:
-        if self.templates is not None:
-            self.templates.close()
-            self.templates = None
-        if self.container is not None:
-            self.plugin.discard(self.container)
-            self.container = None
+        if self.server is not None:
+            self.server.close()
+            self.server = None
 
     def close(self) -> None:
         _close(self.aliases)
