@@ -27,6 +27,7 @@ Writes benchmarks/results/latest.json and latest.png after every workload, befor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -39,7 +40,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import docker
 
@@ -142,6 +143,21 @@ def docker_ip(c) -> Optional[str]:
 def all_answer(ips: List[Callable[[], Optional[str]]], expected: object) -> None:
     with ThreadPoolExecutor(max_workers=min(16, len(ips))) as pool:
         list(pool.map(lambda f: wait_state(f, expected), ips))
+
+
+@contextlib.contextmanager
+def criu_logs_kept() -> Iterator[None]:
+    """dolly-runc keeps CRIU's logs and restore statistics meanwhile (a file .keep in its log folder,
+    removed after unless it was there before)."""
+    keep = CRIU_LOG_DIR / ".keep"
+    there = keep.exists()
+    CRIU_LOG_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    keep.touch()
+    try:
+        yield
+    finally:
+        if not there:
+            keep.unlink(missing_ok=True)
 
 
 # --- the tools -------------------------------------------------------------------------------------
@@ -509,16 +525,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                  "repeats": args.repeats, "sync_before_checkpoint": True}}
     started = time.monotonic()
-    keep = CRIU_LOG_DIR / ".keep"  # dolly-runc keeps CRIU's restore statistics meanwhile
-    CRIU_LOG_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
-    keep.touch()
-    try:
+    with criu_logs_kept():
         for wname in args.workloads.split(","):
             print(f"{wname}:", flush=True)
             side_by_side(WORKLOADS[wname], runners, args.repeats, results)
             write(results, args.out)
-    finally:
-        keep.unlink(missing_ok=True)
     results["machine"]["side_by_side_s"] = round(time.monotonic() - started, 1)
     write(results, args.out)  # before the long density run, so that a failure there loses nothing
     if args.density:

@@ -23,12 +23,11 @@ from typing import Dict, List, Optional
 import docker
 
 import dolly
-from dolly._criu_log import CRIU_LOG_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from density import host_cpu_seconds
 
-from bench import RESULTS, WORKLOADS, DollyRunner, all_answer, docker_ip, stats
+from bench import RESULTS, WORKLOADS, DollyRunner, all_answer, criu_logs_kept, docker_ip, stats
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTALLED = Path("/usr/local/sbin/dolly-runc")
@@ -54,52 +53,50 @@ def clone_once(runner: DollyRunner, cp, expected: object, name: str, raw: Dict[s
         runner.remove([clone])
 
 
+def measure(runner: DollyRunner, name: str, runtimes: Dict[str, Path], repeats: int) -> dict:
+    """Workload ``name``'s clones under the two runtimes in turn, from one checkpoint."""
+    _, source, state = runner.start(WORKLOADS[name])
+    raw: Dict[str, list] = {}
+    try:
+        cp = dolly.checkpoint(source, f"hook-bench-{name.lower()}")
+        try:
+            for i in range(repeats):
+                for which in ("before", "after") if i % 2 == 0 else ("after", "before"):
+                    install(runtimes[which])
+                    clone_once(runner, cp, state, which, raw)
+        finally:
+            dolly.remove_checkpoint(cp)
+    finally:
+        runner.remove([source])
+    result = {k: stats(v) for k, v in raw.items()}
+    ratios = [a / b for a, b in zip(raw["after_clone_s"], raw["before_clone_s"], strict=True)]
+    result["after_over_before_clone"] = stats(ratios)
+    for k in ("clone_s", "criu_restore_s", "cpu_s"):
+        b, a = result.get(f"before_{k}"), result.get(f"after_{k}")
+        if a and b:
+            print(f"{name} {k}: before {b['median']:.3f} (p90 {b['p90']:.3f}), "
+                  f"after {a['median']:.3f} (p90 {a['p90']:.3f}), n={a['n']}", flush=True)
+    return result
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--before", default="94dde9a", help="the revision whose scripts/dolly-runc is 'before'")
     ap.add_argument("--workloads", default="W128,busybox")
     ap.add_argument("--repeats", type=int, default=9)
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
+    runner = DollyRunner(docker.from_env())
+    results: Dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp, criu_logs_kept():
         runtimes = {"before": Path(tmp) / "dolly-runc.before", "after": ROOT / "scripts" / "dolly-runc"}
-        old = subprocess.run(["git", "-C", str(ROOT), "show", f"{args.before}:scripts/dolly-runc"],
-                             check=True, capture_output=True).stdout
-        runtimes["before"].write_bytes(old)
-        client = docker.from_env()
-        runner = DollyRunner(client)
-        keep = CRIU_LOG_DIR / ".keep"
-        kept_before = keep.exists()
-        CRIU_LOG_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
-        keep.touch()
-        results: Dict[str, dict] = {}
+        runtimes["before"].write_bytes(subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{args.before}:scripts/dolly-runc"], check=True,
+            capture_output=True).stdout)
         try:
             for name in args.workloads.split(","):
-                _, source, state = runner.start(WORKLOADS[name])
-                raw: Dict[str, list] = {}
-                try:
-                    cp = dolly.checkpoint(source, f"hook-bench-{name.lower()}")
-                    try:
-                        for i in range(args.repeats):
-                            order = ("before", "after") if i % 2 == 0 else ("after", "before")
-                            for which in order:
-                                install(runtimes[which])
-                                clone_once(runner, cp, state, which, raw)
-                    finally:
-                        dolly.remove_checkpoint(cp)
-                finally:
-                    runner.remove([source])
-                results[name] = {k: stats(v) for k, v in raw.items()}
-                ratios = [a / b for a, b in zip(raw["after_clone_s"], raw["before_clone_s"], strict=True)]
-                results[name]["after_over_before_clone"] = stats(ratios)
-                for k in ("clone_s", "criu_restore_s", "cpu_s"):
-                    b, a = results[name].get(f"before_{k}"), results[name].get(f"after_{k}")
-                    if a and b:
-                        print(f"{name} {k}: before {b['median']:.3f} (p90 {b['p90']:.3f}), "
-                              f"after {a['median']:.3f} (p90 {a['p90']:.3f}), n={a['n']}")
+                results[name] = measure(runner, name, runtimes, args.repeats)
         finally:
             install(runtimes["after"])
-            if not kept_before:
-                keep.unlink(missing_ok=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "hook.json").write_text(json.dumps({"before": args.before, "repeats": args.repeats,
                                                     "results": results}, indent=2) + "\n")

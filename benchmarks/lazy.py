@@ -34,7 +34,7 @@ from dolly._criu_log import CRIU_LOG_DIR
 from dolly._engine import Engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import RESULTS, WORKLOADS, DollyRunner, all_answer, docker_ip, stats
+from bench import RESULTS, WORKLOADS, DollyRunner, all_answer, criu_logs_kept, docker_ip, stats
 
 MODES = ("plain", "lazy", "ws")
 
@@ -110,12 +110,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     client = docker.from_env()
     engine = Engine.of(client)
     runner = DollyRunner(client)
-    keep = CRIU_LOG_DIR / ".keep"
-    kept_before = keep.exists()
-    CRIU_LOG_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
-    keep.touch()
     results: Dict[str, dict] = {}
-    try:
+    with criu_logs_kept():
         for name in args.workloads.split(","):
             w = WORKLOADS[name]
             _, source, state = runner.start(w)
@@ -148,9 +144,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                     unit = "" if k.endswith("pages_restored") else " s"
                     print(f"{name:<5} {k:<30} median {v['median']:.3f}{unit}  p90 {v['p90']:.3f}{unit}  n={v['n']}",
                           flush=True)
-    finally:
-        if not kept_before:
-            keep.unlink(missing_ok=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "lazy.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0
