@@ -188,3 +188,18 @@ def test_other_actions_and_other_restores_pass_through(tmp_path: Path) -> None:
     for env in ({"CRTOOLS_SCRIPT_ACTION": "setup-namespaces", "DOLLY_HOOKS_DIR": str(d)},
                 {"CRTOOLS_SCRIPT_ACTION": "post-restore"}):
         assert subprocess.run([str(DOLLY_RUNC)], env={**os.environ, **env}, timeout=30).returncode == 0
+
+
+def test_a_hook_s_environment_keeps_its_pairs_and_a_huge_timeout_does_not_wrap(tmp_path: Path) -> None:
+    # An entry without "=" once shifted every pair after it (NOEQUALS=A, 1=B): the hook got neither
+    # A nor B. A timeout of 2**32 + 1 s once became alarm(1): the hook was killed after a second.
+    d = _hooks_dir(tmp_path, [
+        {"path": "/bin/sh", "args": ["sh", "-c", f"echo \"$A $B\" > {tmp_path}/env"],
+         "env": ["NOEQUALS", "A=1", "B=2"]},
+        {"path": "/bin/sh", "args": ["sh", "-c", f"sleep 1.5; touch {tmp_path}/slept"], "timeout": 2**32 + 1},
+    ])
+    assert _start(d, {"pid": 1}).returncode == 0
+    action = _post_restore(d)
+    assert action.returncode == 0, action.stderr
+    assert (tmp_path / "env").read_text() == "1 2\n"
+    assert (tmp_path / "slept").exists()
