@@ -39,6 +39,8 @@ log = logging.getLogger("dolly")
 
 FILE = "working-set.json"
 FORMAT = 1
+# The pages a record holds at most (dolly/_lazy_keeper.py's MAX_PAGES).
+MAX_PAGES = 65536
 # A record is at most MAX_RANGES (dolly/_lazy_keeper.py) runs: far below this.
 MAX_FILE_BYTES = 1 << 20
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -106,6 +108,9 @@ def load(path: Path, expected_binding: str) -> Optional[Runs]:
             if not (isinstance(pid, str) and pid.isdigit() and isinstance(runs, list)):
                 raise ValueError(f"process {pid!r} is not a process ID with a list of runs")
             found[int(pid)] = [_run(r) for r in runs]
+        # split() holds every page of the set at once: a run of 10**15 pages would exhaust memory.
+        if (total := sum(n for rs in found.values() for _, n in rs)) > MAX_PAGES:
+            raise ValueError(f"{total} pages, more than the {MAX_PAGES} a record holds")
         return found
     except (ValueError, TypeError, RecursionError) as e:
         log.warning("ignoring the working set %s: %s; the next lazy clone records it again", path, e)

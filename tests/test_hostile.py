@@ -583,3 +583,26 @@ def test_a_remote_engines_paths_are_never_taken_for_local_ones(tmp_path):
         finally:
             proc.kill()
             proc.wait()
+
+
+def test_a_working_set_of_more_pages_than_a_record_holds_is_ignored(tmp_path: Path) -> None:
+    # split() holds every page at once: a run of 10**15 pages would exhaust the caller's memory.
+    from dolly import _working_set as working_set
+    record = tmp_path / working_set.FILE
+    record.write_text(json.dumps({"format": working_set.FORMAT, "page_size": working_set.PAGE_SIZE,
+                                  "binding": "b", "processes": {"1": [[0, 10**15]]}}))
+    assert working_set.load(record, "b") is None
+    record.write_text(json.dumps({"format": working_set.FORMAT, "page_size": working_set.PAGE_SIZE,
+                                  "binding": "b", "processes": {"1": [[0, working_set.MAX_PAGES]]}}))
+    assert working_set.load(record, "b") == {1: [(0, working_set.MAX_PAGES)]}
+
+
+@pytest.mark.parametrize("attrs", [[1], "kept", {"kept": 5}, {"log_path": None}])
+def test_an_agent_error_line_with_odd_attributes_is_still_its_dolly_error(attrs: object) -> None:
+    # Relay threads catch DollyError, OSError and ValueError: an AttributeError or TypeError from a
+    # malformed line would end the thread without breaking the relay off.
+    from dolly._hosts.channel import _result
+    line = json.dumps({"error": "CheckpointFailed", "message": "it failed", "attrs": attrs}).encode()
+    with pytest.raises(errors.CheckpointFailed, match="it failed") as e:
+        _result(b"", line + b"\n", 1)
+    assert not isinstance(getattr(e.value, "kept", None), int)

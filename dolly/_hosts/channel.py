@@ -554,9 +554,14 @@ def _error_of(reply: Dict[str, Any]) -> DollyError:
         cls = DollyError
     exc = cls.__new__(cls)
     Exception.__init__(exc, str(reply.get("message")))
-    for key, value in (reply.get("attrs") or {}).items():
+    attrs = reply.get("attrs")
+    for key, value in (attrs.items() if isinstance(attrs, dict) else ()):
         if key in errors.CARRIED:
-            setattr(exc, key, Path(value) if key in ("kept", "log_path") else value)
+            if key in ("kept", "log_path"):
+                if not isinstance(value, str):
+                    continue  # not a path: the caller gets the error without it, not a TypeError
+                value = Path(value)
+            setattr(exc, key, value)
     return exc
 
 
