@@ -11,6 +11,9 @@ files from outside. That makes reading linear in the archive's size.
 :func:`open_bundle` is the one read of a bundle file: decrypted chunk by chunk when encrypted
 (:class:`dolly.trust.DecryptingReader`), decompressed as a stream, never copied or decrypted to a
 file first, so that what is verified is what is extracted.
+
+One archive goes the other way: :func:`layer_image_archive`, the ``docker load`` stream of a
+layer image Dolly builds (the writable layer the clones of one checkpoint share).
 """
 from __future__ import annotations
 
@@ -23,14 +26,15 @@ import os
 import posixpath
 import re
 import sys
+import threading
 import zlib
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Iterator, Optional, Union, cast
+from typing import IO, TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Union, cast
 
 import zstandard
 
 from . import trust
-from .errors import BundleError, DecryptionFailed, DigestMismatch, DollyError, UnsafeArchive
+from .errors import BundleError, DecryptionFailed, DigestMismatch, DollyError, EngineError, UnsafeArchive
 
 # The tarfile of Python 3.12, with its extraction filters (`data_filter`), on every Python Dolly
 # runs on: Debian 12's 3.11.2 predates them, and backports.tarfile is the same module. Dolly's
@@ -398,3 +402,51 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def layer_image_archive(base: Dict[str, Any], layer: Path, tag: str) -> Iterator[Iterator[bytes]]:
+    """A ``docker load`` archive, as chunks of 1 MiB written meanwhile by a thread, of the image
+    ``tag``: the image ``base`` (its inspect) with one more layer, the tar at ``layer`` (an image
+    layer: OCI's whiteouts, uncompressed). It carries only the new layer: the engine has the others
+    (a load looks each layer up before it reads it). Leaving the block closes the stream, which
+    stops a writer the engine no longer reads from.
+
+    Raises:
+        EngineError: the archive could not be written to the end (the reader stopped).
+    """
+    diff_ids = [*base["RootFS"]["Layers"], f"sha256:{sha256_file(layer)}"]
+    config = json.dumps({
+        "architecture": base.get("Architecture") or "amd64",
+        "os": base.get("Os") or "linux",
+        "config": base.get("Config") or {},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }).encode()
+    manifest = json.dumps([{
+        "Config": "config.json",
+        "RepoTags": [tag],
+        "Layers": [f"base-{i}/layer.tar" for i in range(len(diff_ids) - 1)] + ["layer/layer.tar"],
+    }]).encode()
+    failed: List[BaseException] = []
+    read_end, write_end = os.pipe()
+
+    def write() -> None:
+        try:
+            with os.fdopen(write_end, "wb") as sink, tarfile.open(fileobj=sink, mode="w|") as tar:
+                for name, data in (("config.json", config), ("manifest.json", manifest)):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                tar.add(str(layer), arcname="layer/layer.tar", recursive=False)
+        except BaseException as e:  # the reader stopped: its error is the one to raise
+            failed.append(e)
+
+    writer = threading.Thread(target=write, name="dolly-layer-image", daemon=True)
+    writer.start()
+    try:
+        with os.fdopen(read_end, "rb") as source:
+            yield iter(lambda: source.read(1 << 20), b"")
+    finally:
+        writer.join()
+    if failed:
+        raise EngineError(f"could not send the layer image {tag}: {failed[0]}") from failed[0]

@@ -12,9 +12,6 @@ so restoring into another container means placing files there.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
-import json
 import os
 import threading
 import uuid
@@ -27,7 +24,7 @@ import requests.exceptions
 from docker.models.containers import Container
 
 from . import _names as names, _retry as retry
-from ._archive import tarfile
+from ._archive import layer_image_archive
 from ._criu_log import criu_error, forget_criu_log
 from ._peer import peer_pid, peer_shares_our_files, socket_path_of, socket_refused
 from .errors import (
@@ -440,52 +437,13 @@ class Engine:
             EngineError: the engine refused the archive.
         """
         base = self._call(self.api.inspect_image, base_image_id)
-        digest = hashlib.sha256()
-        with open(layer, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        diff_ids = [*base["RootFS"]["Layers"], f"sha256:{digest.hexdigest()}"]
-        config = json.dumps({
-            "architecture": base.get("Architecture") or "amd64",
-            "os": base.get("Os") or "linux",
-            "config": base.get("Config") or {},
-            "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        }).encode()
-        manifest = json.dumps([{
-            "Config": "config.json",
-            "RepoTags": [tag],
-            "Layers": [f"base-{i}/layer.tar" for i in range(len(diff_ids) - 1)] + ["layer/layer.tar"],
-        }]).encode()
-
-        failed: list[BaseException] = []
-        read_end, write_end = os.pipe()
-
-        def write() -> None:
+        # In chunks of 1 MiB (a file object would be sent line by line), not retried: the
+        # stream cannot be read twice.
+        with layer_image_archive(base, layer, tag) as chunks, translate_errors():
             try:
-                with os.fdopen(write_end, "wb") as sink, tarfile.open(fileobj=sink, mode="w|") as tar:
-                    for name, data in (("config.json", config), ("manifest.json", manifest)):
-                        info = tarfile.TarInfo(name)
-                        info.size = len(data)
-                        tar.addfile(info, io.BytesIO(data))
-                    tar.add(str(layer), arcname="layer/layer.tar", recursive=False)
-            except BaseException as e:  # the engine stopped reading: its error is the one to raise
-                failed.append(e)
-
-        writer = threading.Thread(target=write, name="dolly-layer-image", daemon=True)
-        writer.start()
-        try:
-            # In chunks of 1 MiB (a file object would be sent line by line), not retried: the
-            # stream cannot be read twice. Closing the pipe's end here stops a writer the engine
-            # no longer reads from.
-            with os.fdopen(read_end, "rb") as source, translate_errors():
-                try:
-                    self.client.images.load(iter(lambda: source.read(1 << 20), b""))  # type: ignore[arg-type]
-                except docker.errors.ImageLoadError as e:
-                    raise EngineError(f"the engine refused the layer image {tag}: {e}") from e
-        finally:
-            writer.join()
-        if failed:
-            raise EngineError(f"could not send the layer image {tag}: {failed[0]}") from failed[0]
+                self.client.images.load(chunks)  # type: ignore[arg-type]
+            except docker.errors.ImageLoadError as e:
+                raise EngineError(f"the engine refused the layer image {tag}: {e}") from e
         return self.image_id(tag)
 
     def image_id(self, ref: str) -> str:
