@@ -1,7 +1,8 @@
 """The keeper of a lazy clone's memory (``dolly.clone(..., lazy=True)``): run as a script, by
 ``dolly._criu.start_local_lazy_pages``, with the standard library alone (``python -I -S``: it
-starts in milliseconds, not in the time importing Dolly takes), in a session of its own, so that
-it outlives the call that started the clone.
+starts in milliseconds, not in the time importing Dolly takes), in a session of its own and in
+the root cgroups (not its caller's), so that it outlives the call that started the clone, and
+that call's cgroup being killed.
 
     python -I -S _lazy_keeper.py [--record <file> <binding>] <images folder> <log> <criu command...>
 
@@ -64,7 +65,32 @@ _FAULT = re.compile(rb"^\([\d.]+\) (?:uffd: )?(\d+)-\d+: #PF at 0x([0-9a-f]+)$")
 _READ = re.compile(rb"^\([\d.]+\) (?:uffd: )?pr(\d+)-\d+ Read ([0-9a-f]+) (\d+) pages$")
 
 
+def _leave_callers_cgroups() -> None:
+    """Move this process (and so the daemon it starts) into the root cgroup of every cgroup
+    hierarchy mounted here: killing the cgroup of whoever started the clone (a CI job's, a login
+    session's, an agent's being replaced) must not end the keeper and its daemon together while the
+    clone still needs pages, for the clone would then run on with zeros where they were. Best
+    effort: a hierarchy that refuses (read-only inside a container) is left as it is."""
+    roots: Dict[str, str] = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            fstype = fields[fields.index("-") + 1]
+            if fstype in ("cgroup", "cgroup2") and fields[3] == "/":
+                # A v1 hierarchy is named by its super options (its controllers); mounted twice,
+                # either mount point reaches it.
+                hierarchy = fields[-1] if fstype == "cgroup" else fstype
+                roots.setdefault(hierarchy, fields[4].replace("\\040", " "))
+    for mountpoint in roots.values():
+        try:
+            with open(os.path.join(mountpoint, "cgroup.procs"), "w") as procs:
+                procs.write("0")
+        except OSError:
+            pass
+
+
 def main(argv: List[str]) -> int:
+    _leave_callers_cgroups()
     record: Optional[Tuple[str, str]] = None
     if argv[1] == "--record":
         record = (argv[2], argv[3])

@@ -5,12 +5,17 @@ dies early takes the clone with it. On the real engine, CRIU and kernel; the uni
 end need none."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
+import uuid
 from pathlib import Path
 from typing import List
 
+import docker
 import pytest
 from fakes import FakeEngine
 
@@ -131,6 +136,51 @@ def test_a_killed_daemon_kills_the_clone(run, engine):
     log = CRIU_LOG_DIR / f"{clone.id}.lazy-pages.log"
     assert "the clone (process" in log.read_text()
     log.unlink()
+
+
+MEMORY_CGROUPS = Path("/sys/fs/cgroup/memory")  # cgroup v1's memory hierarchy, as on this machine
+
+
+@pytest.mark.skipif(not (MEMORY_CGROUPS / "cgroup.procs").exists(), reason="no cgroup v1 memory hierarchy")
+def test_a_lazy_clone_outlives_the_cgroup_of_its_caller(run, engine):
+    """The caller (a process in a cgroup of its own, as a CI job or a login session is) clones
+    lazily; then every process of that cgroup is killed, as its end kills them. The keeper and its
+    daemon left that cgroup: the pages still arrive, and the clone's memory is the checkpoint's."""
+    at_checkpoint, cp = checkpointed(run, 1024)
+    group = MEMORY_CGROUPS / f"dolly-test-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    clone_id = ""
+    program = (f"import os, time, dolly\n"
+               f"open({str(group / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
+               f"cp = dolly.get_checkpoint({cp.container_id!r}, {cp.name!r})\n"
+               "(c,) = dolly.clone(cp, 1, lazy=True)\n"
+               "print(c.id, flush=True)\n"
+               "time.sleep(600)\n")
+    caller = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, text=True)
+    try:
+        assert caller.stdout is not None
+        clone_id = caller.stdout.readline().strip()
+        folder = engine.spool_dir / f"{clone_id}.restore"
+        daemons = lazy_daemons(folder)
+        # What the cgroup's end does: every process in it, killed.
+        while pids := [int(p) for p in (group / "cgroup.procs").read_text().split()]:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
+        assert len(daemons) == 1, "no daemon served the clone when its caller's cgroup was killed"
+        clone = engine.client.containers.get(clone_id)
+        assert wait_gone(folder), "the keeper died with its caller's cgroup"
+        assert answered(clone) == at_checkpoint
+        clone.reload()
+        assert clone.status == "running"
+    finally:
+        caller.kill()
+        caller.wait()
+        if clone_id:
+            with contextlib.suppress(docker.errors.NotFound):
+                engine.client.containers.get(clone_id).remove(force=True)
+        group.rmdir()
 
 
 def test_a_clone_without_lazy_starts_with_its_memory(run, engine):
