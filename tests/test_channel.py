@@ -23,14 +23,13 @@ from typing import Any, Callable, Dict, List
 
 import docker
 import pytest
-from test_remote import BIG_FILE, _agent_processes, _idle_agent, _within
+from test_remote import _agent_processes, _big_bundle, _idle_agent, _within
 
 import dolly
 from dolly import errors
 from dolly._engine import Engine
 from dolly._hosts.agent import agent_name
 from dolly._hosts.channel import Channel
-from helpers import BUSYBOX
 
 KILLED = r"ended before it answered \(killed by signal 9, exit 137\)"
 # A stopped container's execs are forgotten by the engine: how they ended with them.
@@ -94,11 +93,7 @@ def test_an_import_whose_agent_goes_midway_ends_with_an_error_and_leaves_nothing
     ever in sendall); the staging is discarded, nothing is imported, nothing else is left, and the
     same bundle imports afterwards (through a new agent, for ``stop``)."""
     private, public = keys
-    source = run(BUSYBOX, ["sh", "-c", BIG_FILE])
-    time.sleep(1)
-    cp = dolly.checkpoint(source, "goes")
-    path = dolly.export(cp, tmp_path / "goes.dolly", signer=private)
-    assert path.stat().st_size > 8 << 20
+    cp, path = _big_bundle(run, tmp_path, private, "goes")
     spool = host_b_engine.data_root / "dolly" / "spool"
     others = sorted(c.id for c in host_b.containers.list(all=True) if not c.name.startswith("dolly-agent-"))
     _idle_agent(host_b)
@@ -121,14 +116,14 @@ def test_an_import_whose_agent_goes_midway_ends_with_an_error_and_leaves_nothing
         _within(60, lambda: dolly.import_bundle(stream, client=host_b, trusted_keys=[public]))
     assert len(seen) == 1
     assert list(spool.glob("import-*")) == []  # the staging the agent had made, discarded
-    assert [c for c in dolly.list_checkpoints(client=host_b) if c.container_id == source.id] == []
+    assert [c for c in dolly.list_checkpoints(client=host_b) if c.container_id == cp.container_id] == []
     assert sorted(c.id for c in host_b.containers.list(all=True)
                   if not c.name.startswith("dolly-agent-")) == others
     assert [a.status for a in host_b.containers.list(all=True, filters={"name": agent_name()})] == ["running"]
     assert _agent_processes(host_b) == []
     imported = dolly.import_bundle(path, client=host_b, trusted_keys=[public])
     try:
-        assert dolly.list_checkpoints(source.id, host_b) == [imported]
+        assert dolly.list_checkpoints(cp.container_id, host_b) == [imported]
     finally:
         dolly.remove_checkpoint(imported)
 

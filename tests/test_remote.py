@@ -526,6 +526,17 @@ def test_the_agent_secret_is_made_once_and_kept_private(tmp_path, monkeypatch):
 BIG_FILE = "head -c 8388608 /dev/urandom > /big; " + COUNTER
 
 
+def _big_bundle(run, tmp_path, signer, name: str):
+    """A checkpoint of a container holding 8 MiB of random bytes, and its signed bundle (over
+    8 MiB: an import of it is still being written when the agent stops reading)."""
+    source = run(BUSYBOX, ["sh", "-c", BIG_FILE])
+    time.sleep(1)
+    cp = dolly.checkpoint(source, name)
+    path = dolly.export(cp, tmp_path / f"{name}.dolly", signer=signer)
+    assert path.stat().st_size > 8 << 20
+    return cp, path
+
+
 def _within(seconds: float, call):
     """``call()``'s result, or its exception raised here; a failure, not a hung run, when it has not
     returned after ``seconds`` (its thread is left blocked: a daemon, it ends with the run)."""
@@ -577,11 +588,7 @@ def test_an_import_the_agent_refuses_early_ends_with_its_error(client, run, host
     it after the manifest, while the caller has megabytes left to send. CheckpointExists comes
     back (it used to block for ever in the socket's sendall), and nothing is staged anywhere."""
     private, public = keys
-    source = run(BUSYBOX, ["sh", "-c", BIG_FILE])
-    time.sleep(1)
-    cp = dolly.checkpoint(source, "held")
-    path = dolly.export(cp, tmp_path / "held.dolly", signer=private)
-    assert path.stat().st_size > 8 << 20
+    cp, path = _big_bundle(run, tmp_path, private, "held")
     reference = f"{registry.address}/dolly-test/held-{RUN_ID}:v1"
     dolly.push(cp, reference, signer=private)
     held = dolly.import_bundle(path, client=host_b, trusted_keys=[public])
@@ -593,7 +600,7 @@ def test_an_import_the_agent_refuses_early_ends_with_its_error(client, run, host
         with pytest.raises(errors.CheckpointExists, match="held"):
             _within(60, lambda: dolly.pull(reference, client=host_b, trusted_keys=[public]))
         _nothing_staged(client, host_b_engine)
-        assert dolly.list_checkpoints(source.id, host_b) == [held]
+        assert dolly.list_checkpoints(cp.container_id, host_b) == [held]
         # The one it holds is as it was: it still clones, with the file it carried.
         (clone,) = dolly.clone(held, 1)
         try:
